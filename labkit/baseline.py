@@ -1,0 +1,125 @@
+"""`labkit baseline`: generate once and report load time, TTFT, decode tokens/s, latency and peak memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from labkit import cli
+from labkit.device import describe_environment, dtype_name, peak_memory_mb, reset_peak_memory, seed_everything
+from labkit.generation import ENGINES, Generation, make_engine
+from labkit.models import EMBEDDED_MODEL, load_model
+from labkit.sampling import SamplingParams
+
+
+def generation_metrics(gen: Generation) -> dict:
+    """The per-generation metrics every notebook and benchmark reports (units in the names)."""
+    total_s = gen.token_times_s[-1] if gen.token_times_s else gen.ttft_s
+    return {
+        "num_prompt_tokens": len(gen.prompt_tokens),
+        "num_new_tokens": gen.num_tokens,
+        "ttft_ms": gen.ttft_s * 1e3,
+        "decode_tokens_per_s": gen.decode_tokens_per_s if gen.num_tokens > 1 else None,
+        "total_latency_ms": total_s * 1e3,
+        "finish_reason": gen.finish_reason,
+    }
+
+
+def run_baseline(prompt: str = "Hello, world!", max_tokens: int = 20, model: str = EMBEDDED_MODEL,
+                 engine: str = "hf", device: str = "auto", dtype: str = "fp32", temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, chat: bool = False, dummy: bool = False,
+                 compile: bool = False) -> dict:
+    """Load a model, generate once, and return a results row (technique "baseline")."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if not prompt:
+        raise ValueError("prompt must not be empty")
+    seed_everything(seed)
+    loaded = load_model(model, device=device, dtype=dtype, dummy=dummy, seed=seed)
+    reset_peak_memory(loaded.device)
+    start = time.perf_counter()
+    kwargs = {"compile": compile} if engine == "labkit" else {}
+    runner = make_engine(engine, loaded, **kwargs)
+    convert_s = time.perf_counter() - start
+    compile_s = runner.warmup() if compile else None
+    params = runner.sampling_params(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, seed=seed)
+    prompt_ids = runner.encode(prompt, chat=chat)
+    gen = runner.generate([prompt_ids], params)[0]
+    params_out = {"prompt": prompt, "max_tokens": max_tokens, "model": loaded.name, "model_source": loaded.source,
+                  "engine": engine, "device": str(loaded.device), "dtype": dtype_name(loaded.dtype),
+                  "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "chat": chat,
+                  "compile": compile}
+    metrics = {"load_s": loaded.load_s, "engine_setup_s": convert_s, "compile_s": compile_s,
+               **generation_metrics(gen), "peak_memory_mb": peak_memory_mb(loaded.device)}
+    return {"technique": "baseline", "params": params_out, "metrics": metrics, "text": gen.text,
+            "env": describe_environment()}
+
+
+def format_row(row: dict) -> str:
+    m, p = row["metrics"], row["params"]
+    tps = m["decode_tokens_per_s"]
+    lines = [
+        f"model        {p['model']} ({p['model_source']}), engine {p['engine']}, {p['device']} {p['dtype']}",
+        f"load         {m['load_s']:.2f} s",
+        f"TTFT         {m['ttft_ms']:.1f} ms ({m['num_prompt_tokens']} prompt tokens)",
+        f"decode       {tps:.1f} tokens/s" if tps else "decode       n/a (one token)",
+        f"latency      {m['total_latency_ms']:.1f} ms for {m['num_new_tokens']} new tokens ({m['finish_reason']})",
+        f"peak memory  {m['peak_memory_mb']:.0f} MiB",
+        f"text         {row['text']!r}",
+    ]
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "baseline", help="generate once; report load time, TTFT, decode tokens/s, memory",
+        description="Generate once from a prompt and report model load time (separately), time to first token, "
+                    "decode tokens/s, total latency, tokens generated and peak memory. Greedy by default.")
+    p.add_argument("--prompt", default="Hello, world!", help="the prompt text (default: %(default)r)")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=20, help="new tokens to generate (default: 20)")
+    p.add_argument("--model", default=EMBEDDED_MODEL,
+                   help="embedded default, an HF hub id, a local directory, or with --dummy a preset")
+    p.add_argument("--dummy", action="store_true", help="random weights from a preset config (e.g. tiny-smollm2)")
+    p.add_argument("--engine", choices=ENGINES, default="hf", help="hf generate or the labkit engine (default: hf)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 or auto (default: fp32)")
+    p.add_argument("--temperature", type=cli.non_negative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0)")
+    p.add_argument("--chat", action=cli.argparse.BooleanOptionalAction, default=False,
+                   help="wrap the prompt in the model's chat template (default: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the labkit decode step (timed apart)")
+    p.add_argument("--json", action="store_true", help="print the result row as JSON on stdout; table on stderr")
+    p.add_argument("--no-save", action="store_true", help="do not append the row to data/results.jsonl")
+    p.set_defaults(func=cmd_baseline)
+
+
+def cmd_baseline(args) -> int:
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.compile and args.engine != "labkit":
+        raise ValueError("--compile needs --engine labkit")
+    row = run_baseline(prompt=args.prompt, max_tokens=args.max_tokens, model=args.model, engine=args.engine,
+                       device=args.device, dtype=args.dtype, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, seed=args.seed, chat=args.chat, dummy=args.dummy, compile=args.compile)
+    if not args.no_save:
+        from labkit.results import append_rows
+
+        append_rows([row])
+    print(format_row(row), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps([row], indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(["baseline", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""`labkit bench decode`: decode throughput of the engines side by side in one run, as ratios to HF.
+
+Engines: HF `generate` fp32 (the baseline), labkit eager fp32, labkit bf16, labkit compiled, and llama.cpp
+(llama-cpp-python, when installed) on the same GGUF. Each row: decode tokens/s after warm-up, the ratio to HF
+at the same batch size, and the roofline fraction (steps/s over measured bandwidth / weight bytes per step).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from labkit import cli
+from labkit.bench import memory_bandwidth_gbps, weight_bytes_per_token
+from labkit.device import describe_environment, dtype_name, seed_everything
+from labkit.generation import Engine, HFEngine
+from labkit.models import EMBEDDED_MODEL, embedded_gguf_path, load_model
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    engine: str  # "hf", "labkit" or "llama.cpp"
+    dtype: str = "fp32"
+    compile: bool = False
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("hf-fp32", "hf"),
+    Variant("labkit-fp32", "labkit"),
+    Variant("labkit-bf16", "labkit", dtype="bf16"),
+    Variant("labkit-bf16-compile", "labkit", dtype="bf16", compile=True),
+    Variant("llama.cpp", "llama.cpp", dtype="q4_1"),
+]}
+DEFAULT_VARIANTS = ("hf-fp32", "labkit-fp32", "labkit-bf16", "llama.cpp")
+DEFAULT_PROMPT = "Once upon a time, in a small village,"
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _run_labkit_like(engine, prompt_ids, batch_size, max_tokens, repeats):
+    params = engine.sampling_params(max_new_tokens=max_tokens, ignore_eos=True)
+    prompts = [prompt_ids] * batch_size
+    engine.generate(prompts, engine.sampling_params(max_new_tokens=8, ignore_eos=True))  # warm-up
+    rates, ttfts = [], []
+    for _ in range(repeats):
+        gens = engine.generate(prompts, params)
+        times = gens[0].token_times_s
+        rates.append(batch_size * (len(times) - 1) / (times[-1] - times[0]))
+        ttfts.append(gens[0].ttft_s * 1e3)
+    return rates, ttfts
+
+
+def _run_llama_cpp(prompt: str, max_tokens: int, repeats: int, threads: int):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=512, n_threads=threads, n_batch=512, verbose=False,
+                seed=0)
+    llm.create_completion(prompt, max_tokens=8, temperature=0.0)  # warm-up
+    rates, ttfts = [], []
+    for _ in range(repeats):
+        stamps = []
+        start = time.perf_counter()
+        # ignore_eos: a logit bias would change the workload; stop=[] plus a long story prompt keeps going
+        for _chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
+            stamps.append(time.perf_counter())
+        if len(stamps) > 1:
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            ttfts.append((stamps[0] - start) * 1e3)
+    return rates, ttfts
+
+
+def run_decode_bench(variants=DEFAULT_VARIANTS, batch_sizes=(1,), max_tokens: int = 64, repeats: int = 3,
+                     prompt: str = DEFAULT_PROMPT, model: str = EMBEDDED_MODEL, dummy: bool = False,
+                     device: str = "auto", progress=None) -> list[dict]:
+    """Measure every (variant, batch size) in this process, one after another; return result rows."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown engine variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+    if "hf-fp32" not in variants:
+        variants = ("hf-fp32", *variants)  # ratios need the baseline measured in the same run
+    seed_everything(0)
+    loaded = load_model(model, device=device, dtype="fp32", dummy=dummy)
+    if loaded.tokenizer is None:
+        raise ValueError(f"model {model!r} has no tokenizer; use a preset with one (e.g. tiny-smollm2)")
+    prompt_ids = loaded.tokenizer(prompt)["input_ids"]
+    bandwidth = memory_bandwidth_gbps(device=loaded.device)
+    env = describe_environment()
+    rows = []
+    for name in variants:
+        variant = VARIANTS[name]
+        if variant.engine == "llama.cpp" and (not llama_cpp_available() or model != EMBEDDED_MODEL or dummy):
+            if progress:
+                progress(f"skip {name}: llama-cpp-python is not installed (pip install llama-cpp-python)")
+            continue
+        compile_s = None
+        if variant.engine == "hf":
+            engine, weights = HFEngine(loaded.model, loaded.tokenizer, name=loaded.name), loaded.model
+        elif variant.engine == "labkit":
+            engine = Engine.from_hf(loaded.model, loaded.tokenizer, dtype=variant.dtype, compile=variant.compile,
+                                    name=loaded.name)
+            weights = engine.model
+            if variant.compile:
+                compile_s = engine.warmup(batch_size=1, seq_len=len(prompt_ids) + max_tokens)
+        for batch_size in batch_sizes:
+            if variant.engine == "llama.cpp":
+                if batch_size != 1:
+                    continue
+                rates, ttfts = _run_llama_cpp(prompt, max_tokens, repeats, torch.get_num_threads())
+                bytes_per_step = embedded_gguf_path().stat().st_size
+            else:
+                if variant.compile and batch_size != 1:
+                    compile_s = engine.warmup(batch_size=batch_size, seq_len=len(prompt_ids) + max_tokens)
+                rates, ttfts = _run_labkit_like(engine, prompt_ids, batch_size, max_tokens, repeats)
+                bytes_per_step = weight_bytes_per_token(weights)
+            tokens_per_s = statistics.median(rates)
+            steps_per_s = tokens_per_s / batch_size
+            roofline = bandwidth * 1e9 / bytes_per_step
+            rows.append({
+                "technique": "decode",
+                "params": {"variant": name, "engine": variant.engine, "dtype": variant.dtype,
+                           "compile": variant.compile, "batch_size": batch_size, "max_tokens": max_tokens,
+                           "prompt_tokens": len(prompt_ids), "repeats": repeats, "model": loaded.name,
+                           "device": str(loaded.device)},
+                "metrics": {"tokens_per_s": tokens_per_s, "tokens_per_s_runs": rates,
+                            "ttft_ms": statistics.median(ttfts), "compile_s": compile_s,
+                            "weight_bytes_per_step": bytes_per_step, "bandwidth_gbps": bandwidth,
+                            "roofline_tokens_per_s": roofline * batch_size,
+                            "roofline_fraction": steps_per_s / roofline},
+                "env": env,
+            })
+            if progress:
+                progress(f"{name:22s} batch {batch_size}: {tokens_per_s:7.1f} tok/s")
+        del engine
+    for row in rows:  # ratios to the HF baseline at the same batch size, measured in this run
+        base = next((r for r in rows if r["params"]["variant"] == "hf-fp32"
+                     and r["params"]["batch_size"] == row["params"]["batch_size"]), None)
+        row["metrics"]["ratio_to_hf"] = row["metrics"]["tokens_per_s"] / base["metrics"]["tokens_per_s"] \
+            if base else None
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'engine':22s} {'batch':>5s} {'tok/s':>8s} {'× HF':>6s} {'roofline':>8s} {'TTFT ms':>8s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        p, m = r["params"], r["metrics"]
+        ratio = f"{m['ratio_to_hf']:.2f}" if m["ratio_to_hf"] else "n/a"
+        lines.append(f"{p['variant']:22s} {p['batch_size']:5d} {m['tokens_per_s']:8.1f} {ratio:>6s} "
+                     f"{m['roofline_fraction']:8.0%} {m['ttft_ms']:8.1f}")
+    if rows:
+        env = rows[0]["env"]
+        lines.append(f"hardware: {env['cpu']} ({env['num_cpus']} cpus, {env['cpu_capability']}), "
+                     f"{env['torch_threads']} torch threads; bandwidth {rows[0]['metrics']['bandwidth_gbps']:.1f} GB/s")
+    return "\n".join(lines)
+
+
+def _csv(kind):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise cli.argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return tuple(kind(t) for t in items)
+    return parse
+
+
+def _batch_size(text: str) -> int:
+    return cli.positive_int(text)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "decode", help="decode tokens/s of HF, labkit (fp32, bf16, compiled) and llama.cpp side by side",
+        description="Decode throughput of several engines on one model, measured one after another in one "
+                    "process after warm-up, reported as tokens/s, ratio to HF generate fp32 and roofline "
+                    "fraction. Rows are appended to data/results.jsonl and the run is saved as JSON.")
+    p.add_argument("--engines", type=_csv(str), default=DEFAULT_VARIANTS,
+                   help=f"comma-separated variants from {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--batch-sizes", type=_csv(_batch_size), default=(1,), help="e.g. 1,4 (default: 1)")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=64, help="new tokens per run (default: 64)")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed runs per cell (default: 3)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text")
+    p.add_argument("--model", default=EMBEDDED_MODEL, help="model (default: the embedded SmolLM2)")
+    p.add_argument("--dummy", action="store_true", help="random weights from a preset (e.g. llama-1b on a GPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--output", default=None, help="JSON file for this run (default: data/bench_decode.json)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
+    p.add_argument("--no-save", action="store_true", help="write nothing under data/")
+    p.set_defaults(func=cmd_decode)
+
+
+def cmd_decode(args) -> int:
+    from labkit.results import append_rows, data_dir, write_json_atomic
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    rows = run_decode_bench(variants=args.engines, batch_sizes=args.batch_sizes, max_tokens=args.max_tokens,
+                            repeats=args.repeats, prompt=args.prompt, model=args.model, dummy=args.dummy,
+                            device=args.device, progress=log)
+    if not args.no_save:
+        append_rows(rows)
+        write_json_atomic(args.output or data_dir() / "bench_decode.json", rows)
+    print(format_table(rows), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+__all__ = ["run_decode_bench", "VARIANTS", "format_table", "dtype_name"]

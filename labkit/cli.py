@@ -1,0 +1,90 @@
+"""`labkit` command line: baseline, run, bench decode|serve, serve, ping.
+
+Each command module registers its parser with `add_parser(subparsers)` and sets `func(args) -> int`.
+Bad input prints one line `labkit <command>: <message>` on stderr and exits 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# command name -> module that registers it; imported only when needed, so `labkit --help` is fast
+COMMANDS = {
+    "baseline": "labkit.baseline",
+    "run": "labkit.runner",
+    "serve": "labkit.serve",
+    "ping": "labkit.client",
+}
+BENCH_COMMANDS = {
+    "decode": "labkit.bench_decode",
+    "serve": "labkit.loadgen",
+}
+
+
+class UsageError(ValueError):
+    """Bad input from the command line: reported as one line, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): `labkit baseline: argument --max-tokens: ...`."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="labkit", description="The LLM Inference Lab's command line.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
+    bench = sub.add_parser("bench", help="benchmarks: decode throughput, serving load",
+                           description="Benchmarks. Each writes result rows under data/ and accepts --json.")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    for module in BENCH_COMMANDS.values():
+        importlib.import_module(module).add_parser(bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    name = args.command if args.command != "bench" else f"bench {args.bench_command}"
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError) as exc:
+        print(f"labkit {name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"labkit {name}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): nothing left to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
