@@ -26,6 +26,43 @@ def generation_metrics(gen: Generation) -> dict:
     }
 
 
+STORY = ("Once upon a time, in a small village at the edge of a great forest, there lived a curious girl who "
+         "loved to ask questions about the stars, the rivers and the old stories the elders told by the fire. ")
+
+
+def synthetic_prompt(engine, num_tokens: int) -> list[int]:
+    """A natural-text prompt of exactly num_tokens tokens (a story repeated and cut)."""
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    ids = engine.encode(STORY)
+    while len(ids) < num_tokens:
+        ids = ids + engine.encode(STORY)
+    return ids[:num_tokens]
+
+
+def measure_grid(engine, prompt_lengths=(16,), new_tokens=(16,), repeats: int = 2, **sampling) -> list[dict]:
+    """TTFT, decode tokens/s and latency for each (prompt length, new tokens), median over repeats.
+
+    Fixed output lengths (ignore_eos) so every cell does the same work; one warm-up run first.
+    """
+    import statistics
+
+    engine.generate([synthetic_prompt(engine, 8)], engine.sampling_params(max_new_tokens=4, ignore_eos=True))
+    rows = []
+    for num_prompt in prompt_lengths:
+        prompt = synthetic_prompt(engine, num_prompt)
+        for num_new in new_tokens:
+            params = engine.sampling_params(max_new_tokens=num_new, ignore_eos=True, **sampling)
+            runs = [generation_metrics(engine.generate([prompt], params)[0]) for _ in range(repeats)]
+            row = {"engine": engine.describe()["engine"], "dtype": engine.describe()["dtype"],
+                   "prompt_tokens": num_prompt, "new_tokens": num_new, "repeats": repeats}
+            for key in ("ttft_ms", "decode_tokens_per_s", "total_latency_ms"):
+                values = [r[key] for r in runs if r[key] is not None]
+                row[key] = statistics.median(values) if values else None
+            rows.append(row)
+    return rows
+
+
 def run_baseline(prompt: str = "Hello, world!", max_tokens: int = 20, model: str = EMBEDDED_MODEL,
                  engine: str = "hf", device: str = "auto", dtype: str = "fp32", temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, chat: bool = False, dummy: bool = False,

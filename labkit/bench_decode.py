@@ -28,16 +28,22 @@ class Variant:
     engine: str  # "hf", "labkit" or "llama.cpp"
     dtype: str = "fp32"
     compile: bool = False
+    linear_layout: str = "auto"
+    quantize: str | None = None
 
 
 VARIANTS = {v.name: v for v in [
     Variant("hf-fp32", "hf"),
+    Variant("labkit-fp32-nk", "labkit", linear_layout="nk"),
     Variant("labkit-fp32", "labkit"),
+    Variant("labkit-fp32-compile", "labkit", compile=True),
+    Variant("labkit-int8", "labkit", dtype="int8", quantize="int8"),
+    Variant("labkit-int8-compile", "labkit", dtype="int8", quantize="int8", compile=True),
     Variant("labkit-bf16", "labkit", dtype="bf16"),
     Variant("labkit-bf16-compile", "labkit", dtype="bf16", compile=True),
     Variant("llama.cpp", "llama.cpp", dtype="q4_1"),
 ]}
-DEFAULT_VARIANTS = ("hf-fp32", "labkit-fp32", "labkit-bf16", "llama.cpp")
+DEFAULT_VARIANTS = ("hf-fp32", "labkit-fp32", "labkit-bf16", "labkit-int8", "llama.cpp")
 DEFAULT_PROMPT = "Once upon a time, in a small village,"
 
 
@@ -47,42 +53,55 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def _run_labkit_like(engine, prompt_ids, batch_size, max_tokens, repeats):
-    params = engine.sampling_params(max_new_tokens=max_tokens, ignore_eos=True)
-    prompts = [prompt_ids] * batch_size
-    engine.generate(prompts, engine.sampling_params(max_new_tokens=8, ignore_eos=True))  # warm-up
-    rates, ttfts = [], []
-    for _ in range(repeats):
-        gens = engine.generate(prompts, params)
+class _TorchRunner:
+    """One generate call of an HF or labkit engine: returns (aggregate decode tokens/s, TTFT ms)."""
+
+    def __init__(self, engine, weights, prompt_ids, max_tokens):
+        self.engine, self.prompt_ids = engine, prompt_ids
+        self.bytes_per_step = weight_bytes_per_token(weights)
+        self.params = engine.sampling_params(max_new_tokens=max_tokens, ignore_eos=True)
+
+    def warmup(self, batch_size):
+        self.engine.generate([self.prompt_ids] * batch_size,
+                             self.engine.sampling_params(max_new_tokens=8, ignore_eos=True))
+
+    def __call__(self, batch_size):
+        gens = self.engine.generate([self.prompt_ids] * batch_size, self.params)
         times = gens[0].token_times_s
-        rates.append(batch_size * (len(times) - 1) / (times[-1] - times[0]))
-        ttfts.append(gens[0].ttft_s * 1e3)
-    return rates, ttfts
+        return batch_size * (len(times) - 1) / (times[-1] - times[0]), gens[0].ttft_s * 1e3
 
 
-def _run_llama_cpp(prompt: str, max_tokens: int, repeats: int, threads: int):
-    from llama_cpp import Llama
+class _LlamaCppRunner:
+    """llama.cpp (llama-cpp-python) on the same GGUF file, streaming, EOS suppressed like ignore_eos."""
 
-    llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=512, n_threads=threads, n_batch=512, verbose=False,
-                seed=0)
-    llm.create_completion(prompt, max_tokens=8, temperature=0.0)  # warm-up
-    rates, ttfts = [], []
-    for _ in range(repeats):
-        stamps = []
-        start = time.perf_counter()
-        # ignore_eos: a logit bias would change the workload; stop=[] plus a long story prompt keeps going
-        for _chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
+    def __init__(self, prompt, max_tokens, threads):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=512, n_threads=threads, n_batch=512,
+                         verbose=False, seed=0)
+        self.prompt, self.max_tokens = prompt, max_tokens
+        self.logit_bias = {self.llm.token_eos(): -1e9}
+        self.bytes_per_step = embedded_gguf_path().stat().st_size
+
+    def warmup(self, batch_size):
+        self.llm.create_completion(self.prompt, max_tokens=8, temperature=0.0)
+
+    def __call__(self, batch_size):
+        stamps, start = [], time.perf_counter()
+        for _chunk in self.llm.create_completion(self.prompt, max_tokens=self.max_tokens, temperature=0.0,
+                                                 stream=True, logit_bias=self.logit_bias):
             stamps.append(time.perf_counter())
-        if len(stamps) > 1:
-            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-            ttfts.append((stamps[0] - start) * 1e3)
-    return rates, ttfts
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0]), (stamps[0] - start) * 1e3
 
 
 def run_decode_bench(variants=DEFAULT_VARIANTS, batch_sizes=(1,), max_tokens: int = 64, repeats: int = 3,
                      prompt: str = DEFAULT_PROMPT, model: str = EMBEDDED_MODEL, dummy: bool = False,
                      device: str = "auto", progress=None) -> list[dict]:
-    """Measure every (variant, batch size) in this process, one after another; return result rows."""
+    """Measure every (variant, batch size) in one process; return result rows.
+
+    The repeats are interleaved (variant A, B, C, A, B, C, ...) so that drift in a noisy machine's speed
+    falls on every engine alike; each cell reports the median of its repeats.
+    """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown engine variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
@@ -93,54 +112,62 @@ def run_decode_bench(variants=DEFAULT_VARIANTS, batch_sizes=(1,), max_tokens: in
     if loaded.tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer; use a preset with one (e.g. tiny-smollm2)")
     prompt_ids = loaded.tokenizer(prompt)["input_ids"]
+    if len(prompt_ids) + max_tokens > loaded.config.max_position_embeddings:
+        raise ValueError(f"--max-tokens {max_tokens} does not fit the model's context")
     bandwidth = memory_bandwidth_gbps(device=loaded.device)
     env = describe_environment()
-    rows = []
+    runners, compile_s = {}, {}
     for name in variants:
         variant = VARIANTS[name]
-        if variant.engine == "llama.cpp" and (not llama_cpp_available() or model != EMBEDDED_MODEL or dummy):
-            if progress:
-                progress(f"skip {name}: llama-cpp-python is not installed (pip install llama-cpp-python)")
-            continue
-        compile_s = None
-        if variant.engine == "hf":
-            engine, weights = HFEngine(loaded.model, loaded.tokenizer, name=loaded.name), loaded.model
-        elif variant.engine == "labkit":
-            engine = Engine.from_hf(loaded.model, loaded.tokenizer, dtype=variant.dtype, compile=variant.compile,
-                                    name=loaded.name)
-            weights = engine.model
-            if variant.compile:
-                compile_s = engine.warmup(batch_size=1, seq_len=len(prompt_ids) + max_tokens)
-        for batch_size in batch_sizes:
-            if variant.engine == "llama.cpp":
-                if batch_size != 1:
-                    continue
-                rates, ttfts = _run_llama_cpp(prompt, max_tokens, repeats, torch.get_num_threads())
-                bytes_per_step = embedded_gguf_path().stat().st_size
-            else:
-                if variant.compile and batch_size != 1:
-                    compile_s = engine.warmup(batch_size=batch_size, seq_len=len(prompt_ids) + max_tokens)
-                rates, ttfts = _run_labkit_like(engine, prompt_ids, batch_size, max_tokens, repeats)
-                bytes_per_step = weight_bytes_per_token(weights)
+        if variant.engine == "llama.cpp":
+            if not llama_cpp_available() or model != EMBEDDED_MODEL or dummy or loaded.device.type != "cpu":
+                if progress:
+                    progress(f"skip {name}: needs llama-cpp-python (pip install llama-cpp-python), the embedded "
+                             f"model and a CPU run")
+                continue
+            runners[name] = _LlamaCppRunner(prompt, max_tokens, torch.get_num_threads())
+        elif variant.engine == "hf":
+            runners[name] = _TorchRunner(HFEngine(loaded.model, loaded.tokenizer, name=loaded.name),
+                                         loaded.model, prompt_ids, max_tokens)
+        else:
+            engine = Engine.from_hf(loaded.model, loaded.tokenizer, dtype=None if variant.quantize else variant.dtype,
+                                    compile=variant.compile, linear_layout=variant.linear_layout,
+                                    quantize=variant.quantize, name=loaded.name)
+            if variant.compile:  # compile time is reported apart, never inside tokens/s
+                compile_s[name] = engine.warmup(batch_size=1, seq_len=len(prompt_ids) + max_tokens)
+                if progress:
+                    progress(f"{name}: compiled in {compile_s[name]:.1f} s")
+            runners[name] = _TorchRunner(engine, engine.model, prompt_ids, max_tokens)
+    rows = []
+    for batch_size in batch_sizes:
+        cells = [n for n in runners if batch_size == 1 or VARIANTS[n].engine != "llama.cpp"]
+        for name in cells:
+            runners[name].warmup(batch_size)
+        samples = {name: [] for name in cells}
+        for _ in range(repeats):
+            for name in cells:
+                samples[name].append(runners[name](batch_size))
+        for name in cells:
+            variant, runner = VARIANTS[name], runners[name]
+            rates = [rate for rate, _ in samples[name]]
             tokens_per_s = statistics.median(rates)
-            steps_per_s = tokens_per_s / batch_size
-            roofline = bandwidth * 1e9 / bytes_per_step
+            roofline = bandwidth * 1e9 / runner.bytes_per_step  # decode steps/s if weights stream at bandwidth
             rows.append({
                 "technique": "decode",
                 "params": {"variant": name, "engine": variant.engine, "dtype": variant.dtype,
-                           "compile": variant.compile, "batch_size": batch_size, "max_tokens": max_tokens,
-                           "prompt_tokens": len(prompt_ids), "repeats": repeats, "model": loaded.name,
-                           "device": str(loaded.device)},
+                           "compile": variant.compile, "quantize": variant.quantize,
+                           "linear_layout": getattr(getattr(runner, "engine", None), "linear_layout", None),
+                           "batch_size": batch_size, "max_tokens": max_tokens, "prompt_tokens": len(prompt_ids),
+                           "repeats": repeats, "model": loaded.name, "device": str(loaded.device)},
                 "metrics": {"tokens_per_s": tokens_per_s, "tokens_per_s_runs": rates,
-                            "ttft_ms": statistics.median(ttfts), "compile_s": compile_s,
-                            "weight_bytes_per_step": bytes_per_step, "bandwidth_gbps": bandwidth,
-                            "roofline_tokens_per_s": roofline * batch_size,
-                            "roofline_fraction": steps_per_s / roofline},
+                            "ttft_ms": statistics.median(t for _, t in samples[name]),
+                            "compile_s": compile_s.get(name), "weight_bytes_per_step": runner.bytes_per_step,
+                            "bandwidth_gbps": bandwidth, "roofline_tokens_per_s": roofline * batch_size,
+                            "roofline_fraction": tokens_per_s / batch_size / roofline},
                 "env": env,
             })
             if progress:
                 progress(f"{name:22s} batch {batch_size}: {tokens_per_s:7.1f} tok/s")
-        del engine
     for row in rows:  # ratios to the HF baseline at the same batch size, measured in this run
         base = next((r for r in rows if r["params"]["variant"] == "hf-fp32"
                      and r["params"]["batch_size"] == row["params"]["batch_size"]), None)

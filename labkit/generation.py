@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from labkit.device import dtype_name, pick_device, pick_dtype, synchronize
-from labkit.llama import ATTENTION_BACKENDS, KERNEL_BACKENDS, AttentionMetadata, KVCache, Transformer, from_hf
+from labkit.llama import (ATTENTION_BACKENDS, KERNEL_BACKENDS, AttentionMetadata, KVCache, Linear, Transformer,
+                          from_hf)
 from labkit.sampling import SamplingParams, sample
 
 ENGINES = ("labkit", "hf")
@@ -64,7 +65,8 @@ class Engine:
     """Generate with the compact model: `Engine.load()` or `Engine(from_hf(hf_model), tokenizer)`."""
 
     def __init__(self, model: Transformer, tokenizer=None, *, attention: str = "sdpa", kernels: str = "torch",
-                 compile: bool = False, name: str = "model"):
+                 compile: bool = False, linear_layout: str = "auto", quantize: str | None = None,
+                 name: str = "model"):
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
         if kernels not in KERNEL_BACKENDS:
@@ -74,10 +76,29 @@ class Engine:
         self.name = name
         self.attention = attention
         self.kernel_backend = kernels
+        if linear_layout not in ("auto", "nk", "kn"):
+            raise ValueError(f"unknown linear layout {linear_layout!r}: choose auto, nk ([out, in]) or kn ([in, out])")
         model.attend = ATTENTION_BACKENDS[attention]
         model.kernels = KERNEL_BACKENDS[kernels]
+        weight_dtype = model.embed.weight.dtype
+        if linear_layout == "auto":
+            # measured (labkit bench decode): fp32 matrix-vector products stream weights faster from [in, out]
+            # on CPU; bf16 and GPU kernels want [out, in]
+            linear_layout = "kn" if model.embed.weight.device.type == "cpu" and weight_dtype == torch.float32 \
+                and not quantize else "nk"
+        if quantize:
+            from labkit.quant import quantize as quantize_model
+
+            quantize_model(model, quantize)
+        elif linear_layout == "kn":
+            for module in model.modules():
+                if isinstance(module, Linear):
+                    module.to_kn()
+        self.linear_layout = linear_layout
+        self.quantize = quantize
         self.device = model.embed.weight.device
-        self.dtype = model.embed.weight.dtype
+        self.dtype = model.embed.weight.dtype  # weight storage
+        self.act_dtype = model.act_dtype  # activations and KV cache
         self.use_compile = compile
         self.compile_s: float | None = None
         self._compiled = None
@@ -107,7 +128,9 @@ class Engine:
 
     def describe(self) -> dict:
         return {"engine": "labkit", "model": self.name, "device": str(self.device), "dtype": dtype_name(self.dtype),
-                "attention": self.attention, "kernels": self.kernel_backend, "compile": self.use_compile}
+                "activation_dtype": dtype_name(self.act_dtype), "attention": self.attention,
+                "kernels": self.kernel_backend, "linear_layout": self.linear_layout, "quantize": self.quantize,
+                "compile": self.use_compile}
 
     # -- the model calls -------------------------------------------------------------------------------------
     def _get_cache(self, batch_size: int, seq_len: int) -> KVCache:
@@ -117,7 +140,7 @@ class Engine:
         cache = self._cache
         if cache is None or cache.max_batch_size != batch_size or cache.max_seq_len < seq_len \
                 or (not self.use_compile and cache.max_seq_len > 4 * seq_len):
-            cache = KVCache(self.model.args, batch_size, seq_len, self.device, self.dtype)
+            cache = KVCache(self.model.args, batch_size, seq_len, self.device, self.act_dtype)
             self._cache = cache
         return cache
 
@@ -132,14 +155,15 @@ class Engine:
         if start:  # a chunk after earlier tokens: causal within the chunk, everything before it
             mask = torch.arange(kv_len, device=self.device)[None, None, None, :] <= positions[:, None, :, None]
         meta = AttentionMetadata(rows=torch.tensor([row], device=self.device), row_slice=slice(row, row + 1),
-                                 positions=positions, kv_len=kv_len, mask=mask, is_causal=start == 0 and T > 1)
+                                 positions=positions, kv_len=kv_len, mask=mask, is_causal=start == 0 and T > 1,
+                                 write_start=start)
         index = None if all_logits else slice(-1, None)
         return self.model(ids, meta, cache, logits_index=index)[0]
 
     def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_len: int,
-                      cache: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
+                      cache: KVCache, mask: torch.Tensor | None, write_start: int | None = None) -> torch.Tensor:
         meta = AttentionMetadata(rows=rows, row_slice=slice(0, tokens.shape[0]), positions=positions, kv_len=kv_len,
-                                 mask=mask)
+                                 mask=mask, write_start=write_start)
         return self.model(tokens, meta, cache)[:, -1]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -155,10 +179,11 @@ class Engine:
         if kv_len is None:
             kv_len = int(positions.max()) + 1
         ragged = B > 1 and bool((positions != positions[0]).any())
-        mask = None
-        if ragged or kv_len != int(positions.max()) + 1:
+        mask, write_start = None, kv_len - 1
+        if ragged:
             mask = torch.arange(kv_len, device=self.device)[None, None, None, :] <= positions[:, None, :, None]
-        return self._decode_eager(tokens, positions, rows, kv_len, cache, mask)
+            write_start = None
+        return self._decode_eager(tokens, positions, rows, kv_len, cache, mask, write_start)
 
     def _compiled_step(self):
         if self._compiled is None:

@@ -108,6 +108,7 @@ class AttentionMetadata:
     mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, True = visible; None = see all kv_len
     is_causal: bool = False  # plain causal prefill from position 0 (T == kv_len)
     row_slice: slice | None = None  # the same rows as a slice when contiguous: reads need no gather
+    write_start: int | None = None  # every row writes positions [write_start, write_start + T): a plain copy
 
 
 class KVCache:
@@ -125,6 +126,11 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """Write k, v [B, T, Hkv, D] at their positions; return this layer's cache views [R, Hkv, S, D]."""
         k_cache, v_cache = self.k[layer], self.v[layer]
+        if meta.write_start is not None and meta.row_slice is not None:
+            span = slice(meta.write_start, meta.write_start + k.shape[1])
+            k_cache[meta.row_slice, :, span] = k.transpose(1, 2)  # [B, Hkv, T, D]
+            v_cache[meta.row_slice, :, span] = v.transpose(1, 2)
+            return k_cache, v_cache
         rows = meta.rows[:, None]  # [B, 1] broadcasts against positions [B, T]
         k_cache[rows, :, meta.positions] = k  # advanced indices around a slice: value is [B, T, Hkv, D]
         v_cache[rows, :, meta.positions] = v
@@ -138,18 +144,16 @@ class TorchKernels:
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op, bit-identical to the formula below in fp32
-            return F.rms_norm(x, (x.shape[-1],), weight, eps)
-        # Same arithmetic as HF's LlamaRMSNorm (float32 statistics, cast back before the weight).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * xf.to(x.dtype)
+        # one fused op; in fp32 bit-identical to HF's LlamaRMSNorm formula
+        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
 
     @staticmethod
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate-half RoPE on x [B, T, H, D] with cos, sin [B, T, 1, D]."""
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        """Rotate-half RoPE on x [B, T, H, D]; cos [B, T, 1, D], sin [B, T, 1, D] with its first half negated.
+
+        rotate_half(x) * sin == roll(x, D/2) * [-sin1, sin2], bit for bit, in one op fewer.
+        """
+        return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
     @staticmethod
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -167,6 +171,29 @@ def sdpa_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -
 
 
 ATTENTION_BACKENDS = {"sdpa": sdpa_attention}
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight may be stored in another dtype (bf16 storage, fp32 activations) or transposed.
+
+    `kn` stores the weight as [in, out]: on CPUs where MKL's matrix-vector path for [out, in] is slow
+    (AVX2 EPYC here), `x @ W_kn` streams the weight about 1.3x faster.
+    """
+
+    kn: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        xw = x.to(w.dtype)
+        y = torch.matmul(xw, w) if self.kn else F.linear(xw, w)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def to_kn(self) -> None:
+        if not self.kn:
+            self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
+            self.kn = True
 KERNEL_BACKENDS = {"torch": TorchKernels}
 
 
@@ -175,9 +202,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         # q, k and v in one matrix: one weight read per step instead of three.
-        self.wqkv = nn.Linear(args.dim, (args.num_heads + 2 * args.num_kv_heads) * args.head_dim,
-                              bias=args.qkv_bias)
-        self.wo = nn.Linear(args.num_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, (args.num_heads + 2 * args.num_kv_heads) * args.head_dim, bias=args.qkv_bias)
+        self.wo = Linear(args.num_heads * args.head_dim, args.dim, bias=False)
         self.scale = args.head_dim**-0.5
 
     def forward(self, x, cos, sin, layer, cache: KVCache, meta: AttentionMetadata, kernels, attend):
@@ -194,8 +220,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w_gate_up = nn.Linear(args.dim, 2 * args.hidden_dim, bias=False)  # gate and up fused
-        self.w_down = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w_gate_up = Linear(args.dim, 2 * args.hidden_dim, bias=False)  # gate and up fused
+        self.w_down = Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x, kernels):
         return self.w_down(kernels.silu_mul(self.w_gate_up(x)))
@@ -217,13 +243,14 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.ones(args.dim))
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         inv_freq = args.inv_freq if args.inv_freq is not None else torch.ones(args.head_dim // 2)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.kernels = TorchKernels
         self.attend = sdpa_attention
+        self.act_dtype = torch.float32  # activations and KV cache; weights may be stored narrower
 
     def forward(self, tokens: torch.Tensor, meta: AttentionMetadata, cache: KVCache,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,9 +259,11 @@ class Transformer(nn.Module):
         # cos/sin computed like HF (fp32 product, then cos) so fp32 results match token for token.
         freqs = meta.positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, D]
-        dtype = self.embed.weight.dtype
-        cos, sin = (emb.cos() * args.rope_scale).to(dtype), (emb.sin() * args.rope_scale).to(dtype)
-        x = self.embed(tokens)
+        dtype = self.act_dtype
+        sin = emb.sin()
+        sin = torch.cat((-sin[..., : args.head_dim // 2], sin[..., args.head_dim // 2 :]), dim=-1)
+        cos, sin = (emb.cos() * args.rope_scale).to(dtype), (sin * args.rope_scale).to(dtype)
+        x = self.embed(tokens).to(dtype)
         for i, layer in enumerate(self.layers):
             h = kernels.rms_norm(x, layer.attn_norm, args.norm_eps)
             x = x + layer.attn(h, cos, sin, i, cache, meta, kernels, self.attend)
@@ -244,11 +273,15 @@ class Transformer(nn.Module):
         return self.lm_head(kernels.rms_norm(x, self.norm, args.norm_eps))
 
 
-def from_hf(hf_model, device=None, dtype=None) -> Transformer:
-    """Build a Transformer from an HF Llama-family model, copying (and fusing) its weights."""
+def from_hf(hf_model, device=None, dtype=None, act_dtype=None) -> Transformer:
+    """Build a Transformer from an HF Llama-family model, copying (and fusing) its weights.
+
+    dtype: how weights are stored; act_dtype: activations and KV cache (default: fp32 on CPU, where bf16
+    arithmetic is emulated on many chips, else the weight dtype).
+    """
     args = ModelArgs.from_hf(hf_model.config)
     sd = hf_model.state_dict()
-    device = device or next(hf_model.parameters()).device
+    device = torch.device(device) if device is not None else next(hf_model.parameters()).device
     dtype = dtype or next(hf_model.parameters()).dtype
     with torch.device("meta"):
         model = Transformer(args)
@@ -272,6 +305,7 @@ def from_hf(hf_model, device=None, dtype=None) -> Transformer:
     if args.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = args.inv_freq.to(device) if args.inv_freq is not None else None
+    model.act_dtype = act_dtype or (torch.float32 if device.type == "cpu" else dtype)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"weights missing after conversion: {missing[:5]}")

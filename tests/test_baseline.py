@@ -1,0 +1,82 @@
+"""`labkit baseline`: the JSON contract, determinism, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from labkit import cli
+
+
+def run_cli(capsys, *argv):
+    """Exit status and output of `labkit ARGV`; argparse errors exit through SystemExit."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_json_row_from_the_embedded_model(capsys, embedded):
+    code, out, err = run_cli(capsys, "baseline", "--prompt", "Hello, world!", "--max-tokens", "8", "--json")
+    assert code == 0
+    rows = json.loads(out)  # stdout holds only JSON
+    (row,) = rows
+    m = row["metrics"]
+    assert m["load_s"] > 0 and m["ttft_ms"] > 0 and m["decode_tokens_per_s"] > 0
+    assert m["num_new_tokens"] == 8 or m["finish_reason"] == "stop"
+    assert row["params"]["model"] == "smollm2-135m-instruct" and row["text"]
+    assert row["env"]["torch"] and "TTFT" in err
+
+
+def test_greedy_is_deterministic_across_runs_and_engines(capsys, embedded):
+    texts = []
+    for engine in ("hf", "hf", "labkit"):
+        code, out, _ = run_cli(capsys, "baseline", "--prompt", "The capital of France is", "--max-tokens", "12",
+                               "--engine", engine, "--json", "--no-save")
+        assert code == 0
+        texts.append(json.loads(out)[0]["text"])
+    assert texts[0] == texts[1] == texts[2]
+
+
+def test_rows_are_saved(capsys, embedded, tmp_path, monkeypatch):
+    from labkit.results import load_results
+
+    monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path))
+    assert run_cli(capsys, "baseline", "--max-tokens", "2", "--engine", "labkit")[0] == 0
+    df = load_results()
+    assert list(df["technique"]) == ["baseline"] and df["metrics.ttft_ms"].iloc[0] > 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--max-tokens", "-5"], "-5"),
+    (["--max-tokens", "zero"], "zero"),
+    (["--device", "tpu"], "tpu"),
+    (["--temperature", "-1"], "-1"),
+    (["--top-p", "2"], "top-p"),
+    (["--dtype", "int3"], "int3"),
+    (["--engine", "vllm"], "vllm"),
+    (["--model", "./no/such/dir"], "no/such/dir"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(capsys, argv, needle):
+    code, _, err = run_cli(capsys, "baseline", *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
+
+
+def test_unknown_hub_model_names_the_embedded_default(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli(capsys, "baseline", "--model", "facebook/opt-125m-nope")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "smollm2-135m-instruct" in err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    env = {**os.environ, "LABKIT_DATA_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "labkit.baseline", "--model", "tiny-smollm2", "--dummy",
+                          "--max-tokens", "3", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[0]["metrics"]["num_new_tokens"] == 3

@@ -1,0 +1,59 @@
+import statistics
+
+import pytest
+import torch
+
+from labkit.bench import measure, median_ci, percentile, summarize, weight_bytes_per_token
+from labkit.bench_decode import format_table, run_decode_bench
+from labkit.models import load_model
+
+
+def test_percentile_matches_numpy_linear():
+    import numpy as np
+
+    data = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0]
+    for q in (0, 10, 50, 90, 99, 100):
+        assert percentile(data, q) == pytest.approx(np.percentile(data, q))
+
+
+def test_summary_and_median_interval():
+    data = list(range(1, 102))
+    t = summarize(data, num_warmup=2)
+    assert t.median_ms == 51 and t.min_ms == 1 and t.max_ms == 101 and t.num_repeats == 101
+    lo, hi = median_ci(data)
+    assert lo < 51 < hi and hi - lo < 25
+
+
+def test_measure_excludes_warmup_and_counts_repeats():
+    calls = []
+    t = measure(lambda: calls.append(1), repeats=5, warmup=3)
+    assert len(calls) == 8 and t.num_repeats == 5 and t.num_warmup == 3
+    with pytest.raises(ValueError, match="repeats"):
+        measure(lambda: None, repeats=0)
+
+
+def test_weight_bytes_count_a_tied_head_once():
+    lm = load_model("tiny-llama", dummy=True)
+    model = lm.model
+    params = {id(p): p for p in model.parameters()}
+    expected = sum(p.numel() * p.element_size() for p in params.values())
+    assert weight_bytes_per_token(model) == expected
+
+
+def test_decode_bench_rows_on_a_tiny_model():
+    rows = run_decode_bench(variants=("labkit-fp32", "labkit-int8"), batch_sizes=(1, 2), max_tokens=6,
+                            repeats=2, model="tiny-smollm2", dummy=True, device="cpu")
+    variants = {(r["params"]["variant"], r["params"]["batch_size"]) for r in rows}
+    assert variants == {(v, b) for v in ("hf-fp32", "labkit-fp32", "labkit-int8") for b in (1, 2)}
+    for r in rows:
+        m = r["metrics"]
+        assert m["tokens_per_s"] > 0 and 0 < m["roofline_fraction"] and m["ratio_to_hf"] > 0
+        assert m["tokens_per_s"] == statistics.median(m["tokens_per_s_runs"])
+        assert "cpu" in r["env"] and r["env"]["torch"] == torch.__version__
+    assert all(r["metrics"]["ratio_to_hf"] == 1.0 for r in rows if r["params"]["variant"] == "hf-fp32")
+    assert "hf-fp32" in format_table(rows)
+
+
+def test_decode_bench_rejects_unknown_variant():
+    with pytest.raises(ValueError, match="'turbo'"):
+        run_decode_bench(variants=("turbo",))

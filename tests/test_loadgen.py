@@ -1,0 +1,225 @@
+"""`labkit bench serve`: the metric arithmetic on scripted streams, the workload, and a real run against
+`labkit serve` that writes the JSON result and a results row."""
+
+import json
+import math
+import statistics
+
+import pytest
+
+from labkit import cli, loadgen, results
+from labkit.generation import Engine
+from labkit.loadgen import BenchServeConfig, RequestOutcome, compute_metrics, request_timing, tokens_per_chunk
+from labkit.serve import ServerThread, create_app
+
+METRIC_KEYS = ["duration_s", "num_completed", "num_failed", "total_input_tokens", "total_output_tokens",
+               "request_throughput_req_per_s", "output_throughput_tokens_per_s",
+               "total_token_throughput_tokens_per_s", "request_goodput_req_per_s"] + [
+    f"{stat}_{name}_ms" for name in ("ttft", "tpot", "itl", "e2el") for stat in ("mean", "median", "std", "p90",
+                                                                                  "p99")]
+
+
+# -- the arithmetic ------------------------------------------------------------------------------------------
+def test_request_timing_on_a_scripted_stream():
+    # sent at t=10 s; chunks bring 1, 1, 3 and 1 tokens; the stream closes at 11.05 s
+    timing = request_timing(10.0, [10.5, 10.6, 10.9, 11.0], [1, 1, 3, 1], 11.05, num_output_tokens=6)
+    assert timing.ttft_s == pytest.approx(0.5)
+    # the 3-token chunk after a 0.3 s gap is three gaps of 0.1 s, not one gap of 0.3 s and two of 0
+    assert timing.itl_s == pytest.approx([0.1] * 5)
+    assert timing.e2el_s == pytest.approx(1.05)
+    assert timing.tpot_s == pytest.approx((1.05 - 0.5) / 5)
+    assert timing.num_output_tokens == 6
+
+
+def test_request_timing_edge_cases():
+    # tokens that came with the first one have no ITL of their own: their time is in TTFT
+    timing = request_timing(0.0, [0.2, 0.5], [3, 2], 0.5, num_output_tokens=5)
+    assert timing.ttft_s == pytest.approx(0.2) and timing.itl_s == pytest.approx([0.15, 0.15])
+    assert timing.tpot_s == pytest.approx(0.3 / 4)
+    # a chunk without tokens (say, a finish_reason-only chunk with text) does not reset the gap
+    timing = request_timing(0.0, [0.1, 0.2, 0.4], [1, 0, 1], 0.4, num_output_tokens=2)
+    assert timing.itl_s == pytest.approx([0.3])
+    # one token: no TPOT, no ITL
+    timing = request_timing(0.0, [0.25], [1], 0.3, num_output_tokens=1)
+    assert timing.tpot_s is None and timing.itl_s == [] and timing.e2el_s == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        request_timing(0.0, [], [], 1.0, num_output_tokens=0)
+    with pytest.raises(ValueError):
+        request_timing(0.0, [0.1], [1, 1], 1.0, num_output_tokens=2)
+
+
+def test_tokens_per_chunk_uses_server_counts_then_shares_usage():
+    assert tokens_per_chunk([1, 2, 1], 4) == [1, 2, 1]
+    # no per-chunk counts: the usage total (7) shared over 3 chunks, earliest first
+    assert tokens_per_chunk([None, None, None], 7) == [3, 2, 2]
+    assert tokens_per_chunk([1, None, None], 5) == [1, 2, 2]
+    # every chunk with text carried at least one token, whatever usage says
+    assert tokens_per_chunk([None, None], 1) == [1, 1]
+    assert tokens_per_chunk([None, None], None) == [1, 1]
+    # without counts, a 2-chunk stream of 5 tokens: ITL samples are the second gap split over its share
+    timing = request_timing(0.0, [0.1, 0.4], [None, None], 0.4, num_output_tokens=5)
+    assert timing.itl_s == pytest.approx([0.15, 0.15])  # counts [3, 2]
+
+
+def _outcome(index, ttft, gaps, tokens_each=1, input_tokens=10):
+    """A successful request sent at 0 whose chunks arrive at ttft, then after each gap."""
+    times = [ttft]
+    for gap in gaps:
+        times.append(times[-1] + gap)
+    n = tokens_each * len(times)
+    out = RequestOutcome(index=index, success=True, start_s=0.0, end_s=times[-1], input_tokens=input_tokens,
+                         output_tokens=n, expected_output_tokens=n, chunk_times_s=times,
+                         chunk_tokens=[tokens_each] * len(times))
+    out.timing = request_timing(0.0, times, out.chunk_tokens, out.end_s, n)
+    return out
+
+
+def test_compute_metrics_arithmetic():
+    fast = _outcome(0, ttft=0.1, gaps=[0.01] * 4)  # 5 tokens, e2el 0.14, tpot 0.01
+    slow = _outcome(1, ttft=0.5, gaps=[0.05] * 4)  # 5 tokens, e2el 0.70, tpot 0.05
+    failed = RequestOutcome(index=2, success=False, error="HTTP 500: boom")
+    m = compute_metrics([fast, slow, failed], duration_s=2.0, slo={"ttft_ms": 200, "tpot_ms": 20})
+    assert set(m) == set(METRIC_KEYS)
+    assert (m["num_completed"], m["num_failed"]) == (2, 1)
+    assert (m["total_input_tokens"], m["total_output_tokens"]) == (20, 10)
+    assert m["request_throughput_req_per_s"] == pytest.approx(1.0)
+    assert m["output_throughput_tokens_per_s"] == pytest.approx(5.0)
+    assert m["total_token_throughput_tokens_per_s"] == pytest.approx(15.0)
+    assert m["request_goodput_req_per_s"] == pytest.approx(0.5)  # only the fast one meets both SLOs
+    assert m["mean_ttft_ms"] == pytest.approx(300) and m["median_ttft_ms"] == pytest.approx(300)
+    assert m["p90_ttft_ms"] == pytest.approx(100 + 0.9 * 400) and m["p99_ttft_ms"] == pytest.approx(496)
+    assert m["std_ttft_ms"] == pytest.approx(200)
+    assert m["mean_tpot_ms"] == pytest.approx(30) and m["mean_e2el_ms"] == pytest.approx((140 + 700) / 2)
+    itls = [10.0] * 4 + [50.0] * 4
+    assert m["mean_itl_ms"] == pytest.approx(statistics.fmean(itls))
+    assert m["median_itl_ms"] == pytest.approx(30) and m["p99_itl_ms"] == pytest.approx(50)
+    assert compute_metrics([fast], 1.0)["request_goodput_req_per_s"] is None  # no SLO, no goodput
+    # e2el SLOs, and a one-token request counts TPOT 0 like vLLM does
+    one = _outcome(3, ttft=0.1, gaps=[])
+    m = compute_metrics([one, slow], 1.0, slo={"tpot_ms": 1, "e2el_ms": 500})
+    assert m["request_goodput_req_per_s"] == pytest.approx(1.0)
+    assert m["mean_tpot_ms"] == pytest.approx(50)  # TPOT statistics skip one-token requests
+    nothing = compute_metrics([failed], 1.0)
+    assert nothing["num_completed"] == 0 and nothing["mean_ttft_ms"] is None
+
+
+# -- the workload --------------------------------------------------------------------------------------------
+def test_prompts_are_seeded_and_lengths_in_range():
+    a = loadgen.make_prompts(50, 20, 10, range_ratio=0.5, seed=3)
+    assert a == loadgen.make_prompts(50, 20, 10, range_ratio=0.5, seed=3)
+    assert a != loadgen.make_prompts(50, 20, 10, range_ratio=0.5, seed=4)
+    assert all(10 <= p.input_words <= 30 and 5 <= p.output_len <= 15 for p in a)
+    assert all(len(p.prompt.split()) == p.input_words for p in a)
+    assert len({p.input_words for p in a}) > 5  # a distribution, not a constant
+    fixed = loadgen.make_prompts(5, 8, 4)
+    assert {(p.input_words, p.output_len) for p in fixed} == {(8, 4)}
+
+
+def test_arrivals_poisson_and_gamma():
+    assert loadgen.arrival_offsets(4, math.inf) == [0.0] * 4
+    for burstiness in (1.0, 0.25):
+        offsets = loadgen.arrival_offsets(20000, request_rate=50.0, burstiness=burstiness, seed=1)
+        assert offsets == sorted(offsets) and offsets[0] == 0.0
+        gaps = [b - a for a, b in zip(offsets, offsets[1:])]
+        mean = statistics.fmean(gaps)
+        assert mean == pytest.approx(1 / 50, rel=0.05)
+        # gamma(k): squared coefficient of variation 1/k (1 for Poisson, 4 for burstiness 0.25)
+        assert statistics.pvariance(gaps) / mean**2 == pytest.approx(1 / burstiness, rel=0.1)
+    assert loadgen.arrival_offsets(10, 5.0, seed=2) == loadgen.arrival_offsets(10, 5.0, seed=2)
+
+
+def test_config_and_slo_validation():
+    assert loadgen.parse_slo("ttft_ms=500, tpot_ms=50") == {"ttft_ms": 500.0, "tpot_ms": 50.0}
+    assert loadgen.parse_slo(None) == {}
+    for bad in ("ttft=5", "ttft_ms", "ttft_ms=abc", "tpot_ms=-1", "e2el_ms=inf"):
+        with pytest.raises(ValueError):
+            loadgen.parse_slo(bad)
+    for bad in (dict(num_prompts=0), dict(range_ratio=1.0), dict(request_rate=0), dict(burstiness=0),
+                dict(max_concurrency=0), dict(endpoint="embeddings"), dict(base_url="127.0.0.1:8000"),
+                dict(slo={"itl_ms": 5})):
+        with pytest.raises(ValueError):
+            BenchServeConfig(**bad)
+    assert BenchServeConfig(api_key="secret").to_dict().get("api_key") is None  # never written out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--slo", "latency=5"], "unknown SLO 'latency'"),
+    (["--range-ratio", "1.5"], "range_ratio must be in [0, 1)"),
+    (["--burstiness", "0"], "burstiness must be"),
+    (["--base-url", "localhost:8000"], "base_url must start with http://"),
+])
+def test_cli_bad_options_are_one_line(capsys, argv, message):
+    assert cli.main(["bench", "serve", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("labkit bench serve: ") and message in err[0]
+
+
+# -- against a running labkit serve --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tiny):
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer, name="tiny-smollm2")
+    with ServerThread(create_app(engine, max_queue=128)) as running:
+        yield running
+
+
+def test_bench_serve_against_labkit_serve_writes_json_and_row(server, tmp_path, capsys):
+    result_file = tmp_path / "out" / "bench.json"
+    argv = ["bench", "serve", "--base-url", server.url, "--num-prompts", "12", "--input-len", "16",
+            "--output-len", "6", "--range-ratio", "0.5", "--request-rate", "40", "--burstiness", "0.5",
+            "--max-concurrency", "4", "--num-warmups", "2", "--slo", "ttft_ms=60000,tpot_ms=60000",
+            "--result-file", str(result_file), "--json"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)  # stdout holds the JSON and nothing else
+    assert "Time to first token" in captured.err and "wrote" in captured.err
+    written = json.loads(result_file.read_text())
+    assert written == printed
+    assert written["schema"] == loadgen.SCHEMA
+    m = written["metrics"]
+    assert set(METRIC_KEYS) <= set(m)
+    assert all(m[key] is not None for key in METRIC_KEYS), {k: m[k] for k in METRIC_KEYS if m[k] is None}
+    assert (m["num_completed"], m["num_failed"]) == (12, 0)
+    assert m["request_goodput_req_per_s"] == pytest.approx(m["request_throughput_req_per_s"])  # generous SLOs
+    assert 0 < m["median_ttft_ms"] <= m["p99_ttft_ms"] and m["mean_e2el_ms"] > m["mean_ttft_ms"]
+
+    requests = written["requests"]
+    assert [r["index"] for r in requests] == list(range(12))
+    prompts = loadgen.make_prompts(12, 16, 6, 0.5, seed=0)
+    for r, spec in zip(requests, prompts):
+        # ignore_eos makes the output length exact; the counts are the server's usage
+        assert r["success"] and r["output_tokens"] == r["expected_output_tokens"] == spec.output_len
+        assert len(r["itl_ms"]) == r["output_tokens"] - 1  # per-token ITL from the server's token_ids
+        assert r["ttft_ms"] <= r["e2el_ms"]
+    assert m["total_output_tokens"] == sum(p.output_len for p in prompts)
+    assert m["total_input_tokens"] == sum(r["input_tokens"] for r in requests) > 0
+    assert written["config"]["request_rate"] == 40 and written["config"]["max_concurrency"] == 4
+    assert written["server"]["model"] == "tiny-smollm2" and written["env"]["torch"]
+
+    rows = [row for row in results.read_rows() if row["technique"] == "bench_serve"]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["metrics"]["mean_ttft_ms"] == m["mean_ttft_ms"] and row["env"]["python"]
+    assert row["params"]["result_file"] == str(result_file) and row["params"]["model"] == "tiny-smollm2"
+    assert row["seed"] == 0
+
+
+def test_bench_serve_chat_without_extensions_and_failures(server, tmp_path, capsys):
+    # chat, no token_ids and no ignore_eos: counts still come from usage, ITL shares them among chunks
+    config = BenchServeConfig(base_url=server.url, endpoint="chat", num_prompts=4, input_len=8, output_len=5,
+                              num_warmups=0, return_token_ids=False, ignore_eos=False)
+    result = loadgen.benchmark(config)
+    m = result["metrics"]
+    assert m["num_completed"] == 4 and 0 < m["total_output_tokens"] <= 20
+    assert all(len(r["itl_ms"]) <= r["output_tokens"] - 1 for r in result["requests"])
+    path = loadgen.save_result(result)
+    assert path.parent == results.data_dir() / "bench_serve" and json.loads(path.read_text())["metrics"] == m
+
+    # an unknown model: every request fails with the server's 404, counted once, never retried
+    config = BenchServeConfig(base_url=server.url, model="gpt-9", num_prompts=3, output_len=2, num_warmups=0)
+    result = loadgen.benchmark(config)
+    assert result["metrics"]["num_failed"] == 3 and result["metrics"]["num_completed"] == 0
+    assert list(result["errors"].values()) == [3] and "HTTP 404" in next(iter(result["errors"]))
+    # the CLI says so in one line when the warm-up fails, and exits 1
+    assert cli.main(["bench", "serve", "--base-url", server.url, "--model", "gpt-9", "--num-prompts", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warm-up request failed: HTTP 404" in err[0]
