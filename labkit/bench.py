@@ -6,7 +6,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -28,6 +28,7 @@ class Timing:
     ci95_high_ms: float
     num_repeats: int
     num_warmup: int
+    samples_ms: list[float] = field(default_factory=list, repr=False)  # in the order they were taken
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +66,7 @@ def summarize(samples_ms: Sequence[float], num_warmup: int = 0) -> Timing:
         median_ms=statistics.median(samples), mean_ms=statistics.fmean(samples),
         p10_ms=percentile(samples, 10), p90_ms=percentile(samples, 90), min_ms=min(samples), max_ms=max(samples),
         stdev_ms=statistics.stdev(samples) if len(samples) > 1 else 0.0, ci95_low_ms=lo, ci95_high_ms=hi,
-        num_repeats=len(samples), num_warmup=num_warmup)
+        num_repeats=len(samples), num_warmup=num_warmup, samples_ms=samples)
 
 
 def measure(fn: Callable[[], object], repeats: int = 10, warmup: int = 2, device=None,

@@ -43,7 +43,8 @@ VARIANTS = {v.name: v for v in [
     Variant("labkit-bf16-compile", "labkit", dtype="bf16", compile=True),
     Variant("llama.cpp", "llama.cpp", dtype="q4_1"),
 ]}
-DEFAULT_VARIANTS = ("hf-fp32", "labkit-fp32", "labkit-bf16", "labkit-int8", "llama.cpp")
+DEFAULT_VARIANTS = ("hf-fp32", "labkit-fp32-nk", "labkit-fp32", "labkit-bf16", "labkit-fp32-compile", "labkit-int8",
+                    "labkit-int8-compile", "llama.cpp")
 DEFAULT_PROMPT = "Once upon a time, in a small village,"
 
 

@@ -171,6 +171,7 @@ def sdpa_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -
 
 
 ATTENTION_BACKENDS = {"sdpa": sdpa_attention}
+KERNEL_BACKENDS = {"torch": TorchKernels}
 
 
 class Linear(nn.Linear):
@@ -194,7 +195,6 @@ class Linear(nn.Linear):
         if not self.kn:
             self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
             self.kn = True
-KERNEL_BACKENDS = {"torch": TorchKernels}
 
 
 class Attention(nn.Module):
@@ -306,6 +306,9 @@ def from_hf(hf_model, device=None, dtype=None, act_dtype=None) -> Transformer:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = args.inv_freq.to(device) if args.inv_freq is not None else None
     model.act_dtype = act_dtype or (torch.float32 if device.type == "cpu" else dtype)
+    for name, param in list(model.named_parameters()):
+        if name.endswith("norm"):  # norm weights are tiny: keep them in the activations' dtype
+            param.data = param.data.to(model.act_dtype)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"weights missing after conversion: {missing[:5]}")
