@@ -189,6 +189,8 @@ class Engine:
         if self._compiled is None:
             # only the hot decode step is compiled (gpt-fast); prefill stays eager. Inductor's freezing option
             # was slower here (oneDNN's packed fp32 GEMV on AVX2), so the default options stand.
+            # Module guards stay on: every engine shares _decode_eager's code object, so dropping them
+            # (guard_filter_fn) would let an engine run another engine's graph.
             self._compiled = torch.compile(self._decode_eager, fullgraph=True, dynamic=False)
         return self._compiled
 

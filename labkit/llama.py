@@ -170,7 +170,26 @@ def sdpa_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -
                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
-ATTENTION_BACKENDS = {"sdpa": sdpa_attention}
+def math_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention as matmul, masked softmax, matmul: under torch.compile it fuses into a few small loops."""
+    rows = meta.row_slice if meta.row_slice is not None else meta.rows
+    k = k_cache[rows, :, : meta.kv_len]  # [B, Hkv, S, D]
+    v = v_cache[rows, :, : meta.kv_len]
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    qg = q.reshape(B, k.shape[1], group * T, D)  # query heads of one KV head side by side: [B, Hkv, G*T, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G*T, S]
+    mask = meta.mask
+    if mask is None and meta.is_causal:
+        mask = torch.ones(T, meta.kv_len, dtype=torch.bool, device=q.device).tril(meta.kv_len - T)
+    if mask is not None:  # [B, 1, T, S] -> the grouped layout [B, 1, G*T, S]
+        mask = mask.expand(B, 1, T, meta.kv_len).repeat(1, 1, group, 1) if mask.dim() == 4 else mask.repeat(group, 1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.matmul(scores.softmax(dim=-1), v)  # [B, Hkv, G*T, D]
+    return out.reshape(B, H, T, D)
+
+
+ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "math": math_attention}
 KERNEL_BACKENDS = {"torch": TorchKernels}
 
 

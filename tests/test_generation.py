@@ -136,6 +136,19 @@ def test_chunked_prefill_equals_one_pass(tiny):
     torch.testing.assert_close(torch.cat([first, rest]), whole, atol=1e-5, rtol=1e-5)
 
 
+def test_math_attention_backend_matches_sdpa():
+    lm = load_model("tiny-qwen2", dummy=True, seed=4)
+    sdpa, math = Engine.from_hf(lm.model), Engine.from_hf(lm.model, attention="math")
+    prompts = [list(range(3, 20)), list(range(5, 12)), [9] * 30]
+    ids = prompts[0]
+    with torch.inference_mode():
+        a = sdpa.prefill(ids, 0, sdpa._get_cache(1, 64), all_logits=True)
+        b = math.prefill(ids, 0, math._get_cache(1, 64), all_logits=True)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    params = sdpa.sampling_params(max_new_tokens=10, ignore_eos=True)
+    assert [g.tokens for g in sdpa.generate(prompts, params)] == [g.tokens for g in math.generate(prompts, params)]
+
+
 def test_unsupported_architecture_names_the_hf_fallback():
     from transformers import GPT2Config
 
