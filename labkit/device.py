@@ -118,8 +118,9 @@ def _git_sha() -> str | None:
     if out.returncode != 0:
         return None
     sha = out.stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, timeout=5).stdout.strip()
+    # outputs the lab itself writes (results, figures, executed notebooks) do not make the code dirty
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!data",
+                            ":!figures", ":!runs"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
     return sha + ("-dirty" if dirty else "")
 
 

@@ -160,6 +160,15 @@ class Engine:
         index = None if all_logits else slice(-1, None)
         return self.model(ids, meta, cache, logits_index=index)[0]
 
+    def _prefill_equal(self, prompts: Sequence[Sequence[int]], cache: KVCache) -> torch.Tensor:
+        """Prefill B prompts of one length into cache rows 0..B-1 in one forward; logits [B, V]."""
+        B, T = len(prompts), len(prompts[0])
+        ids = torch.tensor([list(p) for p in prompts], device=self.device)  # [B, T]
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        meta = AttentionMetadata(rows=torch.arange(B, device=self.device), row_slice=slice(0, B),
+                                 positions=positions, kv_len=T, is_causal=T > 1, write_start=0)
+        return self.model(ids, meta, cache, logits_index=slice(-1, None))[:, -1]
+
     def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_len: int,
                       cache: KVCache, mask: torch.Tensor | None, write_start: int | None = None) -> torch.Tensor:
         meta = AttentionMetadata(rows=rows, row_slice=slice(0, tokens.shape[0]), positions=positions, kv_len=kv_len,
@@ -227,7 +236,10 @@ class Engine:
         stop_ids = set() if params.ignore_eos else set(params.stop_token_ids)
         with torch.inference_mode():
             cache = self._get_cache(B, total)
-            logits = torch.cat([self.prefill(p, row, cache) for row, p in enumerate(prompts)])  # [B, V]
+            if B > 1 and len(set(lens)) == 1:  # equal lengths: one batched prefill, still no padding
+                logits = self._prefill_equal(prompts, cache)
+            else:
+                logits = torch.cat([self.prefill(p, row, cache) for row, p in enumerate(prompts)])  # [B, V]
             positions = torch.tensor(lens, device=self.device)[:, None]  # [B, 1] next position per row
             done = [False] * B
             for step in range(params.max_new_tokens):

@@ -514,12 +514,7 @@ def _rate(text: str) -> float:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit bench serve` on the `labkit bench` subparsers."""
-    from labkit.cli import non_negative_float, positive_int
-
-    def non_negative_int(text: str) -> int:
-        if not text.isdigit():
-            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-        return int(text)
+    from labkit.cli import non_negative_float, non_negative_int, positive_int
 
     parser = subparsers.add_parser(
         "serve", help="load-test an OpenAI-compatible server (TTFT, TPOT, ITL, throughput, goodput)",

@@ -958,12 +958,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit serve` on the CLI's subparsers."""
-    from labkit.cli import positive_int
-
-    def non_negative_int(text: str) -> int:
-        if not text.isdigit():
-            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-        return int(text)
+    from labkit.cli import non_negative_int, positive_int
 
     parser = subparsers.add_parser(
         "serve", help="an OpenAI-compatible HTTP server over the labkit engine",

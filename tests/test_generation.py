@@ -61,6 +61,17 @@ def test_ragged_batch_equals_one_by_one(engines):
         assert b.tokens == engine.generate([p], params)[0].tokens
 
 
+def test_equal_length_batch_matches_one_by_one(embedded):
+    engine = Engine.from_hf(embedded.model, embedded.tokenizer)
+    texts = ["The sky is blue because", "My favourite food is pizza", "In the year 2050, robots"]
+    prompts = [engine.encode(t) for t in texts]
+    n = min(len(p) for p in prompts)
+    prompts = [p[:n] for p in prompts]  # one length: the batched prefill path
+    params = engine.sampling_params(max_new_tokens=16, ignore_eos=True)
+    batched = engine.generate(prompts, params)
+    assert [b.tokens for b in batched] == [engine.generate([p], params)[0].tokens for p in prompts]
+
+
 def test_greedy_is_deterministic_and_stream_matches(engines):
     engine, _ = engines
     ids = engine.encode(PROMPTS[0])
