@@ -221,7 +221,8 @@ class Engine:
 
     # -- the decode loop -------------------------------------------------------------------------------------
     def steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[Step]:
-        """The one decode loop: prefill each row (no padding compute), then decode all rows together."""
+        """The one decode loop: prefill (per row, or batched when lengths agree: never padded), then decode
+        all rows together, yielding each step's tokens."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         B = len(prompts)
