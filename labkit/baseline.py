@@ -45,7 +45,7 @@ def measure_grid(engine, prompt_lengths=(16,), new_tokens=(16,), repeats: int = 
 
     Fixed output lengths (ignore_eos) so every cell does the same work; one warm-up run first.
     """
-    import statistics
+    from labkit.bench import summarize
 
     engine.generate([synthetic_prompt(engine, 8)], engine.sampling_params(max_new_tokens=4, ignore_eos=True))
     rows = []
@@ -58,7 +58,7 @@ def measure_grid(engine, prompt_lengths=(16,), new_tokens=(16,), repeats: int = 
                    "prompt_tokens": num_prompt, "new_tokens": num_new, "repeats": repeats}
             for key in ("ttft_ms", "decode_tokens_per_s", "total_latency_ms"):
                 values = [r[key] for r in runs if r[key] is not None]
-                row[key] = statistics.median(values) if values else None
+                row[key] = summarize(values).median_ms if values else None  # the median, whatever the unit
             rows.append(row)
     return rows
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from labkit.device import synchronize
+from labkit.device import peak_memory_mb, reset_peak_memory, synchronize
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Timing:
     num_repeats: int
     num_warmup: int
     samples_ms: list[float] = field(default_factory=list, repr=False)  # in the order they were taken
+    peak_memory_mb: float | None = None  # CUDA max allocated, or the process's peak RSS on CPU
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,11 +72,16 @@ def summarize(samples_ms: Sequence[float], num_warmup: int = 0) -> Timing:
 
 def measure(fn: Callable[[], object], repeats: int = 10, warmup: int = 2, device=None,
             max_time_s: float | None = None) -> Timing:
-    """Time fn() `repeats` times after `warmup` untimed calls, synchronising the device around each call."""
+    """Time fn() `repeats` times after `warmup` untimed calls, synchronising the device around each call.
+
+    Also records the peak memory over the timed calls (CUDA max allocated; peak RSS of the process on CPU).
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     for _ in range(warmup):
         fn()
+    reset_peak_memory(dev)
     samples = []
     deadline = time.perf_counter() + max_time_s if max_time_s else None
     for _ in range(repeats):
@@ -86,7 +92,9 @@ def measure(fn: Callable[[], object], repeats: int = 10, warmup: int = 2, device
         samples.append((time.perf_counter() - start) * 1e3)
         if deadline and time.perf_counter() > deadline and len(samples) >= 3:
             break
-    return summarize(samples, warmup)
+    timing = summarize(samples, warmup)
+    timing.peak_memory_mb = peak_memory_mb(dev)
+    return timing
 
 
 def memory_bandwidth_gbps(size_mb: int = 256, repeats: int = 5, device="cpu") -> float:

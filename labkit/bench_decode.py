@@ -95,7 +95,7 @@ class _LlamaCppRunner:
         return (len(stamps) - 1) / (stamps[-1] - stamps[0]), (stamps[0] - start) * 1e3
 
 
-def run_decode_bench(variants=DEFAULT_VARIANTS, batch_sizes=(1,), max_tokens: int = 64, repeats: int = 3,
+def run_decode_bench(variants=DEFAULT_VARIANTS, batch_sizes=(1, 4), max_tokens: int = 64, repeats: int = 3,
                      prompt: str = DEFAULT_PROMPT, model: str = EMBEDDED_MODEL, dummy: bool = False,
                      device: str = "auto", progress=None) -> list[dict]:
     """Measure every (variant, batch size) in one process; return result rows.
@@ -213,7 +213,7 @@ def add_parser(subparsers) -> None:
                     "fraction. Rows are appended to data/results.jsonl and the run is saved as JSON.")
     p.add_argument("--engines", type=_csv(str), default=DEFAULT_VARIANTS,
                    help=f"comma-separated variants from {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
-    p.add_argument("--batch-sizes", type=_csv(_batch_size), default=(1,), help="e.g. 1,4 (default: 1)")
+    p.add_argument("--batch-sizes", type=_csv(_batch_size), default=(1, 4), help="e.g. 1,8 (default: 1,4)")
     p.add_argument("--max-tokens", type=cli.positive_int, default=64, help="new tokens per run (default: 64)")
     p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed runs per cell (default: 3)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text")

@@ -28,6 +28,7 @@ def test_measure_excludes_warmup_and_counts_repeats():
     calls = []
     t = measure(lambda: calls.append(1), repeats=5, warmup=3)
     assert len(calls) == 8 and t.num_repeats == 5 and t.num_warmup == 3
+    assert len(t.samples_ms) == 5 and t.peak_memory_mb > 0
     with pytest.raises(ValueError, match="repeats"):
         measure(lambda: None, repeats=0)
 
