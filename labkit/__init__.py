@@ -1,13 +1,13 @@
 """labkit: the support library of the LLM Inference Lab.
 
 Modules (imported on first use, so `import labkit` stays cheap): device, models, llama, sampling,
-generation, bench, results, plots, runner, baseline, bench_decode, serve, client, loadgen, cli.
+generation, quant, bench, results, plots, runner, baseline, bench_decode, serve, client, loadgen, cli.
 """
 
 import importlib
 
 __version__ = "0.1.0"
-_MODULES = ("device", "models", "llama", "sampling", "generation", "bench", "results", "plots", "runner",
+_MODULES = ("device", "models", "llama", "sampling", "generation", "quant", "bench", "results", "plots", "runner",
             "baseline", "bench_decode", "serve", "client", "loadgen", "cli")
 __all__ = [*_MODULES, "Engine", "SamplingParams", "load_model"]
 _NAMES = {"Engine": "generation", "SamplingParams": "sampling", "load_model": "models"}

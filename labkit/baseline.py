@@ -48,13 +48,14 @@ def measure_grid(engine, prompt_lengths=(16,), new_tokens=(16,), repeats: int = 
     from labkit.bench import summarize
 
     engine.generate([synthetic_prompt(engine, 8)], engine.sampling_params(max_new_tokens=4, ignore_eos=True))
+    described = engine.describe()
     rows = []
     for num_prompt in prompt_lengths:
         prompt = synthetic_prompt(engine, num_prompt)
         for num_new in new_tokens:
             params = engine.sampling_params(max_new_tokens=num_new, ignore_eos=True, **sampling)
             runs = [generation_metrics(engine.generate([prompt], params)[0]) for _ in range(repeats)]
-            row = {"engine": engine.describe()["engine"], "dtype": engine.describe()["dtype"],
+            row = {"engine": described["engine"], "dtype": described["dtype"],
                    "prompt_tokens": num_prompt, "new_tokens": num_new, "repeats": repeats}
             for key in ("ttft_ms", "decode_tokens_per_s", "total_latency_ms"):
                 values = [r[key] for r in runs if r[key] is not None]

@@ -14,7 +14,7 @@ import torch
 
 from labkit.device import dtype_name, pick_device, pick_dtype, synchronize
 from labkit.llama import (ATTENTION_BACKENDS, KERNEL_BACKENDS, AttentionMetadata, KVCache, Linear, Transformer,
-                          from_hf)
+                          from_hf, visible_mask)
 from labkit.sampling import SamplingParams, sample
 
 ENGINES = ("labkit", "hf")
@@ -153,7 +153,7 @@ class Engine:
         kv_len = start + T
         mask = None
         if start:  # a chunk after earlier tokens: causal within the chunk, everything before it
-            mask = torch.arange(kv_len, device=self.device)[None, None, None, :] <= positions[:, None, :, None]
+            mask = visible_mask(positions, kv_len)
         meta = AttentionMetadata(rows=torch.tensor([row], device=self.device), row_slice=slice(row, row + 1),
                                  positions=positions, kv_len=kv_len, mask=mask, is_causal=start == 0 and T > 1,
                                  write_start=start)
@@ -183,14 +183,14 @@ class Engine:
         if self.use_compile:
             # static shapes for the compiled graph: attend over the whole cache, masked
             kv_len = cache.max_seq_len
-            mask = torch.arange(kv_len, device=self.device)[None, None, None, :] <= positions[:, None, :, None]
+            mask = visible_mask(positions, kv_len)
             return self._compiled_step()(tokens, positions, rows, kv_len, cache, mask)
         if kv_len is None:
             kv_len = int(positions.max()) + 1
         ragged = B > 1 and bool((positions != positions[0]).any())
         mask, write_start = None, kv_len - 1
         if ragged:
-            mask = torch.arange(kv_len, device=self.device)[None, None, None, :] <= positions[:, None, :, None]
+            mask = visible_mask(positions, kv_len)
             write_start = None
         return self._decode_eager(tokens, positions, rows, kv_len, cache, mask, write_start)
 

@@ -111,6 +111,12 @@ class AttentionMetadata:
     write_start: int | None = None  # every row writes positions [write_start, write_start + T): a plain copy
 
 
+def visible_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, 1, T, kv_len] bool: a token at position p sees cache positions 0..p (causal, per row)."""
+    keys = torch.arange(kv_len, device=positions.device)
+    return keys[None, None, None, :] <= positions[:, None, :, None]
+
+
 class KVCache:
     """A static, preallocated key/value cache: [layers, rows, kv_heads, max_seq_len, head_dim]."""
 
@@ -276,12 +282,10 @@ class Transformer(nn.Module):
         """tokens [B, T] -> logits [B, T, V] (or [B, len(logits_index), V] for the chosen positions)."""
         args, kernels = self.args, self.kernels
         # cos/sin computed like HF (fp32 product, then cos) so fp32 results match token for token.
-        freqs = meta.positions[..., None].float() * self.inv_freq  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, D]
+        freqs = meta.positions[..., None, None].float() * self.inv_freq  # [B, T, 1, D/2]
         dtype = self.act_dtype
-        sin = emb.sin()
-        sin = torch.cat((-sin[..., : args.head_dim // 2], sin[..., args.head_dim // 2 :]), dim=-1)
-        cos, sin = (emb.cos() * args.rope_scale).to(dtype), (sin * args.rope_scale).to(dtype)
+        cos, sin = freqs.cos() * args.rope_scale, freqs.sin() * args.rope_scale
+        cos, sin = torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)  # [B, T, 1, D]
         x = self.embed(tokens).to(dtype)
         for i, layer in enumerate(self.layers):
             h = kernels.rms_norm(x, layer.attn_norm, args.norm_eps)
