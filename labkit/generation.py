@@ -1,23 +1,35 @@
-"""The labkit engine: static KV cache, prefill, single-token decode, batched generation, streaming.
+"""The labkit engine: requests in, tokens out, one step at a time over a paged KV cache.
 
-One decode loop (`Engine.steps`) serves `generate`, `stream` and `stream_text`; speculative decoding,
-batching, Triton kernels and quantization plug in through the engine's switches, not through a copy of it.
+`add_request` queues a prompt with its own SamplingParams, `step` runs one forward for whatever the scheduler
+picked (prefill chunks and decode rows side by side) and returns what each request gained, `abort` drops a
+request. `generate`, `stream` and `stream_text`, the server, the benchmarks and every notebook are loops over
+`step()`: the lab's one decode loop. Techniques plug in around it: attention and kernel backends in the model,
+rewrites (layout, quantization) over the model before the engine gets it, policies in the scheduler.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from labkit.device import dtype_name, pick_device, pick_dtype, synchronize
-from labkit.llama import (ATTENTION_BACKENDS, KERNEL_BACKENDS, AttentionMetadata, KVCache, Linear, Transformer,
-                          from_hf, visible_mask)
-from labkit.sampling import SamplingParams, sample
+from labkit.attention import AttentionMetadata, KVCache, build_metadata
+from labkit.block_manager import BlockManager
+from labkit.device import dtype_name, pick_dtype, synchronize
+from labkit.llama import Transformer, from_hf, use_kn_layout
+from labkit.sampling import SamplingParams, make_generator, sample
+from labkit.scheduler import POLICIES, Scheduler, SchedulerConfig, Sequence as Seq
+from labkit.text import IncrementalDetokenizer, cut_at_stop, encode_prompt
 
 ENGINES = ("labkit", "hf")
+LINEAR_LAYOUTS = ("auto", "nk", "kn")
+DEFAULT_CPU_KV_CACHE_MB = 512  # pages are zeroed lazily by the OS: unused blocks cost no memory
+DEFAULT_GPU_KV_CACHE_FRACTION = 0.4  # of the free memory once the weights are on the device
+MIN_STATIC_CONTEXT = 128  # a compiled step attends over at least this many positions (fewer recompiles)
 
 
 @dataclass
@@ -28,7 +40,7 @@ class Generation:
     tokens: list[int]
     text: str | None
     finish_reason: str  # "stop" (EOS or stop string) or "length"
-    ttft_s: float  # prefill + first token
+    ttft_s: float  # from the call's start to the first token (queueing and prefill included)
     token_times_s: list[float] = field(default_factory=list)  # when each new token was ready
 
     @property
@@ -44,12 +56,20 @@ class Generation:
 
 
 @dataclass
-class Step:
-    """What one iteration of the decode loop produced: a token per row, and which rows just finished."""
+class RequestOutput:
+    """What one request gained in one step; the last one for a request carries its finish reason."""
 
-    tokens: list[int]
-    finished: list[bool]  # row finished at this step (its token is a stop token, not output)
-    time_s: float
+    request_id: str
+    new_token_ids: list[int]  # a stop token ends the request without being returned
+    text: str  # text now safe to show ("" without a tokenizer, or with detokenize=False)
+    finish_reason: str | None  # None while running; "stop" or "length" at the end
+    num_prompt_tokens: int
+    num_output_tokens: int  # so far
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -61,48 +81,105 @@ class TextDelta:
     finish_reason: str | None = None
 
 
+@dataclass
+class EngineStats:
+    """A snapshot of the engine for /metrics, benchmarks and notebooks."""
+
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_used_blocks: int
+    num_tokens_in_cache: int  # computed tokens of the running requests (shared prefix blocks counted per use)
+    num_preemptions: int
+    prefix_hit_rate: float | None
+    num_steps: int
+    last_batch_size: int  # rows in the last step
+    last_num_tokens: int  # new tokens in the last step
+
+
+@dataclass
+class EngineConfig:
+    """The engine's cache and scheduler settings; validated on creation (one-line errors naming the value)."""
+
+    policy: str = "continuous"  # see labkit.scheduler
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 256
+    max_wait_s: float = 0.05
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: from kv_cache_mb
+    kv_cache_mb: float | None = None  # None: 512 MiB on CPU, 40 % of free memory on a GPU, at most what fits
+    compile: bool = False  # torch.compile the decode-only step (static shapes, bucketed batch sizes)
+
+    def __post_init__(self):
+        self.scheduler_config()  # validates the scheduler's fields
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        if self.num_kv_blocks is not None and (isinstance(self.num_kv_blocks, bool)
+                                               or not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+            raise ValueError(f"num_kv_blocks must be an integer >= 1, got {self.num_kv_blocks!r}")
+        if self.kv_cache_mb is not None and not (isinstance(self.kv_cache_mb, (int, float))
+                                                 and 0 < self.kv_cache_mb < math.inf):
+            raise ValueError(f"kv_cache_mb must be a number > 0, got {self.kv_cache_mb!r}")
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(policy=self.policy, max_num_seqs=self.max_num_seqs,
+                               max_num_batched_tokens=self.max_num_batched_tokens, max_wait_s=self.max_wait_s,
+                               enable_chunked_prefill=self.enable_chunked_prefill)
+
+
+@dataclass(eq=False)
+class _Request:
+    """The engine's side of a request: its scheduler state, random stream and text."""
+
+    seq: Seq
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer | None
+    stop_ids: frozenset[int]
+
+
 class Engine:
-    """Generate with the compact model: `Engine.load()` or `Engine(from_hf(hf_model), tokenizer)`."""
+    """Generate with the compact model: `Engine.load()`, `Engine.from_hf(hf_model, tokenizer)`, or
+    `Engine(model, tokenizer)` over a Transformer already built and rewritten.
+    """
 
-    def __init__(self, model: Transformer, tokenizer=None, *, attention: str = "sdpa", kernels: str = "torch",
-                 compile: bool = False, linear_layout: str = "auto", quantize: str | None = None,
-                 name: str = "model"):
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
-        if kernels not in KERNEL_BACKENDS:
-            raise ValueError(f"unknown kernel backend {kernels!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.name = name
-        self.attention = attention
-        self.kernel_backend = kernels
-        if linear_layout not in ("auto", "nk", "kn"):
-            raise ValueError(f"unknown linear layout {linear_layout!r}: choose auto, nk ([out, in]) or kn ([in, out])")
-        model.attend = ATTENTION_BACKENDS[attention]
-        model.kernels = KERNEL_BACKENDS[kernels]
-        weight_dtype = model.embed.weight.dtype
-        if linear_layout == "auto":
-            # measured (labkit bench decode): fp32 matrix-vector products stream weights faster from [in, out]
-            # on CPU; bf16 and GPU kernels want [out, in]
-            linear_layout = "kn" if model.embed.weight.device.type == "cpu" and weight_dtype == torch.float32 \
-                and not quantize else "nk"
-        if quantize:
-            from labkit.quant import quantize as quantize_model
-
-            quantize_model(model, quantize)
-        elif linear_layout == "kn":
-            for module in model.modules():
-                if isinstance(module, Linear):
-                    module.to_kn()
-        self.linear_layout = linear_layout
-        self.quantize = quantize
+    def __init__(self, model: Transformer, tokenizer=None, *, name: str = "model",
+                 eos_token_ids: Sequence[int] = (), config: EngineConfig | None = None, **config_kwargs):
+        if config is None:
+            config = EngineConfig(**config_kwargs)
+        elif config_kwargs:
+            raise ValueError("pass an EngineConfig or keyword arguments, not both")
+        self.model, self.tokenizer, self.name, self.config = model, tokenizer, name, config
+        self.eos_token_ids = tuple(eos_token_ids)
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype  # weight storage
         self.act_dtype = model.act_dtype  # activations and KV cache
-        self.use_compile = compile
+        args = model.args
+        per_block = KVCache.bytes_per_block(args.num_layers, config.block_size, model.num_kv_heads, args.head_dim,
+                                            self.act_dtype)
+        num_blocks = config.num_kv_blocks or self._default_num_blocks(per_block)
+        self.cache = KVCache(args.num_layers, num_blocks, config.block_size, model.num_kv_heads, args.head_dim,
+                             self.device, self.act_dtype)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
         self.compile_s: float | None = None
         self._compiled = None
-        self._cache: KVCache | None = None
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._num_steps, self._last_rows, self._last_tokens = 0, 0, 0
+
+    def _default_num_blocks(self, bytes_per_block: int) -> int:
+        config = self.config
+        needed = config.max_num_seqs * -(-self.max_seq_len // config.block_size)  # every row at full context
+        if config.kv_cache_mb is not None:
+            budget = config.kv_cache_mb * 2**20
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = DEFAULT_GPU_KV_CACHE_FRACTION * free
+        else:
+            budget = DEFAULT_CPU_KV_CACHE_MB * 2**20
+        return max(1, min(needed, int(budget // bytes_per_block)))
 
     @classmethod
     def load(cls, name: str = "smollm2-135m-instruct", device="auto", dtype="fp32", dummy: bool = False,
@@ -114,214 +191,297 @@ class Engine:
         return cls.from_hf(loaded.model, loaded.tokenizer, name=loaded.name, **kwargs)
 
     @classmethod
-    def from_hf(cls, hf_model, tokenizer=None, dtype=None, **kwargs) -> "Engine":
+    def from_hf(cls, hf_model, tokenizer=None, dtype=None, attention: str = "sdpa", kernels: str = "torch",
+                linear_layout: str = "auto", quantize: str | None = None, **kwargs) -> "Engine":
+        """Build the compact model from an HF one, apply the rewrites in order, and wrap it in an engine."""
         dtype = pick_dtype(dtype) if dtype is not None else None
-        engine = cls(from_hf(hf_model, dtype=dtype), tokenizer, **kwargs)
-        engine.eos_token_ids = _eos_ids(hf_model, tokenizer)
-        return engine
-
-    eos_token_ids: tuple[int, ...] = ()
+        model = from_hf(hf_model, dtype=dtype, attention=attention, kernels=kernels)
+        model = apply_rewrites(model, linear_layout=linear_layout, quantize=quantize)
+        return cls(model, tokenizer, eos_token_ids=_eos_ids(hf_model, tokenizer), **kwargs)
 
     @property
     def max_seq_len(self) -> int:
         return self.model.args.max_seq_len
 
+    @property
+    def linear_layout(self) -> str:
+        return "kn" if "layout:kn" in self.model.rewrites else "nk"
+
+    @property
+    def quantize(self) -> str | None:
+        return next((r.split(":", 1)[1] for r in self.model.rewrites if r.startswith("quant:")), None)
+
+    @property
+    def use_compile(self) -> bool:
+        return self.config.compile
+
     def describe(self) -> dict:
+        c = self.config
         return {"engine": "labkit", "model": self.name, "device": str(self.device), "dtype": dtype_name(self.dtype),
-                "activation_dtype": dtype_name(self.act_dtype), "attention": self.attention,
-                "kernels": self.kernel_backend, "linear_layout": self.linear_layout, "quantize": self.quantize,
-                "compile": self.use_compile}
+                "activation_dtype": dtype_name(self.act_dtype), "attention": self.model.attention,
+                "kernels": self.model.kernel_backend, "linear_layout": self.linear_layout, "quantize": self.quantize,
+                "rewrites": list(self.model.rewrites), "compile": c.compile, "policy": c.policy,
+                "max_num_seqs": c.max_num_seqs, "max_num_batched_tokens": c.max_num_batched_tokens,
+                "block_size": c.block_size, "num_kv_blocks": self.blocks.num_blocks,
+                "prefix_caching": c.enable_prefix_caching}
 
-    # -- the model calls -------------------------------------------------------------------------------------
-    def _get_cache(self, batch_size: int, seq_len: int) -> KVCache:
-        if self.use_compile:
-            # static shapes: round the length up so a few sizes cover all calls (each size compiles once)
-            seq_len = min(self.max_seq_len, max(128, 1 << (seq_len - 1).bit_length()))
-        cache = self._cache
-        if cache is None or cache.max_batch_size != batch_size or cache.max_seq_len < seq_len \
-                or (not self.use_compile and cache.max_seq_len > 4 * seq_len):
-            cache = KVCache(self.model.args, batch_size, seq_len, self.device, self.act_dtype)
-            self._cache = cache
-        return cache
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks=self.blocks.num_blocks, num_used_blocks=self.blocks.num_used_blocks,
+            num_tokens_in_cache=sum(s.num_computed_tokens for s in self.scheduler.running),
+            num_preemptions=self.scheduler.num_preemptions, prefix_hit_rate=self.blocks.prefix_hit_rate,
+            num_steps=self._num_steps, last_batch_size=self._last_rows, last_num_tokens=self._last_tokens)
 
-    def prefill(self, tokens: Sequence[int], row: int, cache: KVCache, start: int = 0,
-                all_logits: bool = False) -> torch.Tensor:
-        """Run a prompt (or a chunk of it starting at `start`) into one cache row; return logits [T or 1, V]."""
-        T = len(tokens)
-        ids = torch.tensor([list(tokens)], device=self.device)
-        positions = torch.arange(start, start + T, device=self.device)[None]
-        kv_len = start + T
-        mask = None
-        if start:  # a chunk after earlier tokens: causal within the chunk, everything before it
-            mask = visible_mask(positions, kv_len)
-        meta = AttentionMetadata(rows=torch.tensor([row], device=self.device), row_slice=slice(row, row + 1),
-                                 positions=positions, kv_len=kv_len, mask=mask, is_causal=start == 0 and T > 1,
-                                 write_start=start)
-        index = None if all_logits else slice(-1, None)
-        return self.model(ids, meta, cache, logits_index=index)[0]
+    # -- the open API ------------------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+                    arrival_s: float | None = None) -> str:
+        """Queue a prompt (token ids) with its own sampling parameters; returns the request id."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise ValueError("every prompt needs at least one token")
+        vocab = self.model.args.vocab_size
+        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token {bad!r} is not a token id in [0, {vocab})")
+        total = len(prompt) + params.max_new_tokens
+        if total > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                             f"model's context of {self.max_seq_len} tokens")
+        if self.blocks.blocks_for(total) > self.blocks.num_blocks:
+            raise ValueError(f"prompt + max_new_tokens ({total} tokens) needs {self.blocks.blocks_for(total)} KV "
+                             f"blocks, but the cache has {self.blocks.num_blocks}: raise kv_cache_mb or num_kv_blocks")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Seq(request_id, prompt, params, self.scheduler.clock() if arrival_s is None else arrival_s)
+        detok = None
+        if self.tokenizer is not None and (params.detokenize or params.stop):
+            detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        stop_ids = frozenset() if params.ignore_eos else frozenset(params.stop_token_ids)
+        self._requests[request_id] = _Request(seq, make_generator(params, self.device), detok, stop_ids)
+        self.scheduler.add(seq)
+        return request_id
 
-    def _prefill_equal(self, prompts: Sequence[Sequence[int]], cache: KVCache) -> torch.Tensor:
-        """Prefill B prompts of one length into cache rows 0..B-1 in one forward; logits [B, V]."""
-        B, T = len(prompts), len(prompts[0])
-        ids = torch.tensor([list(p) for p in prompts], device=self.device)  # [B, T]
-        positions = torch.arange(T, device=self.device).expand(B, T)
-        meta = AttentionMetadata(rows=torch.arange(B, device=self.device), row_slice=slice(0, B),
-                                 positions=positions, kv_len=T, is_causal=T > 1, write_start=0)
-        return self.model(ids, meta, cache, logits_index=slice(-1, None))[:, -1]
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False when it is unknown or already finished."""
+        request = self._requests.pop(str(request_id), None)
+        if request is None:
+            return False
+        self.scheduler.finish(request.seq, "abort")
+        return True
 
-    def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_len: int,
-                      cache: KVCache, mask: torch.Tensor | None, write_start: int | None = None) -> torch.Tensor:
-        meta = AttentionMetadata(rows=rows, row_slice=slice(0, tokens.shape[0]), positions=positions, kv_len=kv_len,
-                                 mask=mask, write_start=write_start)
-        return self.model(tokens, meta, cache)[:, -1]
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-               kv_len: int | None = None) -> torch.Tensor:
-        """One token per row: tokens, positions [B, 1] -> logits [B, V]. kv_len: max(positions) + 1, known."""
-        B = tokens.shape[0]
-        rows = torch.arange(B, device=self.device)
-        if self.use_compile:
-            # static shapes for the compiled graph: attend over the whole cache, masked
-            kv_len = cache.max_seq_len
-            mask = visible_mask(positions, kv_len)
-            return self._compiled_step()(tokens, positions, rows, kv_len, cache, mask)
-        if kv_len is None:
-            kv_len = int(positions.max()) + 1
-        ragged = B > 1 and bool((positions != positions[0]).any())
-        mask, write_start = None, kv_len - 1
-        if ragged:
-            mask = visible_mask(positions, kv_len)
-            write_start = None
-        return self._decode_eager(tokens, positions, rows, kv_len, cache, mask, write_start)
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward; return an update for every request that got a token or finished."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        rows = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda r: -r[1])  # multi-token rows first
+        spans = [(s.request_id, s.token_ids, s.num_computed_tokens, s.num_computed_tokens + n) for s, n in rows]
+        sampling = [i for i, (s, _) in enumerate(rows) if spans[i][3] == s.num_tokens]  # rows at their last token
+        requests = [self._requests[rows[i][0].request_id] for i in sampling]
+        tokens: list[int] = []
+        with torch.inference_mode():
+            logits = self._forward(spans, sampling)
+            if requests:
+                out = sample(logits, [r.seq.params for r in requests], [r.generator for r in requests])
+                tokens = out.tokens.tolist()  # the one host sync per step
+        for seq, n in rows:
+            seq.num_computed_tokens += n
+            self.blocks.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+        self._num_steps += 1
+        self._last_rows, self._last_tokens = len(rows), batch.num_tokens
+        return [self._append(request, token) for request, token in zip(requests, tokens)]
+
+    def _append(self, request: _Request, token: int) -> RequestOutput:
+        """Add a sampled token to its request; finish the request on a stop token, stop string or length."""
+        seq, detok = request.seq, request.detokenizer
+        reason, new, text = None, [], ""
+        if token in request.stop_ids:
+            reason = "stop"  # the stop token itself is not output
+        else:
+            seq.token_ids.append(token)
+            new = [token]
+            if detok is not None:
+                text = detok.add(token)
+                if detok.stopped:
+                    reason = "stop"
+            if reason is None and seq.num_output_tokens >= seq.params.max_new_tokens:
+                reason = "length"
+        if reason is not None:
+            if detok is not None and not detok.stopped:
+                text += detok.flush()
+            self.scheduler.finish(seq, reason)
+            del self._requests[seq.request_id]
+        return RequestOutput(seq.request_id, new, text, reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                             seq.num_cached_tokens)
+
+    # -- the model runner --------------------------------------------------------------------------------------
+    def _forward(self, spans: list[tuple], sampling: list[int]) -> torch.Tensor:
+        """One forward over rows (key, token ids, start, end): tokens [start, end) of each are computed and
+        cached; returns logits [len(sampling), V] at the last token of the rows listed in `sampling`."""
+        bs = self.config.block_size
+        if self.config.compile and all(end - start == 1 for _, _, start, end in spans):
+            return self._forward_static(spans)[sampling]
+        tokens, slots, query_lens, context_lens, tables = [], [], [], [], []
+        for key, ids, start, end in spans:
+            table = self.blocks.block_table(key)
+            tokens.extend(ids[start:end])
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(end - start)
+            context_lens.append(end)
+            tables.append(table)
+        meta = build_metadata(query_lens, context_lens, tables, slots, bs, self.device)
+        hidden = self.model(torch.tensor(tokens, device=self.device), meta, self.cache)
+        last = list(itertools.accumulate(query_lens))
+        index = torch.tensor([last[i] - 1 for i in sampling], device=self.device)
+        return self.model.logits(hidden, index)
+
+    def _forward_static(self, spans: list[tuple]) -> torch.Tensor:
+        """A decode-only step through the compiled graph: rows and block tables padded to bucketed sizes."""
+        bs, B = self.config.block_size, len(spans)
+        rows = 1 << (B - 1).bit_length()
+        tables = [self.blocks.block_table(key) for key, *_ in spans]
+        width = max(MIN_STATIC_CONTEXT // bs, 1 << (max(len(t) for t in tables) - 1).bit_length())
+        pad = rows - B
+        positions = [start for _, _, start, _ in spans] + [0] * pad
+        tokens = [ids[start] for _, ids, start, _ in spans] + [0] * pad
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)] + [self.cache.scratch_slot] * pad
+        dev = self.device
+        table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad, device=dev)
+        return self._compiled_step()(
+            torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), torch.tensor(slots, device=dev),
+            table_tensor, torch.tensor([p + 1 for p in positions], device=dev), self.cache)
+
+    def _static_step(self, tokens, positions, slot_mapping, block_tables, context_lens, cache) -> torch.Tensor:
+        meta = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, block_tables=block_tables,
+                                 context_lens=context_lens, query_start=None, block_size=self.config.block_size)
+        return self.model.logits(self.model(tokens, meta, cache))
 
     def _compiled_step(self):
         if self._compiled is None:
-            # only the hot decode step is compiled (gpt-fast); prefill stays eager. Inductor's freezing option
-            # was slower here (oneDNN's packed fp32 GEMV on AVX2), so the default options stand.
-            # Module guards stay on: every engine shares _decode_eager's code object, so dropping them
-            # (guard_filter_fn) would let an engine run another engine's graph.
-            self._compiled = torch.compile(self._decode_eager, fullgraph=True, dynamic=False)
+            # only the hot decode step is compiled (gpt-fast); prefill stays eager. Module guards stay on: every
+            # engine shares _static_step's code object, so dropping them would let one run another's graph.
+            self._compiled = torch.compile(self._static_step, fullgraph=True, dynamic=False)
         return self._compiled
+
+    def prompt_logits(self, token_ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:
+        """Logits [T, V] at every position of a prompt, prefilled in chunks of chunk_size (all at once when
+        None) through the paged cache; nothing stays cached. For parity tests and perplexity."""
+        ids = list(token_ids)
+        if not ids or len(ids) > self.max_seq_len:
+            raise ValueError(f"a prompt needs 1 to {self.max_seq_len} tokens, got {len(ids)}")
+        key = object()
+        if not self.blocks.allocate(key, ids, [], len(ids)):
+            raise ValueError(f"{len(ids)} tokens do not fit the free KV blocks ({self.blocks.num_free_blocks})")
+        chunk = chunk_size or len(ids)
+        try:
+            with torch.inference_mode():
+                out = []
+                for start in range(0, len(ids), chunk):
+                    end = min(start + chunk, len(ids))
+                    meta = build_metadata([end - start], [end], [self.blocks.block_table(key)],
+                                          [self._slot(key, p) for p in range(start, end)], self.config.block_size,
+                                          self.device)
+                    hidden = self.model(torch.tensor(ids[start:end], device=self.device), meta, self.cache)
+                    out.append(self.model.logits(hidden))
+                return torch.cat(out)
+        finally:
+            self.blocks.free(key)
+
+    def _slot(self, key, position: int) -> int:
+        bs = self.config.block_size
+        return self.blocks.block_table(key)[position // bs] * bs + position % bs
 
     def warmup(self, batch_size: int = 1, seq_len: int = 64) -> float:
         """Generate a few tokens through the real loop (compiling the decode step when asked); return seconds.
 
-        With compile, the cache is sized for seq_len, so later calls of that batch size and up to that length
-        reuse the compiled graph.
+        With compile, this compiles the graph for batch_size rows and contexts up to seq_len tokens.
         """
         prompt = [0] * max(1, min(seq_len, self.max_seq_len) - 3)
-        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True, detokenize=False)
         start = time.perf_counter()
         self.generate([prompt] * batch_size, params)
         synchronize(self.device)
         elapsed = time.perf_counter() - start
-        if self.use_compile and self.compile_s is None:
+        if self.config.compile and self.compile_s is None:
             self.compile_s = elapsed
         return elapsed
 
-    # -- the decode loop -------------------------------------------------------------------------------------
-    def steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[Step]:
-        """The one decode loop: prefill (per row, or batched when lengths agree: never padded), then decode
-        all rows together, yielding each step's tokens."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        B = len(prompts)
-        lens = [len(p) for p in prompts]
-        total = max(lens) + params.max_new_tokens
-        if total > self.max_seq_len:
-            raise ValueError(f"prompt ({max(lens)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                             f"model's context of {self.max_seq_len} tokens")
-        generator = None
-        if not params.is_greedy and params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        stop_ids = set() if params.ignore_eos else set(params.stop_token_ids)
-        with torch.inference_mode():
-            cache = self._get_cache(B, total)
-            if B > 1 and len(set(lens)) == 1:  # equal lengths: one batched prefill, still no padding
-                logits = self._prefill_equal(prompts, cache)
-            else:
-                logits = torch.cat([self.prefill(p, row, cache) for row, p in enumerate(prompts)])  # [B, V]
-            positions = torch.tensor(lens, device=self.device)[:, None]  # [B, 1] next position per row
-            done = [False] * B
-            for step in range(params.max_new_tokens):
-                next_tokens = sample(logits, params, generator)  # [B]
-                token_list = next_tokens.tolist()  # the only host sync per step
-                finished = [not done[b] and token_list[b] in stop_ids for b in range(B)]
-                yield Step(tokens=token_list, finished=finished, time_s=time.perf_counter())
-                done = [d or f for d, f in zip(done, finished)]
-                if all(done) or step == params.max_new_tokens - 1:
-                    break
-                kv_len = max(lens) + step + 1
-                logits = self.decode(next_tokens[:, None], positions, cache, kv_len=kv_len)
-                positions = positions + 1
+    # -- loops over step() -------------------------------------------------------------------------------------
+    def _check_idle(self) -> None:
+        if self._requests:
+            raise RuntimeError(f"the engine is serving {len(self._requests)} requests added with add_request(): "
+                               f"drive them with step(), or use another engine")
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
-        """Generate for a batch of token-id prompts (ragged lengths allowed)."""
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams]) -> list[Generation]:
+        """Generate for a list of token-id prompts (ragged lengths allowed; one SamplingParams or one each)."""
+        self._check_idle()
+        per_row = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_row) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts need {len(prompts)} SamplingParams, got {len(per_row)}")
         start = time.perf_counter()
-        B = len(prompts)
-        out: list[list[int]] = [[] for _ in range(B)]
-        times: list[list[float]] = [[] for _ in range(B)]
-        reasons = ["length"] * B
-        active = [True] * B
-        for step in self.steps(prompts, params):
-            for b in range(B):
-                if not active[b]:
-                    continue
-                if step.finished[b]:
-                    active[b], reasons[b] = False, "stop"
-                    continue
-                out[b].append(step.tokens[b])
-                times[b].append(step.time_s - start)
-                if params.stop and self.tokenizer is not None:
-                    text = self.tokenizer.decode(out[b], skip_special_tokens=True)
-                    if any(s in text for s in params.stop):
-                        active[b], reasons[b] = False, "stop"
-            if not any(active):
-                break
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, per_row)]
+        got = {rid: ([], [], [], None) for rid in ids}  # tokens, times, text pieces, finish reason
+        try:
+            while self._requests:
+                outputs = self.step()
+                now = time.perf_counter() - start
+                for out in outputs:
+                    tokens, times, text, _ = got[out.request_id]
+                    tokens.extend(out.new_token_ids)
+                    times.extend([now] * len(out.new_token_ids))
+                    text.append(out.text)
+                    if out.finished:
+                        got[out.request_id] = (tokens, times, text, out.finish_reason)
+        finally:
+            for rid in list(self._requests):
+                self.abort(rid)
         results = []
-        for b in range(B):
-            text = None
-            if self.tokenizer is not None:
-                text = _cut_at_stop(self.tokenizer.decode(out[b], skip_special_tokens=True), params.stop)
-            results.append(Generation(prompt_tokens=list(prompts[b]), tokens=out[b], text=text,
-                                      finish_reason=reasons[b], ttft_s=times[b][0] if times[b] else
-                                      time.perf_counter() - start, token_times_s=times[b]))
+        for rid, prompt, sp in zip(ids, prompts, per_row):
+            tokens, times, text, reason = got[rid]
+            has_text = self.tokenizer is not None and (sp.detokenize or sp.stop)
+            results.append(Generation(prompt_tokens=list(prompt), tokens=tokens,
+                                      text="".join(text) if has_text else None, finish_reason=reason,
+                                      ttft_s=times[0] if times else time.perf_counter() - start,
+                                      token_times_s=times))
         return results
+
+    def _outputs(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Step one request to its end, yielding its updates; closing the iterator aborts it."""
+        self._check_idle()
+        rid = self.add_request(prompt, params)
+        try:
+            while rid in self._requests:
+                yield from self.step()
+        finally:
+            self.abort(rid)
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
         """Yield token ids of one prompt as they are generated; closing the iterator stops generation."""
-        for step in self.steps([prompt], params):
-            if step.finished[0]:
-                return
-            yield step.tokens[0]
+        for out in self._outputs(prompt, params):
+            yield from out.new_token_ids
 
     def stream_text(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[TextDelta]:
-        """Yield text deltas, holding back text that could still become a stop string or a split character."""
+        """Yield text deltas; text that could still become a stop string or a split character is held back."""
         if self.tokenizer is None:
             raise ValueError("stream_text needs a tokenizer")
-        tokens: list[int] = []
-        pending: list[int] = []
-        emitted = ""
-        finish = "length"
-        for token in _with_end(self.stream(prompt, params)):
-            if token is None:  # the stream ended: by a stop token, or at max_new_tokens
-                finish = "stop" if len(tokens) < params.max_new_tokens else "length"
-                break
-            tokens.append(token)
-            pending.append(token)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = _cut_at_stop(text, params.stop)
-            if cut != text:
-                yield TextDelta(cut[len(emitted):], pending, "stop")
-                return
-            safe = len(text) - _held_back(text, params.stop)
-            if safe > len(emitted):
-                yield TextDelta(text[len(emitted):safe], pending)
-                emitted, pending = text[:safe], []
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        yield TextDelta(text[len(emitted):], pending, finish)
+        for out in self._outputs(prompt, params):
+            if out.text or out.new_token_ids or out.finished:
+                yield TextDelta(out.text, out.new_token_ids, out.finish_reason)
 
-    # -- text helpers ----------------------------------------------------------------------------------------
+    # -- text helpers ------------------------------------------------------------------------------------------
     def encode(self, text: str, chat: bool = False) -> list[int]:
         """Token ids of a prompt, through the model's chat template when chat=True."""
         return encode_prompt(self.tokenizer, text, chat)
@@ -332,18 +492,20 @@ class Engine:
         return SamplingParams(**kwargs)
 
 
-def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
-    if tokenizer is None:
-        raise ValueError("this model has no tokenizer: pass token ids")
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this tokenizer has no chat template: run without the chat template")
-        messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+def apply_rewrites(model: Transformer, linear_layout: str = "auto", quantize: str | None = None) -> Transformer:
+    """Apply the model rewrites in order: quantization, or else the weight layout ("auto" picks [in, out] for
+    fp32 weights on a CPU, where it measured faster, and [out, in] elsewhere)."""
+    if linear_layout not in LINEAR_LAYOUTS:
+        raise ValueError(f"unknown linear layout {linear_layout!r}: choose auto, nk ([out, in]) or kn ([in, out])")
+    if quantize:
+        from labkit.quant import quantize as quantize_model
+
+        return quantize_model(model, quantize)
+    weight = model.embed.weight
+    if linear_layout == "kn" or (linear_layout == "auto" and weight.device.type == "cpu"
+                                 and weight.dtype == torch.float32):
+        return use_kn_layout(model)
+    return model
 
 
 def _eos_ids(hf_model, tokenizer) -> tuple[int, ...]:
@@ -354,27 +516,6 @@ def _eos_ids(hf_model, tokenizer) -> tuple[int, ...]:
             continue
         ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
     return tuple(sorted(ids))
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    cuts = [text.find(s) for s in stops if s in text]
-    return text[: min(cuts)] if cuts else text
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters to hold: a partial stop string or an incomplete UTF-8 character."""
-    hold = 1 if text.endswith("\ufffd") else 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                hold = max(hold, n)
-                break
-    return hold
-
-
-def _with_end(iterator):
-    yield from iterator
-    yield None
 
 
 class HFEngine:
@@ -445,8 +586,8 @@ class HFEngine:
             text = None
             if self.tokenizer is not None:
                 text = self.tokenizer.decode(new, skip_special_tokens=True)
-                if params.stop and _cut_at_stop(text, params.stop) != text:
-                    text, reason = _cut_at_stop(text, params.stop), "stop"
+                if params.stop and cut_at_stop(text, params.stop) != text:
+                    text, reason = cut_at_stop(text, params.stop), "stop"
             results.append(Generation(prompt_tokens=list(prompt), tokens=new, text=text, finish_reason=reason,
                                       ttft_s=times[0] if times else time.perf_counter() - start,
                                       token_times_s=times[: len(new)]))
@@ -462,5 +603,5 @@ def make_engine(kind: str, loaded, **kwargs):
     raise ValueError(f"unknown engine {kind!r}: choose one of {', '.join(ENGINES)}")
 
 
-__all__ = ["Engine", "HFEngine", "Generation", "Step", "TextDelta", "make_engine", "encode_prompt",
-           "pick_device"]
+__all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput", "HFEngine", "Generation", "TextDelta",
+           "apply_rewrites", "make_engine", "encode_prompt", "ENGINES", "POLICIES"]

@@ -1,9 +1,10 @@
 """A compact Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2): architecture only.
 
 RMSNorm, RoPE with the config's theta and scaling, grouped-query attention, SwiGLU, tied or untied LM head.
-The KV cache, the attention backend and the elementwise kernels are passed in, so speculative decoding,
-batching, Triton kernels, tensor parallelism and quantization plug in without a second model (gpt-fast's
-model.py and nano-vllm's models/qwen3.py are the pattern).
+The attention and elementwise-kernel backends are chosen at construction and the paged KV cache is passed
+to `forward`, which returns hidden states; `logits` applies the LM head only where a caller needs it (the
+sampled positions, or a draft head's). Layout, quantization and tensor parallelism are rewrite functions over
+a built model. gpt-fast's model.py and nano-vllm's models/qwen3.py are the pattern.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from labkit.attention import ATTENTION_BACKENDS, AttentionMetadata, KVCache, paged_attention, write_kv
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -98,51 +101,6 @@ def rope_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(factor)
 
 
-@dataclass
-class AttentionMetadata:
-    """Where the new tokens go and what they may see; built once per forward, shared by all layers."""
-
-    rows: torch.Tensor  # [B] cache row of each batch row
-    positions: torch.Tensor  # [B, T] position of each new token
-    kv_len: int  # attend over cache positions [0, kv_len)
-    mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, True = visible; None = see all kv_len
-    is_causal: bool = False  # plain causal prefill from position 0 (T == kv_len)
-    row_slice: slice | None = None  # the same rows as a slice when contiguous: reads need no gather
-    write_start: int | None = None  # every row writes positions [write_start, write_start + T): a plain copy
-
-
-def visible_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """[B, 1, T, kv_len] bool: a token at position p sees cache positions 0..p (causal, per row)."""
-    keys = torch.arange(kv_len, device=positions.device)
-    return keys[None, None, None, :] <= positions[:, None, :, None]
-
-
-class KVCache:
-    """A static, preallocated key/value cache: [layers, rows, kv_heads, max_seq_len, head_dim]."""
-
-    def __init__(self, args: ModelArgs, max_batch_size: int, max_seq_len: int, device, dtype):
-        if max_seq_len > args.max_seq_len:
-            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {args.max_seq_len}")
-        shape = (args.num_layers, max_batch_size, args.num_kv_heads, max_seq_len, args.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
-        """Write k, v [B, T, Hkv, D] at their positions; return this layer's cache views [R, Hkv, S, D]."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        if meta.write_start is not None and meta.row_slice is not None:
-            span = slice(meta.write_start, meta.write_start + k.shape[1])
-            k_cache[meta.row_slice, :, span] = k.transpose(1, 2)  # [B, Hkv, T, D]
-            v_cache[meta.row_slice, :, span] = v.transpose(1, 2)
-            return k_cache, v_cache
-        rows = meta.rows[:, None]  # [B, 1] broadcasts against positions [B, T]
-        k_cache[rows, :, meta.positions] = k  # advanced indices around a slice: value is [B, T, Hkv, D]
-        v_cache[rows, :, meta.positions] = v
-        return k_cache, v_cache
-
-
 class TorchKernels:
     """The elementwise kernels in plain torch; a Triton backend provides the same three methods."""
 
@@ -151,11 +109,11 @@ class TorchKernels:
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # one fused op; in fp32 bit-identical to HF's LlamaRMSNorm formula
-        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+        return F.rms_norm(x, (x.shape[-1],), weight if weight.dtype == x.dtype else weight.to(x.dtype), eps)
 
     @staticmethod
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate-half RoPE on x [B, T, H, D]; cos [B, T, 1, D], sin [B, T, 1, D] with its first half negated.
+        """Rotate-half RoPE on x [N, H, D]; cos [N, 1, D], sin [N, 1, D] with its first half negated.
 
         rotate_half(x) * sin == roll(x, D/2) * [-sin1, sin2], bit for bit, in one op fewer.
         """
@@ -167,79 +125,46 @@ class TorchKernels:
         return F.silu(gate) * up
 
 
-def sdpa_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """torch SDPA over the first kv_len cache positions; q [B, H, T, D] -> [B, H, T, D]."""
-    rows = meta.row_slice if meta.row_slice is not None else meta.rows
-    k = k_cache[rows, :, : meta.kv_len]  # [B, Hkv, S, D]
-    v = v_cache[rows, :, : meta.kv_len]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask, is_causal=meta.is_causal,
-                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-
-
-def math_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Attention as matmul, masked softmax, matmul: under torch.compile it fuses into a few small loops."""
-    rows = meta.row_slice if meta.row_slice is not None else meta.rows
-    k = k_cache[rows, :, : meta.kv_len]  # [B, Hkv, S, D]
-    v = v_cache[rows, :, : meta.kv_len]
-    B, H, T, D = q.shape
-    group = H // k.shape[1]
-    qg = q.reshape(B, k.shape[1], group * T, D)  # query heads of one KV head side by side: [B, Hkv, G*T, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G*T, S]
-    mask = meta.mask
-    if mask is None and meta.is_causal:
-        mask = torch.ones(T, meta.kv_len, dtype=torch.bool, device=q.device).tril(meta.kv_len - T)
-    if mask is not None:  # [B, 1, T, S] -> the grouped layout [B, 1, G*T, S]
-        mask = mask.expand(B, 1, T, meta.kv_len).repeat(1, 1, group, 1) if mask.dim() == 4 else mask.repeat(group, 1)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    out = torch.matmul(scores.softmax(dim=-1), v)  # [B, Hkv, G*T, D]
-    return out.reshape(B, H, T, D)
-
-
-ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "math": math_attention}
 KERNEL_BACKENDS = {"torch": TorchKernels}
 
 
 class Linear(nn.Linear):
     """nn.Linear whose weight may be stored in another dtype (bf16 storage, fp32 activations) or transposed.
 
-    `kn` stores the weight as [in, out]: on CPUs where MKL's matrix-vector path for [out, in] is slow
-    (AVX2 EPYC here), `x @ W_kn` streams the weight about 1.3x faster.
+    `kn` stores the weight as [in, out] (see `use_kn_layout`).
     """
 
     kn: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        xw = x.to(w.dtype)
+        xw = x if x.dtype == w.dtype else x.to(w.dtype)  # a no-op .to still costs microseconds per call
         y = torch.matmul(xw, w) if self.kn else F.linear(xw, w)
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype)
-
-    def to_kn(self) -> None:
-        if not self.kn:
-            self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
-            self.kn = True
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        # head counts are this module's own: a tensor-parallel rewrite shrinks them to its shard
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         # q, k and v in one matrix: one weight read per step instead of three.
         self.wqkv = Linear(args.dim, (args.num_heads + 2 * args.num_kv_heads) * args.head_dim, bias=args.qkv_bias)
         self.wo = Linear(args.num_heads * args.head_dim, args.dim, bias=False)
         self.scale = args.head_dim**-0.5
 
-    def forward(self, x, cos, sin, layer, cache: KVCache, meta: AttentionMetadata, kernels, attend):
-        B, T, _ = x.shape
-        qkv = self.wqkv(x).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qk = kernels.rope(qkv[:, :, : self.num_heads + self.num_kv_heads], cos, sin)  # [B, T, H+Hkv, D]
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
-        v = qkv[:, :, self.num_heads + self.num_kv_heads :]
-        k_cache, v_cache = cache.update(layer, k, v, meta)
-        out = attend(q.transpose(1, 2), k_cache, v_cache, meta, self.scale)  # [B, H, T, D]
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata, kernels, core):
+        N = x.shape[0]
+        H, Hkv = self.num_heads, self.num_kv_heads
+        qkv = self.wqkv(x).view(N, H + 2 * Hkv, self.head_dim)
+        qk = kernels.rope(qkv[:, : H + Hkv], cos, sin)  # [N, H+Hkv, D]
+        q, k = qk.split([H, Hkv], dim=1)
+        v = qkv[:, H + Hkv:]
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, core)  # [N, H, D]
+        return self.wo(out.reshape(N, H * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -262,9 +187,24 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """The model: token ids and attention metadata in, final hidden states out; `logits` applies the LM head.
+
+    attention: a name from ATTENTION_BACKENDS; kernels: a name from KERNEL_BACKENDS; act_dtype: activations
+    and KV cache (weights may be stored narrower).
+    """
+
+    def __init__(self, args: ModelArgs, attention: str = "sdpa", kernels: str = "torch",
+                 act_dtype: torch.dtype = torch.float32):
         super().__init__()
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"unknown kernel backend {kernels!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
         self.args = args
+        self.attention, self.kernel_backend = attention, kernels
+        self.core, self.kernels = ATTENTION_BACKENDS[attention], KERNEL_BACKENDS[kernels]
+        self.act_dtype = act_dtype
+        self.rewrites: list[str] = []  # what rewrite functions did to this model, in order (for describe())
         self.embed = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.ones(args.dim))
@@ -273,30 +213,49 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         inv_freq = args.inv_freq if args.inv_freq is not None else torch.ones(args.head_dim // 2)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self.kernels = TorchKernels
-        self.attend = sdpa_attention
-        self.act_dtype = torch.float32  # activations and KV cache; weights may be stored narrower
 
-    def forward(self, tokens: torch.Tensor, meta: AttentionMetadata, cache: KVCache,
-                logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] (or [B, len(logits_index), V] for the chosen positions)."""
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads held by this model's attention layers (after any tensor-parallel sharding)."""
+        return self.layers[0].attn.num_kv_heads
+
+    def forward(self, tokens: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        """tokens [N] (a step's new tokens, rows side by side) -> final hidden states [N, dim]."""
         args, kernels = self.args, self.kernels
         # cos/sin computed like HF (fp32 product, then cos) so fp32 results match token for token.
-        freqs = meta.positions[..., None, None].float() * self.inv_freq  # [B, T, 1, D/2]
+        freqs = meta.positions[:, None, None].float() * self.inv_freq  # [N, 1, D/2]
         dtype = self.act_dtype
         cos, sin = freqs.cos() * args.rope_scale, freqs.sin() * args.rope_scale
-        cos, sin = torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)  # [B, T, 1, D]
-        x = self.embed(tokens).to(dtype)
+        cos, sin = torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)  # [N, 1, D]
+        x = self.embed(tokens)  # [N, dim]
+        x = x if x.dtype == dtype else x.to(dtype)
         for i, layer in enumerate(self.layers):
             h = kernels.rms_norm(x, layer.attn_norm, args.norm_eps)
-            x = x + layer.attn(h, cos, sin, i, cache, meta, kernels, self.attend)
+            x = x + layer.attn(h, cos, sin, cache.k[i], cache.v[i], meta, kernels, self.core)
             x = x + layer.mlp(kernels.rms_norm(x, layer.mlp_norm, args.norm_eps), kernels)
-        if logits_index is not None:
-            x = x[:, logits_index]
-        return self.lm_head(kernels.rms_norm(x, self.norm, args.norm_eps))
+        return kernels.rms_norm(x, self.norm, args.norm_eps)
+
+    def logits(self, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """LM head over hidden [N, dim] at the rows in `index` (all when None) -> [len(index), vocab]."""
+        return self.lm_head(hidden if index is None else hidden[index])
 
 
-def from_hf(hf_model, device=None, dtype=None, act_dtype=None) -> Transformer:
+def use_kn_layout(model: Transformer) -> Transformer:
+    """Rewrite: store every Linear's weight as [in, out]; returns the model.
+
+    Measured with `labkit bench decode`: on CPUs where MKL's fp32 matrix-vector path for [out, in] is slow
+    (the lab's AVX2 EPYC), `x @ W_kn` streams the weight about 1.3x faster. bf16 and GPU kernels want [out, in].
+    """
+    for module in model.modules():
+        if isinstance(module, Linear) and not module.kn:
+            module.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+            module.kn = True  # a tied head gets its own transposed copy; the embedding keeps [vocab, dim]
+    model.rewrites.append("layout:kn")
+    return model
+
+
+def from_hf(hf_model, device=None, dtype=None, act_dtype=None, attention: str = "sdpa",
+            kernels: str = "torch") -> Transformer:
     """Build a Transformer from an HF Llama-family model, copying (and fusing) its weights.
 
     dtype: how weights are stored; act_dtype: activations and KV cache (default: fp32 on CPU, where bf16
@@ -306,8 +265,9 @@ def from_hf(hf_model, device=None, dtype=None, act_dtype=None) -> Transformer:
     sd = hf_model.state_dict()
     device = torch.device(device) if device is not None else next(hf_model.parameters()).device
     dtype = dtype or next(hf_model.parameters()).dtype
+    act_dtype = act_dtype or (torch.float32 if device.type == "cpu" else dtype)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, attention=attention, kernels=kernels, act_dtype=act_dtype)
     new = {"embed.weight": sd["model.embed_tokens.weight"], "norm": sd["model.norm.weight"]}
     if not args.tie_embeddings:
         new["lm_head.weight"] = sd["lm_head.weight"]
@@ -328,7 +288,6 @@ def from_hf(hf_model, device=None, dtype=None, act_dtype=None) -> Transformer:
     if args.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = args.inv_freq.to(device) if args.inv_freq is not None else None
-    model.act_dtype = act_dtype or (torch.float32 if device.type == "cpu" else dtype)
     for name, param in list(model.named_parameters()):
         if name.endswith("norm"):  # norm weights are tiny: keep them in the activations' dtype
             param.data = param.data.to(model.act_dtype)

@@ -45,7 +45,7 @@ class Int8WeightOnlyLinear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scales)
         else:  # dequantize in the matmul's dtype; under torch.compile this fuses into the GEMM's load
             y = F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scales.to(x2.dtype)
-        y = y.to(x.dtype)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*shape[:-1], self.out_features)
@@ -59,4 +59,6 @@ def quantize(model: nn.Module, method: str = "int8") -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
                 setattr(parent, name, Int8WeightOnlyLinear(child))
+    if hasattr(model, "rewrites"):
+        model.rewrites.append(f"quant:{method}")
     return model

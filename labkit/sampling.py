@@ -1,10 +1,12 @@
-"""Turn logits into tokens: greedy, temperature, top-k and top-p (nucleus, Holtzman et al. 2019)."""
+"""Turn logits into tokens, each row with its own parameters: greedy, temperature, top-k and top-p."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -19,6 +21,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # e.g. EOS; the stop token is not returned
     stop: tuple[str, ...] = field(default=())  # stop strings, applied to decoded text
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    detokenize: bool = True  # build the text as tokens arrive; False: token ids only (benchmarks)
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -39,25 +42,84 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        # like vLLM, temperatures too small to divide by safely mean greedy (1e-40 would overflow to inf)
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def is_seeded(self) -> bool:
+        return self.seed is not None and not self.is_greedy
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]."""
-    if params.is_greedy:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+GREEDY_BELOW = 1e-5
+
+
+@dataclass
+class SamplerOutput:
+    """The sampled token of each row and, when asked for, the distribution it was drawn from."""
+
+    tokens: torch.Tensor  # [B] int64
+    probs: torch.Tensor | None = None  # [B, V] float32; one-hot for greedy rows
+
+
+def make_generator(params: SamplingParams, device) -> torch.Generator | None:
+    """A request's own random stream: seeded requests repeat exactly, whatever else shares their batch."""
+    if not params.is_seeded:
+        return None
+    return torch.Generator(device=device).manual_seed(params.seed)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams],
+           generators: torch.Generator | None | Sequence[torch.Generator | None] = None,
+           return_probs: bool = False) -> SamplerOutput:
+    """logits [B, V] -> a token per row, each row with its own parameters and random generator.
+
+    Greedy rows take the argmax. Other rows are divided by their temperature, cut to their top-k and top-p
+    (nucleus, Holtzman et al. 2019; the top token always stays), and drawn from the softmax.
+    """
+    B = logits.shape[0]
+    rows = [params] * B if isinstance(params, SamplingParams) else list(params)
+    gens = list(generators) if isinstance(generators, (list, tuple)) else [generators] * B
+    if len(rows) != B or len(gens) != B:
+        raise ValueError(f"{B} rows of logits need {B} SamplingParams and generators, got {len(rows)}, {len(gens)}")
+    greedy = [p.is_greedy for p in rows]
+    argmax = logits.argmax(dim=-1)
+    if all(greedy):
+        probs = F.one_hot(argmax, logits.shape[-1]).float() if return_probs else None
+        return SamplerOutput(argmax, probs)
+    probs = _filtered_probs(logits, rows, greedy)
+    tokens = argmax.clone()
+    for b in range(B):
+        if not greedy[b]:
+            tokens[b] = _draw(probs[b:b + 1], gens[b])
+    if return_probs and any(greedy):
+        probs[torch.tensor(greedy, device=probs.device)] = F.one_hot(argmax[greedy], logits.shape[-1]).float()
+    return SamplerOutput(tokens, probs if return_probs else None)
+
+
+def _filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingParams], greedy: Sequence[bool]) -> torch.Tensor:
+    """[B, V] softmax of each row after its temperature, top-k and top-p (greedy rows: temperature 1, uncut)."""
+    device, V = logits.device, logits.shape[-1]
+    temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(rows, greedy)], device=device)
+    x = logits.float() / temps[:, None]
+    ks = [min(p.top_k, V) if p.top_k and not g else V for p, g in zip(rows, greedy)]
+    if min(ks) < V:
+        kth = torch.sort(x, dim=-1, descending=True).values.gather(1, torch.tensor(ks, device=device)[:, None] - 1)
+        x = x.masked_fill(x < kth, float("-inf"))  # ties with the k-th logit stay
+    top_p = [p.top_p if p.top_p < 1.0 and not g else 2.0 for p, g in zip(rows, greedy)]  # 2: never cuts
+    if min(top_p) < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        sorted_p = sorted_x.softmax(dim=-1)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop = (cum - sorted_logits.softmax(dim=-1)) >= params.top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= torch.tensor(top_p, device=device)[:, None]
+        x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    return x.softmax(dim=-1)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     if generator is not None and generator.device != probs.device:
         # sampling on the generator's device keeps a seeded run identical across devices
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)[0, 0]
+    return torch.multinomial(probs, 1, generator=generator)[0, 0]
+
+
+__all__ = ["SamplingParams", "SamplerOutput", "sample", "make_generator", "GREEDY_BELOW"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from labkit.generation import Engine, HFEngine, make_engine
-from labkit.llama import ModelArgs, UnsupportedArchitecture, from_hf
+from labkit.llama import ModelArgs, UnsupportedArchitecture
 from labkit.models import load_model
 
 PROMPTS = ["Once upon a time, in a small village,", "The three primary colors are",
@@ -23,9 +23,7 @@ def test_next_token_logits_match_hf(embedded, engines):
         ids = engine.encode(text)
         with torch.inference_mode():
             ref = embedded.model(torch.tensor([ids])).logits[0]
-            cache = engine._get_cache(1, len(ids) + 1)
-            mine = engine.prefill(ids, 0, cache, all_logits=True)
-        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(engine.prompt_logits(ids), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_is_token_identical_to_hf_generate(engines):
@@ -115,8 +113,7 @@ def test_architectures_match_hf_logits(preset):
     ids = list(range(3, 40))
     with torch.inference_mode():
         ref = lm.model(torch.tensor([ids])).logits[0]
-        mine = engine.prefill(ids, 0, engine._get_cache(1, 64), all_logits=True)
-    torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(engine.prompt_logits(ids), ref, atol=1e-4, rtol=1e-4)
     params = engine.sampling_params(max_new_tokens=20, ignore_eos=True)
     assert engine.generate([ids], params)[0].tokens == HFEngine(lm.model).generate([ids], params)[0].tokens
 
@@ -132,19 +129,16 @@ def test_llama3_rope_scaling_matches_hf():
     ids = list(range(1, 200))
     with torch.inference_mode():
         ref = lm.model(torch.tensor([ids])).logits[0]
-        mine = engine.prefill(ids, 0, engine._get_cache(1, 256), all_logits=True)
-    torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(engine.prompt_logits(ids), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_chunked_prefill_equals_one_pass(tiny):
+@pytest.mark.parametrize("chunk", [1, 7, 16, 25])
+def test_chunked_prefill_equals_one_pass(tiny, chunk):
     engine = Engine.from_hf(tiny.model)
     ids = list(range(5, 45))
-    cache = engine._get_cache(1, 64)
-    whole = engine.prefill(ids, 0, cache, all_logits=True)
-    cache2 = engine._get_cache(1, 64)
-    first = engine.prefill(ids[:25], 0, cache2, all_logits=True)
-    rest = engine.prefill(ids[25:], 0, cache2, start=25, all_logits=True)
-    torch.testing.assert_close(torch.cat([first, rest]), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.prompt_logits(ids, chunk_size=chunk), engine.prompt_logits(ids),
+                               atol=1e-5, rtol=1e-5)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
 def test_math_attention_backend_matches_sdpa():
@@ -152,10 +146,9 @@ def test_math_attention_backend_matches_sdpa():
     sdpa, math = Engine.from_hf(lm.model), Engine.from_hf(lm.model, attention="math")
     prompts = [list(range(3, 20)), list(range(5, 12)), [9] * 30]
     ids = prompts[0]
-    with torch.inference_mode():
-        a = sdpa.prefill(ids, 0, sdpa._get_cache(1, 64), all_logits=True)
-        b = math.prefill(ids, 0, math._get_cache(1, 64), all_logits=True)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa.prompt_logits(ids), math.prompt_logits(ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa.prompt_logits(ids, chunk_size=5), math.prompt_logits(ids, chunk_size=5),
+                               atol=1e-5, rtol=1e-5)
     params = sdpa.sampling_params(max_new_tokens=10, ignore_eos=True)
     assert [g.tokens for g in sdpa.generate(prompts, params)] == [g.tokens for g in math.generate(prompts, params)]
 
@@ -174,7 +167,9 @@ def test_bad_requests_are_clear(tiny):
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([[]], engine.sampling_params(max_new_tokens=1))
     with pytest.raises(ValueError, match="'flash9'"):
-        Engine(from_hf(tiny.model), attention="flash9")
+        Engine.from_hf(tiny.model, attention="flash9")
+    with pytest.raises(ValueError, match="99999"):
+        engine.generate([[1, 99999]], engine.sampling_params(max_new_tokens=1))
     with pytest.raises(ValueError, match="'jax'"):
         make_engine("jax", tiny)
 

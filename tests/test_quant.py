@@ -27,9 +27,7 @@ def test_quantized_engine_keeps_the_embedded_model_close(embedded):
     int8 = Engine.from_hf(embedded.model, embedded.tokenizer, quantize="int8")
     assert int8.describe()["quantize"] == "int8"
     ids = fp32.encode("The three primary colors are red, yellow and")
-    with torch.inference_mode():
-        a = fp32.prefill(ids, 0, fp32._get_cache(1, 32), all_logits=True)
-        b = int8.prefill(ids, 0, int8._get_cache(1, 32), all_logits=True)
+    a, b = fp32.prompt_logits(ids), int8.prompt_logits(ids)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     assert cos.min() > 0.98
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
