@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 
-from labkit import cli
+from labkit import arguments
 from labkit.device import describe_environment, dtype_name, peak_memory_mb, reset_peak_memory, seed_everything
 from labkit.generation import ENGINES, Generation, make_engine
 from labkit.models import EMBEDDED_MODEL, load_model
-from labkit.sampling import SamplingParams
+
 
 
 def generation_metrics(gen: Generation) -> dict:
@@ -116,18 +117,18 @@ def add_parser(subparsers) -> None:
         description="Generate once from a prompt and report model load time (separately), time to first token, "
                     "decode tokens/s, total latency, tokens generated and peak memory. Greedy by default.")
     p.add_argument("--prompt", default="Hello, world!", help="the prompt text (default: %(default)r)")
-    p.add_argument("--max-tokens", type=cli.positive_int, default=20, help="new tokens to generate (default: 20)")
+    p.add_argument("--max-tokens", type=arguments.positive_int, default=20, help="new tokens to generate (default: 20)")
     p.add_argument("--model", default=EMBEDDED_MODEL,
                    help="embedded default, an HF hub id, a local directory, or with --dummy a preset")
     p.add_argument("--dummy", action="store_true", help="random weights from a preset config (e.g. tiny-smollm2)")
     p.add_argument("--engine", choices=ENGINES, default="hf", help="hf generate or the labkit engine (default: hf)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 or auto (default: fp32)")
-    p.add_argument("--temperature", type=cli.non_negative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=arguments.non_negative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0)")
-    p.add_argument("--chat", action=cli.argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
                    help="wrap the prompt in the model's chat template (default: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the labkit decode step (timed apart)")
     p.add_argument("--json", action="store_true", help="print the result row as JSON on stdout; table on stderr")
@@ -156,7 +157,9 @@ def cmd_baseline(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(["baseline", *(sys.argv[1:] if argv is None else argv)])
+    from labkit.cli import main as cli_main  # the entry point, not a dependency: imported when run
+
+    return cli_main(["baseline", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit import cli
+from labkit.arguments import comma_list, positive_int
 from labkit.bench import memory_bandwidth_gbps, weight_bytes_per_token
 from labkit.device import describe_environment, dtype_name, seed_everything
 from labkit.generation import Engine, HFEngine
@@ -192,30 +192,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _csv(kind):
-    def parse(text: str):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise cli.argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-        return tuple(kind(t) for t in items)
-    return parse
-
-
-def _batch_size(text: str) -> int:
-    return cli.positive_int(text)
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "decode", help="decode tokens/s of HF, labkit (fp32, bf16, compiled) and llama.cpp side by side",
         description="Decode throughput of several engines on one model, measured one after another in one "
                     "process after warm-up, reported as tokens/s, ratio to HF generate fp32 and roofline "
                     "fraction. Rows are appended to data/results.jsonl and the run is saved as JSON.")
-    p.add_argument("--engines", type=_csv(str), default=DEFAULT_VARIANTS,
+    p.add_argument("--engines", type=comma_list(str), default=DEFAULT_VARIANTS,
                    help=f"comma-separated variants from {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
-    p.add_argument("--batch-sizes", type=_csv(_batch_size), default=(1, 4), help="e.g. 1,8 (default: 1,4)")
-    p.add_argument("--max-tokens", type=cli.positive_int, default=64, help="new tokens per run (default: 64)")
-    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed runs per cell (default: 3)")
+    p.add_argument("--batch-sizes", type=comma_list(positive_int), default=(1, 4), help="e.g. 1,8 (default: 1,4)")
+    p.add_argument("--max-tokens", type=positive_int, default=64, help="new tokens per run (default: 64)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per cell (default: 3)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text")
     p.add_argument("--model", default=EMBEDDED_MODEL, help="model (default: the embedded SmolLM2)")
     p.add_argument("--dummy", action="store_true", help="random weights from a preset (e.g. llama-1b on a GPU)")

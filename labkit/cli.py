@@ -6,10 +6,11 @@ Bad input prints one line `labkit <command>: <message>` on stderr and exits 2, n
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
+
+from labkit.arguments import Parser
 
 # command name -> module that registers it; imported only when needed, so `labkit --help` is fast
 COMMANDS = {
@@ -24,44 +25,7 @@ BENCH_COMMANDS = {
 }
 
 
-class UsageError(ValueError):
-    """Bad input from the command line: reported as one line, exit status 2."""
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump): `labkit baseline: argument --max-tokens: ...`."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     parser = Parser(prog="labkit", description="The LLM Inference Lab's command line.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():
@@ -80,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.command if args.command != "bench" else f"bench {args.bench_command}"
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError) as exc:
+    except ValueError as exc:
         print(f"labkit {name}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -163,7 +163,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit ping` on the CLI's subparsers."""
-    from labkit.cli import positive_int
+    from labkit.arguments import add_server_options, positive_int
 
     parser = subparsers.add_parser(
         "ping", help="send one request to an OpenAI-compatible server and time it",
@@ -173,9 +173,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                "  labkit ping\n"
                "  labkit ping --port 8001 --endpoint completions --prompt 'Once upon a time' --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1", help="server address (default: %(default)s)")
-    parser.add_argument("--port", type=positive_int, default=8000, help="server port (default: %(default)s)")
-    parser.add_argument("--model", default=None, help="model id (default: the first one at /v1/models)")
+    add_server_options(parser)
     parser.add_argument("--prompt", default="Say hello.", help="the prompt (default: %(default)r)")
     parser.add_argument("--max-tokens", type=positive_int, default=16, help="tokens to generate (default: %(default)s)")
     parser.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="chat",

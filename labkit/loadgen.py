@@ -514,7 +514,7 @@ def _rate(text: str) -> float:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit bench serve` on the `labkit bench` subparsers."""
-    from labkit.cli import non_negative_float, non_negative_int, positive_int
+    from labkit.arguments import add_server_options, non_negative_float, non_negative_int, positive_int
 
     parser = subparsers.add_parser(
         "serve", help="load-test an OpenAI-compatible server (TTFT, TPOT, ITL, throughput, goodput)",
@@ -527,10 +527,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                "  labkit bench serve --base-url http://127.0.0.1:8001 --endpoint chat --max-concurrency 4 --json\n"
                "  labkit bench serve --no-ignore-eos --no-return-token-ids   # a server without vLLM's extensions",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1", help="server address (default: %(default)s)")
-    parser.add_argument("--port", type=positive_int, default=8000, help="server port (default: %(default)s)")
+    add_server_options(parser)
     parser.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000 (overrides --host/--port)")
-    parser.add_argument("--model", default=None, help="model id (default: the first one at /v1/models)")
     parser.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="completions",
                         help="which API to load (default: %(default)s)")
     parser.add_argument("--num-prompts", type=positive_int, default=50, help="timed requests (default: %(default)s)")

@@ -958,7 +958,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit serve` on the CLI's subparsers."""
-    from labkit.cli import non_negative_int, positive_int
+    from labkit.arguments import non_negative_int, port, positive_int
 
     parser = subparsers.add_parser(
         "serve", help="an OpenAI-compatible HTTP server over the labkit engine",
@@ -976,7 +976,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16, auto (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    parser.add_argument("--port", type=non_negative_int, default=8000,
+    parser.add_argument("--port", type=port, default=8000,
                         help="0 picks a free port (default: %(default)s)")
     parser.add_argument("--max-queue", type=non_negative_int, default=64,
                         help="requests that may wait behind the running one (default: %(default)s)")
