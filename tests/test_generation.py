@@ -203,3 +203,148 @@ def test_gpu_greedy_matches_hf_on_dummy_1b():
     ref = HFEngine(lm.model).generate([ids], params)[0].tokens
     # bf16 on GPU: kernels differ in accumulation order; demand agreement on the first tokens
     assert mine[:8] == ref[:8]
+
+
+# -- the step-level engine: policies, preemption, aborts, per-row sampling, prefix caching -------------------
+POLICY_TEXTS = ["The sky is blue because", "def add(a, b):\n", "Once upon a time, in a small village, there lived",
+                "List three fruits:", "Water boils at", "The best way to learn a language is to"]
+
+
+def _solo_tokens(engine, prompts, params):
+    return [engine.generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
+
+
+def _run_all(engine, prompts, params, on_step=None):
+    """Add every request, step to the end (checking the block bookkeeping each step); tokens per request."""
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    got = {rid: [] for rid in ids}
+    steps = 0
+    while engine.has_unfinished:
+        for out in engine.step():
+            got[out.request_id].extend(out.new_token_ids)
+        engine.blocks.check()
+        assert engine.stats().num_running <= engine.config.max_num_seqs
+        steps += 1
+        if on_step:
+            on_step(steps, ids)
+    return [got[rid] for rid in ids]
+
+
+@pytest.mark.parametrize("policy", ["static", "dynamic", "continuous"])
+def test_every_policy_gives_each_request_its_solo_greedy_tokens(embedded, policy):
+    from labkit.generation import apply_rewrites
+    from labkit.llama import from_hf
+
+    model = apply_rewrites(from_hf(embedded.model))
+    solo = Engine(model, embedded.tokenizer, max_num_seqs=1)
+    # a small step budget forces chunked prefill; three rows at a time with six requests forces joining
+    engine = Engine(model, embedded.tokenizer, policy=policy, max_num_seqs=3, max_num_batched_tokens=8,
+                    max_wait_s=0.0)
+    prompts = [solo.encode(t) for t in POLICY_TEXTS]
+    params = [solo.sampling_params(max_new_tokens=n, ignore_eos=True) for n in (3, 17, 9, 1, 12, 6)]
+    assert _run_all(engine, prompts, params) == _solo_tokens(solo, prompts, params)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_preemption_and_aborts_leave_no_block_behind(tiny):
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer, max_num_seqs=8, num_kv_blocks=12, block_size=4)
+    solo = Engine.from_hf(tiny.model, tiny.tokenizer)
+    prompts = [list(range(10 + i, 20 + 2 * i)) for i in range(8)]
+    params = [solo.sampling_params(max_new_tokens=30, ignore_eos=True) for _ in prompts]
+    aborted = set()
+
+    def abort_some(step, ids):
+        if step == 3:  # one running, one still waiting
+            for rid in (ids[1], ids[7]):
+                assert engine.abort(rid)
+                aborted.add(rid)
+
+    tokens = _run_all(engine, prompts, params, on_step=abort_some)
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not engine.has_unfinished
+    expected = _solo_tokens(solo, prompts, params)
+    for i, (got, want) in enumerate(zip(tokens, expected)):
+        if str(i) not in aborted:
+            assert got == want, i
+    assert not engine.abort("1") and not engine.abort("no such request")
+
+
+def test_mixed_sampling_in_one_batch_gives_each_request_its_solo_result(tiny):
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer, max_num_seqs=8)
+    prompts = [engine.encode(t) for t in ("hello world", "one two three four", "a", "the cat sat on the")]
+    params = [engine.sampling_params(max_new_tokens=16, temperature=0.8, seed=1, ignore_eos=True),
+              engine.sampling_params(max_new_tokens=10, ignore_eos=True),
+              engine.sampling_params(max_new_tokens=12, temperature=1.3, top_k=20, seed=7, ignore_eos=True),
+              engine.sampling_params(max_new_tokens=14, temperature=1.0, top_p=0.6, seed=3, ignore_eos=True)]
+    batched = [g.tokens for g in engine.generate(prompts, params)]
+    assert batched == _solo_tokens(engine, prompts, params)
+    assert batched[0] != batched[0][:1] * len(batched[0])  # really sampled, not stuck on one token
+
+
+def test_prefix_cache_hits_do_not_change_outputs(embedded):
+    engine = Engine.from_hf(embedded.model, embedded.tokenizer)
+    uncached = Engine(engine.model, embedded.tokenizer, enable_prefix_caching=False)
+    system = engine.encode("You are a helpful assistant who answers in one short sentence. " * 3)
+    prompts = [system + engine.encode(q) for q in (" What is the capital of France?", " Name a colour.")]
+    params = engine.sampling_params(max_new_tokens=12, ignore_eos=True)
+    first = engine.generate([prompts[0]], params)[0]
+    rid = engine.add_request(prompts[1], params)
+    outs = []
+    while engine.has_unfinished:
+        outs += [o for o in engine.step() if o.request_id == rid]
+    assert outs[-1].num_cached_tokens == len(system) // 16 * 16 > 0
+    assert [t for o in outs for t in o.new_token_ids] == uncached.generate([prompts[1]], params)[0].tokens
+    assert first.tokens == uncached.generate([prompts[0]], params)[0].tokens
+    assert engine.stats().prefix_hit_rate > 0
+
+
+def test_requests_join_a_running_batch(tiny):
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer)
+    params = engine.sampling_params(max_new_tokens=12, ignore_eos=True)
+    a = engine.add_request(list(range(5, 25)), params)
+    got = {a: []}
+    for step in range(20):
+        if step == 4:
+            b = engine.add_request(list(range(30, 37)), params)
+            got[b] = []
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+            assert out.num_prompt_tokens == (20 if out.request_id == a else 7)
+        if step == 5:
+            assert engine.stats().last_batch_size == 2  # b's prefill rides along with a's decode
+    assert not engine.has_unfinished
+    assert got[a] == engine.generate([list(range(5, 25))], params)[0].tokens
+    assert got[b] == engine.generate([list(range(30, 37))], params)[0].tokens
+
+
+def test_open_api_errors_are_clear(tiny):
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer, num_kv_blocks=4, block_size=4)
+    params = engine.sampling_params(max_new_tokens=4)
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.add_request(list(range(1, 20)), params)
+    with pytest.raises(ValueError, match="-3"):
+        engine.add_request([1, -3], params)
+    rid = engine.add_request([1, 2, 3], params, request_id="r1")
+    with pytest.raises(ValueError, match="'r1'"):
+        engine.add_request([1, 2], params, request_id="r1")
+    with pytest.raises(RuntimeError, match="step"):
+        engine.generate([[1, 2]], params)
+    assert engine.abort(rid) and engine.blocks.num_free_blocks == 4
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.add_request([1], {"max_new_tokens": 3})
+
+
+def test_closing_a_stream_aborts_its_request(tiny):
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer)
+    stream = engine.stream(list(range(3, 9)), engine.sampling_params(max_new_tokens=50, ignore_eos=True))
+    assert len([next(stream) for _ in range(5)]) == 5
+    stream.close()
+    assert not engine.has_unfinished and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_compiled_ragged_batch_matches_eager(tiny):
+    eager = Engine.from_hf(tiny.model)
+    compiled = Engine.from_hf(tiny.model, compile=True)
+    prompts = [list(range(7, 30)), list(range(3, 8)), list(range(40, 41))]  # 3 rows: padded to a bucket of 4
+    params = eager.sampling_params(max_new_tokens=10, ignore_eos=True)
+    assert [g.tokens for g in compiled.generate(prompts, params)] == [g.tokens for g in eager.generate(prompts, params)]
