@@ -87,10 +87,16 @@ def sample(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParam
         probs = F.one_hot(argmax, logits.shape[-1]).float() if return_probs else None
         return SamplerOutput(argmax, probs)
     probs = _filtered_probs(logits, rows, greedy)
-    tokens = argmax.clone()
+    # Exponential race (as vLLM samples): argmax(p / E) with E ~ Exp(1) draws from p, all rows at once; each
+    # seeded row draws its noise from its own generator, so its tokens do not depend on the batch around it.
+    noise = torch.empty_like(probs)
+    if any(g is None and not gr for g, gr in zip(gens, greedy)):
+        noise.exponential_()
     for b in range(B):
-        if not greedy[b]:
-            tokens[b] = _draw(probs[b:b + 1], gens[b])
+        if gens[b] is not None and not greedy[b]:
+            noise[b] = torch.empty(probs.shape[-1], device=gens[b].device).exponential_(generator=gens[b])
+    drawn = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)  # a zero draw would give nan
+    tokens = torch.where(torch.tensor(greedy, device=logits.device), argmax, drawn)
     if return_probs and any(greedy):
         probs[torch.tensor(greedy, device=probs.device)] = F.one_hot(argmax[greedy], logits.shape[-1]).float()
     return SamplerOutput(tokens, probs if return_probs else None)
@@ -113,13 +119,6 @@ def _filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingParams], greedy
         drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= torch.tensor(top_p, device=device)[:, None]
         x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
     return x.softmax(dim=-1)
-
-
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    if generator is not None and generator.device != probs.device:
-        # sampling on the generator's device keeps a seeded run identical across devices
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)[0, 0]
-    return torch.multinomial(probs, 1, generator=generator)[0, 0]
 
 
 __all__ = ["SamplingParams", "SamplerOutput", "sample", "make_generator", "GREEDY_BELOW"]
