@@ -1,4 +1,5 @@
-"""Talk to an OpenAI-compatible server: `labkit ping`, and the server-sent-event parsing the load generator shares.
+"""Talk to an OpenAI-compatible server: `labkit ping` (the event parsing it shares with the load generator is in
+`labkit.protocol`).
 
 Plain httpx, no retries and no proxies from the environment: a benchmark or a health check must see each
 failure once, and lab traffic stays on the address it was given.
@@ -13,54 +14,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-DONE = object()  # the `data: [DONE]` event that ends an OpenAI stream
-ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-
-
-class ServerError(RuntimeError):
-    """The server could not be reached, or answered with an error (its message is kept)."""
-
-
-def parse_sse_line(line: str):
-    """One line of an event stream -> its JSON payload, DONE, or None (comments, blank lines, other fields)."""
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if data == "[DONE]":
-        return DONE
-    if not data:
-        return None
-    try:
-        return json.loads(data)
-    except json.JSONDecodeError:
-        raise ServerError(f"the server sent an event that is not JSON: {data[:200]!r}") from None
-
-
-def error_message(status: int, body: bytes) -> str:
-    """`HTTP 400: <message>` from an OpenAI error body, or from the raw text of any other body."""
-    try:
-        error = json.loads(body).get("error")
-        message = error.get("message") if isinstance(error, dict) else error
-    except (ValueError, AttributeError):
-        message = None
-    if not message:
-        message = body.decode("utf-8", "replace").strip()[:200] or "(empty body)"
-    return f"HTTP {status}: {message}"
-
-
-def chunk_text(event: dict, is_chat: bool) -> tuple[str, list[int] | None, str | None]:
-    """The text, token ids (vLLM's `return_token_ids`, when sent) and finish reason of a stream chunk."""
-    choices = event.get("choices") or []
-    if not choices:
-        return "", None, None
-    choice = choices[0]
-    text = ((choice.get("delta") or {}).get("content") if is_chat else choice.get("text")) or ""
-    ids = choice.get("token_ids")
-    return text, (list(ids) if isinstance(ids, list) else None), choice.get("finish_reason")
-
-
-def auth_headers(api_key: str | None) -> dict:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+from labkit.protocol import (API_KEY_ENV, DONE, ENDPOINTS, ServerError, auth_headers, chunk_text, error_message,
+                             parse_sse_line)
 
 
 def first_model(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
@@ -144,7 +99,7 @@ def ping(host: str = "127.0.0.1", port: int = 8000, model: str | None = None, pr
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    api_key = args.api_key or os.environ.get("LABKIT_API_KEY") or None
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         result = ping(args.host, args.port, args.model, args.prompt, args.max_tokens, args.endpoint, api_key,
                       timeout_s=args.timeout)
@@ -178,7 +133,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--max-tokens", type=positive_int, default=16, help="tokens to generate (default: %(default)s)")
     parser.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="chat",
                         help="chat (with the model's chat template) or completions (default: %(default)s)")
-    parser.add_argument("--api-key", default=None, help="bearer key (default: $LABKIT_API_KEY, else none)")
+    parser.add_argument("--api-key", default=None, help=f"bearer key (default: ${API_KEY_ENV}, else none)")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="give up after this long (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -186,5 +141,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-__all__ = ["DONE", "ENDPOINTS", "ServerError", "PingResult", "parse_sse_line", "error_message", "chunk_text",
-           "auth_headers", "first_model", "ping", "cmd_ping", "add_parser"]
+__all__ = ["PingResult", "first_model", "ping", "cmd_ping", "add_parser"]

@@ -14,7 +14,6 @@ import asyncio
 import json
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -24,22 +23,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from labkit.bench import percentile
-from labkit.client import DONE, ENDPOINTS, ServerError, auth_headers, chunk_text, error_message, parse_sse_line
+from labkit.protocol import DONE, ENDPOINTS, ServerError, auth_headers, chunk_text, error_message, parse_sse_line
+from labkit.workloads import PromptSpec, arrival_offsets, make_prompts
 
 SCHEMA = "labkit.bench_serve/1"
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2el_ms")
 METRICS = ("ttft", "tpot", "itl", "e2el")  # each reported as mean/median/std/p90/p99 in ms
-# Short, common English words: most tokenizers spend about one token on each (with its leading space), so a
-# prompt of n words is about n tokens. The exact count is the server's `usage.prompt_tokens`.
-WORDS = tuple("""the of and to in is you that it he was for on are as with his they at be this have from or one
-had by word but not what all were we when your can said there use an each which she do how their if will up
-other about out many then them these so some her would make like him into time has look two more write go see
-number no way could people my than first water been call who oil its now find long down day did get come made
-may part over new sound take only little work know place year live me back give most very after thing our just
-name good sentence man think say great where help through much before line right too mean old any same tell boy
-follow came want show also around form three small set put end does another well large must big even such
-because turn here why ask went men read need land different home us move try kind hand picture again change off
-play spell air away animal house point page letter mother answer found study still learn should world""".split())
 
 
 # -- configuration -------------------------------------------------------------------------------------------
@@ -123,47 +112,6 @@ def parse_slo(text: str | None) -> dict:
         if not 0 < slo[key] < math.inf:
             raise ValueError(f"SLO {key} must be > 0, got {value.strip()!r}")
     return slo
-
-
-# -- the workload --------------------------------------------------------------------------------------------
-@dataclass
-class PromptSpec:
-    """One request of the workload."""
-
-    index: int
-    prompt: str
-    input_words: int
-    output_len: int
-
-
-def _sample_len(rng: random.Random, length: int, ratio: float) -> int:
-    lo, hi = max(1, math.floor(length * (1 - ratio))), max(1, math.ceil(length * (1 + ratio)))
-    return length if ratio == 0 else rng.randint(lo, hi)
-
-
-def make_prompts(num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0,
-                 seed: int | str = 0) -> list[PromptSpec]:
-    """A seeded set of random-word prompts with uniformly distributed input and output lengths."""
-    rng = random.Random(seed)
-    specs = []
-    for i in range(num_prompts):
-        n_in = _sample_len(rng, input_len, range_ratio)
-        n_out = _sample_len(rng, output_len, range_ratio)
-        specs.append(PromptSpec(i, " ".join(rng.choice(WORDS) for _ in range(n_in)), n_in, n_out))
-    return specs
-
-
-def arrival_offsets(num_requests: int, request_rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
-    """Send times in seconds from the start: gamma inter-arrivals with mean 1/rate (shape 1 = Poisson)."""
-    if math.isinf(request_rate):
-        return [0.0] * num_requests
-    rng = random.Random(f"arrivals-{seed}")
-    theta = 1.0 / (request_rate * burstiness)  # the scale that keeps the mean gap at 1 / rate
-    offsets, t = [], 0.0
-    for _ in range(num_requests):
-        offsets.append(t)
-        t += rng.gammavariate(burstiness, theta)
-    return offsets
 
 
 # -- the metric arithmetic (pure functions, unit-tested on scripted streams) -----------------------------------

@@ -1,9 +1,13 @@
 """`labkit serve`: an OpenAI-compatible HTTP server over the labkit engine (FastAPI + uvicorn).
 
 Routes: /v1/completions, /v1/chat/completions (streaming as server-sent events), /v1/models, /health, /metrics.
-The engine has one KV cache, so one worker thread runs generations one at a time from a bounded queue
-(like nano-vllm's scheduler with a batch of one); a full queue answers 429 instead of growing without bound.
-Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}` and never take the server down.
+The engine is not thread-safe, so one daemon thread owns it and runs its step loop: requests join and leave
+the running batch at every step (continuous batching), so concurrent streams are decoded together. The event
+loop never touches the engine: it hands requests and cancellations to that thread through an inbox and gets
+each request's outputs back on its own asyncio queue (like vLLM's AsyncLLMEngine over its LLMEngine). Up to
+`max_queue` requests wait for a place in the batch; one more answers 429, and one that waited longer than
+`max_queue_wait_s` answers 503. Request validation and OpenAI's bodies live in `labkit.protocol`, the
+Prometheus page in `labkit.metrics`; errors never take the server down.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures, whose `Request` is imported
@@ -15,6 +19,7 @@ import copy
 import hmac
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -22,84 +27,46 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
-from labkit.sampling import SamplingParams
+from labkit.metrics import ServerMetrics
+from labkit.protocol import (API_KEY_ENV, DEFAULT_CHAT_MAX_TOKENS, DONE_EVENT, APIError, GenerationRequest, Reply,
+                             bad_request, parse_generation_request, sse)
+
+if TYPE_CHECKING:
+    from labkit.generation import EngineStats, RequestOutput
+    from labkit.sampling import SamplingParams
 
 logger = logging.getLogger("labkit.serve")
 
-API_KEY_ENV = "LABKIT_API_KEY"
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-# Histogram buckets in seconds (vLLM's, so dashboards built for it read these too).
-TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                  20.0, 40.0, 80.0)
-ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-E2E_BUCKETS_S = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
-
-# Parameters OpenAI defines that labkit accepts only at their no-op value: anything else is a named 400.
-NO_OP_PARAMS: dict[str, tuple] = {
-    "n": (None, 1),
-    "best_of": (None, 1),
-    "echo": (None, False),
-    "suffix": (None, ""),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None,),
-    "response_format": (None, {"type": "text"}),
-    "min_tokens": (None, 0),
-}
-COMMON_PARAMS = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-                 "top_k", "seed", "stop", "ignore_eos", "user", "return_token_ids", *NO_OP_PARAMS}
-COMPLETION_PARAMS = COMMON_PARAMS | {"prompt"}
-CHAT_PARAMS = COMMON_PARAMS | {"messages"}
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's error body and an HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
 
 
 # -- configuration -------------------------------------------------------------------------------------------
 @dataclass
 class ServeConfig:
-    """How the server answers: its model name, queue bound, key and body limit; validated on creation."""
+    """How the server answers: model name, queue bound and deadline, key, body and reply limits; validated."""
 
     served_model_name: str | None = None  # None: the engine's name
-    max_queue: int = 64  # requests waiting behind the running one; one more answers 429
+    max_queue: int = 64  # requests waiting for a place in the running batch; one more answers 429
     api_key: str | None = None  # None: /v1 routes are open
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue_wait_s: float | None = None  # a request not admitted after this long answers 503; None: no limit
+    default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS  # a chat request without max_tokens (clipped to the context)
 
     def __post_init__(self):
-        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
-            raise ValueError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
-        if isinstance(self.max_body_bytes, bool) or not isinstance(self.max_body_bytes, int) \
-                or self.max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be an integer >= 1, got {self.max_body_bytes!r}")
+        for name, low in (("max_queue", 0), ("max_body_bytes", 1), ("default_max_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.max_queue_wait_s is not None and (isinstance(self.max_queue_wait_s, bool) or not isinstance(
+                self.max_queue_wait_s, (int, float)) or not 0 < self.max_queue_wait_s < math.inf):
+            raise ValueError(f"max_queue_wait_s must be a number > 0 or None, got {self.max_queue_wait_s!r}")
         if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string or None")
         if self.served_model_name is not None and not (isinstance(self.served_model_name, str)
@@ -107,155 +74,56 @@ class ServeConfig:
             raise ValueError(f"served_model_name must be a non-empty string, got {self.served_model_name!r}")
 
 
-# -- metrics (Prometheus text exposition, format 0.0.4) ------------------------------------------------------
-class Histogram:
-    """A cumulative-bucket histogram; not thread-safe on its own (ServerMetrics holds the lock)."""
-
-    def __init__(self, buckets: Sequence[float]):
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        index = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
-        self.counts[index] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        out, total = [], 0
-        for bound, count in zip((*self.buckets, float("inf")), self.counts):
-            total += count
-            le = "+Inf" if bound == float("inf") else repr(float(bound))
-            out.append(f'{name}_bucket{{le="{le}"}} {total}')
-        out += [f"{name}_sum {self.sum!r}", f"{name}_count {self.count}"]
-        return out
-
-
-class ServerMetrics:
-    """Counters and histograms of one server; updated from the event loop and the worker thread."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: collections.Counter = collections.Counter()  # (route, status) -> count
-        self.accepted = 0  # generations queued; each ends once in `finished`
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.finished: collections.Counter = collections.Counter()  # finish reason -> count
-        self.ttft = Histogram(TTFT_BUCKETS_S)
-        self.itl = Histogram(ITL_BUCKETS_S)
-        self.e2e = Histogram(E2E_BUCKETS_S)
-        self.queue_time = Histogram(E2E_BUCKETS_S)
-
-    def count_request(self, route: str, status: int) -> None:
-        with self._lock:
-            self.requests[(route, status)] += 1
-
-    def count_accepted(self) -> None:
-        with self._lock:
-            self.accepted += 1
-
-    def observe_first_token(self, queue_s: float, ttft_s: float, num_prompt_tokens: int) -> None:
-        with self._lock:
-            self.queue_time.observe(queue_s)
-            self.ttft.observe(ttft_s)
-            self.prompt_tokens += num_prompt_tokens
-
-    def observe_tokens(self, num_tokens: int, gap_s: float | None) -> None:
-        """num_tokens arrived together after gap_s: one ITL sample of gap_s / num_tokens per token."""
-        with self._lock:
-            self.generation_tokens += num_tokens
-            if gap_s is not None:
-                for _ in range(num_tokens):
-                    self.itl.observe(gap_s / num_tokens)
-
-    def observe_finished(self, reason: str, e2e_s: float) -> None:
-        with self._lock:
-            self.finished[reason] += 1
-            self.e2e.observe(e2e_s)
-
-    def render(self, queue_depth: int, num_running: int, model: str) -> str:
-        """The Prometheus text exposition of every metric."""
-        m = f'model="{_label(model)}"'
-        with self._lock:
-            lines = ["# HELP labkit_requests_total HTTP requests answered, by route and status code.",
-                     "# TYPE labkit_requests_total counter"]
-            for (route, status), count in sorted(self.requests.items()):
-                lines.append(f'labkit_requests_total{{route="{_label(route)}",status="{status}"}} {count}')
-            lines += ["# HELP labkit_requests_accepted_total Generations accepted into the queue.",
-                      "# TYPE labkit_requests_accepted_total counter",
-                      f"labkit_requests_accepted_total{{{m}}} {self.accepted}"]
-            lines += ["# HELP labkit_request_finished_total Generations ended, by reason (stop, length, "
-                      "cancelled, error).", "# TYPE labkit_request_finished_total counter"]
-            for reason, count in sorted(self.finished.items()):
-                lines.append(f'labkit_request_finished_total{{{m},reason="{_label(reason)}"}} {count}')
-            lines += ["# HELP labkit_prompt_tokens_total Prompt tokens prefilled.",
-                      "# TYPE labkit_prompt_tokens_total counter",
-                      f"labkit_prompt_tokens_total{{{m}}} {self.prompt_tokens}",
-                      "# HELP labkit_generation_tokens_total Tokens generated.",
-                      "# TYPE labkit_generation_tokens_total counter",
-                      f"labkit_generation_tokens_total{{{m}}} {self.generation_tokens}",
-                      "# HELP labkit_queue_depth Requests waiting for the worker.",
-                      "# TYPE labkit_queue_depth gauge",
-                      f"labkit_queue_depth{{{m}}} {queue_depth}",
-                      "# HELP labkit_requests_running Generations running on the worker (0 or 1).",
-                      "# TYPE labkit_requests_running gauge",
-                      f"labkit_requests_running{{{m}}} {num_running}"]
-            for name, hist, help_text in (
-                    ("labkit_time_to_first_token_seconds", self.ttft, "From request accepted to first token."),
-                    ("labkit_inter_token_latency_seconds", self.itl,
-                     "Between tokens; tokens released together share their gap."),
-                    ("labkit_e2e_request_latency_seconds", self.e2e, "From request accepted to last token."),
-                    ("labkit_request_queue_time_seconds", self.queue_time, "Waiting for the worker.")):
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-                lines += [line.replace("{", "{" + m + ",", 1) if "{" in line else
-                          line.replace(" ", f"{{{m}}} ", 1) for line in hist.lines(name)]
-        return "\n".join(lines) + "\n"
-
-
-def _label(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-# -- the worker: one generation at a time ---------------------------------------------------------------------
-_END = object()  # pushed once when a job's generation is over
+# -- the engine's thread -------------------------------------------------------------------------------------
+_END = object()  # pushed once when a job is over, after its last output or its error
 
 
 @dataclass(eq=False)
 class Job:
-    """One accepted request: what to generate and where its deltas go (an asyncio queue on the server's loop)."""
+    """One accepted request: what to generate and where its outputs go (an asyncio queue on the server's loop)."""
 
     prompt_ids: list[int]
-    params: SamplingParams
+    params: "SamplingParams"
     loop: asyncio.AbstractEventLoop
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
     accepted_s: float = field(default_factory=time.perf_counter)
-    is_done: bool = False  # set on the loop when _END was received
+    is_done: bool = False  # on the loop: its end (or its error) was received
+    admitted_s: float | None = None  # on the engine's thread: when it first joined the running batch
+    last_token_s: float | None = None
 
-    def push(self, item) -> None:
-        """From the worker thread: hand an item to the request's coroutine."""
+    def push(self, item) -> bool:
+        """From the engine's thread: hand an item to the request's coroutine; False when nobody listens."""
         try:
             self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancelled.set()
+            return True
+        except RuntimeError:  # the loop is closed
+            return False
 
 
 class QueueFull(Exception):
     """The bounded queue has no room."""
 
 
-class GenerationWorker:
-    """Runs jobs one at a time on a daemon thread, from a bounded FIFO (the engine is not thread-safe)."""
+class EngineWorker:
+    """Owns the engine on one daemon thread: takes requests and cancellations from an inbox, steps the engine
+    while it has work, and hands each request's outputs to its coroutine; sleeps when idle.
 
-    def __init__(self, engine, max_queue: int, metrics: ServerMetrics):
-        self.engine = engine
-        self.max_queue = max_queue
-        self.metrics = metrics
-        self._pending: collections.deque[Job] = collections.deque()
+    A lock guards the inbox, the jobs and the published stats; the engine is called only from the thread,
+    and `step()` runs outside the lock so that requests arrive while it computes.
+    """
+
+    def __init__(self, engine, metrics: ServerMetrics, max_queue: int, max_queue_wait_s: float | None = None):
+        self.engine, self.metrics = engine, metrics
+        self.max_queue, self.max_queue_wait_s = max_queue, max_queue_wait_s
+        # a new request waits unless the continuous scheduler has a free row for it
+        is_continuous = engine.config.policy == "continuous"
+        self._max_rows = engine.config.max_num_seqs if is_continuous else 1
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._inbox: collections.deque[Job] = collections.deque()  # accepted, not yet in the engine
+        self._cancels: list[Job] = []
+        self._jobs: dict[str, Job] = {}  # in the engine, by request id
+        self._stats: "EngineStats" = engine.stats()  # taken before the thread exists
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -263,20 +131,14 @@ class GenerationWorker:
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="labkit-serve-worker", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="labkit-serve-engine", daemon=True)
             self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Cancel the running job and every waiting one, then join the thread."""
+        """Answer every request 503 (the thread aborts them in the engine), then join the thread."""
         with self._cond:
             self._stopping = True
-            waiting, self._pending = list(self._pending), collections.deque()
-            if self._running is not None:
-                self._running.cancelled.set()
             self._cond.notify_all()
-        for job in waiting:
-            job.push(APIError(503, "the server is shutting down", type="server_error", code="shutting_down"))
-            job.push(_END)
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
@@ -284,282 +146,169 @@ class GenerationWorker:
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._stopping or not self.is_alive:
-                raise APIError(503, "the generation worker is not running", type="server_error",
-                               code="worker_unavailable")
-            if len(self._pending) >= self.max_queue and (self._running is not None or self._pending):
+                raise APIError(503, "the engine is not running", type="server_error", code="worker_unavailable")
+            num_waiting = len(self._inbox) + self._stats.num_waiting
+            would_wait = num_waiting > 0 or self._stats.num_running >= self._max_rows
+            if would_wait and num_waiting >= self.max_queue:
                 raise QueueFull()
-            self._pending.append(job)
+            self._inbox.append(job)
             self._cond.notify()
         self.metrics.count_accepted()
 
     def cancel(self, job: Job) -> None:
-        """Drop a waiting job, or ask the running one to stop at its next token."""
+        """Drop a request that has not reached the engine, or have the thread abort it; idempotent."""
         with self._cond:
-            try:
-                self._pending.remove(job)
-                was_waiting = True
-            except ValueError:
-                was_waiting = False
-            job.cancelled.set()
-        if was_waiting:
-            self.metrics.observe_finished("cancelled", time.perf_counter() - job.accepted_s)
+            if job in self._inbox:
+                self._inbox.remove(job)
+                self._end(job, "cancelled")
+            elif job.request_id in self._jobs:
+                self._cancels.append(job)
+                self._cond.notify()
 
     @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    @property
-    def queue_depth(self) -> int:
+    def snapshot(self) -> tuple[int, "EngineStats"]:
+        """(requests waiting for the batch, the engine's stats after its last step)."""
         with self._cond:
-            return len(self._pending)
+            return len(self._inbox) + self._stats.num_waiting, self._stats
 
-    @property
-    def num_running(self) -> int:
-        with self._cond:
-            return int(self._running is not None)
-
-    # the worker thread
+    # the engine's thread
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not (self._stopping or self._inbox or self._cancels or self._jobs):
                     self._cond.wait()
                 if self._stopping:
-                    return
-                job = self._pending.popleft()
-                self._running = job
-            try:
-                self._generate(job)
-            finally:
-                with self._cond:
-                    self._running = None
-                job.push(_END)
-
-    def _generate(self, job: Job) -> None:
-        if job.cancelled.is_set():  # cancelled between leaving the queue and starting
-            self.metrics.observe_finished("cancelled", time.perf_counter() - job.accepted_s)
-            return
-        reason = "error"
-        started = time.perf_counter()
-        last: float | None = None
-        stream = None
-        try:
-            stream = self.engine.stream_text(job.prompt_ids, job.params)
-            reason = "cancelled"
-            for delta in stream:
-                now = time.perf_counter()
-                if delta.token_ids:
-                    if last is None:
-                        self.metrics.observe_first_token(started - job.accepted_s, now - job.accepted_s,
-                                                         len(job.prompt_ids))
-                        # tokens released with the first one arrived with it: no gap of their own
-                        self.metrics.observe_tokens(1, None)
-                        if len(delta.token_ids) > 1:
-                            self.metrics.observe_tokens(len(delta.token_ids) - 1, 0.0)
-                    else:
-                        self.metrics.observe_tokens(len(delta.token_ids), now - last)
-                    last = now
-                if job.cancelled.is_set():
                     break
-                job.push(delta)
-                if delta.finish_reason is not None:
-                    reason = delta.finish_reason
-        except Exception as exc:  # a failed generation answers its own request; the worker lives on
-            logger.exception("generation failed")
-            reason = "error"
-            job.push(APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed"))
-        finally:
-            if stream is not None:
-                stream.close()  # stops the decode loop when the client went away
-            self.metrics.observe_finished(reason, time.perf_counter() - job.accepted_s)
+                self._take_inbox()
+                self._expire_waiting()
+                self._stats = self.engine.stats()
+                has_work = bool(self._jobs)
+            if has_work:
+                self._step()
+        with self._cond:
+            error = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            for job in [*self._inbox, *self._jobs.values()]:
+                self._end(job, "cancelled", error)
+            self._inbox.clear()
+            self._stats = self.engine.stats()
 
+    def _take_inbox(self) -> None:
+        """Add new requests to the engine and abort cancelled ones (under the lock)."""
+        for job in self._cancels:
+            if job.request_id in self._jobs:
+                self._end(job, "cancelled")
+        self._cancels.clear()
+        while self._inbox:
+            job = self._inbox.popleft()
+            try:
+                self.engine.add_request(job.prompt_ids, job.params, request_id=job.request_id)
+            except ValueError as exc:  # e.g. more tokens than the whole KV cache holds: the request's fault
+                job.push(bad_request(str(exc), code="context_length_exceeded"))
+                job.push(_END)
+                self.metrics.observe_finished("rejected", time.perf_counter() - job.accepted_s)
+                continue
+            self._jobs[job.request_id] = job
 
-# -- request parsing -----------------------------------------------------------------------------------------
-@dataclass
-class GenerationRequest:
-    """A validated completion or chat request."""
+    def _expire_waiting(self) -> None:
+        """Answer 503 to requests that waited for the batch past the deadline; admitted ones never expire."""
+        if self.max_queue_wait_s is None:
+            return
+        now = time.perf_counter()
+        for seq in list(self.engine.scheduler.waiting):
+            job = self._jobs.get(seq.request_id)
+            if job is None or seq.first_scheduled_s is not None or seq.num_output_tokens:
+                continue  # preempted requests were admitted once: they keep their place
+            waited = now - job.accepted_s
+            if waited > self.max_queue_wait_s:
+                retry_s = max(1, math.ceil(self.max_queue_wait_s))
+                self._end(job, "queue_timeout", APIError(
+                    503, f"the request waited {waited:.1f} s for a place in the batch, over the server's limit of "
+                         f"{self.max_queue_wait_s:g} s: retry later", type="server_error", code="queue_timeout",
+                    headers={"Retry-After": str(retry_s)}))
 
-    prompt_ids: list[int]
-    params: SamplingParams
-    is_stream: bool
-    include_usage: bool
-    return_token_ids: bool
+    def _step(self) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # answer the batch, free its blocks, keep serving
+            self._fail_batch(exc)
+            return
+        now = time.perf_counter()
+        with self._cond:
+            for seq in self.engine.scheduler.running:
+                job = self._jobs.get(seq.request_id)
+                if job is not None and job.admitted_s is None:
+                    job.admitted_s = started
+            for out in outputs:
+                self._deliver(out, started, now)
+            stats = self.engine.stats()
+            ran = stats.num_steps != self._stats.num_steps
+            self._stats = stats
+            if ran:
+                self.metrics.observe_step(stats.last_batch_size)
+            else:  # the scheduler is holding requests back (e.g. a dynamic batch filling up): do not spin
+                self._cond.wait(0.005)
 
+    def _deliver(self, out: "RequestOutput", started: float, now: float) -> None:
+        job = self._jobs.get(out.request_id)
+        if job is None:
+            return
+        if out.new_token_ids:
+            n = len(out.new_token_ids)
+            if job.last_token_s is None:
+                admitted = started if job.admitted_s is None else job.admitted_s
+                self.metrics.observe_first_token(admitted - job.accepted_s, now - job.accepted_s,
+                                                 out.num_prompt_tokens)
+                # tokens released with the first one arrived with it: no gap of their own
+                self.metrics.observe_tokens(1, None)
+                if n > 1:
+                    self.metrics.observe_tokens(n - 1, 0.0)
+            else:
+                self.metrics.observe_tokens(n, now - job.last_token_s)
+            job.last_token_s = now
+        is_heard = job.push(out)
+        if out.finished:
+            del self._jobs[job.request_id]
+            job.push(_END)
+            self.metrics.observe_finished(out.finish_reason, now - job.accepted_s)
+        elif not is_heard:
+            self._end(job, "cancelled")
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    def _end(self, job: Job, reason: str, error: APIError | None = None) -> None:
+        """End a job early (under the lock): abort it in the engine, answer the error if any, count it once."""
+        if self._jobs.pop(job.request_id, None) is not None:
+            self.engine.abort(job.request_id)
+        if error is not None:
+            job.push(error)
+        job.push(_END)
+        self.metrics.observe_finished(reason, time.perf_counter() - job.accepted_s)
 
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_no_op(value, no_ops: tuple) -> bool:
-    for no_op in no_ops:
-        if no_op is None or isinstance(no_op, bool):
-            if value is no_op:  # False must not match 0, nor None match a missing dict
-                return True
-        elif isinstance(no_op, (int, float)):
-            if _is_number(value) and value == no_op:
-                return True
-        elif value == no_op:
-            return True
-    return False
-
-
-def _check_known(body: Mapping, allowed: set[str]) -> None:
-    for name in body:
-        if name not in allowed:
-            raise _bad(f"Unrecognized request argument supplied: {name}", param=name, code="unsupported_parameter")
-    for name, no_ops in NO_OP_PARAMS.items():
-        if name in body and not _is_no_op(body[name], no_ops):
-            raise _bad(f"{name}={json.dumps(body[name])} is not supported by labkit serve "
-                       f"(accepted: {' or '.join(json.dumps(v) for v in no_ops)})", param=name,
-                       code="unsupported_parameter")
-
-
-def _completion_prompt(body: Mapping, tokenizer, vocab_size: int) -> list[int]:
-    if "prompt" not in body:
-        raise _bad("prompt is required", param="prompt", code="missing_required_parameter")
-    prompt = body["prompt"]
-    # OpenAI accepts a string, a list of one string, token ids, or a list of one token-id list
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise _bad(f"a batch of {len(prompt)} prompts is not supported: send one prompt per request",
-                   param="prompt", code="unsupported_parameter")
-    if isinstance(prompt, str):
-        if not prompt:
-            raise _bad("prompt must not be empty", param="prompt")
-        from labkit.generation import encode_prompt
-
-        ids = encode_prompt(tokenizer, prompt)
-    elif isinstance(prompt, list):
-        if not prompt:
-            raise _bad("prompt must not be empty", param="prompt")
-        if not all(_is_int(t) and 0 <= t < vocab_size for t in prompt):
-            raise _bad(f"token-id prompts must hold integers in [0, {vocab_size})", param="prompt")
-        ids = list(prompt)
-    else:
-        raise _bad("prompt must be a string, a list of token ids, or a list of one of those", param="prompt")
-    if not ids:
-        raise _bad("prompt must not be empty (it encodes to no tokens)", param="prompt")
-    return ids
-
-
-def _chat_prompt(body: Mapping, tokenizer) -> list[int]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages must be a non-empty list", param="messages")
-    plain = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
-            raise _bad(f"messages[{i}] needs a role among {', '.join(CHAT_ROLES)}", param=f"messages[{i}].role")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise _bad(f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content",
-                           code="unsupported_parameter")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise _bad(f"messages[{i}].content must be a string or a list of text parts",
-                       param=f"messages[{i}].content")
-        extra = set(message) - {"role", "content"}
-        if extra:
-            raise _bad(f"messages[{i}]: unsupported field(s) {', '.join(sorted(extra))}", param=f"messages[{i}]",
-                       code="unsupported_parameter")
-        plain.append({"role": CHAT_ROLES[message["role"]], "content": content})
-    from labkit.generation import encode_prompt
-
-    try:
-        return encode_prompt(tokenizer, plain, chat=True)
-    except Exception as exc:  # a template may reject an order of roles: that is the request's fault
-        raise _bad(f"the chat template rejected these messages: {exc}", param="messages") from None
-
-
-def parse_generation_request(body: Mapping, *, is_chat: bool, tokenizer, eos_token_ids: Sequence[int],
-                             max_seq_len: int, vocab_size: int) -> GenerationRequest:
-    """Validate an OpenAI request body into token ids and SamplingParams; raise APIError(400) naming the field."""
-    _check_known(body, CHAT_PARAMS if is_chat else COMPLETION_PARAMS)
-    prompt_param = "messages" if is_chat else "prompt"
-    prompt_ids = _chat_prompt(body, tokenizer) if is_chat else _completion_prompt(body, tokenizer, vocab_size)
-
-    is_stream = body.get("stream", False)
-    if is_stream is None:
-        is_stream = False
-    if not isinstance(is_stream, bool):
-        raise _bad("stream must be a boolean", param="stream")
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        if not is_stream:
-            raise _bad("stream_options is only allowed when stream is true", param="stream_options")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise _bad("stream_options supports only include_usage", param="stream_options",
-                       code="unsupported_parameter")
-        include_usage = options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise _bad("stream_options.include_usage must be a boolean", param="stream_options.include_usage")
-
-    room = max_seq_len - len(prompt_ids)
-    if room < 1:
-        raise _bad(f"the prompt has {len(prompt_ids)} tokens, which leaves no room in the model's context of "
-                   f"{max_seq_len} tokens", param=prompt_param, code="context_length_exceeded")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = body.get(name)
-    if max_tokens is None:
-        max_tokens = room if is_chat else min(DEFAULT_COMPLETION_MAX_TOKENS, room)
-    elif not _is_int(max_tokens) or max_tokens < 1:
-        raise _bad(f"{name} must be an integer >= 1, got {json.dumps(max_tokens)}", param=name)
-    elif max_tokens > room:
-        raise _bad(f"the prompt ({len(prompt_ids)} tokens) + {name} ({max_tokens}) exceeds the model's context of "
-                   f"{max_seq_len} tokens", param=name, code="context_length_exceeded")
-
-    temperature = body.get("temperature")
-    temperature = 1.0 if temperature is None else temperature
-    if not _is_number(temperature) or not 0 <= temperature < float("inf"):
-        raise _bad(f"temperature must be a number >= 0, got {json.dumps(temperature)}", param="temperature")
-    top_p = body.get("top_p")
-    top_p = 1.0 if top_p is None else top_p
-    if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise _bad(f"top_p must be in (0, 1], got {json.dumps(top_p)}", param="top_p")
-    top_k = body.get("top_k")
-    top_k = 0 if top_k is None or top_k == -1 else top_k  # vLLM spells "off" as -1
-    if not _is_int(top_k) or top_k < 0:
-        raise _bad(f"top_k must be an integer >= 1, or -1 or 0 for off, got {json.dumps(body.get('top_k'))}",
-                   param="top_k")
-    seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
-        raise _bad(f"seed must be an integer in [0, 2**63), got {json.dumps(seed)}", param="seed")
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise _bad("stop must be a non-empty string or a list of non-empty strings", param="stop")
-    flags = {}
-    for flag in ("ignore_eos", "return_token_ids"):
-        value = body.get(flag)
-        if value is not None and not isinstance(value, bool):
-            raise _bad(f"{flag} must be a boolean", param=flag)
-        flags[flag] = bool(value)
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _bad("user must be a string", param="user")
-    try:
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature), top_k=top_k,
-                                top_p=float(top_p), seed=seed, stop=tuple(stop), stop_token_ids=tuple(eos_token_ids),
-                                ignore_eos=flags["ignore_eos"])
-    except ValueError as exc:  # the checks above should make this unreachable; never a 500 for bad input
-        raise _bad(str(exc)) from None
-    return GenerationRequest(prompt_ids, params, is_stream, include_usage, flags["return_token_ids"])
+    def _fail_batch(self, exc: Exception) -> None:
+        """A failed step: answer its requests 500 and abort them, so that no KV block stays held."""
+        with self._cond:
+            ids = [seq.request_id for seq in self.engine.scheduler.running] or list(self._jobs)
+            logger.error("engine step failed, answering %d requests 500: %s", len(ids), exc, exc_info=exc)
+            error = APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed")
+            for request_id in ids:
+                job = self._jobs.get(request_id)
+                if job is None:
+                    self.engine.abort(request_id)
+                else:
+                    self._end(job, "error", error)
+            self._stats = self.engine.stats()
 
 
 # -- the app -------------------------------------------------------------------------------------------------
 class _StreamingResponse(Response):
-    """Server-sent events that stop, and cancel their generation, as soon as the client disconnects.
+    """Server-sent events whose status waits for the first event, and that stop (cancelling their request) as
+    soon as the client disconnects.
 
-    Starlette's StreamingResponse notices a disconnect only on its next send under ASGI spec >= 2.4; a request
-    still waiting in the queue sends nothing, so this one always listens for `http.disconnect`.
+    An APIError before the first event (a queue timeout, a failed step) is answered with its real status and
+    OpenAI's error body instead of a 200 stream. Starlette's StreamingResponse notices a disconnect only on its
+    next send; a request still waiting for the batch sends nothing, so this one always listens for it.
     """
 
     def __init__(self, events: AsyncIterator[str], on_disconnect: Callable[[], None]):
@@ -575,7 +324,13 @@ class _StreamingResponse(Response):
 
         async def stream() -> None:
             try:
+                try:
+                    first = await anext(self.events)
+                except APIError as exc:
+                    await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)(scope, receive, send)
+                    return
                 await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                await send({"type": "http.response.body", "body": first.encode(), "more_body": True})
                 async for event in self.events:
                     await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -599,13 +354,14 @@ class _StreamingResponse(Response):
             await self.events.aclose()
 
 
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-def _usage(num_prompt: int, num_completion: int) -> dict:
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
-            "total_tokens": num_prompt + num_completion}
+async def _next_output(job: Job) -> "RequestOutput | None":
+    """The job's next engine output, None at its end; an error the engine's thread sent is raised."""
+    item = await job.out.get()
+    if item is _END or isinstance(item, APIError):
+        job.is_done = True
+    if isinstance(item, APIError):
+        raise item
+    return None if item is _END else item
 
 
 def create_app(engine, config: ServeConfig | None = None, **kwargs):
@@ -613,8 +369,9 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import PlainTextResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     if config is None:
         config = ServeConfig(**kwargs)
@@ -624,9 +381,9 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
         raise ValueError("labkit serve needs an engine with a tokenizer")
     model_name = config.served_model_name or engine.name
     metrics = ServerMetrics()
-    worker = GenerationWorker(engine, config.max_queue, metrics)
-    # The worker thread decodes with the engine's tokenizer; the loop gets its own copy, since a fast tokenizer
-    # shared across threads can fail with "Already borrowed".
+    worker = EngineWorker(engine, metrics, config.max_queue, config.max_queue_wait_s)
+    # The engine's thread detokenizes with the engine's tokenizer; the loop gets its own copy, since a fast
+    # tokenizer shared across threads can fail with "Already borrowed".
     tokenizer = copy.deepcopy(engine.tokenizer)
     vocab_size = engine.model.args.vocab_size
     created = int(time.time())
@@ -673,16 +430,19 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
         if length.isdigit() and int(length) > config.max_body_bytes:
             raise too_big
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > config.max_body_bytes:
-                raise too_big
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > config.max_body_bytes:
+                    raise too_big
+        except ClientDisconnect:  # the client left mid-body: no server error, nobody to answer
+            raise APIError(499, "client closed the request") from None
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise _bad(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+            raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(data, dict):
-            raise _bad("the body must be a JSON object", code="invalid_json")
+            raise bad_request("the body must be a JSON object", code="invalid_json")
         return data
 
     def check_model(body: Mapping) -> None:
@@ -697,70 +457,41 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
         check_model(body)
         req = parse_generation_request(body, is_chat=is_chat, tokenizer=tokenizer,
                                        eos_token_ids=engine.eos_token_ids, max_seq_len=engine.max_seq_len,
-                                       vocab_size=vocab_size)
+                                       vocab_size=vocab_size, default_max_tokens=config.default_max_tokens)
         job = Job(req.prompt_ids, req.params, asyncio.get_running_loop())
         try:
             worker.submit(job)
         except QueueFull:
             raise APIError(429, f"the server is busy: {config.max_queue} requests are already waiting",
                            type="rate_limit_exceeded", code="queue_full", headers={"Retry-After": "1"}) from None
-        kind = "chat.completion" if is_chat else "text_completion"
-        ident = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
+        reply = Reply(model_name, is_chat, req.return_token_ids, req.include_usage)
         if req.is_stream:
-            events = _stream_events(job, req, ident, kind, is_chat)
-            return _StreamingResponse(events, on_disconnect=partial(worker.cancel, job))
-        return await _complete(request, job, req, ident, kind, is_chat)
+            return _StreamingResponse(_stream_events(job, req, reply), on_disconnect=partial(worker.cancel, job))
+        return await _complete(request, job, reply)
 
-    async def _deltas(job: Job):
-        """The job's TextDeltas until its end; an APIError item is raised."""
-        while True:
-            item = await job.out.get()
-            if item is _END:
-                job.is_done = True
-                return
-            if isinstance(item, APIError):
-                raise item
-            yield item
-
-    async def _stream_events(job: Job, req: GenerationRequest, ident: str, kind: str, is_chat: bool):
-        head = {"id": ident, "object": f"{kind}.chunk" if is_chat else kind, "created": int(time.time()),
-                "model": model_name}
-        extra = {"usage": None} if req.include_usage else {}
-
-        def chunk(text: str | None, finish: str | None, token_ids: list[int] | None) -> str:
-            choice = {"index": 0}
-            if is_chat:
-                choice["delta"] = {} if text is None else {"content": text}
-            else:
-                choice["text"] = text or ""
-            choice.update(logprobs=None, finish_reason=finish)
-            if req.return_token_ids and token_ids is not None:
-                choice["token_ids"] = token_ids
-            return _sse({**head, "choices": [choice], **extra})
-
+    async def _stream_events(job: Job, req: GenerationRequest, reply: Reply):
         num_tokens = 0
         try:
-            if is_chat:
-                first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}
-                yield _sse({**head, "choices": [first], **extra})
+            out = await _next_output(job)  # an error before this is answered with its own status
+            if reply.is_chat:
+                yield reply.role_event()
             try:
-                async for delta in _deltas(job):
-                    num_tokens += len(delta.token_ids)
-                    if delta.text or delta.token_ids or delta.finish_reason:
-                        text = delta.text if delta.text or not is_chat else None
-                        yield chunk(text, delta.finish_reason, list(delta.token_ids))
+                while out is not None:
+                    num_tokens += len(out.new_token_ids)
+                    if out.text or out.new_token_ids or out.finished:
+                        yield reply.delta_event(out.text, out.finish_reason, out.new_token_ids)
+                    out = await _next_output(job)
             except APIError as exc:
-                yield _sse(exc.body())  # the openai client raises an APIError on this event
+                yield sse(exc.body())  # the openai client raises an APIError on this event
             else:
                 if req.include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(len(job.prompt_ids), num_tokens)})
-            yield "data: [DONE]\n\n"
+                    yield reply.usage_event(len(job.prompt_ids), num_tokens)
+            yield DONE_EVENT
         finally:
-            if not job.is_done:  # the client left (or the server is closing): free the worker
+            if not job.is_done:  # the client left (or the server is closing): free its place in the batch
                 worker.cancel(job)
 
-    async def _complete(request: Request, job: Job, req: GenerationRequest, ident: str, kind: str, is_chat: bool):
+    async def _complete(request: Request, job: Job, reply: Reply):
         import anyio
 
         text, token_ids, finish = [], [], "length"
@@ -769,10 +500,10 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
         async def collect(group) -> None:
             nonlocal finish
             try:
-                async for delta in _deltas(job):
-                    text.append(delta.text)
-                    token_ids.extend(delta.token_ids)
-                    finish = delta.finish_reason or finish
+                while (out := await _next_output(job)) is not None:
+                    text.append(out.text)
+                    token_ids.extend(out.new_token_ids)
+                    finish = out.finish_reason or finish
             except APIError as exc:
                 failure.append(exc)
             group.cancel_scope.cancel()
@@ -793,17 +524,8 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
         if failure:
             raise failure[0]
         if not job.is_done:
-            return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
-        choice = {"index": 0}
-        if is_chat:
-            choice["message"] = {"role": "assistant", "content": "".join(text)}
-        else:
-            choice["text"] = "".join(text)
-        choice.update(logprobs=None, finish_reason=finish)
-        if req.return_token_ids:
-            choice["token_ids"] = token_ids
-        return {"id": ident, "object": kind, "created": int(time.time()), "model": model_name,
-                "choices": [choice], "usage": _usage(len(job.prompt_ids), len(token_ids))}
+            raise APIError(499, "client closed the request")
+        return reply.response("".join(text), finish, token_ids, len(job.prompt_ids))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -830,13 +552,15 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
 
     @app.get("/health")
     async def health():
+        num_waiting, stats = worker.snapshot()
         state = {"status": "ok" if worker.is_alive else "unhealthy", "model": model_name,
-                 "queue_depth": worker.queue_depth, "num_running": worker.num_running}
+                 "num_running": stats.num_running, "num_waiting": num_waiting, "queue_depth": num_waiting,
+                 "num_kv_blocks_used": stats.num_used_blocks, "num_kv_blocks": stats.num_kv_blocks}
         return JSONResponse(state, status_code=200 if worker.is_alive else 503)
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        text = metrics.render(worker.queue_depth, worker.num_running, model_name)
+        text = metrics.render(model_name, *worker.snapshot())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_middleware(_CountRequests, metrics=metrics, routes={r.path for r in app.routes if hasattr(r, "path")})
@@ -844,7 +568,10 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
 
 
 class _CountRequests:
-    """ASGI middleware: count every HTTP response by route and status (route "other" for unknown paths)."""
+    """ASGI middleware: count every HTTP response by route and status (route "other" for unknown paths).
+
+    An unhandled exception is answered 500 by Starlette's outermost middleware, outside this one: count it here.
+    """
 
     def __init__(self, app, metrics: ServerMetrics, routes: set[str]):
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -854,13 +581,21 @@ class _CountRequests:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         route = path if path in self.routes else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+        is_started = False
 
         async def counting_send(message):
+            nonlocal is_started
             if message["type"] == "http.response.start":
+                is_started = True
                 self.metrics.count_request(route, message["status"])
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if not is_started:
+                self.metrics.count_request(route, 500)
+            raise
 
 
 # -- running it ----------------------------------------------------------------------------------------------
@@ -921,19 +656,24 @@ class ServerThread:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from labkit.generation import Engine
+    from labkit.generation import Engine, EngineConfig
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     config = ServeConfig(served_model_name=args.served_model_name, max_queue=args.max_queue, api_key=api_key,
-                         max_body_bytes=args.max_body_bytes)
+                         max_body_bytes=args.max_body_bytes, max_queue_wait_s=args.max_queue_wait,
+                         default_max_tokens=args.default_max_tokens)
+    engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                 kv_cache_mb=args.kv_cache_mb)
     sock = bind_socket(args.host, args.port)  # fail fast, before loading a model
     try:
-        engine = Engine.load(args.model, device=args.device, dtype=args.dtype, dummy=args.dummy)
+        engine = Engine.load(args.model, device=args.device, dtype=args.dtype, dummy=args.dummy, config=engine_config)
         app = create_app(engine, config)
         host, port = sock.getsockname()[:2]
         print(f"labkit serve: {config.served_model_name or engine.name} on http://{host}:{port} "
-              f"(device {engine.device}, max queue {config.max_queue}, "
-              f"{'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
+              f"(device {engine.device}, batch of up to {engine_config.max_num_seqs}, "
+              f"{engine.blocks.num_blocks} KV blocks of {engine_config.block_size} tokens, "
+              f"max queue {config.max_queue}, {'API key required' if api_key else 'no API key'})",
+              file=sys.stderr, flush=True)
         if not api_key and host not in ("127.0.0.1", "::1", "localhost"):
             print(f"labkit serve: warning: {host} accepts other machines and no API key is set "
                   f"(--api-key or ${API_KEY_ENV})", file=sys.stderr, flush=True)
@@ -958,16 +698,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit serve` on the CLI's subparsers."""
-    from labkit.arguments import non_negative_int, port, positive_int
+    from labkit.arguments import non_negative_int, port, positive_float, positive_int
+    from labkit.generation import EngineConfig
 
+    engine_defaults = EngineConfig()
     parser = subparsers.add_parser(
         "serve", help="an OpenAI-compatible HTTP server over the labkit engine",
         description="Serve a model over OpenAI's HTTP API: /v1/completions, /v1/chat/completions (streaming as\n"
-                    "server-sent events), /v1/models, /health and /metrics (Prometheus). One generation runs at\n"
-                    "a time; up to --max-queue requests wait, and more are answered 429.",
+                    "server-sent events), /v1/models, /health and /metrics (Prometheus). Concurrent requests are\n"
+                    "decoded together (continuous batching): up to --max-num-seqs run in each step, up to\n"
+                    "--max-queue more wait for a place, and more are answered 429.",
         epilog="examples:\n"
                "  labkit serve                                   # the embedded SmolLM2 on 127.0.0.1:8000\n"
                "  labkit serve --model tiny-smollm2 --dummy --port 0\n"
+               "  labkit serve --max-num-seqs 32 --kv-cache-mb 1024 --max-queue-wait 30\n"
                f"  {API_KEY_ENV}=secret labkit serve --host 0.0.0.0   # other hosts: require a key",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct",
@@ -978,8 +722,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=port, default=8000,
                         help="0 picks a free port (default: %(default)s)")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=engine_defaults.max_num_seqs,
+                        help="requests decoded together in one step (default: %(default)s)")
+    parser.add_argument("--max-num-batched-tokens", type=positive_int,
+                        default=engine_defaults.max_num_batched_tokens,
+                        help="new tokens in one step; longer prompts are prefilled in chunks (default: %(default)s)")
+    parser.add_argument("--kv-cache-mb", type=positive_float, default=None, metavar="MIB",
+                        help="KV-cache size (default: 512 MiB on a CPU, 40%% of the free memory on a GPU)")
     parser.add_argument("--max-queue", type=non_negative_int, default=64,
-                        help="requests that may wait behind the running one (default: %(default)s)")
+                        help="requests that may wait for a place in the batch (default: %(default)s)")
+    parser.add_argument("--max-queue-wait", type=positive_float, default=None, metavar="SECONDS",
+                        help="a request still waiting after this long is answered 503 with Retry-After "
+                             "(default: no limit)")
+    parser.add_argument("--default-max-tokens", type=positive_int, default=DEFAULT_CHAT_MAX_TOKENS,
+                        help="reply length of a chat request without max_tokens, at most what the context "
+                             "leaves (default: %(default)s)")
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
@@ -991,5 +748,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-__all__ = ["APIError", "ServeConfig", "ServerMetrics", "GenerationWorker", "GenerationRequest",
-           "parse_generation_request", "create_app", "ServerThread", "bind_socket", "cmd_serve", "add_parser"]
+__all__ = ["ServeConfig", "EngineWorker", "Job", "create_app", "ServerThread", "bind_socket", "cmd_serve",
+           "add_parser"]

@@ -1,8 +1,7 @@
-"""`labkit bench serve`: the metric arithmetic on scripted streams, the workload, and a real run against
-`labkit serve` that writes the JSON result and a results row."""
+"""`labkit bench serve`: the metric arithmetic on scripted streams, validation, and a real run against `labkit
+serve` that writes the JSON result and a results row (the workload is tested in test_workloads.py)."""
 
 import json
-import math
 import statistics
 
 import pytest
@@ -101,31 +100,6 @@ def test_compute_metrics_arithmetic():
     assert m["mean_tpot_ms"] == pytest.approx(50)  # TPOT statistics skip one-token requests
     nothing = compute_metrics([failed], 1.0)
     assert nothing["num_completed"] == 0 and nothing["mean_ttft_ms"] is None
-
-
-# -- the workload --------------------------------------------------------------------------------------------
-def test_prompts_are_seeded_and_lengths_in_range():
-    a = loadgen.make_prompts(50, 20, 10, range_ratio=0.5, seed=3)
-    assert a == loadgen.make_prompts(50, 20, 10, range_ratio=0.5, seed=3)
-    assert a != loadgen.make_prompts(50, 20, 10, range_ratio=0.5, seed=4)
-    assert all(10 <= p.input_words <= 30 and 5 <= p.output_len <= 15 for p in a)
-    assert all(len(p.prompt.split()) == p.input_words for p in a)
-    assert len({p.input_words for p in a}) > 5  # a distribution, not a constant
-    fixed = loadgen.make_prompts(5, 8, 4)
-    assert {(p.input_words, p.output_len) for p in fixed} == {(8, 4)}
-
-
-def test_arrivals_poisson_and_gamma():
-    assert loadgen.arrival_offsets(4, math.inf) == [0.0] * 4
-    for burstiness in (1.0, 0.25):
-        offsets = loadgen.arrival_offsets(20000, request_rate=50.0, burstiness=burstiness, seed=1)
-        assert offsets == sorted(offsets) and offsets[0] == 0.0
-        gaps = [b - a for a, b in zip(offsets, offsets[1:])]
-        mean = statistics.fmean(gaps)
-        assert mean == pytest.approx(1 / 50, rel=0.05)
-        # gamma(k): squared coefficient of variation 1/k (1 for Poisson, 4 for burstiness 0.25)
-        assert statistics.pvariance(gaps) / mean**2 == pytest.approx(1 / burstiness, rel=0.1)
-    assert loadgen.arrival_offsets(10, 5.0, seed=2) == loadgen.arrival_offsets(10, 5.0, seed=2)
 
 
 def test_config_and_slo_validation():

@@ -1,5 +1,6 @@
 """`labkit serve`, driven by the official `openai` client: same text streamed or not, exact usage, OpenAI error
-bodies with the right status codes, cancellation on disconnect, a bounded queue, and health after all of it."""
+bodies with the right status codes, concurrent requests decoded together with the text each gets alone,
+cancellation on disconnect, a bounded queue with a deadline, no leaked KV block, and health after all of it."""
 
 import asyncio
 import json
@@ -23,9 +24,12 @@ MODEL = "tiny"
 LONG = 1500  # tokens: seconds of decoding, so a generation that was not cancelled would be seen running
 
 
-def _engine(tiny) -> Engine:
+DEFAULT_MAX_TOKENS = 6  # the module server's reply length for chat requests without max_tokens
+
+
+def _engine(tiny, **config) -> Engine:
     """A fresh engine (its own KV cache) over the session's tiny random model."""
-    return Engine.from_hf(tiny.model, tiny.tokenizer, name="tiny-smollm2")
+    return Engine.from_hf(tiny.model, tiny.tokenizer, name="tiny-smollm2", **config)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,8 @@ def engine(tiny):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    app = create_app(engine, served_model_name=MODEL, max_queue=64, max_body_bytes=4096)
+    app = create_app(engine, served_model_name=MODEL, max_queue=64, max_body_bytes=4096,
+                     default_max_tokens=DEFAULT_MAX_TOKENS)
     with ServerThread(app) as running:
         yield running
 
@@ -51,15 +56,34 @@ def _health(url: str) -> dict:
     return response.json()
 
 
-def _wait_idle(url: str, timeout_s: float = 3.0) -> dict:
-    """/health once nothing waits and nothing runs; fails if that takes longer than timeout_s."""
+def _wait_for(url: str, ready, timeout_s: float = 3.0) -> dict:
+    """/health once ready(state) holds; fails if that takes longer than timeout_s."""
     deadline = time.monotonic() + timeout_s
     while True:
         state = _health(url)
-        if state["queue_depth"] == 0 and state["num_running"] == 0:
+        if ready(state):
             return state
-        assert time.monotonic() < deadline, f"the server is still busy: {state}"
+        assert time.monotonic() < deadline, f"the server did not get there: {state}"
         time.sleep(0.02)
+
+
+def _wait_idle(url: str, timeout_s: float = 3.0) -> dict:
+    """/health once nothing waits, nothing runs and no KV block is held."""
+    state = _wait_for(url, lambda s: s["num_waiting"] == s["num_running"] == s["num_kv_blocks_used"] == 0, timeout_s)
+    assert state["queue_depth"] == 0
+    return state
+
+
+def _open_request(url: str, path: str, body: dict) -> socket.socket:
+    """POST body on a raw connection and leave it open without reading: closing the socket is a disconnect.
+
+    A streamed request that waits for the batch sends no headers yet, so a client library would block on it."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
 
 
 def _metric(url: str, name: str, **labels) -> float:
@@ -104,6 +128,16 @@ def test_streamed_text_equals_non_streamed_chat(client):
     assert whole.object == "chat.completion" and chunks[0].object == "chat.completion.chunk"
 
 
+def test_chat_without_max_tokens_gets_the_default_reply_length(client):
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me everything."}],
+                                          extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == DEFAULT_MAX_TOKENS and chat.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Go on."}],
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == DEFAULT_MAX_TOKENS
+
+
 def test_usage_counts_are_exact(client, engine):
     prompt = "Once upon a time, in a small village,"
     num_prompt = len(engine.encode(prompt))
@@ -134,6 +168,12 @@ def test_usage_counts_are_exact(client, engine):
     # token-id prompts are taken as they are
     by_ids = client.completions.create(model=MODEL, prompt=[1, 2, 3, 4], max_tokens=2, temperature=0)
     assert by_ids.usage.prompt_tokens == 4
+
+
+def test_tiny_temperatures_are_greedy(client):
+    kwargs = dict(model=MODEL, prompt="The capital of France is", max_tokens=8, extra_body={"ignore_eos": True})
+    greedy = client.completions.create(**kwargs, temperature=0).choices[0].text
+    assert client.completions.create(**kwargs, temperature=1e-40).choices[0].text == greedy  # no inf/nan 500
 
 
 def test_stop_strings_and_models_route(client, engine):
@@ -273,13 +313,16 @@ def test_api_key_guards_every_v1_route(tiny):
 
 
 def test_full_queue_answers_429_then_recovers(tiny):
-    app = create_app(_engine(tiny), served_model_name=MODEL, max_queue=1)
+    # a batch of one row, so that the second request waits for it
+    app = create_app(_engine(tiny, max_num_seqs=1), served_model_name=MODEL, max_queue=1)
     with ServerThread(app) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
         long = dict(model=MODEL, prompt="hi", max_tokens=LONG, stream=True, extra_body={"ignore_eos": True})
         running = client.completions.create(**long)
-        next(iter(running))  # the first token: it is on the worker now
-        waiting = client.completions.create(**long)  # takes the one queue slot
+        next(iter(running))  # the first token: it is in the batch now
+        waiting = _open_request(server.url, "/v1/completions",
+                                {"prompt": "hi", "max_tokens": LONG, "stream": True, "ignore_eos": True})
+        _wait_for(server.url, lambda s: s["num_waiting"] == 1)  # it takes the one queue slot
         with pytest.raises(openai.RateLimitError) as caught:
             client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
         assert caught.value.status_code == 429
@@ -292,24 +335,60 @@ def test_full_queue_answers_429_then_recovers(tiny):
         assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text is not None
 
 
-class _FailingEngine:
-    """The real engine, except that every generation raises after its first piece of text."""
+def test_queue_deadline_answers_503_with_retry_after(tiny):
+    app = create_app(_engine(tiny, max_num_seqs=1), served_model_name=MODEL, max_queue_wait_s=0.3)
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+        stream = client.completions.create(model=MODEL, prompt="hi", max_tokens=LONG, stream=True,
+                                           extra_body={"ignore_eos": True})
+        running = iter(stream)
+        next(running)
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert time.monotonic() - started >= 0.3
+        response = caught.value.response
+        assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+        _assert_error_body(response.json(), 503, code="queue_timeout")
+        assert response.json()["error"]["type"] == "server_error"
+        # a stream that never got a token answers the same status, not a 200 stream holding an error
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=10,
+                          json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
+            assert response.status_code == 503 and "retry-after" in response.headers
+            _assert_error_body(json.loads(response.read()), 503, code="queue_timeout")
+        # the request in the batch outlived the deadline and still streams
+        for _ in range(3):
+            assert next(running).choices[0].text is not None
+        assert _metric(server.url, "labkit_request_finished_total", reason="queue_timeout") == 2
+        stream.close()
+        _wait_idle(server.url)
 
-    def __init__(self, engine):
-        self._engine = engine
+
+class _FailingEngine:
+    """The real engine, except that the steps `failing(step number)` picks raise."""
+
+    def __init__(self, engine, failing):
+        self._engine, self.failing, self.num_calls = engine, failing, 0
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def stream_text(self, prompt, params):
-        for i, delta in enumerate(self._engine.stream_text(prompt, params)):
-            if i == 1:
-                raise RuntimeError("simulated device failure")
-            yield delta
+    def step(self):
+        self.num_calls += 1
+        if self.failing(self.num_calls):
+            self._engine.step()  # the step really runs (blocks allocated, tokens computed), then fails
+            raise RuntimeError("simulated device failure")
+        return self._engine.step()
 
 
-def test_failed_generation_answers_500_and_the_worker_lives_on(tiny):
-    app = create_app(_FailingEngine(_engine(tiny)), served_model_name=MODEL)
+def test_failed_step_answers_500_frees_its_blocks_and_the_server_lives_on(tiny):
+    engine = _FailingEngine(_engine(tiny), failing=lambda n: n % 2 == 0)  # a request's second step fails
+    app = create_app(engine, served_model_name=MODEL)
+
+    @app.get("/boom")
+    async def boom():  # an unexpected error: its 500 is counted like any other response
+        raise RuntimeError("unexpected")
+
     with ServerThread(app) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
         kwargs = dict(model=MODEL, prompt="hi", max_tokens=8, extra_body={"ignore_eos": True})
@@ -319,10 +398,19 @@ def test_failed_generation_answers_500_and_the_worker_lives_on(tiny):
         _assert_error_body(body, 500, code="generation_failed")
         assert body["error"]["type"] == "server_error" and "simulated device failure" in body["error"]["message"]
         with pytest.raises(openai.APIError, match="simulated device failure"):
-            list(client.completions.create(**kwargs, stream=True))  # an error event ends the stream
-        state = _wait_idle(server.url)
+            list(client.completions.create(**kwargs, stream=True))  # an error event ends the 200 stream
+        engine.failing = lambda n: True  # now a stream fails before its first token: a real 500 status
+        with httpx.stream("POST", f"{server.url}/v1/completions", json={"prompt": "hi", "stream": True}) as response:
+            assert response.status_code == 500
+            _assert_error_body(json.loads(response.read()), 500, code="generation_failed")
+        assert httpx.get(f"{server.url}/boom").status_code == 500
+        state = _wait_idle(server.url)  # every block of the failed batches is free again
         assert state["status"] == "ok"
-        assert _metric(server.url, "labkit_request_finished_total", reason="error") == 2
+        assert _metric(server.url, "labkit_request_finished_total", reason="error") == 3
+        assert _metric(server.url, "labkit_requests_total", route="/v1/completions", status=500) == 2
+        assert _metric(server.url, "labkit_requests_total", route="other", status=500) == 1
+        engine.failing = lambda n: False
+        assert client.completions.create(**kwargs).usage.completion_tokens == 8
 
 
 # -- disconnects and load ------------------------------------------------------------------------------------
@@ -345,6 +433,90 @@ def test_disconnect_mid_stream_cancels_the_generation(client, server):
     _wait_idle(server.url, timeout_s=2.0)
     assert _metric(server.url, "labkit_request_finished_total", reason="cancelled") == cancelled + 2
     assert client.completions.create(model=MODEL, prompt="still there?", max_tokens=3).usage.completion_tokens <= 3
+
+
+def _steps_with_rows_over_one(url: str) -> float:
+    return _metric(url, "labkit_step_rows_count") - _metric(url, "labkit_step_rows_bucket", le="1.0")
+
+
+def _alone(tiny, prompts: list[str], max_tokens: int) -> list[str]:
+    """Each prompt's greedy text generated alone, on an engine of its own."""
+    reference = _engine(tiny)
+    params = reference.sampling_params(max_new_tokens=max_tokens, ignore_eos=True)
+    return [reference.generate([reference.encode(p)], params)[0].text for p in prompts]
+
+
+async def _stream_text(client, prompt: str, max_tokens: int) -> str:
+    stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True, extra_body={"ignore_eos": True})
+    async with stream:
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+
+def test_concurrent_streams_are_decoded_together_and_each_gets_its_text_alone(tiny, server):
+    prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Roses are red, violets"]
+    max_tokens = 96  # long enough that the four streams overlap, whenever each arrives
+    batched_steps = _steps_with_rows_over_one(server.url)
+
+    async def main() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                                      timeout=60) as client:
+            return await asyncio.gather(*(_stream_text(client, p, max_tokens) for p in prompts))
+
+    texts = asyncio.run(main())
+    assert _steps_with_rows_over_one(server.url) - batched_steps >= max_tokens / 2  # mostly decoded together
+    assert texts == _alone(tiny, prompts, max_tokens)  # batching changes no request's greedy text
+    _wait_idle(server.url)
+
+
+def test_no_kv_block_leaks_after_finished_cancelled_preempted_and_disconnected_requests(tiny):
+    # 12 blocks of 16 tokens hold fewer than four 70-token requests: the batch preempts while it grows
+    engine = _engine(tiny, max_num_seqs=4, num_kv_blocks=12)
+    prompts = [f"Request number {i} says" for i in range(4)]
+    max_tokens, long = 64, 170  # a long request still fits the cache alone (11 blocks)
+
+    async def finished_stream(client, i: int) -> str:
+        return await _stream_text(client, prompts[i], max_tokens)
+
+    async def finished_whole(client, i: int) -> str:
+        reply = await client.completions.create(model=MODEL, prompt=f"whole {i}", max_tokens=8,
+                                                extra_body={"ignore_eos": True})
+        return f"whole:{reply.usage.completion_tokens}"
+
+    async def left_mid_stream(client, i: int) -> str:
+        stream = await client.completions.create(model=MODEL, prompt=f"leave {i}", max_tokens=long, stream=True,
+                                                 extra_body={"ignore_eos": True})
+        async with stream:
+            async for _chunk in stream:
+                return "left"
+
+    async def hung_up(server_url: str, i: int) -> str:  # maybe still waiting for the batch, maybe running
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5, read=0.05)) as http:
+            try:
+                await http.post(f"{server_url}/v1/completions", json={"prompt": f"hang {i}", "max_tokens": long,
+                                                                       "ignore_eos": True})
+            except httpx.ReadTimeout:
+                return "hung up"
+        return "answered"
+
+    with ServerThread(create_app(engine, served_model_name=MODEL)) as server:
+        async def main() -> list[str]:
+            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                                          timeout=60) as client:
+                return await asyncio.gather(*(finished_stream(client, i) for i in range(4)),
+                                            *(finished_whole(client, i) for i in range(2)),
+                                            *(left_mid_stream(client, i) for i in range(2)),
+                                            *(hung_up(server.url, i) for i in range(2)))
+
+        outcomes = asyncio.run(main())
+        assert outcomes[4:] == ["whole:8"] * 2 + ["left"] * 2 + ["hung up"] * 2
+        state = _wait_idle(server.url)
+        assert state["num_kv_blocks"] == 12
+        assert _metric(server.url, "labkit_preemptions_total") > 0
+        assert _metric(server.url, "labkit_request_finished_total", reason="cancelled") == 4
+    assert outcomes[:4] == _alone(tiny, prompts, max_tokens)  # preempted and recomputed, the same text
+    stats = engine.stats()
+    assert (stats.num_used_blocks, stats.num_running, stats.num_waiting, engine.num_unfinished) == (0, 0, 0, 0)
 
 
 def test_load_of_concurrent_streams_with_early_disconnects_leaves_server_idle(server):
@@ -400,6 +572,37 @@ def test_load_of_concurrent_streams_with_early_disconnects_leaves_server_idle(se
         _metric(server.url, "labkit_inter_token_latency_seconds_count")
 
 
+def test_engine_metrics_and_health_agree(client, server, engine):
+    engine_gauges = (("labkit_requests_running", "gauge"), ("labkit_requests_waiting", "gauge"),
+                     ("labkit_batch_size", "gauge"), ("labkit_step_rows", "histogram"),
+                     ("labkit_kv_blocks_used", "gauge"), ("labkit_kv_blocks_total", "gauge"),
+                     ("labkit_kv_cache_usage_ratio", "gauge"), ("labkit_preemptions_total", "counter"),
+                     ("labkit_prefix_cache_hit_rate", "gauge"))
+    text = httpx.get(f"{server.url}/metrics").text
+    assert all(f"# TYPE {name} {kind}" in text for name, kind in engine_gauges)
+    stream = client.completions.create(model=MODEL, prompt="hi", max_tokens=LONG, stream=True,
+                                       extra_body={"ignore_eos": True})
+    with stream:
+        next(iter(stream))
+        busy = _health(server.url)
+        assert busy["num_running"] == 1 and busy["num_kv_blocks_used"] > 0
+        assert _metric(server.url, "labkit_requests_running") == 1
+        assert 0 < _metric(server.url, "labkit_kv_cache_usage_ratio") < 1
+    prompt = "A prompt long enough to fill a whole KV block of sixteen tokens, and then some more words."
+    for _ in range(2):  # the second one finds the first one's full blocks in the prefix cache
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    state = _wait_idle(server.url)
+    used, total = _metric(server.url, "labkit_kv_blocks_used"), _metric(server.url, "labkit_kv_blocks_total")
+    assert (used, total) == (state["num_kv_blocks_used"], state["num_kv_blocks"]) == (0, engine.blocks.num_blocks)
+    assert _metric(server.url, "labkit_kv_cache_usage_ratio") == 0
+    assert _metric(server.url, "labkit_requests_running") == _metric(server.url, "labkit_requests_waiting") == 0
+    assert 0 < _metric(server.url, "labkit_prefix_cache_hit_rate") <= 1
+    assert 1 <= _metric(server.url, "labkit_batch_size") <= engine.config.max_num_seqs
+    steps = _metric(server.url, "labkit_step_rows_count")
+    assert steps > 0 and _metric(server.url, "labkit_step_rows_sum") >= steps
+    assert _metric(server.url, "labkit_step_rows_bucket", le="+Inf") == steps
+
+
 # -- the command line ----------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -412,7 +615,9 @@ def test_cli_serve_subprocess_answers_ping_and_stops_cleanly(tmp_path, capsys):
     env = {**os.environ, "LABKIT_API_KEY": "from-env"}
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "serve", "--model", "tiny-smollm2", "--dummy",
-                             "--device", "cpu", "--port", str(port), "--max-queue", "4"],
+                             "--device", "cpu", "--port", str(port), "--max-queue", "4", "--max-num-seqs", "4",
+                             "--max-num-batched-tokens", "64", "--kv-cache-mb", "4", "--max-queue-wait", "30",
+                             "--default-max-tokens", "3"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 90
@@ -432,6 +637,9 @@ def test_cli_serve_subprocess_answers_ping_and_stops_cleanly(tmp_path, capsys):
         assert cli.main(["ping", "--port", str(port), "--endpoint", "completions", "--max-tokens", "3",
                          "--api-key", "from-env"]) == 0
         assert "ms" in capsys.readouterr().out
+        chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"Authorization": "Bearer from-env"},
+                          json={"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}, timeout=30)
+        assert chat.json()["usage"]["completion_tokens"] == 3  # --default-max-tokens
         assert cli.main(["ping", "--port", str(port), "--model", "tiny-smollm2"]) == 1  # no key
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "HTTP 401" in err[0]
@@ -446,6 +654,7 @@ def test_cli_serve_subprocess_answers_ping_and_stops_cleanly(tmp_path, capsys):
     assert code == 0, (tmp_path / "serve.log").read_text()
     log_text = (tmp_path / "serve.log").read_text()
     assert "labkit serve: tiny-smollm2 on http://127.0.0.1:" in log_text and "stopped by SIGTERM" in log_text
+    assert "batch of up to 4" in log_text
 
 
 def test_cli_serve_and_ping_report_bad_input_in_one_line(capsys):
@@ -461,7 +670,19 @@ def test_cli_serve_and_ping_report_bad_input_in_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("labkit ping: cannot reach")
 
 
+@pytest.mark.parametrize("flag, value", [("--max-num-seqs", "0"), ("--max-num-batched-tokens", "many"),
+                                         ("--kv-cache-mb", "0"), ("--max-queue-wait", "-1"),
+                                         ("--max-queue-wait", "inf"), ("--default-max-tokens", "0")])
+def test_cli_serve_engine_flags_are_validated_in_one_line(capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--model", "tiny-smollm2", "--dummy", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and flag in err[0] and value in err[0]
+
+
 def test_serve_config_is_validated():
-    for bad in (dict(max_queue=-1), dict(max_body_bytes=0), dict(api_key=""), dict(served_model_name=" ")):
-        with pytest.raises(ValueError):
+    for bad in (dict(max_queue=-1), dict(max_body_bytes=0), dict(api_key=""), dict(served_model_name=" "),
+                dict(max_queue_wait_s=0), dict(max_queue_wait_s=float("inf")), dict(max_queue_wait_s=True),
+                dict(default_max_tokens=0), dict(default_max_tokens=2.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
             ServeConfig(**bad)

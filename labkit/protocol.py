@@ -1,0 +1,393 @@
+"""OpenAI's completion and chat protocol, shared by `labkit serve` and its clients (`labkit ping`, `bench serve`).
+
+Server side: request bodies validated into token ids and SamplingParams (a 400 naming the field otherwise),
+response bodies and server-sent events, and OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
+Client side: parsing those events and error bodies. Nothing here imports torch, so clients stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from labkit.text import encode_prompt
+
+if TYPE_CHECKING:
+    from labkit.sampling import SamplingParams
+
+API_KEY_ENV = "LABKIT_API_KEY"
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_CHAT_MAX_TOKENS = 512  # a chat request without max_tokens: a reply, not the rest of the context
+ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+DONE = object()  # the `data: [DONE]` event that ends an OpenAI stream
+DONE_EVENT = "data: [DONE]\n\n"
+
+# Parameters OpenAI defines that labkit accepts only at their no-op value: anything else is a named 400.
+NO_OP_PARAMS: dict[str, tuple] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "min_tokens": (None, 0),
+}
+COMMON_PARAMS = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                 "top_k", "seed", "stop", "ignore_eos", "user", "return_token_ids", *NO_OP_PARAMS}
+COMPLETION_PARAMS = COMMON_PARAMS | {"prompt"}
+CHAT_PARAMS = COMMON_PARAMS | {"messages"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+# -- errors --------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered with OpenAI's error body and an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 naming the offending field."""
+    return APIError(400, message, param=param, code=code)
+
+
+class ServerError(RuntimeError):
+    """The server could not be reached, or answered with an error (its message is kept)."""
+
+
+def error_message(status: int, body: bytes) -> str:
+    """`HTTP 400: <message>` from an OpenAI error body, or from the raw text of any other body."""
+    try:
+        error = json.loads(body).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    if not message:
+        message = body.decode("utf-8", "replace").strip()[:200] or "(empty body)"
+    return f"HTTP {status}: {message}"
+
+
+# -- requests ------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationRequest:
+    """A validated completion or chat request."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    is_chat: bool
+    is_stream: bool
+    include_usage: bool
+    return_token_ids: bool
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_no_op(value, no_ops: tuple) -> bool:
+    for no_op in no_ops:
+        if no_op is None or isinstance(no_op, bool):
+            if value is no_op:  # False must not match 0, nor None match a missing dict
+                return True
+        elif isinstance(no_op, (int, float)):
+            if _is_number(value) and value == no_op:
+                return True
+        elif value == no_op:
+            return True
+    return False
+
+
+def _check_known(body: Mapping, allowed: set[str]) -> None:
+    for name in body:
+        if name not in allowed:
+            raise bad_request(f"Unrecognized request argument supplied: {name}", param=name,
+                              code="unsupported_parameter")
+    for name, no_ops in NO_OP_PARAMS.items():
+        if name in body and not _is_no_op(body[name], no_ops):
+            raise bad_request(f"{name}={json.dumps(body[name])} is not supported by labkit serve "
+                              f"(accepted: {' or '.join(json.dumps(v) for v in no_ops)})", param=name,
+                              code="unsupported_parameter")
+
+
+def _completion_prompt(body: Mapping, tokenizer, vocab_size: int) -> list[int]:
+    if "prompt" not in body:
+        raise bad_request("prompt is required", param="prompt", code="missing_required_parameter")
+    prompt = body["prompt"]
+    # OpenAI accepts a string, a list of one string, token ids, or a list of one token-id list
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise bad_request(f"a batch of {len(prompt)} prompts is not supported: send one prompt per request",
+                          param="prompt", code="unsupported_parameter")
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("prompt must not be empty", param="prompt")
+        ids = encode_prompt(tokenizer, prompt)
+    elif isinstance(prompt, list):
+        if not prompt:
+            raise bad_request("prompt must not be empty", param="prompt")
+        if not all(_is_int(t) and 0 <= t < vocab_size for t in prompt):
+            raise bad_request(f"token-id prompts must hold integers in [0, {vocab_size})", param="prompt")
+        ids = list(prompt)
+    else:
+        raise bad_request("prompt must be a string, a list of token ids, or a list of one of those", param="prompt")
+    if not ids:
+        raise bad_request("prompt must not be empty (it encodes to no tokens)", param="prompt")
+    return ids
+
+
+def _chat_prompt(body: Mapping, tokenizer) -> list[int]:
+    from jinja2 import TemplateError
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty list", param="messages")
+    plain = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise bad_request(f"messages[{i}] needs a role among {', '.join(CHAT_ROLES)}",
+                              param=f"messages[{i}].role")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise bad_request(f"messages[{i}].content: only text parts are supported",
+                                  param=f"messages[{i}].content", code="unsupported_parameter")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string or a list of text parts",
+                              param=f"messages[{i}].content")
+        extra = set(message) - {"role", "content"}
+        if extra:
+            raise bad_request(f"messages[{i}]: unsupported field(s) {', '.join(sorted(extra))}",
+                              param=f"messages[{i}]", code="unsupported_parameter")
+        plain.append({"role": CHAT_ROLES[message["role"]], "content": content})
+    try:
+        return encode_prompt(tokenizer, plain, chat=True)
+    except (TemplateError, ValueError) as exc:  # a template may reject an order of roles: the request's fault
+        raise bad_request(f"the chat template rejected these messages: {exc}", param="messages") from None
+
+
+def _stream_options(body: Mapping) -> tuple[bool, bool]:
+    """(is_stream, include_usage) of a request."""
+    is_stream = body.get("stream", False)
+    if is_stream is None:
+        is_stream = False
+    if not isinstance(is_stream, bool):
+        raise bad_request("stream must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is None:
+        return is_stream, False
+    if not is_stream:
+        raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise bad_request("stream_options supports only include_usage", param="stream_options",
+                          code="unsupported_parameter")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad_request("stream_options.include_usage must be a boolean", param="stream_options.include_usage")
+    return is_stream, include_usage
+
+
+def _max_tokens(body: Mapping, num_prompt: int, max_seq_len: int, default: int, prompt_param: str) -> int:
+    """The request's token budget: its own (checked against the context), else the default clipped to the room."""
+    room = max_seq_len - num_prompt
+    if room < 1:
+        raise bad_request(f"the prompt has {num_prompt} tokens, which leaves no room in the model's context of "
+                          f"{max_seq_len} tokens", param=prompt_param, code="context_length_exceeded")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(name)
+    if max_tokens is None:
+        return min(default, room)
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise bad_request(f"{name} must be an integer >= 1, got {json.dumps(max_tokens)}", param=name)
+    if max_tokens > room:
+        raise bad_request(f"the prompt ({num_prompt} tokens) + {name} ({max_tokens}) exceeds the model's context "
+                          f"of {max_seq_len} tokens", param=name, code="context_length_exceeded")
+    return max_tokens
+
+
+def parse_generation_request(body: Mapping, *, is_chat: bool, tokenizer, eos_token_ids: Sequence[int],
+                             max_seq_len: int, vocab_size: int,
+                             default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS) -> GenerationRequest:
+    """Validate an OpenAI request body into token ids and SamplingParams; raise APIError(400) naming the field.
+
+    Without max_tokens, a completion gets OpenAI's 16 tokens and a chat request default_max_tokens, each
+    clipped to the room the prompt leaves in the context.
+    """
+    from labkit.sampling import SamplingParams
+
+    _check_known(body, CHAT_PARAMS if is_chat else COMPLETION_PARAMS)
+    prompt_ids = _chat_prompt(body, tokenizer) if is_chat else _completion_prompt(body, tokenizer, vocab_size)
+    is_stream, include_usage = _stream_options(body)
+    max_tokens = _max_tokens(body, len(prompt_ids), max_seq_len,
+                             default_max_tokens if is_chat else DEFAULT_COMPLETION_MAX_TOKENS,
+                             "messages" if is_chat else "prompt")
+
+    temperature = body.get("temperature")
+    temperature = 1.0 if temperature is None else temperature
+    if not _is_number(temperature) or not 0 <= temperature < float("inf"):
+        raise bad_request(f"temperature must be a number >= 0, got {json.dumps(temperature)}", param="temperature")
+    top_p = body.get("top_p")
+    top_p = 1.0 if top_p is None else top_p
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise bad_request(f"top_p must be in (0, 1], got {json.dumps(top_p)}", param="top_p")
+    top_k = body.get("top_k")
+    top_k = 0 if top_k is None or top_k == -1 else top_k  # vLLM spells "off" as -1
+    if not _is_int(top_k) or top_k < 0:
+        raise bad_request(f"top_k must be an integer >= 1, or -1 or 0 for off, got {json.dumps(body.get('top_k'))}",
+                          param="top_k")
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+        raise bad_request(f"seed must be an integer in [0, 2**63), got {json.dumps(seed)}", param="seed")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad_request("stop must be a non-empty string or a list of non-empty strings", param="stop")
+    flags = {}
+    for flag in ("ignore_eos", "return_token_ids"):
+        value = body.get(flag)
+        if value is not None and not isinstance(value, bool):
+            raise bad_request(f"{flag} must be a boolean", param=flag)
+        flags[flag] = bool(value)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request("user must be a string", param="user")
+    try:
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature), top_k=top_k,
+                                top_p=float(top_p), seed=seed, stop=tuple(stop), stop_token_ids=tuple(eos_token_ids),
+                                ignore_eos=flags["ignore_eos"])
+    except ValueError as exc:  # the checks above should make this unreachable; never a 500 for bad input
+        raise bad_request(str(exc)) from None
+    return GenerationRequest(prompt_ids, params, is_chat, is_stream, include_usage, flags["return_token_ids"])
+
+
+# -- responses -----------------------------------------------------------------------------------------------
+def usage(num_prompt: int, num_completion: int) -> dict:
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
+            "total_tokens": num_prompt + num_completion}
+
+
+def sse(obj) -> str:
+    """One server-sent event carrying obj as compact JSON."""
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+@dataclass
+class Reply:
+    """The bodies of one request's answer: stream chunks and the whole response share its id, model and time."""
+
+    model: str
+    is_chat: bool
+    return_token_ids: bool = False
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = ""
+
+    def __post_init__(self):
+        if not self.id:
+            self.id = f"{'chatcmpl' if self.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.is_chat else "text_completion"
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _chunk(self, choices: list[dict], **extra) -> str:
+        obj = f"{self.object}.chunk" if self.is_chat else self.object
+        if self.include_usage:  # OpenAI: `usage: null` on every chunk but the last, when usage was asked for
+            extra.setdefault("usage", None)
+        return sse({**self._head(obj), "choices": choices, **extra})
+
+    def role_event(self) -> str:
+        """A chat stream's first event: the assistant's role, no content yet."""
+        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def delta_event(self, text: str, finish_reason: str | None, token_ids: Sequence[int]) -> str:
+        choice: dict = {"index": 0}
+        if self.is_chat:  # a chunk without new text (token ids held back, or the end) has an empty delta
+            choice["delta"] = {"content": text} if text else {}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=finish_reason)
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+        return self._chunk([choice])
+
+    def usage_event(self, num_prompt: int, num_completion: int) -> str:
+        return self._chunk([], usage=usage(num_prompt, num_completion))
+
+    def response(self, text: str, finish_reason: str, token_ids: Sequence[int], num_prompt: int) -> dict:
+        """The whole (non-streamed) response body."""
+        choice: dict = {"index": 0}
+        if self.is_chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=finish_reason)
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+        return {**self._head(self.object), "choices": [choice], "usage": usage(num_prompt, len(token_ids))}
+
+
+# -- the client side -----------------------------------------------------------------------------------------
+def parse_sse_line(line: str):
+    """One line of an event stream -> its JSON payload, DONE, or None (comments, blank lines, other fields)."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return DONE
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError:
+        raise ServerError(f"the server sent an event that is not JSON: {data[:200]!r}") from None
+
+
+def chunk_text(event: dict, is_chat: bool) -> tuple[str, list[int] | None, str | None]:
+    """The text, token ids (vLLM's `return_token_ids`, when sent) and finish reason of a stream chunk."""
+    choices = event.get("choices") or []
+    if not choices:
+        return "", None, None
+    choice = choices[0]
+    text = ((choice.get("delta") or {}).get("content") if is_chat else choice.get("text")) or ""
+    ids = choice.get("token_ids")
+    return text, (list(ids) if isinstance(ids, list) else None), choice.get("finish_reason")
+
+
+def auth_headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+__all__ = ["API_KEY_ENV", "DEFAULT_COMPLETION_MAX_TOKENS", "DEFAULT_CHAT_MAX_TOKENS", "ENDPOINTS", "DONE",
+           "DONE_EVENT", "NO_OP_PARAMS", "COMMON_PARAMS", "COMPLETION_PARAMS", "CHAT_PARAMS", "CHAT_ROLES",
+           "APIError", "bad_request", "ServerError", "error_message", "GenerationRequest", "parse_generation_request",
+           "usage", "sse", "Reply", "parse_sse_line", "chunk_text", "auth_headers"]
