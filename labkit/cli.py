@@ -1,4 +1,4 @@
-"""`labkit` command line: baseline, run, bench decode|serve, serve, ping.
+"""`labkit` command line: baseline, run, bench decode|serve|batching, serve, ping.
 
 Each command module registers its parser with `add_parser(subparsers)` and sets `func(args) -> int`.
 Bad input prints one line `labkit <command>: <message>` on stderr and exits 2, never a traceback.
@@ -22,6 +22,7 @@ COMMANDS = {
 BENCH_COMMANDS = {
     "decode": "labkit.bench_decode",
     "serve": "labkit.loadgen",
+    "batching": "labkit.bench_batching",
 }
 
 
@@ -30,7 +31,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
-    bench = sub.add_parser("bench", help="benchmarks: decode throughput, serving load",
+    bench = sub.add_parser("bench", help="benchmarks: decode throughput, serving load, batching policies",
                            description="Benchmarks. Each writes result rows under data/ and accepts --json.")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     for module in BENCH_COMMANDS.values():

@@ -5,7 +5,8 @@ import pytest
 
 from labkit import cli
 
-COMMANDS = [["baseline"], ["run"], ["serve"], ["ping"], ["bench"], ["bench", "decode"], ["bench", "serve"]]
+COMMANDS = [["baseline"], ["run"], ["serve"], ["ping"], ["bench"], ["bench", "decode"], ["bench", "serve"],
+            ["bench", "batching"]]
 
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=" ".join)
