@@ -93,8 +93,9 @@ class EngineStats:
     num_preemptions: int
     prefix_hit_rate: float | None
     num_steps: int
-    last_batch_size: int  # rows in the last step
-    last_num_tokens: int  # new tokens in the last step
+    last_batch_size: int  # rows in the last step, padding rows included
+    last_num_tokens: int  # new tokens in the last step, padding included
+    last_num_padding_rows: int  # rows of the last step that only computed padding (static batching)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 256
     max_wait_s: float = 0.05
     enable_chunked_prefill: bool = True
+    pad_batches: bool = True
     enable_prefix_caching: bool = True
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: from kv_cache_mb
@@ -126,7 +128,7 @@ class EngineConfig:
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(policy=self.policy, max_num_seqs=self.max_num_seqs,
                                max_num_batched_tokens=self.max_num_batched_tokens, max_wait_s=self.max_wait_s,
-                               enable_chunked_prefill=self.enable_chunked_prefill)
+                               enable_chunked_prefill=self.enable_chunked_prefill, pad_batches=self.pad_batches)
 
 
 @dataclass(eq=False)
@@ -167,7 +169,7 @@ class Engine:
         self._compiled = None
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
-        self._num_steps, self._last_rows, self._last_tokens = 0, 0, 0
+        self._num_steps, self._last_rows, self._last_tokens, self._last_padding = 0, 0, 0, 0
 
     def _default_num_blocks(self, bytes_per_block: int) -> int:
         config = self.config
@@ -231,7 +233,8 @@ class Engine:
             num_kv_blocks=self.blocks.num_blocks, num_used_blocks=self.blocks.num_used_blocks,
             num_tokens_in_cache=sum(s.num_computed_tokens for s in self.scheduler.running),
             num_preemptions=self.scheduler.num_preemptions, prefix_hit_rate=self.blocks.prefix_hit_rate,
-            num_steps=self._num_steps, last_batch_size=self._last_rows, last_num_tokens=self._last_tokens)
+            num_steps=self._num_steps, last_batch_size=self._last_rows, last_num_tokens=self._last_tokens,
+            last_num_padding_rows=self._last_padding)
 
     # -- the open API ------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
@@ -286,9 +289,12 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        rows = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda r: -r[1])  # multi-token rows first
+        # multi-token rows first, then by context length: attention groups rows of similar shapes
+        rows = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda r: (-r[1], r[0].num_computed_tokens))
         spans = [(s.request_id, s.token_ids, s.num_computed_tokens, s.num_computed_tokens + n) for s, n in rows]
         sampling = [i for i, (s, _) in enumerate(rows) if spans[i][3] == s.num_tokens]  # rows at their last token
+        padding = sorted(batch.prompt_padding, reverse=True) + [1] * batch.padding_rows  # into scratch slots
+        spans += [(None, [0] * n, 0, n) for n in padding]
         requests = [self._requests[rows[i][0].request_id] for i in sampling]
         tokens: list[int] = []
         with torch.inference_mode():
@@ -300,7 +306,8 @@ class Engine:
             seq.num_computed_tokens += n
             self.blocks.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
         self._num_steps += 1
-        self._last_rows, self._last_tokens = len(rows), batch.num_tokens
+        self._last_padding = batch.padding_rows
+        self._last_rows, self._last_tokens = len(rows) + batch.padding_rows, batch.num_tokens + sum(padding)
         return [self._append(request, token) for request, token in zip(requests, tokens)]
 
     def _append(self, request: _Request, token: int) -> RequestOutput:
@@ -335,7 +342,7 @@ class Engine:
             return self._forward_static(spans)[sampling]
         tokens, slots, query_lens, context_lens, tables = [], [], [], [], []
         for key, ids, start, end in spans:
-            table = self.blocks.block_table(key)
+            table = self._table(key, end)
             tokens.extend(ids[start:end])
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             query_lens.append(end - start)
@@ -351,7 +358,7 @@ class Engine:
         """A decode-only step through the compiled graph: rows and block tables padded to bucketed sizes."""
         bs, B = self.config.block_size, len(spans)
         rows = 1 << (B - 1).bit_length()
-        tables = [self.blocks.block_table(key) for key, *_ in spans]
+        tables = [self._table(key, end) for key, _, _, end in spans]
         width = max(MIN_STATIC_CONTEXT // bs, 1 << (max(len(t) for t in tables) - 1).bit_length())
         pad = rows - B
         positions = [start for _, _, start, _ in spans] + [0] * pad
@@ -362,6 +369,12 @@ class Engine:
         return self._compiled_step()(
             torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), torch.tensor(slots, device=dev),
             table_tensor, torch.tensor([p + 1 for p in positions], device=dev), self.cache)
+
+    def _table(self, key, num_tokens: int) -> list[int]:
+        """A row's block table; a padding row (key None) reads and writes only the scratch block."""
+        if key is None:
+            return [self.cache.num_blocks] * self.blocks.blocks_for(num_tokens)
+        return self.blocks.block_table(key)
 
     def _static_step(self, tokens, positions, slot_mapping, block_tables, context_lens, cache) -> torch.Tensor:
         meta = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, block_tables=block_tables,

@@ -1,7 +1,10 @@
 """Which requests run in each step, in plain Python: static, dynamic and continuous batching.
 
-- static: a batch is taken from the head of the queue when the engine is idle and runs until its slowest
-  request finishes; requests that arrive meanwhile wait (what `generate` on a list of prompts does).
+- static: request-level batching, as HF `generate` on a list of prompts and FasterTransformer do: a batch is
+  taken from the head of the queue when the engine is idle and runs until its slowest request finishes;
+  requests that arrive meanwhile wait. With `pad_batches` (the default) the batch is computed as those
+  systems compute it: prompts padded to the longest one, and a finished request's row keeps computing padding
+  until the batch ends. Without it, finished rows drop out and only the idle slots are lost.
 - dynamic: like static, but an idle engine waits until `max_num_seqs` requests are queued or the oldest has
   waited `max_wait_s` (Triton Inference Server's and TF Serving's batcher).
 - continuous: iteration-level scheduling (Yu et al. 2022, "Orca"; vLLM): requests join and leave at every
@@ -83,6 +86,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 256  # new tokens in a step (continuous): the prefill chunk size when busy
     max_wait_s: float = 0.05  # dynamic: start a smaller batch once the oldest request waited this long
     enable_chunked_prefill: bool = True  # continuous: split prompts longer than the step's token budget
+    pad_batches: bool = True  # static and dynamic: compute padding as request-level batching does
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -102,6 +106,9 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
     preempted: list[Sequence] = field(default_factory=list)  # sent back to the queue by this step
+    # computed and thrown away, as request-level batching computes them:
+    padding_rows: int = 0  # finished requests' rows of a static batch, a padding token each
+    prompt_padding: list[int] = field(default_factory=list)  # tokens padding each shorter prompt to the longest
 
     @property
     def num_tokens(self) -> int:
@@ -116,6 +123,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self._batch_rows = 0  # rows the current static or dynamic batch started with
 
     @property
     def has_unfinished(self) -> bool:
@@ -150,8 +158,14 @@ class Scheduler:
                 self._admit(batch, budget, self.config.enable_chunked_prefill)
         elif self.running:  # static and dynamic: the batch runs to its end, nobody joins
             self._schedule_running(batch, math.inf)
+            if self.config.pad_batches:  # finished rows still cost a row each, as in a padded batch
+                batch.padding_rows = self._batch_rows - len(batch.seqs)
         elif policy == "static" or self.is_batch_ready():
             self._admit(batch, math.inf, chunked=False)
+            self._batch_rows = len(batch.seqs)
+            if self.config.pad_batches and batch.seqs:  # every prompt padded to the longest
+                longest = max(batch.num_new_tokens)
+                batch.prompt_padding = [longest - n for n in batch.num_new_tokens if n < longest]
         return batch if batch.seqs else None
 
     def _schedule_running(self, batch: ScheduledBatch, budget: float) -> float:

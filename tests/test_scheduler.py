@@ -197,3 +197,26 @@ def test_aborting_frees_blocks_wherever_the_request_is():
 def test_bad_config_names_the_value(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         SchedulerConfig(**kwargs)
+
+
+def test_static_batches_compute_padding_as_request_level_batching_does():
+    def plan(pad):
+        blocks = BlockManager(num_blocks=64, block_size=4)
+        scheduler = Scheduler(SchedulerConfig(policy="static", max_num_seqs=3, pad_batches=pad), blocks)
+        seqs = [make_seq(0, 4, 1), make_seq(1, 8, 5), make_seq(2, 6, 2)]
+        for s in seqs:
+            scheduler.add(s)
+        out = []
+        while scheduler.has_unfinished:
+            batch = scheduler.schedule()
+            out.append((len(batch.seqs), batch.padding_rows, batch.prompt_padding))
+            for s, n in zip(batch.seqs, batch.num_new_tokens):
+                s.num_computed_tokens += n
+                s.token_ids.append(1)
+                if s.num_output_tokens == s.params.max_new_tokens:
+                    scheduler.finish(s, "length")
+        return out
+
+    # prompts padded to 8 tokens; every finished request keeps its row until the slowest one ends
+    assert plan(True) == [(3, 0, [4, 2]), (2, 1, []), (1, 2, []), (1, 2, []), (1, 2, [])]
+    assert plan(False) == [(3, 0, []), (2, 0, []), (1, 0, []), (1, 0, []), (1, 0, [])]
