@@ -1,16 +1,18 @@
 """labkit: the support library of the LLM Inference Lab.
 
-Modules (imported on first use, so `import labkit` stays cheap): device, models, llama, sampling,
-generation, quant, bench, results, plots, runner, baseline, bench_decode, serve, client, loadgen, cli.
+Modules (imported on first use, so `import labkit` stays cheap): device, models, llama, attention,
+block_manager, scheduler, sampling, text, generation, quant, bench, results, plots, runner, workloads,
+baseline, bench_decode, bench_batching, protocol, metrics, serve, client, loadgen, arguments, cli.
 """
 
 import importlib
 
 __version__ = "0.1.0"
-_MODULES = ("device", "models", "llama", "sampling", "generation", "quant", "bench", "results", "plots", "runner",
-            "baseline", "bench_decode", "serve", "client", "loadgen", "cli")
-__all__ = [*_MODULES, "Engine", "SamplingParams", "load_model"]
-_NAMES = {"Engine": "generation", "SamplingParams": "sampling", "load_model": "models"}
+_MODULES = ("device", "models", "llama", "attention", "block_manager", "scheduler", "sampling", "text", "generation",
+            "quant", "bench", "results", "plots", "runner", "workloads", "baseline", "bench_decode", "bench_batching",
+            "protocol", "metrics", "serve", "client", "loadgen", "arguments", "cli")
+__all__ = [*_MODULES, "Engine", "EngineConfig", "SamplingParams", "load_model"]
+_NAMES = {"Engine": "generation", "EngineConfig": "generation", "SamplingParams": "sampling", "load_model": "models"}
 
 
 def __getattr__(name):

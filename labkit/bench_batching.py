@@ -32,12 +32,13 @@ SCHEMA = "labkit.bench_batching/1"
 POLICIES = ("hf-sequential", "static", "dynamic", "continuous")
 ENGINE_POLICIES = POLICIES[1:]
 # The default trace: offline, output lengths lognormal with sigma 2 (median 4 tokens, mean 17 after the clip at
-# 128), so nearly every static batch of 32 waits on a straggler; 256 requests make 8 static batches, so the
-# continuous run's own tail (its last long requests, alone at the end) is a minority of its time. On 2 CPU
-# cores the whole run takes about 5 minutes, HF generate 2.5 of them.
-DEFAULT_TRACE = TraceConfig(num_requests=256, prompt_len=LengthDist("fixed", 16),
+# 128), so nearly every static batch waits on a straggler; 384 requests make 6 static batches of 64, so the
+# continuous run's own tail (its last long requests, alone at the end: a fixed cost of a finite offline trace)
+# is a minority of its time. On 2 CPU cores the whole run takes about 8 minutes, HF generate 4 of them.
+DEFAULT_TRACE = TraceConfig(num_requests=384, prompt_len=LengthDist("fixed", 16),
                             output_len=LengthDist("lognormal", 32, 2.0, max_len=128))
-DEFAULT_ENGINE = EngineConfig(max_num_seqs=32, max_num_batched_tokens=512)  # 32 rows: ~400 tok/s decode on 2 cores
+# 64 rows: on 2 cores a decode step of 64 rows still yields ~1.4x the tokens/s of 32 rows (fp32 SmolLM2-135M)
+DEFAULT_ENGINE = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512)
 NUM_WARMUPS = 2  # untimed requests on each engine first (allocator, kernels), with other words than the trace's
 MAX_IDLE_SLEEP_S = 0.002  # while a dynamic batcher waits for a fuller batch, poll this often
 DTYPE = "fp32"  # the HF baseline's dtype too: greedy tokens can then be checked against it
@@ -99,12 +100,17 @@ class PolicyRun:
         return [r.outcome() for r in self.records]
 
     def metrics(self, slo: dict | None = None) -> dict:
-        """`bench serve`'s metrics plus the engine's: steps, mean rows per step, peak KV blocks, prefix hits."""
+        """`bench serve`'s metrics plus the engine's: steps, mean requests per step, the share of rows that were
+        padding, peak KV blocks, prefix hits."""
         m = compute_metrics(self.outcomes(), self.duration_s, slo)
         prompt_tokens = sum(r.num_prompt_tokens for r in self.records)
         m["output_tokens_per_s"] = m["output_throughput_tokens_per_s"]
         m["num_steps"] = len(self.steps) if self.num_kv_blocks is not None else None
-        m["mean_batch_size"] = (sum(s["num_rows"] for s in self.steps) / len(self.steps)) if self.steps else None
+        rows = sum(s["num_rows"] for s in self.steps)
+        padding = sum(s["num_padding_rows"] for s in self.steps)
+        # requests computed per step; padding rows (a padded static batch's finished rows) are not requests
+        m["mean_batch_size"] = (rows - padding) / len(self.steps) if self.steps else None
+        m["padding_row_fraction"] = padding / rows if rows else None
         m["num_preemptions"] = self.num_preemptions
         m["num_kv_blocks"] = self.num_kv_blocks
         m["peak_kv_blocks"] = max((s["num_used_blocks"] for s in self.steps), default=None)
@@ -167,7 +173,8 @@ def replay(engine: Engine, trace: Trace, on_tokens: Callable[[int], object] | No
             continue
         num_steps = stats.num_steps
         steps.append({"t_s": now_after - origin, "step_ms": (now_after - start) * 1e3,
-                      "num_rows": stats.last_batch_size, "num_new_tokens": stats.last_num_tokens,
+                      "num_rows": stats.last_batch_size, "num_padding_rows": stats.last_num_padding_rows,
+                      "num_new_tokens": stats.last_num_tokens,
                       "num_running": stats.num_running, "num_waiting": stats.num_waiting,
                       "num_used_blocks": stats.num_used_blocks, "num_tokens_in_cache": stats.num_tokens_in_cache})
         for out in outputs:
@@ -476,7 +483,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--server", action="store_true",
                    help="instead: the same requests through labkit serve, one at a time vs all at once")
     g.add_argument("--slo", default=None, metavar="KEY=MS,...", help="goodput targets, e.g. ttft_ms=2000,tpot_ms=200")
-    g.add_argument("--output", default=None, help="JSON file for this run (default: data/bench_batching.json)")
+    g.add_argument("--output", default=None, help="JSON file for this run (default: data/bench_batching.json, with --server data/bench_batching_server.json)")
     g.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
     g.add_argument("--no-save", action="store_true", help="write nothing under data/")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -525,7 +532,8 @@ def cmd_batching(args) -> int:
         return 1
     if not args.no_save:
         append_rows(rows)
-        path = write_json_atomic(args.output or data_dir() / "bench_batching.json", document)
+        default = "bench_batching_server.json" if args.server else "bench_batching.json"
+        path = write_json_atomic(args.output or data_dir() / default, document)
         print(f"labkit bench batching: wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(to_jsonable(rows), indent=2, allow_nan=False))

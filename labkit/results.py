@@ -7,7 +7,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import date, datetime, timezone
 from pathlib import Path, PurePath
 from typing import Any
@@ -146,20 +146,25 @@ def read_rows(path: str | Path | None = None) -> list[dict]:
     path = Path(path) if path is not None else _data_dir_path() / RESULTS_FILE  # reading creates nothing
     if not path.exists():
         return []
-    rows = []
     # no lock needed: writers replace the file whole, so a reader never sees half a row
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: corrupt results line ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+        return [row for _, row in json_lines(f, path, "corrupt results line")]
+
+
+def json_lines(lines: Iterable[str], source: str | Path, what: str = "not JSON") -> Iterator[tuple[str, dict]]:
+    """(where, object) for each non-blank line of a JSON Lines text; a bad line raises ValueError naming
+    `source:line` and what was wrong."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: {what} ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
 
 
 def load_results(path: str | Path | None = None) -> pd.DataFrame:

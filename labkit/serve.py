@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("labkit.serve")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_QUEUE_WAIT_S = 120.0  # longer than most clients wait for a first token anyway
 
 
 # -- configuration -------------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ class ServeConfig:
     max_queue: int = 64  # requests waiting for a place in the running batch; one more answers 429
     api_key: str | None = None  # None: /v1 routes are open
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_queue_wait_s: float | None = None  # a request not admitted after this long answers 503; None: no limit
+    max_queue_wait_s: float | None = DEFAULT_MAX_QUEUE_WAIT_S  # not admitted after this long: 503; None: no limit
     default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS  # a chat request without max_tokens (clipped to the context)
 
     def __post_init__(self):
@@ -731,9 +732,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="KV-cache size (default: 512 MiB on a CPU, 40%% of the free memory on a GPU)")
     parser.add_argument("--max-queue", type=non_negative_int, default=64,
                         help="requests that may wait for a place in the batch (default: %(default)s)")
-    parser.add_argument("--max-queue-wait", type=positive_float, default=None, metavar="SECONDS",
-                        help="a request still waiting after this long is answered 503 with Retry-After "
-                             "(default: no limit)")
+    parser.add_argument("--max-queue-wait", type=positive_float, default=DEFAULT_MAX_QUEUE_WAIT_S,
+                        metavar="SECONDS", help="a request still waiting after this long is answered 503 with "
+                                                "Retry-After (default: %(default)s)")
     parser.add_argument("--default-max-tokens", type=positive_int, default=DEFAULT_CHAT_MAX_TOKENS,
                         help="reply length of a chat request without max_tokens, at most what the context "
                              "leaves (default: %(default)s)")

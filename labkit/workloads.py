@@ -13,7 +13,6 @@ inference traces (`TIMESTAMP`, `ContextTokens`, `GeneratedTokens`; Patel et al. 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -306,17 +305,10 @@ def _count(value, what: str, where: str) -> int:
 
 
 def _read_jsonl(path: Path, lines: list[str]) -> list[tuple[float, str | int, int]]:
+    from labkit.results import json_lines
+
     rows = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for where, obj in json_lines(lines, path):
         arrival = obj.get("arrival_s", 0.0)
         if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not 0 <= arrival < math.inf:
             raise ValueError(f"{where}: arrival_s must be a number of seconds >= 0, got {arrival!r}")
