@@ -10,7 +10,8 @@ from labkit.metrics import ROWS_BUCKETS, Histogram, ServerMetrics
 
 def _stats(**overrides) -> EngineStats:
     values = dict(num_running=3, num_waiting=2, num_kv_blocks=64, num_used_blocks=16, num_tokens_in_cache=200,
-                  num_preemptions=1, prefix_hit_rate=0.25, num_steps=10, last_batch_size=3, last_num_tokens=3)
+                  num_preemptions=1, prefix_hit_rate=0.25, num_steps=10, last_batch_size=3, last_num_tokens=3,
+                  last_num_padding_rows=0)
     return EngineStats(**{**values, **overrides})
 
 
