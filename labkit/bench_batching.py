@@ -238,9 +238,9 @@ def token_mismatches(runs: dict[str, PolicyRun], eos_token_ids: Sequence[int] = 
             if ours == theirs:
                 continue
             at = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
-            got = lambda ids: ids[at] if at < len(ids) else "end"  # noqa: E731
+            mine, ref_token = (ids[at] if at < len(ids) else "end" for ids in (theirs, ours))
             lines.append(f"request {a.index}: {name} differs from {ref_name} at output token {at} "
-                         f"({got(theirs)} vs {got(ours)}; {len(b.token_ids)} vs {len(a.token_ids)} tokens)")
+                         f"({mine} vs {ref_token}; {len(b.token_ids)} vs {len(a.token_ids)} tokens)")
     return lines
 
 

@@ -213,10 +213,6 @@ class Engine:
     def quantize(self) -> str | None:
         return next((r.split(":", 1)[1] for r in self.model.rewrites if r.startswith("quant:")), None)
 
-    @property
-    def use_compile(self) -> bool:
-        return self.config.compile
-
     def describe(self) -> dict:
         c = self.config
         return {"engine": "labkit", "model": self.name, "device": str(self.device), "dtype": dtype_name(self.dtype),
