@@ -44,10 +44,6 @@ class AttentionMetadata:
     # then has one new token and attends over its whole block table, masked by context_lens.
     groups: tuple[RowGroup, ...] | None = None
 
-    @property
-    def num_rows(self) -> int:
-        return self.block_tables.shape[0]
-
 
 def build_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
                    slot_mapping: list[int], block_size: int, device) -> AttentionMetadata:
