@@ -1,17 +1,20 @@
-"""The server's Prometheus metrics: request counters, latency histograms and engine gauges (text format 0.0.4).
+"""The server's Prometheus metrics: request counters, latency histograms and engine gauges, via prometheus_client.
 
-Latency buckets are vLLM's, so dashboards built for it read these too. Engine gauges (running and waiting
-requests, batch size, KV blocks, preemptions, prefix-cache hits) come from a snapshot the engine's own thread
-publishes: whoever renders the page never touches the engine.
+Each server keeps its metrics in a CollectorRegistry of its own (never the process-wide default one), so two
+servers in one process, or a test after another, count apart. Latency buckets are vLLM's, so dashboards built
+for it read these too. Engine gauges (running and waiting requests, batch size, KV blocks, preemptions,
+prefix-cache hits) are read at scrape time from a snapshot the engine's own thread publishes: whoever renders
+the page never touches the engine.
 """
 
 from __future__ import annotations
 
-import collections
-import math
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 
 if TYPE_CHECKING:
     from labkit.generation import EngineStats
@@ -23,135 +26,110 @@ ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
 E2E_BUCKETS_S = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # rows per engine step
 
-
-class Histogram:
-    """A cumulative-bucket histogram; not thread-safe on its own (ServerMetrics holds the lock)."""
-
-    def __init__(self, buckets: Sequence[float]):
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        index = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
-        self.counts[index] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        """Its samples; labels is `key="value",...` (may be empty)."""
-        sep = "," if labels else ""
-        out, total = [], 0
-        for bound, count in zip((*self.buckets, math.inf), self.counts):
-            total += count
-            le = "+Inf" if bound == math.inf else repr(float(bound))
-            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
-        out += [f"{name}_sum{{{labels}}} {self.sum!r}", f"{name}_count{{{labels}}} {self.count}"]
-        return out
+EngineSnapshot = Callable[[], "tuple[int, EngineStats]"]  # () -> (requests waiting for the batch, engine stats)
 
 
 class ServerMetrics:
-    """Counters and histograms of one server; updated from the event loop and the engine's thread."""
+    """Counters and histograms of one server, labelled with its model; updated from the event loop and the
+    engine's thread (prometheus_client's metrics are thread-safe)."""
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: collections.Counter = collections.Counter()  # (route, status) -> count
-        self.accepted = 0  # generations queued; each ends once in `finished`
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.finished: collections.Counter = collections.Counter()  # finish reason -> count
-        self.ttft = Histogram(TTFT_BUCKETS_S)
-        self.itl = Histogram(ITL_BUCKETS_S)
-        self.e2e = Histogram(E2E_BUCKETS_S)
-        self.queue_time = Histogram(E2E_BUCKETS_S)
-        self.rows = Histogram(ROWS_BUCKETS)
+    def __init__(self, model: str):
+        self.model = model
+        self.registry = CollectorRegistry()
+        r, m = self.registry, {"model": model}
+        self.requests = Counter("labkit_requests_total", "HTTP responses, by route and status code.",
+                                ["route", "status"], registry=r)
+        self.accepted = Counter("labkit_requests_accepted_total", "Generations accepted into the queue.",
+                                ["model"], registry=r).labels(**m)
+        self.finished = Counter(
+            "labkit_request_finished_total",
+            "Generations ended, by reason (stop, length, cancelled, queue_timeout, rejected, error).",
+            ["model", "reason"], registry=r)
+        self.prompt_tokens = Counter("labkit_prompt_tokens_total", "Prompt tokens of requests that produced a token.",
+                                     ["model"], registry=r).labels(**m)
+        self.generation_tokens = Counter("labkit_generation_tokens_total", "Tokens generated.", ["model"],
+                                         registry=r).labels(**m)
+
+        def histogram(name: str, help_text: str, buckets) -> Histogram:
+            return Histogram(name, help_text, ["model"], buckets=buckets, registry=r).labels(**m)
+
+        self.ttft = histogram("labkit_time_to_first_token_seconds", "From request accepted to first token.",
+                              TTFT_BUCKETS_S)
+        self.itl = histogram("labkit_inter_token_latency_seconds",
+                             "Between tokens; tokens released together share their gap.", ITL_BUCKETS_S)
+        self.e2e = histogram("labkit_e2e_request_latency_seconds", "From request accepted to last token.",
+                             E2E_BUCKETS_S)
+        self.queue_time = histogram("labkit_request_queue_time_seconds",
+                                    "From request accepted to joining the running batch.", E2E_BUCKETS_S)
+        self.rows = histogram("labkit_step_rows", "Rows (requests) in each engine step.", ROWS_BUCKETS)
+
+    def watch_engine(self, snapshot: EngineSnapshot) -> None:
+        """Publish the engine's gauges, read from snapshot() at each scrape."""
+        self.registry.register(EngineCollector(self.model, snapshot))
 
     def count_request(self, route: str, status: int) -> None:
-        with self._lock:
-            self.requests[(route, status)] += 1
+        self.requests.labels(route=route, status=str(status)).inc()
 
     def count_accepted(self) -> None:
-        with self._lock:
-            self.accepted += 1
+        self.accepted.inc()
 
     def observe_first_token(self, queue_s: float, ttft_s: float, num_prompt_tokens: int) -> None:
-        with self._lock:
-            self.queue_time.observe(queue_s)
-            self.ttft.observe(ttft_s)
-            self.prompt_tokens += num_prompt_tokens
+        self.queue_time.observe(queue_s)
+        self.ttft.observe(ttft_s)
+        self.prompt_tokens.inc(num_prompt_tokens)
 
     def observe_tokens(self, num_tokens: int, gap_s: float | None) -> None:
         """num_tokens arrived together after gap_s: one ITL sample of gap_s / num_tokens per token."""
-        with self._lock:
-            self.generation_tokens += num_tokens
-            if gap_s is not None:
-                for _ in range(num_tokens):
-                    self.itl.observe(gap_s / num_tokens)
+        self.generation_tokens.inc(num_tokens)
+        if gap_s is not None:
+            for _ in range(num_tokens):
+                self.itl.observe(gap_s / num_tokens)
 
     def observe_finished(self, reason: str, e2e_s: float) -> None:
-        with self._lock:
-            self.finished[reason] += 1
-            self.e2e.observe(e2e_s)
+        self.finished.labels(model=self.model, reason=reason).inc()
+        self.e2e.observe(e2e_s)
 
     def observe_step(self, num_rows: int) -> None:
-        with self._lock:
-            self.rows.observe(num_rows)
+        self.rows.observe(num_rows)
 
-    def render(self, model: str, num_waiting: int, stats: EngineStats) -> str:
-        """The Prometheus text exposition of every metric; stats is the engine's latest snapshot."""
-        m = f'model="{_label(model)}"'
-        lines: list[str] = []
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """(the page, its content type): Prometheus text, or OpenMetrics when the Accept header asks for it."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
 
-        def family(name: str, kind: str, help_text: str, *samples: str) -> None:
-            lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples))
 
+class EngineCollector:
+    """The engine's gauges, from a snapshot taken at scrape time (a prometheus_client custom collector)."""
+
+    def __init__(self, model: str, snapshot: EngineSnapshot):
+        self.model, self.snapshot = model, snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        num_waiting, stats = self.snapshot()
         usage = stats.num_used_blocks / stats.num_kv_blocks if stats.num_kv_blocks else 0.0
-        hit_rate = "NaN" if stats.prefix_hit_rate is None else repr(float(stats.prefix_hit_rate))
-        with self._lock:
-            family("labkit_requests_total", "counter", "HTTP responses, by route and status code.",
-                   *(f'labkit_requests_total{{route="{_label(route)}",status="{status}"}} {count}'
-                     for (route, status), count in sorted(self.requests.items())))
-            family("labkit_requests_accepted_total", "counter", "Generations accepted into the queue.",
-                   f"labkit_requests_accepted_total{{{m}}} {self.accepted}")
-            family("labkit_request_finished_total", "counter",
-                   "Generations ended, by reason (stop, length, cancelled, queue_timeout, rejected, error).",
-                   *(f'labkit_request_finished_total{{{m},reason="{_label(reason)}"}} {count}'
-                     for reason, count in sorted(self.finished.items())))
-            family("labkit_prompt_tokens_total", "counter", "Prompt tokens of requests that produced a token.",
-                   f"labkit_prompt_tokens_total{{{m}}} {self.prompt_tokens}")
-            family("labkit_generation_tokens_total", "counter", "Tokens generated.",
-                   f"labkit_generation_tokens_total{{{m}}} {self.generation_tokens}")
-            for name, hist, help_text in (
-                    ("labkit_time_to_first_token_seconds", self.ttft, "From request accepted to first token."),
-                    ("labkit_inter_token_latency_seconds", self.itl,
-                     "Between tokens; tokens released together share their gap."),
-                    ("labkit_e2e_request_latency_seconds", self.e2e, "From request accepted to last token."),
-                    ("labkit_request_queue_time_seconds", self.queue_time,
-                     "From request accepted to joining the running batch."),
-                    ("labkit_step_rows", self.rows, "Rows (requests) in each engine step.")):
-                family(name, "histogram", help_text, *hist.lines(name, m))
-        for name, kind, help_text, value in (
-                ("labkit_queue_depth", "gauge", "Requests waiting to join the running batch (as "
-                 "labkit_requests_waiting).", num_waiting),
-                ("labkit_requests_waiting", "gauge", "Requests waiting to join the running batch.", num_waiting),
-                ("labkit_requests_running", "gauge", "Requests in the engine's running batch.", stats.num_running),
-                ("labkit_batch_size", "gauge", "Rows in the engine's last step.", stats.last_batch_size),
-                ("labkit_kv_blocks_used", "gauge", "KV-cache blocks held by requests.", stats.num_used_blocks),
-                ("labkit_kv_blocks_total", "gauge", "KV-cache blocks in all.", stats.num_kv_blocks),
-                ("labkit_kv_cache_usage_ratio", "gauge", "Fraction of the KV-cache blocks in use (0 to 1).",
-                 repr(usage)),
-                ("labkit_preemptions_total", "counter", "Requests sent back to the queue because KV blocks ran out.",
-                 stats.num_preemptions),
-                ("labkit_prefix_cache_hit_rate", "gauge",
+        hit_rate = float("nan") if stats.prefix_hit_rate is None else float(stats.prefix_hit_rate)
+        for name, family, help_text, value in (
+                ("labkit_queue_depth", GaugeMetricFamily,
+                 "Requests waiting to join the running batch (as labkit_requests_waiting).", num_waiting),
+                ("labkit_requests_waiting", GaugeMetricFamily, "Requests waiting to join the running batch.",
+                 num_waiting),
+                ("labkit_requests_running", GaugeMetricFamily, "Requests in the engine's running batch.",
+                 stats.num_running),
+                ("labkit_batch_size", GaugeMetricFamily, "Rows in the engine's last step.", stats.last_batch_size),
+                ("labkit_kv_blocks_used", GaugeMetricFamily, "KV-cache blocks held by requests.",
+                 stats.num_used_blocks),
+                ("labkit_kv_blocks_total", GaugeMetricFamily, "KV-cache blocks in all.", stats.num_kv_blocks),
+                ("labkit_kv_cache_usage_ratio", GaugeMetricFamily, "Fraction of the KV-cache blocks in use (0 to 1).",
+                 usage),
+                ("labkit_preemptions_total", CounterMetricFamily,
+                 "Requests sent back to the queue because KV blocks ran out.", stats.num_preemptions),
+                ("labkit_prefix_cache_hit_rate", GaugeMetricFamily,
                  "Prompt tokens found in the prefix cache over those looked up (NaN before the first lookup).",
                  hit_rate)):
-            family(name, kind, help_text, f"{name}{{{m}}} {value}")
-        return "\n".join(lines) + "\n"
+            metric = family(name, help_text, labels=["model"])
+            metric.add_metric([self.model], value)
+            yield metric
 
 
-def _label(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-__all__ = ["Histogram", "ServerMetrics", "TTFT_BUCKETS_S", "ITL_BUCKETS_S", "E2E_BUCKETS_S", "ROWS_BUCKETS"]
+__all__ = ["ServerMetrics", "EngineCollector", "EngineSnapshot", "TTFT_BUCKETS_S", "ITL_BUCKETS_S",
+           "E2E_BUCKETS_S", "ROWS_BUCKETS"]

@@ -25,6 +25,7 @@ DEFAULT_CHAT_MAX_TOKENS = 512  # a chat request without max_tokens: a reply, not
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DONE = object()  # the `data: [DONE]` event that ends an OpenAI stream
 DONE_EVENT = "data: [DONE]\n\n"
+MAX_JSON_DEPTH = 64  # OpenAI bodies nest a handful of levels; deeper ones only cost stack
 
 # Parameters OpenAI defines that labkit accepts only at their no-op value: anything else is a named 400.
 NO_OP_PARAMS: dict[str, tuple] = {
@@ -99,6 +100,38 @@ class GenerationRequest:
     return_token_ids: bool
 
 
+def parse_json_object(body: bytes) -> dict:
+    """A request body as a JSON object; 400 (invalid_json) for anything else, or one nested deeper than
+    MAX_JSON_DEPTH (which would otherwise fail later, as a RecursionError, wherever it is walked)."""
+    too_deep = bad_request(f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise too_deep from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the body must be a JSON object", code="invalid_json")
+    depth, level = 1, [data]  # walked a level at a time, without recursion
+    while level:
+        if depth > MAX_JSON_DEPTH:
+            raise too_deep
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+        depth += 1
+    return data
+
+
+def _check_text(text: str, param: str) -> None:
+    """400 for text that is not Unicode the tokenizer can take: JSON's `\\ud800` escape decodes to a lone
+    surrogate, which no UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{param} is not valid Unicode: a lone surrogate at character {exc.start}",
+                          param=param) from None
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -145,6 +178,7 @@ def _completion_prompt(body: Mapping, tokenizer, vocab_size: int) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("prompt must not be empty", param="prompt")
+        _check_text(prompt, "prompt")
         ids = encode_prompt(tokenizer, prompt)
     elif isinstance(prompt, list):
         if not prompt:
@@ -180,6 +214,7 @@ def _chat_prompt(body: Mapping, tokenizer) -> list[int]:
         if not isinstance(content, str):
             raise bad_request(f"messages[{i}].content must be a string or a list of text parts",
                               param=f"messages[{i}].content")
+        _check_text(content, f"messages[{i}].content")
         extra = set(message) - {"role", "content"}
         if extra:
             raise bad_request(f"messages[{i}]: unsupported field(s) {', '.join(sorted(extra))}",
@@ -357,8 +392,19 @@ class Reply:
 
 
 # -- the client side -----------------------------------------------------------------------------------------
+API_KEY_ENVS = (API_KEY_ENV, "OPENAI_API_KEY")  # where clients look for a key, in this order
+
+
+def _brief(value) -> str:
+    """A parsed JSON value as a short one-line excerpt for an error message."""
+    return json.dumps(value)[:100]
+
+
 def parse_sse_line(line: str):
-    """One line of an event stream -> its JSON payload, DONE, or None (comments, blank lines, other fields)."""
+    """One line of an event stream -> its JSON object, DONE, or None (comments, blank lines, other fields).
+
+    ServerError for an event that is not a JSON object, and for an error event (with the server's message).
+    """
     if not line.startswith("data:"):
         return None
     data = line[5:].strip()
@@ -367,27 +413,120 @@ def parse_sse_line(line: str):
     if not data:
         return None
     try:
-        return json.loads(data)
-    except json.JSONDecodeError:
-        raise ServerError(f"the server sent an event that is not JSON: {data[:200]!r}") from None
+        event = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
+        raise ServerError(f"the server sent an event that is not JSON: {data[:100]!r}") from None
+    if not isinstance(event, dict):
+        raise ServerError(f"the server sent an event that is not a JSON object: {_brief(event)}")
+    if event.get("error") is not None:
+        error = event["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise ServerError(f"stream error: {message if isinstance(message, str) else _brief(message)}")
+    return event
 
 
 def chunk_text(event: dict, is_chat: bool) -> tuple[str, list[int] | None, str | None]:
-    """The text, token ids (vLLM's `return_token_ids`, when sent) and finish reason of a stream chunk."""
-    choices = event.get("choices") or []
+    """The text, token ids (vLLM's `return_token_ids`, when sent) and finish reason of a stream chunk;
+    ServerError naming the field when the chunk does not have OpenAI's shape."""
+    choices = event.get("choices")
     if not choices:
         return "", None, None
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise ServerError(f"the server sent `choices` that are not a list of objects: {_brief(choices)}")
     choice = choices[0]
-    text = ((choice.get("delta") or {}).get("content") if is_chat else choice.get("text")) or ""
+    if is_chat:
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict):
+            raise ServerError(f"the server sent a `delta` that is not an object: {_brief(delta)}")
+        text, name = delta.get("content"), "delta.content"
+    else:
+        text, name = choice.get("text"), "text"
+    if not isinstance(text, str | None):
+        raise ServerError(f"the server sent a `{name}` that is not a string: {_brief(text)}")
     ids = choice.get("token_ids")
-    return text, (list(ids) if isinstance(ids, list) else None), choice.get("finish_reason")
+    if ids is not None and not (isinstance(ids, list) and all(_is_int(i) and i >= 0 for i in ids)):
+        raise ServerError(f"the server sent `token_ids` that are not a list of token ids: {_brief(ids)}")
+    reason = choice.get("finish_reason")
+    return text or "", ids, reason if isinstance(reason, str) else None
+
+
+def stream_usage(event: dict) -> dict | None:
+    """A chunk's `usage` as {"prompt_tokens", "completion_tokens"} (each a count or None), None without one;
+    ServerError when it is not an object of token counts."""
+    usage = event.get("usage")
+    if usage is None:
+        return None
+    if not isinstance(usage, dict):
+        raise ServerError(f"the server sent a `usage` that is not an object: {_brief(usage)}")
+    counts = {key: usage.get(key) for key in ("prompt_tokens", "completion_tokens")}
+    for key, value in counts.items():
+        if value is not None and not (_is_int(value) and value >= 0):
+            raise ServerError(f"the server sent a `usage.{key}` that is not a token count: {_brief(value)}")
+    return counts
+
+
+def model_ids(url: str, status: int, body: bytes) -> list[str]:
+    """The model ids of a `/v1/models` answer from `url`; ServerError naming `url` for an error status or a
+    body that is not OpenAI's {"data": [{"id": ...}, ...]}."""
+    if status != 200:
+        raise ServerError(f"{url}: {error_message(status, body)}")
+    try:
+        listing = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ServerError(f"{url}: the answer is not JSON: {body[:100]!r}") from None
+    if isinstance(listing, dict) and listing.get("data") is None:
+        return []
+    models = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
+        raise ServerError(f'{url}: expected {{"data": [{{"id": ...}}, ...]}}, got {_brief(listing)}')
+    return [m["id"] for m in models]
 
 
 def auth_headers(api_key: str | None) -> dict:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-__all__ = ["API_KEY_ENV", "DEFAULT_COMPLETION_MAX_TOKENS", "DEFAULT_CHAT_MAX_TOKENS", "ENDPOINTS", "DONE",
-           "DONE_EVENT", "NO_OP_PARAMS", "COMMON_PARAMS", "COMPLETION_PARAMS", "CHAT_PARAMS", "CHAT_ROLES",
-           "APIError", "bad_request", "ServerError", "error_message", "GenerationRequest", "parse_generation_request",
-           "usage", "sse", "Reply", "parse_sse_line", "chunk_text", "auth_headers"]
+def server_url(host: str, port: int) -> str:
+    """http://host:port, with an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def is_loopback(url: str) -> bool:
+    """Whether a URL's host is this machine (localhost or a loopback address); names are not resolved."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key_for(url: str, given: str | None = None, use_env_key: bool = False) -> tuple[str | None, str | None]:
+    """(key, note): the key to send to `url`, and why a key set in the environment is held back (else None).
+
+    `given` always goes; else the first key set among API_KEY_ENVS, to loopback hosts only unless use_env_key,
+    so a key exported for one provider never reaches whatever host a client is pointed at.
+    """
+    import os
+
+    if given:
+        return given, None
+    for name in API_KEY_ENVS:
+        if os.environ.get(name):
+            if use_env_key or is_loopback(url):
+                return os.environ[name], None
+            return None, (f"${name} is set but not sent to {url}, which is not a loopback address (pass "
+                          f"--api-key, or --use-env-key to send it)")
+    return None, None
+
+
+__all__ = ["API_KEY_ENV", "API_KEY_ENVS", "DEFAULT_COMPLETION_MAX_TOKENS", "DEFAULT_CHAT_MAX_TOKENS", "ENDPOINTS",
+           "DONE", "DONE_EVENT", "NO_OP_PARAMS", "COMMON_PARAMS", "COMPLETION_PARAMS", "CHAT_PARAMS", "CHAT_ROLES",
+           "APIError", "bad_request", "ServerError", "error_message", "MAX_JSON_DEPTH", "parse_json_object",
+           "GenerationRequest", "parse_generation_request",
+           "usage", "sse", "Reply", "parse_sse_line", "chunk_text", "stream_usage", "model_ids", "auth_headers",
+           "server_url", "is_loopback", "api_key_for"]

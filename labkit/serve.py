@@ -8,6 +8,14 @@ each request's outputs back on its own asyncio queue (like vLLM's AsyncLLMEngine
 `max_queue` requests wait for a place in the batch; one more answers 429, and one that waited longer than
 `max_queue_wait_s` answers 503. Request validation and OpenAI's bodies live in `labkit.protocol`, the
 Prometheus page in `labkit.metrics`; errors never take the server down.
+
+Hardening against slow, idle and cross-site clients: a connection must send its request head within
+`header_timeout_s` and its body within `body_timeout_s` (408); more than `max_connections` open connections
+are answered 503; POST bodies must be `application/json` (415, so a browser's cross-site form or `text/plain`
+request is refused); a request over loopback must name a loopback Host (400, against DNS rebinding).
+Prompts are tokenized on a thread of their own, never on the event loop. On SIGTERM the server stops taking
+work (503), gives requests in flight `shutdown_grace_s` to finish, then ends each open stream with an error
+event and `data: [DONE]`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures, whose `Request` is imported
@@ -28,6 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -36,7 +45,7 @@ from starlette.responses import JSONResponse, Response
 
 from labkit.metrics import ServerMetrics
 from labkit.protocol import (API_KEY_ENV, DEFAULT_CHAT_MAX_TOKENS, DONE_EVENT, APIError, GenerationRequest, Reply,
-                             bad_request, parse_generation_request, sse)
+                             bad_request, is_loopback, parse_generation_request, parse_json_object, server_url, sse)
 
 if TYPE_CHECKING:
     from labkit.generation import EngineStats, RequestOutput
@@ -46,12 +55,20 @@ logger = logging.getLogger("labkit.serve")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_QUEUE_WAIT_S = 120.0  # longer than most clients wait for a first token anyway
+DEFAULT_MAX_CONNECTIONS = 512  # well under the usual limit of 1024 open files
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a whole default-size body (1 MiB) at 35 KB/s
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5.0  # uvicorn's
+DEFAULT_SHUTDOWN_GRACE_S = 5.0
+SHUTDOWN_FLUSH_S = 2.0  # after the grace period: for the last events to reach their clients
+OVER_CAPACITY = "labkit.over_capacity"  # the scope key a connection over max_connections carries
 
 
 # -- configuration -------------------------------------------------------------------------------------------
 @dataclass
 class ServeConfig:
-    """How the server answers: model name, queue bound and deadline, key, body and reply limits; validated."""
+    """How the server answers: model name, queue bound and deadline, key, body and reply limits, connection
+    limits and deadlines, Host check and shutdown grace; validated."""
 
     served_model_name: str | None = None  # None: the engine's name
     max_queue: int = 64  # requests waiting for a place in the running batch; one more answers 429
@@ -59,15 +76,29 @@ class ServeConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_queue_wait_s: float | None = DEFAULT_MAX_QUEUE_WAIT_S  # not admitted after this long: 503; None: no limit
     default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS  # a chat request without max_tokens (clipped to the context)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open connections; a request on one more answers 503
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # a request head not in by then closes the connection
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # a request body not in by then answers 408
+    keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S  # an idle connection between requests
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S  # on SIGTERM, for requests in flight to finish
+    check_host: bool = True  # a request over loopback must name a loopback Host
 
     def __post_init__(self):
-        for name, low in (("max_queue", 0), ("max_body_bytes", 1), ("default_max_tokens", 1)):
+        for name, low in (("max_queue", 0), ("max_body_bytes", 1), ("default_max_tokens", 1),
+                          ("max_connections", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.max_queue_wait_s is not None and (isinstance(self.max_queue_wait_s, bool) or not isinstance(
-                self.max_queue_wait_s, (int, float)) or not 0 < self.max_queue_wait_s < math.inf):
-            raise ValueError(f"max_queue_wait_s must be a number > 0 or None, got {self.max_queue_wait_s!r}")
+        for name in ("max_queue_wait_s", "header_timeout_s", "body_timeout_s", "keep_alive_timeout_s",
+                     "shutdown_grace_s"):
+            value = getattr(self, name)
+            if value is None and name == "max_queue_wait_s":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a number > 0{' or None' if name == 'max_queue_wait_s' else ''}, "
+                                 f"got {value!r}")
+        if not isinstance(self.check_host, bool):
+            raise ValueError(f"check_host must be a boolean, got {self.check_host!r}")
         if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string or None")
         if self.served_model_name is not None and not (isinstance(self.served_model_name, str)
@@ -106,6 +137,10 @@ class QueueFull(Exception):
     """The bounded queue has no room."""
 
 
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
+
 class EngineWorker:
     """Owns the engine on one daemon thread: takes requests and cancellations from an inbox, steps the engine
     while it has work, and hands each request's outputs to its coroutine; sleeps when idle.
@@ -126,12 +161,13 @@ class EngineWorker:
         self._jobs: dict[str, Job] = {}  # in the engine, by request id
         self._stats: "EngineStats" = engine.stats()  # taken before the thread exists
         self._stopping = False
+        self.is_draining = False  # shutting down: new requests answer 503, accepted ones finish
         self._thread: threading.Thread | None = None
 
     # called from the event loop
     def start(self) -> None:
         if self._thread is None:
-            self._stopping = False
+            self._stopping = self.is_draining = False
             self._thread = threading.Thread(target=self._run, name="labkit-serve-engine", daemon=True)
             self._thread.start()
 
@@ -144,8 +180,15 @@ class EngineWorker:
             self._thread.join(timeout_s)
             self._thread = None
 
+    def drain(self) -> None:
+        """Take no more requests (they answer 503); those accepted go on."""
+        with self._cond:
+            self.is_draining = True
+
     def submit(self, job: Job) -> None:
         with self._cond:
+            if self.is_draining:
+                raise _shutting_down()
             if self._stopping or not self.is_alive:
                 raise APIError(503, "the engine is not running", type="server_error", code="worker_unavailable")
             num_waiting = len(self._inbox) + self._stats.num_waiting
@@ -170,6 +213,12 @@ class EngineWorker:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def has_work(self) -> bool:
+        """Whether any accepted request has not ended yet."""
+        with self._cond:
+            return bool(self._inbox or self._jobs)
+
     def snapshot(self) -> tuple[int, "EngineStats"]:
         """(requests waiting for the batch, the engine's stats after its last step)."""
         with self._cond:
@@ -190,7 +239,7 @@ class EngineWorker:
             if has_work:
                 self._step()
         with self._cond:
-            error = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            error = _shutting_down()
             for job in [*self._inbox, *self._jobs.values()]:
                 self._end(job, "cancelled", error)
             self._inbox.clear()
@@ -303,6 +352,13 @@ class EngineWorker:
 
 
 # -- the app -------------------------------------------------------------------------------------------------
+def error_response(exc: APIError) -> Response:
+    """exc's OpenAI error body and status. JSON escapes non-ASCII text, so that a lone surrogate the message
+    echoes from the request cannot fail the reply (Starlette's JSONResponse writes raw UTF-8)."""
+    return Response(json.dumps(exc.body()), status_code=exc.status, headers=exc.headers,
+                    media_type="application/json")
+
+
 class _StreamingResponse(Response):
     """Server-sent events whose status waits for the first event, and that stop (cancelling their request) as
     soon as the client disconnects.
@@ -328,7 +384,7 @@ class _StreamingResponse(Response):
                 try:
                     first = await anext(self.events)
                 except APIError as exc:
-                    await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)(scope, receive, send)
+                    await error_response(exc)(scope, receive, send)
                     return
                 await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
                 await send({"type": "http.response.body", "body": first.encode(), "more_body": True})
@@ -369,8 +425,8 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
     """The FastAPI app over one engine; kwargs are ServeConfig fields. Serve it with uvicorn or ServerThread."""
     from contextlib import asynccontextmanager
 
+    import anyio
     from fastapi import FastAPI, Request
-    from fastapi.responses import PlainTextResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
 
@@ -381,40 +437,45 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
     if engine.tokenizer is None:
         raise ValueError("labkit serve needs an engine with a tokenizer")
     model_name = config.served_model_name or engine.name
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(model_name)
     worker = EngineWorker(engine, metrics, config.max_queue, config.max_queue_wait_s)
-    # The engine's thread detokenizes with the engine's tokenizer; the loop gets its own copy, since a fast
-    # tokenizer shared across threads can fail with "Already borrowed".
+    metrics.watch_engine(worker.snapshot)
+    # Prompts are tokenized (and chat templates rendered) on one thread of their own: a megabyte of prompt takes
+    # a fraction of a second, which would stall every other request on the event loop. The engine's thread
+    # detokenizes with the engine's tokenizer; this thread gets its own copy, since a fast tokenizer shared
+    # across threads can fail with "Already borrowed".
     tokenizer = copy.deepcopy(engine.tokenizer)
+    tokenizer_pool: list[ThreadPoolExecutor] = []  # while the app is served
     vocab_size = engine.model.args.vocab_size
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app):
+        tokenizer_pool.append(ThreadPoolExecutor(1, thread_name_prefix="labkit-serve-tokenizer"))
         worker.start()
         try:
             yield
         finally:
             await asyncio.to_thread(worker.stop)
+            tokenizer_pool.pop().shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="labkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
-        error = APIError(exc.status_code, str(exc.detail), param=None,
-                         code="not_found" if exc.status_code == 404 else None)
-        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return error_response(APIError(exc.status_code, str(exc.detail), param=None,
+                                       code="not_found" if exc.status_code == 404 else None,
+                                       headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error")
-        error = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
-        return JSONResponse(error.body(), status_code=500)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
     async def check_key(request: Request) -> None:
         if config.api_key is None:
@@ -426,25 +487,30 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def read_json(request: Request) -> dict:
+        """The JSON object a POST carries: 415 unless it says it is JSON, 413 over the size limit, 408 when it
+        does not arrive in time, 400 when it is not a JSON object."""
+        content_type = request.headers.get("content-type")
+        if content_type is None or content_type.partition(";")[0].strip().lower() != "application/json":
+            # a browser sends a cross-site form or text/plain POST without asking first; JSON needs a preflight
+            raise APIError(415, f"Content-Type must be application/json, got {content_type or 'none'}",
+                           code="unsupported_media_type")
         length = request.headers.get("content-length", "")
         too_big = APIError(413, f"request body over {config.max_body_bytes} bytes", code="request_too_large")
         if length.isdigit() and int(length) > config.max_body_bytes:
             raise too_big
         body = bytearray()
         try:
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > config.max_body_bytes:
-                    raise too_big
+            with anyio.fail_after(config.body_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > config.max_body_bytes:
+                        raise too_big
         except ClientDisconnect:  # the client left mid-body: no server error, nobody to answer
             raise APIError(499, "client closed the request") from None
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise bad_request("the body must be a JSON object", code="invalid_json")
-        return data
+        except TimeoutError:  # the rest of the body may never come: close the connection after answering
+            raise APIError(408, f"the request body did not arrive within {config.body_timeout_s:g} s",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        return parse_json_object(body)
 
     def check_model(body: Mapping) -> None:
         model = body.get("model")
@@ -456,9 +522,10 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
         await check_key(request)
         body = await read_json(request)
         check_model(body)
-        req = parse_generation_request(body, is_chat=is_chat, tokenizer=tokenizer,
-                                       eos_token_ids=engine.eos_token_ids, max_seq_len=engine.max_seq_len,
-                                       vocab_size=vocab_size, default_max_tokens=config.default_max_tokens)
+        parse = partial(parse_generation_request, body, is_chat=is_chat, tokenizer=tokenizer,
+                        eos_token_ids=engine.eos_token_ids, max_seq_len=engine.max_seq_len, vocab_size=vocab_size,
+                        default_max_tokens=config.default_max_tokens)
+        req = await asyncio.get_running_loop().run_in_executor(tokenizer_pool[0], parse)
         job = Job(req.prompt_ids, req.params, asyncio.get_running_loop())
         try:
             worker.submit(job)
@@ -493,8 +560,6 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
                 worker.cancel(job)
 
     async def _complete(request: Request, job: Job, reply: Reply):
-        import anyio
-
         text, token_ids, finish = [], [], "length"
         failure: list[APIError] = []
 
@@ -554,28 +619,55 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs):
     @app.get("/health")
     async def health():
         num_waiting, stats = worker.snapshot()
-        state = {"status": "ok" if worker.is_alive else "unhealthy", "model": model_name,
+        status = "shutting_down" if worker.is_draining else "ok" if worker.is_alive else "unhealthy"
+        state = {"status": status, "model": model_name,
                  "num_running": stats.num_running, "num_waiting": num_waiting, "queue_depth": num_waiting,
                  "num_kv_blocks_used": stats.num_used_blocks, "num_kv_blocks": stats.num_kv_blocks}
-        return JSONResponse(state, status_code=200 if worker.is_alive else 503)
+        return JSONResponse(state, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
-    async def prometheus_metrics():
-        text = metrics.render(model_name, *worker.snapshot())
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def prometheus_metrics(request: Request):
+        page, content_type = metrics.render(request.headers.get("accept", ""))
+        return Response(page, media_type=content_type)
 
-    app.add_middleware(_CountRequests, metrics=metrics, routes={r.path for r in app.routes if hasattr(r, "path")})
+    app.add_middleware(_Gate, metrics=metrics, routes={r.path for r in app.routes if hasattr(r, "path")},
+                       max_connections=config.max_connections, check_host=config.check_host)
     return app
 
 
-class _CountRequests:
-    """ASGI middleware: count every HTTP response by route and status (route "other" for unknown paths).
+def _names_loopback(host: str) -> bool:
+    """Whether a Host header names this machine (localhost, 127.0.0.1, [::1], with or without a port)."""
+    try:
+        return is_loopback(f"http://{host}")
+    except ValueError:  # not even a host name, e.g. "[::1"
+        return False
+
+
+class _Gate:
+    """ASGI middleware around the app: count every HTTP response by route and status (route "other" for unknown
+    paths), and answer before the app when a connection is over the limit (503) or a request over loopback
+    names a foreign Host (400: a page from elsewhere that resolves its name to 127.0.0.1 must not reach us).
 
     An unhandled exception is answered 500 by Starlette's outermost middleware, outside this one: count it here.
     """
 
-    def __init__(self, app, metrics: ServerMetrics, routes: set[str]):
+    def __init__(self, app, metrics: ServerMetrics, routes: set[str], max_connections: int, check_host: bool):
         self.app, self.metrics, self.routes = app, metrics, routes
+        self.max_connections, self.check_host = max_connections, check_host
+
+    def _refusal(self, scope) -> APIError | None:
+        if scope.get(OVER_CAPACITY):
+            return APIError(503, f"the server has {self.max_connections} connections open, its limit: retry later",
+                            type="server_error", code="too_many_connections",
+                            headers={"Retry-After": "1", "Connection": "close"})
+        server = scope.get("server")  # the address the request came in on
+        if self.check_host and server and is_loopback(server_url(*server)):
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            if host is not None and not _names_loopback(host):
+                return APIError(400, f"Host {host!r} is not this machine: a request over loopback must name "
+                                     "localhost, 127.0.0.1 or [::1] (labkit serve --no-check-host allows any)",
+                                code="invalid_host")
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -591,6 +683,9 @@ class _CountRequests:
                 self.metrics.count_request(route, message["status"])
             await send(message)
 
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            return await error_response(refusal)(scope, receive, counting_send)
         try:
             await self.app(scope, receive, counting_send)
         except Exception:
@@ -615,17 +710,97 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _h11_protocol(config: ServeConfig):
+    """uvicorn's h11 protocol with a deadline on each request head and a cap on open connections.
+
+    uvicorn times out only idle keep-alive connections, and only after a first response: a client that connects
+    and sends nothing, or a header a byte at a time, would hold its socket forever. Here a connection has
+    header_timeout_s from opening (or from its last response) to send a whole request head, or it is closed.
+    A connection over max_connections is kept just long enough to answer its request 503 and close.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > config.max_connections:
+                self.app = partial(_over_capacity, self.app)
+            self._await_head()
+
+        def _await_head(self) -> None:
+            self._forget_head()
+            self._head_deadline = self.loop.call_later(config.header_timeout_s, self._head_timed_out)
+
+        def _forget_head(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def _is_serving(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _head_timed_out(self) -> None:
+            self._head_deadline = None
+            if not self._is_serving() and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self._is_serving():  # a whole head arrived: the app's deadlines take over
+                self._forget_head()
+
+        def on_response_complete(self) -> None:
+            if not self.transport.is_closing():
+                self._await_head()  # before uvicorn reads a pipelined request, which cancels it
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._forget_head()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+async def _over_capacity(app, scope, receive, send) -> None:
+    scope[OVER_CAPACITY] = True  # the app's _Gate answers 503
+    await app(scope, receive, send)
+
+
+def make_server(app, **uvicorn_kwargs):
+    """A uvicorn server for an app of create_app's, with the connection limits of its ServeConfig, and a
+    graceful shutdown: new requests answer 503 at once, those in flight get shutdown_grace_s to finish, then
+    the engine's thread ends the rest (a stream with an error event and `data: [DONE]`) before uvicorn closes
+    the connections. uvicorn_kwargs go to uvicorn.Config (log_level, access_log...)."""
+    import uvicorn
+
+    config: ServeConfig = app.state.config
+    worker: EngineWorker = app.state.worker
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            worker.drain()  # the sockets still listen, so a new request gets a 503, not a refused connection
+            deadline = time.monotonic() + config.shutdown_grace_s
+            while worker.has_work and time.monotonic() < deadline and not self.force_exit:
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(worker.stop)
+            await super().shutdown(sockets)
+
+    return DrainingServer(uvicorn.Config(
+        app, http=_h11_protocol(config), lifespan="on", timeout_keep_alive=config.keep_alive_timeout_s,
+        timeout_graceful_shutdown=SHUTDOWN_FLUSH_S, **uvicorn_kwargs))
+
+
 class ServerThread:
-    """Serve an app with uvicorn on a background thread (tests, notebooks): `with ServerThread(app) as s: s.url`."""
+    """Serve an app of create_app's with uvicorn on a background thread (tests, notebooks):
+    `with ServerThread(app) as s: s.url`."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
         self.app = app
         self.sock = bind_socket(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
-                                                    lifespan="on"))
+        self.server = make_server(app, log_level=log_level)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                         name="labkit-serve-uvicorn", daemon=True)
 
@@ -655,19 +830,30 @@ class ServerThread:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from labkit.generation import Engine, EngineConfig
+    from labkit.llama import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     config = ServeConfig(served_model_name=args.served_model_name, max_queue=args.max_queue, api_key=api_key,
                          max_body_bytes=args.max_body_bytes, max_queue_wait_s=args.max_queue_wait,
-                         default_max_tokens=args.default_max_tokens)
+                         default_max_tokens=args.default_max_tokens, max_connections=args.max_connections,
+                         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                         keep_alive_timeout_s=args.timeout_keep_alive,
+                         shutdown_grace_s=args.timeout_graceful_shutdown, check_host=args.check_host)
     engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  kv_cache_mb=args.kv_cache_mb)
     sock = bind_socket(args.host, args.port)  # fail fast, before loading a model
     try:
-        engine = Engine.load(args.model, device=args.device, dtype=args.dtype, dummy=args.dummy, config=engine_config)
+        try:
+            engine = Engine.load(args.model, device=args.device, dtype=args.dtype, dummy=args.dummy,
+                                 config=engine_config)
+        except UnsupportedArchitecture as exc:
+            # its advice, "--engine hf", is an option of `labkit baseline`: the server has one engine, ours
+            reason, supported = str(exc).split("; use ")[0], ", ".join(SUPPORTED_ARCHITECTURES)
+            if supported not in reason:
+                reason += f" (the labkit engine runs {supported} models)"
+            raise ValueError(f"{reason}. labkit serve has no other engine: `labkit baseline --engine hf --model "
+                             f"{args.model}` runs this model with transformers") from None
         app = create_app(engine, config)
         host, port = sock.getsockname()[:2]
         print(f"labkit serve: {config.served_model_name or engine.name} on http://{host}:{port} "
@@ -675,11 +861,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{engine.blocks.num_blocks} KV blocks of {engine_config.block_size} tokens, "
               f"max queue {config.max_queue}, {'API key required' if api_key else 'no API key'})",
               file=sys.stderr, flush=True)
-        if not api_key and host not in ("127.0.0.1", "::1", "localhost"):
+        if not api_key and not is_loopback(server_url(host, port)):
             print(f"labkit serve: warning: {host} accepts other machines and no API key is set "
                   f"(--api-key or ${API_KEY_ENV})", file=sys.stderr, flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
-                                               access_log=args.log_level == "debug"))
+        server = make_server(app, log_level=args.log_level, access_log=args.log_level == "debug")
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler it found:
         # make that handler a no-op, so a requested stop exits 0 instead of as an interrupt.
         stops: list[int] = []
@@ -743,11 +928,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     parser.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
                         help="larger request bodies are answered 413 (default: %(default)s)")
+    parser.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="open connections; a request on one more is answered 503 (default: %(default)s)")
+    parser.add_argument("--header-timeout", type=positive_float, default=DEFAULT_HEADER_TIMEOUT_S, metavar="SECONDS",
+                        help="a connection that has not sent a whole request head this long after opening, or "
+                             "after its last response, is closed (default: %(default)s)")
+    parser.add_argument("--body-timeout", type=positive_float, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS",
+                        help="a request body not received within this long is answered 408 (default: %(default)s)")
+    parser.add_argument("--timeout-keep-alive", type=positive_float, default=DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+                        metavar="SECONDS", help="an idle connection between requests is closed after this long "
+                                                "(default: %(default)s)")
+    parser.add_argument("--timeout-graceful-shutdown", type=positive_float, default=DEFAULT_SHUTDOWN_GRACE_S,
+                        metavar="SECONDS", help="on SIGTERM or Ctrl-C, new requests are answered 503 and those in "
+                                                "flight get this long to finish; then each open stream ends with "
+                                                "an error event and [DONE] (default: %(default)s)")
+    parser.add_argument("--check-host", action=argparse.BooleanOptionalAction, default=True,
+                        help="answer 400 to a request over loopback whose Host is not localhost, 127.0.0.1 or [::1] "
+                             "(DNS rebinding); --no-check-host behind a local proxy that keeps the public Host "
+                             "(default: on)")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default: %(default)s)")
     parser.set_defaults(func=cmd_serve)
     return parser
 
 
-__all__ = ["ServeConfig", "EngineWorker", "Job", "create_app", "ServerThread", "bind_socket", "cmd_serve",
-           "add_parser"]
+__all__ = ["ServeConfig", "EngineWorker", "Job", "create_app", "error_response", "make_server",
+           "ServerThread", "bind_socket", "cmd_serve", "add_parser"]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from labkit.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, DONE, APIError, Reply, chunk_text, error_message,
-                             parse_generation_request, parse_sse_line)
+from labkit.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, DONE, MAX_JSON_DEPTH, APIError, Reply, chunk_text,
+                             error_message, parse_generation_request, parse_json_object, parse_sse_line)
 
 CONTEXT = 2048  # tiny-smollm2's
 
@@ -44,6 +44,35 @@ def test_chat_template_errors_are_400_and_template_bugs_are_not(tiny):
     with pytest.raises(ZeroDivisionError):
         parse_generation_request(chat, is_chat=True, tokenizer=broken, eos_token_ids=(), max_seq_len=CONTEXT,
                                  vocab_size=100)
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000,  # past the parser's recursion limit
+                                 b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                 b'{"n": ' + b'{"a": ' * MAX_JSON_DEPTH + b"1" + b"}" * MAX_JSON_DEPTH + b"}"])
+def test_deeply_nested_bodies_are_400(raw):
+    with pytest.raises(APIError) as caught:
+        parse_json_object(raw)
+    assert (caught.value.status, caught.value.code) == (400, "invalid_json")
+
+
+def test_bodies_up_to_the_depth_limit_parse():
+    nested = b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1)
+    assert parse_json_object(b'{"a": ' + nested + b"}")["a"] is not None
+    assert parse_json_object(b'{"prompt": [1, 2, 3], "stop": ["x"]}') == {"prompt": [1, 2, 3], "stop": ["x"]}
+
+
+@pytest.mark.parametrize("body, is_chat, param", [
+    ({"prompt": "hi \ud800"}, False, "prompt"),
+    ({"prompt": ["hi \udfff"]}, False, "prompt"),
+    ({"messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": "\ud800"}]}, True,
+     "messages[1].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udc00"}]}]}, True, "messages[0].content"),
+])
+def test_lone_surrogates_are_400_naming_the_field(tiny, body, is_chat, param):
+    with pytest.raises(APIError) as caught:
+        _parse(tiny, body, is_chat)
+    assert (caught.value.status, caught.value.param) == (400, param)
+    assert "surrogate" in caught.value.message
 
 
 def test_tiny_temperatures_are_accepted(tiny):

@@ -1,9 +1,11 @@
 """`labkit serve`, driven by the official `openai` client: same text streamed or not, exact usage, OpenAI error
 bodies with the right status codes, concurrent requests decoded together with the text each gets alone,
-cancellation on disconnect, a bounded queue with a deadline, no leaked KV block, and health after all of it."""
+cancellation on disconnect, a bounded queue with a deadline, no leaked KV block, and health after all of it;
+hostile clients (slow, idle, too many, cross-site, nested or broken bodies) and a shutdown mid-stream."""
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -50,6 +52,13 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
 
 
+@pytest.fixture(scope="module")
+def roomy(tiny):
+    """A server with the default limits (a body of up to 1 MiB), on an engine of its own."""
+    with ServerThread(create_app(_engine(tiny), served_model_name=MODEL)) as running:
+        yield running
+
+
 def _health(url: str) -> dict:
     response = httpx.get(f"{url}/health", timeout=5)
     assert response.status_code == 200, response.text
@@ -84,6 +93,38 @@ def _open_request(url: str, path: str, body: dict) -> socket.socket:
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return sock
+
+
+def _connect(server: ServerThread, data: bytes = b"") -> socket.socket:
+    """A raw connection that has sent data (maybe nothing, maybe part of a request) and waits."""
+    sock = socket.create_connection((server.host, server.port), timeout=5)
+    sock.sendall(data)
+    return sock
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (socket.timeout if it does not within 5 s)."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    sock.close()
+    return data
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """One whole response of a raw connection that stays open: (status, headers, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    while len(body) < int(headers.get("content-length", 0)):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
 
 
 def _metric(url: str, name: str, **labels) -> float:
@@ -280,7 +321,7 @@ def test_malformed_bodies_oversized_bodies_and_unknown_routes(client, server):
         for _ in range(100):
             yield b"x" * 100
 
-    response = httpx.post(url, content=chunks())
+    response = httpx.post(url, content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413
     for method, path in (("GET", "/v1/nothing"), ("GET", "/v1/completions")):
         response = httpx.request(method, f"{server.url}{path}")
@@ -411,6 +452,173 @@ def test_failed_step_answers_500_frees_its_blocks_and_the_server_lives_on(tiny):
         assert _metric(server.url, "labkit_requests_total", route="other", status=500) == 1
         engine.failing = lambda n: False
         assert client.completions.create(**kwargs).usage.completion_tokens == 8
+
+
+# -- hostile clients -----------------------------------------------------------------------------------------
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+HOSTILE_BODIES = [
+    # (id, endpoint, raw JSON body, status, param, code): 400s (or the 404 they deserve), never a 500
+    ("nested-100k-deep", "completions", '{"prompt": %s}' % _deep(100_000), 400, None, "invalid_json"),
+    ("chat-nested-100k-deep", "chat", '{"messages": %s}' % _deep(100_000), 400, None, "invalid_json"),
+    ("nested-no-op-parameter", "completions", '{"prompt": "hi", "n": %s}' % _deep(500), 400, None, "invalid_json"),
+    ("lone-surrogate-prompt", "completions", r'{"prompt": "hi \ud800"}', 400, "prompt", None),
+    ("lone-surrogate-prompt-list", "completions", r'{"prompt": ["hi \udfff"]}', 400, "prompt", None),
+    ("chat-lone-surrogate", "chat", r'{"messages": [{"role": "user", "content": "hi \ud800"}]}', 400,
+     "messages[0].content", None),
+    ("chat-lone-surrogate-text-part", "chat",
+     r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]}', 400,
+     "messages[0].content", None),
+    ("lone-surrogate-model", "completions", r'{"prompt": "hi", "model": "x\ud800"}', 404, "model",
+     "model_not_found"),
+    ("chat-lone-surrogate-parameter", "chat", r'{"messages": [{"role": "user", "content": "hi"}], "\ud800": 1}',
+     400, "\ud800", "unsupported_parameter"),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE_BODIES, ids=[c[0] for c in HOSTILE_BODIES])
+def test_hostile_bodies_get_a_400_not_a_500(roomy, case):
+    _, endpoint, raw, status, param, code = case
+    response = httpx.post(f"{roomy.url}/v1/{'chat/' if endpoint == 'chat' else ''}completions", content=raw,
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == status, response.text
+    _assert_error_body(response.json(), status, param, code)
+    assert _metric(roomy.url, "labkit_requests_total", status=500) == 0
+    assert _health(roomy.url)["status"] == "ok"
+
+
+def test_huge_prompts_are_tokenized_off_the_event_loop(roomy):
+    prompt = "word " * 190_000  # ~1 MB: a few tenths of a second to tokenize, and far over the context
+    bodies = [("completions", {"prompt": prompt}), ("chat", {"messages": [{"role": "user", "content": prompt}]})] * 2
+
+    async def main() -> tuple[list[httpx.Response], list[float], float]:
+        async with httpx.AsyncClient(base_url=roomy.url, timeout=60) as http:
+            started = time.perf_counter()
+            posts = [asyncio.create_task(http.post(f"/v1/{'chat/' if endpoint == 'chat' else ''}completions",
+                                                   json=body)) for endpoint, body in bodies]
+            health_s = []
+            while not all(post.done() for post in posts):
+                asked = time.perf_counter()
+                assert (await http.get("/health")).status_code == 200
+                health_s.append(time.perf_counter() - asked)
+                await asyncio.sleep(0.01)
+            return [post.result() for post in posts], health_s, time.perf_counter() - started
+
+    responses, health_s, elapsed_s = asyncio.run(main())
+    for response in responses:
+        assert response.status_code == 400
+        _assert_error_body(response.json(), 400, code="context_length_exceeded")
+    # four prompts took a while to tokenize, one after another; /health answered at once all along
+    assert elapsed_s > 0.5 and len(health_s) >= 5 and max(health_s) < 0.25, (elapsed_s, max(health_s))
+
+
+def test_post_bodies_must_say_they_are_json(server):
+    for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})):
+        raw = json.dumps(body).encode()
+        # what a page on another site may POST without asking first (a CORS "simple request")
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                             None):
+            headers = {"content-type": content_type} if content_type else {}
+            response = httpx.post(f"{server.url}{path}", content=raw, headers=headers)
+            assert response.status_code == 415, content_type
+            _assert_error_body(response.json(), 415, code="unsupported_media_type")
+        for content_type in ("application/json; charset=utf-8", "Application/JSON"):
+            response = httpx.post(f"{server.url}{path}", content=raw, headers={"content-type": content_type})
+            assert response.status_code == 200, content_type
+
+
+def test_host_header_must_name_this_machine_over_loopback(tiny, server):
+    port = server.port
+    with httpx.Client(base_url=server.url) as http:
+        # a page on evil.example that re-resolves its name to 127.0.0.1 (DNS rebinding) sends its own Host
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "[::1"):
+            for method, path in (("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"),
+                                 ("POST", "/v1/completions")):
+                response = http.request(method, path, headers={"host": host},
+                                        json={"prompt": "hi", "max_tokens": 1} if method == "POST" else None)
+                assert response.status_code == 400, (host, path)
+                _assert_error_body(response.json(), 400, code="invalid_host")
+        for host in ("localhost", f"localhost:{port}", "127.0.0.1", f"127.0.0.1:{port}", "[::1]", f"[::1]:{port}"):
+            assert http.get("/v1/models", headers={"host": host}).status_code == 200, host
+    assert _metric(server.url, "labkit_requests_total", route="/health", status=400) >= 4
+    with ServerThread(create_app(_engine(tiny), served_model_name=MODEL, check_host=False)) as open_server:
+        assert httpx.get(f"{open_server.url}/health", headers={"host": "evil.example"}).status_code == 200
+
+
+def test_slow_and_idle_connections_are_closed_and_the_server_stays_healthy(tiny):
+    app = create_app(_engine(tiny), served_model_name=MODEL, header_timeout_s=0.5, body_timeout_s=0.5)
+    with ServerThread(app) as server:
+        head = f"Host: 127.0.0.1:{server.port}\r\n".encode()
+        idle = _connect(server)
+        slow_head = _connect(server, b"GET /health HTTP/1.1\r\n" + head + b"X-Slow: ")
+        slow_body = _connect(server, b"POST /v1/completions HTTP/1.1\r\n" + head + b"Content-Type: application/json"
+                                     b"\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+        kept = _connect(server, b"GET /health HTTP/1.1\r\n" + head + b"\r\n")
+        opened = time.monotonic()
+        assert _read_response(kept)[0] == 200
+        kept.sendall(b"GET /hea")  # the deadline starts again after each response
+        status, headers, body = _read_response(slow_body)
+        assert status == 408 and headers["connection"] == "close"
+        _assert_error_body(json.loads(body), 408, code="request_timeout")
+        for sock in (slow_body, idle, slow_head, kept):
+            assert _read_until_closed(sock) == b""
+        assert time.monotonic() - opened >= 0.4  # closed by the deadline, not at once
+
+        # the deadlines cover reading a request, not answering it: a stream outlives them
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            with http.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": LONG, "stream": True,
+                                                              "ignore_eos": True}) as stream:
+                events, started = stream.iter_lines(), time.monotonic()
+                while time.monotonic() - started < 1.0:
+                    assert next(events) is not None
+            assert http.get("/health").status_code == 200
+        _wait_idle(server.url)
+        assert _metric(server.url, "labkit_requests_total", route="/v1/completions", status=408) == 1
+
+
+def test_connections_over_the_limit_are_answered_503(tiny):
+    with ServerThread(create_app(_engine(tiny), served_model_name=MODEL, max_connections=2)) as server:
+        held = [_connect(server, f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
+                for _ in range(2)]
+        assert [_read_response(sock)[0] for sock in held] == [200, 200]  # both open, kept alive
+        for method, path in (("GET", "/health"), ("POST", "/v1/completions")):
+            response = httpx.request(method, f"{server.url}{path}", json={"prompt": "hi"} if method == "POST" else None)
+            assert response.status_code == 503 and response.headers["connection"] == "close"
+            assert "retry-after" in response.headers
+            _assert_error_body(response.json(), 503, code="too_many_connections")
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 3
+        while httpx.get(f"{server.url}/health").status_code != 200:
+            assert time.monotonic() < deadline, "the closed connections were not let go"
+            time.sleep(0.05)
+        assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+        assert _metric(server.url, "labkit_requests_total", route="/health", status=503) >= 1
+        assert _metric(server.url, "labkit_requests_total", route="/v1/completions", status=503) == 1
+
+
+def test_client_leaving_mid_upload_is_counted_499_and_logs_nothing(server, caplog):
+    caplog.set_level(logging.WARNING)
+    uvicorn_logger = logging.getLogger("uvicorn")  # uvicorn's own handlers do not propagate to the root logger
+    uvicorn_logger.addHandler(caplog.handler)
+    try:
+        left = _metric(server.url, "labkit_requests_total", route="/v1/completions", status=499)
+        sock = _connect(server, f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                                '{"prompt": "'.encode())
+        time.sleep(0.1)
+        sock.close()
+        deadline = time.monotonic() + 3
+        while _metric(server.url, "labkit_requests_total", route="/v1/completions", status=499) == left:
+            assert time.monotonic() < deadline, "the hang-up was not seen"
+            time.sleep(0.02)
+        assert _health(server.url)["status"] == "ok"
+    finally:
+        uvicorn_logger.removeHandler(caplog.handler)
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 # -- disconnects and load ------------------------------------------------------------------------------------
@@ -617,7 +825,7 @@ def test_cli_serve_subprocess_answers_ping_and_stops_cleanly(tmp_path, capsys):
     proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "serve", "--model", "tiny-smollm2", "--dummy",
                              "--device", "cpu", "--port", str(port), "--max-queue", "4", "--max-num-seqs", "4",
                              "--max-num-batched-tokens", "64", "--kv-cache-mb", "4", "--max-queue-wait", "30",
-                             "--default-max-tokens", "3"],
+                             "--default-max-tokens", "3", "--timeout-graceful-shutdown", "1.5"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 90
@@ -643,8 +851,30 @@ def test_cli_serve_subprocess_answers_ping_and_stops_cleanly(tmp_path, capsys):
         assert cli.main(["ping", "--port", str(port), "--model", "tiny-smollm2"]) == 1  # no key
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "HTTP 401" in err[0]
+
+        # SIGTERM mid-stream: new requests answer 503 while the stream has the grace period to finish, then it
+        # ends with an error event and [DONE]
+        url, key = f"http://127.0.0.1:{port}", {"Authorization": "Bearer from-env"}
+        with httpx.stream("POST", f"{url}/v1/completions", headers=key, timeout=30,
+                          json={"prompt": "hi", "max_tokens": 2000, "stream": True, "ignore_eos": True}) as stream:
+            events = (line for line in stream.iter_lines() if line.startswith("data:"))
+            assert json.loads(next(events)[5:])["choices"]
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            while (health := httpx.get(f"{url}/health", timeout=5)).status_code == 200:
+                assert time.monotonic() - signalled < 1, "SIGTERM was not taken"
+            assert health.status_code == 503 and health.json()["status"] == "shutting_down"
+            refused = httpx.post(f"{url}/v1/completions", headers=key, json={"prompt": "hi", "max_tokens": 2})
+            assert refused.status_code == 503
+            _assert_error_body(refused.json(), 503, code="shutting_down")
+            rest = list(events)
+        assert time.monotonic() - signalled < 1.5 + 2  # the grace period, then the last events' flush
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][5:])["error"]["code"] == "shutting_down"
+        assert all("choices" in json.loads(event[5:]) for event in rest[:-2])
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -670,9 +900,29 @@ def test_cli_serve_and_ping_report_bad_input_in_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("labkit ping: cannot reach")
 
 
+def test_cli_serve_names_a_command_that_runs_an_unsupported_architecture(tmp_path, capsys, tiny):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_dir = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=tiny.model.config.vocab_size, n_positions=64, n_embd=16, n_layer=1,
+                               n_head=2, bos_token_id=0, eos_token_id=0)).save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    capsys.readouterr()
+    assert cli.main(["serve", "--model", str(model_dir), "--device", "cpu", "--port", "0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("labkit serve:")]
+    assert len(err) == 1 and "'gpt2'" in err[0] and "llama, mistral, qwen2" in err[0], err
+    advice = f"labkit baseline --engine hf --model {model_dir}"
+    assert advice in err[0] and "(--engine hf)" not in err[0], err  # no flag that serve would reject
+    assert cli.main([*advice.split()[1:], "--device", "cpu", "--max-tokens", "2", "--repeats", "1", "--no-save",
+                     "--no-progress"]) == 0  # the advice works
+
+
 @pytest.mark.parametrize("flag, value", [("--max-num-seqs", "0"), ("--max-num-batched-tokens", "many"),
                                          ("--kv-cache-mb", "0"), ("--max-queue-wait", "-1"),
-                                         ("--max-queue-wait", "inf"), ("--default-max-tokens", "0")])
+                                         ("--max-queue-wait", "inf"), ("--default-max-tokens", "0"),
+                                         ("--max-connections", "0"), ("--header-timeout", "0"),
+                                         ("--body-timeout", "nan"), ("--timeout-keep-alive", "-1"),
+                                         ("--timeout-graceful-shutdown", "inf")])
 def test_cli_serve_engine_flags_are_validated_in_one_line(capsys, flag, value):
     with pytest.raises(SystemExit) as info:
         cli.main(["serve", "--model", "tiny-smollm2", "--dummy", flag, value])
@@ -683,6 +933,8 @@ def test_cli_serve_engine_flags_are_validated_in_one_line(capsys, flag, value):
 def test_serve_config_is_validated():
     for bad in (dict(max_queue=-1), dict(max_body_bytes=0), dict(api_key=""), dict(served_model_name=" "),
                 dict(max_queue_wait_s=0), dict(max_queue_wait_s=float("inf")), dict(max_queue_wait_s=True),
-                dict(default_max_tokens=0), dict(default_max_tokens=2.5)):
+                dict(default_max_tokens=0), dict(default_max_tokens=2.5), dict(max_connections=0),
+                dict(header_timeout_s=0), dict(body_timeout_s=float("inf")), dict(keep_alive_timeout_s=-1),
+                dict(shutdown_grace_s=True), dict(check_host="yes")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ServeConfig(**bad)
