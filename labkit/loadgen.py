@@ -3,32 +3,39 @@
 Metrics follow vLLM's `benchmark_serving.py`: TTFT (request sent -> first token), TPOT ((E2E - TTFT) / (output
 tokens - 1)), ITL (the gaps between token arrivals; a chunk that brings k tokens after a gap g counts as k gaps
 of g/k), E2E latency, request and token throughput, and goodput (requests per second that meet every SLO).
-Token counts come from the server's `usage`, never from re-tokenizing. Arrivals are Poisson (burstiness 1) or
-gamma-distributed; there are no client retries, so every failure is counted once.
+Token counts come from the server's `usage`; a server that sends none (llama.cpp's) has its output re-tokenized
+after the run, as vLLM's benchmark does, and the result says which way each request was counted. Arrivals are
+Poisson (burstiness 1) or gamma-distributed; there are no client retries, so every failure is counted once, and
+a malformed reply fails its request, not the run. vLLM's flag names are accepted and its result keys written.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
-import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from labkit.bench import percentile
-from labkit.protocol import DONE, ENDPOINTS, ServerError, auth_headers, chunk_text, error_message, parse_sse_line
+from labkit.client import add_api_key_options, transport_error
+from labkit.models import EMBEDDED_MODEL
+from labkit.protocol import (DONE, ENDPOINTS, ServerError, api_key_for, auth_headers, chunk_text, error_message,
+                             model_ids, parse_sse_line, server_url, stream_usage)
 from labkit.workloads import PromptSpec, arrival_offsets, make_prompts
 
 SCHEMA = "labkit.bench_serve/1"
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2el_ms")
 METRICS = ("ttft", "tpot", "itl", "e2el")  # each reported as mean/median/std/p90/p99 in ms
+PERCENTILES = (90.0, 99.0)  # always in the lab's metrics; --metric-percentiles adds more
+TOKEN_COUNT_SOURCES = ("usage", "tokenizer")  # the server's usage, or the text re-tokenized on the client
 
 
 # -- configuration -------------------------------------------------------------------------------------------
@@ -54,11 +61,23 @@ class BenchServeConfig:
     slo: dict = field(default_factory=dict)  # {"ttft_ms": ..., "tpot_ms": ..., "e2el_ms": ...}
     timeout_s: float = 300.0  # per request
     api_key: str | None = None
+    tokenizer: str | None = None  # counts tokens when the server sends no usage; None: the embedded model's
+    percentile_metrics: tuple[str, ...] = ("ttft", "tpot", "itl")  # vLLM's keys written for these (its default)
+    metric_percentiles: tuple[float, ...] = (99.0,)  # ... at these percentiles
 
     def __post_init__(self):
+        from urllib.parse import urlsplit
+
         self.base_url = self.base_url.rstrip("/")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        try:
+            parts = urlsplit(self.base_url)
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"base_url {self.base_url!r} is not a URL with a port in 1..65535") from None
+        if not parts.hostname or port == 0:
+            raise ValueError(f"base_url {self.base_url!r} needs a host and a port in 1..65535")
         if self.endpoint not in ENDPOINTS:
             raise ValueError(f"unknown endpoint {self.endpoint!r}: choose one of {', '.join(ENDPOINTS)}")
         for name in ("num_prompts", "input_len", "output_len"):
@@ -85,6 +104,16 @@ class BenchServeConfig:
                 raise ValueError(f"unknown SLO {key!r}: choose among {', '.join(SLO_KEYS)}")
             if not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"SLO {key} must be a number > 0, got {value!r}")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
+            raise ValueError(f"tokenizer must be an HF id or a local path, got {self.tokenizer!r}")
+        self.percentile_metrics = tuple(self.percentile_metrics)
+        for name in self.percentile_metrics:
+            if name not in METRICS:
+                raise ValueError(f"unknown percentile metric {name!r}: choose among {', '.join(METRICS)}")
+        self.metric_percentiles = tuple(self.metric_percentiles)
+        for p in self.metric_percentiles:
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 100:
+                raise ValueError(f"metric percentiles must be numbers in [0, 100], got {p!r}")
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -112,6 +141,22 @@ def parse_slo(text: str | None) -> dict:
         if not 0 < slo[key] < math.inf:
             raise ValueError(f"SLO {key} must be > 0, got {value.strip()!r}")
     return slo
+
+
+def parse_goodput(pairs: Sequence[str] | None) -> dict:
+    """vLLM's `--goodput ttft:500 tpot:50` -> {"ttft_ms": 500.0, "tpot_ms": 50.0}; ValueError naming a bad item."""
+    slo = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition(":")
+        if not sep:
+            raise ValueError(f"goodput item {pair!r} is not KEY:MS (e.g. ttft:500 tpot:50)")
+        slo.update(parse_slo(f"{key.strip()}_ms={value}"))
+    return slo
+
+
+def percentile_key(p: float) -> str:
+    """p99 for 99, p99.9 for 99.9: vLLM's spelling in result keys."""
+    return f"p{int(p)}" if p == int(p) else f"p{p}"
 
 
 # -- the metric arithmetic (pure functions, unit-tested on scripted streams) -----------------------------------
@@ -163,19 +208,23 @@ def request_timing(start_s: float, chunk_times_s: Sequence[float], chunk_tokens:
     return RequestTiming(ttft_s=ttft, tpot_s=tpot, itl_s=itl, e2el_s=e2el, num_output_tokens=n)
 
 
-def _stats(name: str, values_s: Sequence[float]) -> dict:
+def _stats(name: str, values_s: Sequence[float], percentiles: Sequence[float]) -> dict:
     values = [v * 1e3 for v in values_s]
-    if not values:
-        return {f"{stat}_{name}_ms": None for stat in ("mean", "median", "std", "p90", "p99")}
-    return {f"mean_{name}_ms": statistics.fmean(values), f"median_{name}_ms": statistics.median(values),
-            f"std_{name}_ms": statistics.pstdev(values), f"p90_{name}_ms": percentile(values, 90),
-            f"p99_{name}_ms": percentile(values, 99)}
+    stats = {f"mean_{name}_ms": statistics.fmean(values) if values else None,
+             f"median_{name}_ms": statistics.median(values) if values else None,
+             f"std_{name}_ms": statistics.pstdev(values) if values else None}
+    for p in percentiles:
+        stats[f"{percentile_key(p)}_{name}_ms"] = percentile(values, p) if values else None
+    return stats
 
 
-def compute_metrics(outcomes: Sequence["RequestOutcome"], duration_s: float, slo: dict | None = None) -> dict:
-    """The flat metrics of a run: counts, throughputs, goodput, and mean/median/std/p90/p99 of each latency."""
+def compute_metrics(outcomes: Sequence["RequestOutcome"], duration_s: float, slo: dict | None = None,
+                    percentiles: Sequence[float] = PERCENTILES) -> dict:
+    """The flat metrics of a run: counts, throughputs, goodput, and mean/median/std and percentiles (p90, p99
+    and any others asked for) of each latency."""
     if not duration_s > 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
+    percentiles = sorted({*PERCENTILES, *percentiles})
     done = [o for o in outcomes if o.success]
     total_in = sum(o.input_tokens for o in done)
     total_out = sum(o.output_tokens for o in done)
@@ -197,10 +246,10 @@ def compute_metrics(outcomes: Sequence["RequestOutcome"], duration_s: float, slo
                 and (t.tpot_s or 0.0) * 1e3 <= slo.get("tpot_ms", math.inf)
                 and t.e2el_s * 1e3 <= slo.get("e2el_ms", math.inf)]
         metrics["request_goodput_req_per_s"] = len(good) / duration_s
-    metrics.update(_stats("ttft", [t.ttft_s for t in timings]))
-    metrics.update(_stats("tpot", [t.tpot_s for t in timings if t.tpot_s is not None]))
-    metrics.update(_stats("itl", [x for t in timings for x in t.itl_s]))
-    metrics.update(_stats("e2el", [t.e2el_s for t in timings]))
+    metrics.update(_stats("ttft", [t.ttft_s for t in timings], percentiles))
+    metrics.update(_stats("tpot", [t.tpot_s for t in timings if t.tpot_s is not None], percentiles))
+    metrics.update(_stats("itl", [x for t in timings for x in t.itl_s], percentiles))
+    metrics.update(_stats("e2el", [t.e2el_s for t in timings], percentiles))
     return metrics
 
 
@@ -214,19 +263,22 @@ class RequestOutcome:
     error: str | None = None
     start_s: float = 0.0
     end_s: float = 0.0
-    input_tokens: int = 0  # usage.prompt_tokens
-    output_tokens: int = 0  # usage.completion_tokens
+    input_tokens: int = 0  # usage.prompt_tokens, else the prompt re-tokenized
+    output_tokens: int = 0  # usage.completion_tokens, else the text re-tokenized
     expected_output_tokens: int = 0
     chunk_times_s: list[float] = field(default_factory=list)
     chunk_tokens: list[int | None] = field(default_factory=list)
     timing: RequestTiming | None = None
+    text: str = ""  # the generated text (kept for counting, not written out)
+    usage: dict | None = None  # the server's counts ({"prompt_tokens", "completion_tokens"}), None if it sent none
+    token_count_source: str | None = None  # where output_tokens came from: one of TOKEN_COUNT_SOURCES
 
     def to_dict(self, origin_s: float) -> dict:
         """A JSON row: times in ms, from `origin_s` (the run's start) for the send time."""
         row = {"index": self.index, "success": self.success, "error": self.error,
                "sent_at_ms": (self.start_s - origin_s) * 1e3, "input_tokens": self.input_tokens,
                "output_tokens": self.output_tokens, "expected_output_tokens": self.expected_output_tokens,
-               "num_chunks": len(self.chunk_times_s)}
+               "token_count_source": self.token_count_source, "num_chunks": len(self.chunk_times_s)}
         t = self.timing
         row.update(ttft_ms=t.ttft_s * 1e3 if t else None, tpot_ms=t.tpot_s * 1e3 if t and t.tpot_s is not None
                    else None, e2el_ms=t.e2el_s * 1e3 if t else None, itl_ms=[x * 1e3 for x in t.itl_s] if t else [])
@@ -248,12 +300,14 @@ def request_body(config: BenchServeConfig, model: str, spec: PromptSpec) -> dict
 
 
 async def send_request(client, url: str, body: dict, headers: dict, index: int = 0) -> RequestOutcome:
-    """POST one streaming request and record when each content chunk arrived; never raises, never retries."""
+    """POST one streaming request and record when each content chunk arrived, its text and the server's usage;
+    never raises, never retries. A reply that is not OpenAI's stream fails the request with what was wrong.
+    `settle` then counts its tokens and computes its latencies."""
     import httpx
 
     is_chat = "messages" in body
     out = RequestOutcome(index=index, success=False, expected_output_tokens=body.get("max_tokens", 0))
-    usage, got_done = None, False
+    parts, is_done = [], False
     out.start_s = time.perf_counter()
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
@@ -266,49 +320,96 @@ async def send_request(client, url: str, body: dict, headers: dict, index: int =
                 if event is None:
                     continue
                 if event is DONE:
-                    got_done = True
+                    is_done = True
                     break
                 now = time.perf_counter()
-                if not isinstance(event, dict):
-                    out.error = f"the server sent an event that is not a JSON object: {str(event)[:100]}"
-                    break
-                if "error" in event:
-                    error = event["error"]
-                    out.error = f"stream error: {error.get('message') if isinstance(error, dict) else error}"
-                    break
                 text, token_ids, _ = chunk_text(event, is_chat)
                 if text or token_ids:
                     out.chunk_times_s.append(now)
                     out.chunk_tokens.append(len(token_ids) if token_ids is not None else None)
-                usage = event.get("usage") or usage
-    except (httpx.HTTPError, ServerError) as exc:
+                    parts.append(text)
+                out.usage = stream_usage(event) or out.usage
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         out.error = f"{type(exc).__name__}: {exc}"
+    except ServerError as exc:
+        out.error = str(exc)
     out.end_s = time.perf_counter()
-    if out.error is None:
-        if not got_done:
-            out.error = "the stream ended without data: [DONE]"
-        elif not usage or usage.get("completion_tokens") is None:
-            out.error = "no usage in the stream: the server ignores stream_options.include_usage"
-        elif not out.chunk_times_s:
-            out.error = "the stream brought no text"
-    if out.error is None:
-        out.input_tokens = int(usage.get("prompt_tokens") or 0)
-        out.output_tokens = int(usage["completion_tokens"])
-        try:
-            out.timing = request_timing(out.start_s, out.chunk_times_s, out.chunk_tokens, out.end_s,
-                                        out.output_tokens)
-            out.success = True
-        except ValueError as exc:
-            out.error = str(exc)
+    out.text = "".join(parts)
+    if out.error is None and not is_done:
+        out.error = "the stream ended without data: [DONE]"
+    elif out.error is None and not out.chunk_times_s:
+        out.error = "the stream brought no text"
     return out
 
 
-async def run_benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] | None = None) -> dict:
-    """Warm up, send the workload on its arrival schedule, and return the result document (see the schema doc)."""
+def count_tokens(tokenizer, text: str) -> int:
+    """Tokens in `text` without special tokens, as vLLM's benchmark counts a reply that came without usage."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def settle(out: RequestOutcome, prompt: str, get_tokenizer: Callable[[], object]) -> RequestOutcome:
+    """Count a streamed request's tokens and compute its latencies (run after the timed requests, so no client
+    tokenizing competes with them). Output tokens: the server's `usage.completion_tokens`, else the text
+    re-tokenized with `get_tokenizer()`; input tokens: `usage.prompt_tokens`, else the prompt re-tokenized."""
+    if out.error is not None or out.success:
+        return out
+    usage = out.usage or {}
+    n_in, n_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    out.token_count_source = "usage" if n_out is not None else "tokenizer"
+    if n_out is None:
+        n_out = count_tokens(get_tokenizer(), out.text)
+    if n_in is None:
+        n_in = count_tokens(get_tokenizer(), prompt)
+    out.input_tokens, out.output_tokens = n_in, n_out
+    try:
+        out.timing = request_timing(out.start_s, out.chunk_times_s, out.chunk_tokens, out.end_s, n_out)
+        out.success = True
+    except ValueError as exc:
+        out.error = str(exc)
+    return out
+
+
+def load_tokenizer(name: str | None = None):
+    """The tokenizer that counts tokens for a server that sends no usage: an HF hub id (offline: from the local
+    cache only) or a local directory; None: the embedded model's."""
+    from transformers import AutoTokenizer
+
+    from labkit import models
+
+    if name is None or name in models.EMBEDDED_ALIASES:
+        return AutoTokenizer.from_pretrained(models.convert_embedded())
+    path = Path(name).expanduser()
+    if not path.is_dir() and (path.exists() or name.startswith((".", "/", "~"))):
+        raise ValueError(f"tokenizer path {name!r} is not a directory (leave --tokenizer out for the embedded "
+                         f"model's)")
+    local_only = not path.is_dir() and (models._in_hf_cache(name) or not models._hub_reachable())
+    try:
+        return AutoTokenizer.from_pretrained(path if path.is_dir() else name, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"cannot load tokenizer {name!r}: {first[:160]}") from None
+
+
+def _count_source(outcomes: Sequence[RequestOutcome]) -> str | None:
+    """How a run's successful requests were counted: one of TOKEN_COUNT_SOURCES, "mixed", or None (none were)."""
+    sources = {o.token_count_source for o in outcomes if o.success}
+    return sources.pop() if len(sources) == 1 else "mixed" if sources else None
+
+
+async def run_benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] | None = None,
+                        tokenizer=None) -> dict:
+    """Warm up, send the workload on its arrival schedule, and return the result document (see the schema doc).
+
+    `tokenizer` counts tokens for a server that sends no usage (default: `load_tokenizer(config.tokenizer)`,
+    loaded only when needed, and up front when config.tokenizer names one, so a bad name fails before the work).
+    """
     import httpx
 
     prompts = list(prompts) if prompts is not None else make_prompts(
         config.num_prompts, config.input_len, config.output_len, config.range_ratio, config.seed)
+    get_tokenizer = functools.cache(lambda: load_tokenizer(config.tokenizer) if tokenizer is None else tokenizer)
+    if config.tokenizer is not None:
+        get_tokenizer()
     headers = auth_headers(config.api_key)
     limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
     timeout = httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s))
@@ -323,8 +424,8 @@ async def run_benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] 
                                seed=f"warmup-{config.seed}")
         for spec in warmups:
             warm = await send_request(client, url, request_body(config, model, spec), headers)
-            if not warm.success:
-                raise ServerError(f"warm-up request failed: {warm.error}")
+            if not settle(warm, spec.prompt, get_tokenizer).success:
+                raise ServerError(f"warm-up request to {url} failed: {warm.error}")
 
         semaphore = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
 
@@ -345,39 +446,68 @@ async def run_benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] 
             tasks.append(asyncio.create_task(one(spec)))
         outcomes = await asyncio.gather(*tasks)
         duration = max(o.end_s for o in outcomes) - origin
+    outcomes = [settle(o, spec.prompt, get_tokenizer) for o, spec in zip(outcomes, prompts)]
     errors: dict[str, int] = {}
     for o in outcomes:
         if o.error:
             errors[o.error] = errors.get(o.error, 0) + 1
     from labkit.device import describe_environment
 
+    metrics = compute_metrics(outcomes, duration, config.slo, config.metric_percentiles)
+    now = datetime.now(timezone.utc)
+    tokenizer_id = config.tokenizer or getattr(tokenizer, "name_or_path", None) or EMBEDDED_MODEL
     return {
         "schema": SCHEMA,
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "timestamp": now.isoformat(timespec="milliseconds"),
         "config": config.to_dict(),
         "server": {"base_url": config.base_url, "endpoint_url": url, "model": model, "models": models},
         "env": describe_environment(),  # the client's machine; the server is only named above
-        "metrics": compute_metrics(outcomes, duration, config.slo),
+        "token_count_source": _count_source(outcomes),
+        "metrics": metrics,
         "errors": errors,
         "requests": [o.to_dict(origin) for o in outcomes],
+        **vllm_keys(config, model, tokenizer_id, metrics, now),
     }
+
+
+def vllm_keys(config: BenchServeConfig, model: str, tokenizer_id: str | None, metrics: dict,
+              when: datetime) -> dict:
+    """The flat keys `vllm bench serve --save-result` writes (without --save-detailed), from a run's metrics, so
+    scripts that read vLLM's result files read ours: mean/median/std and `config.metric_percentiles` of each
+    of `config.percentile_metrics`."""
+    backend = "openai-chat" if config.endpoint == "chat" else "openai"
+    keys = {"date": when.strftime("%Y%m%d-%H%M%S"), "endpoint_type": backend, "backend": backend, "label": None,
+            "model_id": model, "tokenizer_id": tokenizer_id,
+            "num_prompts": metrics["num_completed"] + metrics["num_failed"],
+            "request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
+            "burstiness": config.burstiness, "max_concurrency": config.max_concurrency,
+            "duration": metrics["duration_s"], "completed": metrics["num_completed"],
+            "failed": metrics["num_failed"], "total_input_tokens": metrics["total_input_tokens"],
+            "total_output_tokens": metrics["total_output_tokens"],
+            "request_throughput": metrics["request_throughput_req_per_s"],
+            "request_goodput": metrics["request_goodput_req_per_s"],
+            "output_throughput": metrics["output_throughput_tokens_per_s"],
+            "total_token_throughput": metrics["total_token_throughput_tokens_per_s"]}
+    for name in config.percentile_metrics:
+        for stat in ("mean", "median", "std", *map(percentile_key, config.metric_percentiles)):
+            keys[f"{stat}_{name}_ms"] = metrics[f"{stat}_{name}_ms"]
+    return keys
 
 
 async def _list_models(client, base_url: str, headers: dict) -> list[str]:
     import httpx
 
+    url = f"{base_url}/v1/models"
     try:
-        response = await client.get(f"{base_url}/v1/models", headers=headers)
-    except httpx.HTTPError as exc:
-        raise ServerError(f"cannot reach {base_url}: {exc}") from None
-    if response.status_code != 200:
-        raise ServerError(f"{base_url}/v1/models: {error_message(response.status_code, response.content)}")
-    return [m.get("id") for m in response.json().get("data") or []]
+        response = await client.get(url, headers=headers)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise transport_error(url, exc) from None
+    return model_ids(url, response.status_code, response.content)
 
 
-def benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] | None = None) -> dict:
+def benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] | None = None, tokenizer=None) -> dict:
     """`run_benchmark` from synchronous code (a notebook cell with a running loop should await it instead)."""
-    return asyncio.run(run_benchmark(config, prompts))
+    return asyncio.run(run_benchmark(config, prompts, tokenizer))
 
 
 # -- reporting -----------------------------------------------------------------------------------------------
@@ -389,6 +519,8 @@ def format_table(result: dict) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     rate = "inf" if c["request_rate"] is None else c["request_rate"]
+    counted = {"usage": "the server's usage", "tokenizer": f"re-tokenized with {result.get('tokenizer_id')}",
+               "mixed": f"usage, else re-tokenized with {result.get('tokenizer_id')}"}
     lines = [f"{' Serving benchmark ':=^56}",
              f"{'Model / endpoint:':<40}{result['server']['model']} {c['endpoint']}",
              f"{'Request rate / burstiness:':<40}{rate} / {c['burstiness']}",
@@ -396,6 +528,7 @@ def format_table(result: dict) -> str:
              f"{'Successful / failed requests:':<40}{m['num_completed']} / {m['num_failed']}",
              f"{'Duration (s):':<40}{fmt(m['duration_s'])}",
              f"{'Total input / output tokens:':<40}{m['total_input_tokens']} / {m['total_output_tokens']}",
+             f"{'Token counts from:':<40}{counted.get(result.get('token_count_source'), 'n/a')}",
              f"{'Request throughput (req/s):':<40}{fmt(m['request_throughput_req_per_s'])}",
              f"{'Output token throughput (tok/s):':<40}{fmt(m['output_throughput_tokens_per_s'])}",
              f"{'Total token throughput (tok/s):':<40}{fmt(m['total_token_throughput_tokens_per_s'])}"]
@@ -403,9 +536,10 @@ def format_table(result: dict) -> str:
         lines.append(f"{'Goodput (req/s):':<40}{fmt(m['request_goodput_req_per_s'])}")
     titles = {"ttft": "Time to first token", "tpot": "Time per output token (excl. 1st)",
               "itl": "Inter-token latency", "e2el": "End-to-end latency"}
+    stats = ["mean", "median", *map(percentile_key, sorted({*PERCENTILES, *c.get("metric_percentiles", ())}))]
     for name in METRICS:
         lines.append(f"{' ' + titles[name] + ' ':-^56}")
-        for stat in ("mean", "median", "p90", "p99"):
+        for stat in stats:
             lines.append(f"{f'{stat.capitalize()} {name.upper()} (ms):':<40}{fmt(m[f'{stat}_{name}_ms'])}")
     lines.append("=" * 56)
     for error, count in result["errors"].items():
@@ -413,36 +547,50 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def default_result_name() -> str:
+    return f"bench_serve_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}.json"
+
+
 def save_result(result: dict, result_file: str | Path | None = None) -> Path:
     """Write the result document atomically and append its row (with the environment stamp) to the results."""
     from labkit import results
 
     if result_file is None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        result_file = results.data_dir() / "bench_serve" / f"bench_serve_{stamp}.json"
+        result_file = results.data_dir() / "bench_serve" / default_result_name()
     path = results.write_json_atomic(result_file, result)
-    params = {**result["config"], "model": result["server"]["model"], "result_file": str(path)}
+    params = {**result["config"], "model": result["server"]["model"], "result_file": str(path),
+              "token_count_source": result["token_count_source"], "tokenizer": result["tokenizer_id"]}
     results.append_rows(results.make_row("bench_serve", params, result["metrics"], env=result["env"]))
     return path
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from labkit.results import to_jsonable
+    from labkit.results import data_dir, to_jsonable
 
-    base_url = args.base_url or f"http://{args.host}:{args.port}"
+    result_file = args.result_file
+    if args.result_dir is not None or args.result_filename is not None:
+        if result_file is not None:
+            raise ValueError("give --result-file (a whole path) or --result-dir/--result-filename, not both")
+        result_file = Path(args.result_dir or data_dir() / "bench_serve") / (args.result_filename
+                                                                            or default_result_name())
+    base_url = args.base_url or server_url(args.host, args.port)
+    api_key, note = api_key_for(base_url, args.api_key, args.use_env_key)
     config = BenchServeConfig(
         base_url=base_url, model=args.model, endpoint=args.endpoint, num_prompts=args.num_prompts,
         input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
         request_rate=args.request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
         num_warmups=args.num_warmups, seed=args.seed, temperature=args.temperature, ignore_eos=args.ignore_eos,
-        return_token_ids=args.return_token_ids, slo=parse_slo(args.slo), timeout_s=args.timeout,
-        api_key=args.api_key or os.environ.get("LABKIT_API_KEY") or os.environ.get("OPENAI_API_KEY") or None)
+        return_token_ids=args.return_token_ids, slo={**parse_slo(args.slo), **parse_goodput(args.goodput)},
+        timeout_s=args.timeout, api_key=api_key, tokenizer=args.tokenizer,
+        percentile_metrics=args.percentile_metrics, metric_percentiles=args.metric_percentiles)
+    if note:
+        print(f"labkit bench serve: {note}", file=sys.stderr)
     try:
         result = benchmark(config)
     except ServerError as exc:
         print(f"labkit bench serve: {exc}", file=sys.stderr)
         return 1
-    path = save_result(result, args.result_file)
+    path = save_result(result, result_file)
     print(format_table(result), file=sys.stderr)
     print(f"labkit bench serve: wrote {path}", file=sys.stderr)
     if args.json:
@@ -460,32 +608,57 @@ def _rate(text: str) -> float:
     return value
 
 
+def _endpoint(text: str) -> str:
+    """chat or completions, or vLLM's spelling: the path."""
+    return {path: name for name, path in ENDPOINTS.items()}.get(text.rstrip("/"), text)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(item) for item in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected percentiles like 50,90,99, got {text!r}") from None
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit bench serve` on the `labkit bench` subparsers."""
-    from labkit.arguments import add_server_options, non_negative_float, non_negative_int, positive_int
+    from labkit.arguments import (add_server_options, non_negative_float, non_negative_int, positive_float,
+                                  positive_int)
 
     parser = subparsers.add_parser(
         "serve", help="load-test an OpenAI-compatible server (TTFT, TPOT, ITL, throughput, goodput)",
         description="Send a seeded workload of random-word prompts to an OpenAI-compatible server (labkit\n"
                     "serve, vLLM, TGI, llama.cpp) and measure it as vLLM's benchmark_serving does. Writes one\n"
-                    "JSON result (docs/bench_serve_schema.md) and a row in the results store. The table goes\n"
-                    "to stderr; --json prints the result to stdout.",
+                    "JSON result (docs/bench_serve_schema.md; it also carries vLLM's result keys) and a row in\n"
+                    "the results store. The table goes to stderr; --json prints the result to stdout.\n"
+                    "vLLM's `vllm bench serve` flag names work too (--random-input-len, --goodput, ...).\n"
+                    "A key in $LABKIT_API_KEY or $OPENAI_API_KEY is sent only to a loopback address\n"
+                    "(127.0.0.1, ::1, localhost) unless --use-env-key; --api-key is always sent.",
         epilog="examples:\n"
                "  labkit bench serve --num-prompts 20 --request-rate 2 --slo ttft_ms=500,tpot_ms=100\n"
                "  labkit bench serve --base-url http://127.0.0.1:8001 --endpoint chat --max-concurrency 4 --json\n"
-               "  labkit bench serve --no-ignore-eos --no-return-token-ids   # a server without vLLM's extensions",
+               "  labkit bench serve --no-ignore-eos --no-return-token-ids   # a server without vLLM's extensions\n"
+               "  labkit bench serve --dataset-name random --random-input-len 128 --random-output-len 32 \\\n"
+               "      --goodput ttft:500 tpot:50 --metric-percentiles 50,90,99 --result-dir results --save-result",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_options(parser)
     parser.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000 (overrides --host/--port)")
-    parser.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="completions",
-                        help="which API to load (default: %(default)s)")
+    parser.add_argument("--endpoint", type=_endpoint, choices=tuple(ENDPOINTS), default="completions",
+                        help="which API to load: completions or chat, or vLLM's /v1/completions or "
+                             "/v1/chat/completions (default: %(default)s)")
+    parser.add_argument("--dataset-name", choices=("random",), default="random",
+                        help="vLLM's workload name: random (random-word prompts) is the one supported")
     parser.add_argument("--num-prompts", type=positive_int, default=50, help="timed requests (default: %(default)s)")
-    parser.add_argument("--input-len", type=positive_int, default=64,
+    parser.add_argument("--input-len", "--random-input-len", dest="input_len", type=positive_int, default=64,
                         help="words per prompt, about one token each (default: %(default)s)")
-    parser.add_argument("--output-len", type=positive_int, default=32,
+    parser.add_argument("--output-len", "--random-output-len", dest="output_len", type=positive_int, default=32,
                         help="max_tokens per request (default: %(default)s)")
-    parser.add_argument("--range-ratio", type=non_negative_float, default=0.0,
-                        help="lengths uniform in len*(1±r), r in [0, 1) (default: %(default)s)")
+    parser.add_argument("--range-ratio", "--random-range-ratio", dest="range_ratio", type=non_negative_float,
+                        default=0.0, help="lengths uniform in len*(1±r), r in [0, 1) (default: %(default)s)")
     parser.add_argument("--request-rate", type=_rate, default=math.inf,
                         help="requests per second, or inf to send all at once (default: %(default)s)")
     parser.add_argument("--burstiness", type=float, default=1.0,
@@ -503,18 +676,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "without them the usage total is shared among chunks (default: on)")
     parser.add_argument("--slo", default=None, metavar="KEY=MS,...",
                         help=f"goodput targets among {', '.join(SLO_KEYS)}, e.g. ttft_ms=500,tpot_ms=50")
-    parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+    parser.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                        help="vLLM's spelling of --slo: ttft:500 tpot:50 e2el:2000")
+    parser.add_argument("--percentile-metrics", type=_names, default=("ttft", "tpot", "itl"), metavar="NAMES",
+                        help=f"metrics whose vLLM keys go into the result, among {','.join(METRICS)} "
+                             "(default: ttft,tpot,itl)")
+    parser.add_argument("--metric-percentiles", type=_percentiles, default=(99.0,), metavar="PERCENTILES",
+                        help="percentiles of those metrics, e.g. 50,90,99 (default: 99; the lab's own metrics "
+                             "always have p90 and p99)")
+    parser.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
+                        help="counts tokens when the server sends no usage (llama.cpp): an HF id or a local "
+                             "directory (default: the embedded model's tokenizer)")
+    parser.add_argument("--timeout", type=positive_float, default=300.0, metavar="SECONDS",
                         help="per-request timeout (default: %(default)s)")
-    parser.add_argument("--api-key", default=None,
-                        help="bearer key (default: $LABKIT_API_KEY, then $OPENAI_API_KEY, else none)")
+    add_api_key_options(parser)
     parser.add_argument("--result-file", type=Path, default=None,
                         help="where the JSON goes (default: data/bench_serve/bench_serve_<UTC>.json)")
+    parser.add_argument("--result-dir", type=Path, default=None,
+                        help="vLLM's spelling: the folder for the JSON (default: data/bench_serve)")
+    parser.add_argument("--result-filename", default=None,
+                        help="vLLM's spelling: the JSON's file name in --result-dir (default: bench_serve_<UTC>.json)")
+    parser.add_argument("--save-result", action="store_true",
+                        help="accepted for vLLM's command lines: the result is always saved")
     parser.add_argument("--json", action="store_true", help="print the result JSON to stdout")
     parser.set_defaults(func=cmd_bench_serve)
     return parser
 
 
-__all__ = ["BenchServeConfig", "PromptSpec", "RequestOutcome", "RequestTiming", "parse_slo", "make_prompts",
-           "arrival_offsets", "tokens_per_chunk", "request_timing", "compute_metrics", "request_body",
-           "send_request", "run_benchmark", "benchmark", "format_table", "save_result", "cmd_bench_serve",
-           "add_parser"]
+__all__ = ["BenchServeConfig", "PromptSpec", "RequestOutcome", "RequestTiming", "parse_slo", "parse_goodput",
+           "percentile_key", "make_prompts", "arrival_offsets", "tokens_per_chunk", "request_timing",
+           "compute_metrics", "request_body", "send_request", "count_tokens", "settle", "load_tokenizer",
+           "run_benchmark", "benchmark", "vllm_keys", "format_table", "default_result_name", "save_result",
+           "cmd_bench_serve", "add_parser"]

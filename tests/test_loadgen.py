@@ -1,14 +1,21 @@
-"""`labkit bench serve`: the metric arithmetic on scripted streams, validation, and a real run against `labkit
-serve` that writes the JSON result and a results row (the workload is tested in test_workloads.py)."""
+"""`labkit bench serve`: the metric arithmetic on scripted streams, validation, a real run against `labkit
+serve` that writes the JSON result and a results row, broken servers (test_client.py's), servers without usage,
+and vLLM's flag names and result keys (the workload is tested in test_workloads.py)."""
 
+import argparse
 import json
+import math
 import statistics
 
 import pytest
+from test_client import BROKEN_MODELS, BROKEN_STREAMS, WORDS, broken_app, serving
 
 from labkit import cli, loadgen, results
 from labkit.generation import Engine
-from labkit.loadgen import BenchServeConfig, RequestOutcome, compute_metrics, request_timing, tokens_per_chunk
+from labkit.loadgen import (BenchServeConfig, RequestOutcome, compute_metrics, count_tokens, request_timing, settle,
+                            tokens_per_chunk)
+from labkit.models import EMBEDDED_MODEL, convert_embedded
+from labkit.protocol import ServerError
 from labkit.serve import ServerThread, create_app
 
 METRIC_KEYS = ["duration_s", "num_completed", "num_failed", "total_input_tokens", "total_output_tokens",
@@ -168,6 +175,14 @@ def test_bench_serve_against_labkit_serve_writes_json_and_row(server, tmp_path, 
     assert m["total_input_tokens"] == sum(r["input_tokens"] for r in requests) > 0
     assert written["config"]["request_rate"] == 40 and written["config"]["max_concurrency"] == 4
     assert written["server"]["model"] == "tiny-smollm2" and written["env"]["torch"]
+    # counted from the server's usage; vLLM's keys (its default ttft,tpot,itl at p99) mirror the lab's
+    assert written["token_count_source"] == "usage" and {r["token_count_source"] for r in requests} == {"usage"}
+    assert (written["completed"], written["failed"]) == (12, 0)
+    assert written["total_output_tokens"] == m["total_output_tokens"] and written["duration"] == m["duration_s"]
+    assert written["request_throughput"] == m["request_throughput_req_per_s"] and written["request_rate"] == 40
+    assert written["output_throughput"] == m["output_throughput_tokens_per_s"]
+    assert written["p99_ttft_ms"] == m["p99_ttft_ms"] and written["median_itl_ms"] == m["median_itl_ms"]
+    assert written["model_id"] == "tiny-smollm2" and "mean_e2el_ms" not in written
 
     rows = [row for row in results.read_rows() if row["technique"] == "bench_serve"]
     assert len(rows) == 1
@@ -196,4 +211,198 @@ def test_bench_serve_chat_without_extensions_and_failures(server, tmp_path, caps
     # the CLI says so in one line when the warm-up fails, and exits 1
     assert cli.main(["bench", "serve", "--base-url", server.url, "--model", "gpt-9", "--num-prompts", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "warm-up request failed: HTTP 404" in err[0]
+    assert len(err) == 1 and f"warm-up request to {server.url}/v1/completions failed: HTTP 404" in err[0]
+
+
+# -- counting tokens without usage ---------------------------------------------------------------------------
+class _WordTokenizer:
+    """One token per space-separated word: enough to check which text `settle` counted."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": list(range(len(text.split())))}
+
+
+def test_settle_counts_from_usage_else_with_the_tokenizer():
+    def streamed(usage):
+        return RequestOutcome(index=0, success=False, start_s=0.0, end_s=0.4, chunk_times_s=[0.1, 0.2, 0.4],
+                              chunk_tokens=[None, None, None], text="one two three four", usage=usage)
+
+    def no_tokenizer():
+        raise AssertionError("the server's usage was enough")
+
+    out = settle(streamed({"prompt_tokens": 9, "completion_tokens": 6}), "a b", no_tokenizer)
+    assert out.success and (out.input_tokens, out.output_tokens, out.token_count_source) == (9, 6, "usage")
+    out = settle(streamed(None), "a b c", _WordTokenizer)
+    assert out.success and (out.input_tokens, out.output_tokens, out.token_count_source) == (3, 4, "tokenizer")
+    assert out.timing.itl_s == pytest.approx([0.1, 0.2])  # 4 tokens over 3 chunks: [2, 1, 1]
+    out = settle(streamed({"prompt_tokens": None, "completion_tokens": 2}), "a b c", _WordTokenizer)
+    assert (out.input_tokens, out.output_tokens, out.token_count_source) == (3, 2, "usage")
+    failed = RequestOutcome(index=0, success=False, error="HTTP 500: boom")
+    assert settle(failed, "a", no_tokenizer) is failed and not failed.success
+
+
+@pytest.fixture(scope="module")
+def broken_server():
+    with serving(broken_app()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def embedded_tokenizer():
+    return loadgen.load_tokenizer()
+
+
+def test_bench_serve_counts_with_the_tokenizer_when_the_server_sends_no_usage(broken_server, embedded_tokenizer):
+    # llama.cpp's server ignores stream_options.include_usage: the warm-up passes and the text is re-tokenized
+    config = BenchServeConfig(base_url=broken_server.url, model="no-usage", num_prompts=3, input_len=5,
+                              output_len=3, num_warmups=1)
+    result = loadgen.benchmark(config)
+    m, requests = result["metrics"], result["requests"]
+    assert (m["num_completed"], m["num_failed"]) == (3, 0) and result["errors"] == {}
+    assert result["token_count_source"] == "tokenizer" and result["tokenizer_id"] == EMBEDDED_MODEL
+    n_out = count_tokens(embedded_tokenizer, "".join(WORDS))
+    prompts = loadgen.make_prompts(3, 5, 3, seed=0)
+    assert [r["output_tokens"] for r in requests] == [n_out] * 3
+    assert [r["input_tokens"] for r in requests] == [count_tokens(embedded_tokenizer, p.prompt) for p in prompts]
+    assert {r["token_count_source"] for r in requests} == {"tokenizer"}
+    assert all(len(r["itl_ms"]) == n_out - 1 for r in requests)  # the count shared among the 3 chunks
+    assert "re-tokenized with smollm2" in loadgen.format_table(result)
+    # a server with usage, through the same fake: counted from usage
+    result = loadgen.benchmark(BenchServeConfig(base_url=broken_server.url, model="good", num_prompts=2,
+                                                num_warmups=0), tokenizer=embedded_tokenizer)
+    assert result["token_count_source"] == "usage" and result["metrics"]["total_output_tokens"] == 6
+
+
+def test_bench_serve_tokenizer_option(broken_server, tmp_path, capsys):
+    path = str(convert_embedded())
+    argv = ["bench", "serve", "--base-url", broken_server.url, "--model", "no-usage", "--num-prompts", "2",
+            "--num-warmups", "0", "--result-file", str(tmp_path / "r.json")]
+    assert cli.main([*argv, "--tokenizer", path]) == 0
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["tokenizer_id"] == path and written["config"]["tokenizer"] == path
+    assert written["token_count_source"] == "tokenizer"
+    row = [r for r in results.read_rows() if r["params"].get("result_file") == str(tmp_path / "r.json")][0]
+    assert row["params"]["token_count_source"] == "tokenizer"
+    capsys.readouterr()
+    # a bad tokenizer fails in one line before any request is sent
+    assert cli.main([*argv, "--tokenizer", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a directory" in err[0]
+
+
+# -- broken servers ------------------------------------------------------------------------------------------
+MALFORMED = ["string-event", "number-event", "error-string", "choices-string", "usage-list", "usage-strings",
+             "not-json", "no-done", "token-ids-string"]
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_bench_serve_counts_a_malformed_reply_as_one_failed_request(broken_server, tmp_path, capsys, case):
+    result_file = tmp_path / "r.json"
+    argv = ["bench", "serve", "--base-url", broken_server.url, "--model", f"every-3rd:{case}", "--num-prompts", "6",
+            "--num-warmups", "0", "--max-concurrency", "1", "--result-file", str(result_file)]
+    assert cli.main(argv) == 0  # the run goes on
+    assert "Traceback" not in capsys.readouterr().err
+    written = json.loads(result_file.read_text())
+    assert (written["metrics"]["num_completed"], written["metrics"]["num_failed"]) == (4, 2)
+    [(error, count)] = written["errors"].items()
+    assert count == 2 and BROKEN_STREAMS[case][1] in error
+    assert [r["success"] for r in written["requests"]] == [True, True, False, True, True, False]
+
+
+@pytest.mark.parametrize("case", ["usage-strings", "error-string", "number-event"])
+def test_bench_serve_reports_a_broken_warm_up_in_one_line(broken_server, capsys, case):
+    assert cli.main(["bench", "serve", "--base-url", broken_server.url, "--model", case, "--num-prompts", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"labkit bench serve: warm-up request to {broken_server.url}/v1/completions failed: ")
+    assert BROKEN_STREAMS[case][1] in err[0]
+
+
+@pytest.mark.parametrize("key", ["ints", "data-ints", "html", "empty"])
+def test_bench_serve_reports_a_broken_model_list_in_one_line(broken_server, capsys, key):
+    assert cli.main(["bench", "serve", "--base-url", broken_server.url, "--api-key", key]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"labkit bench serve: {broken_server.url}/v1/models")
+    assert BROKEN_MODELS[key][1] in err[0]
+
+
+def test_bench_serve_rejects_ports_out_of_range_in_one_line(capsys):
+    for url in ("http://127.0.0.1:99999", "http://127.0.0.1:0", "http://:8000"):
+        with pytest.raises(ValueError):
+            BenchServeConfig(base_url=url)
+        assert cli.main(["bench", "serve", "--base-url", url]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "port in 1..65535" in err[0]
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["bench", "serve", "--port", "99999"])
+    assert caught.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# -- the API key ---------------------------------------------------------------------------------------------
+def test_bench_serve_sends_an_environment_key_to_loopback_only(monkeypatch, capsys):
+    sent = []
+
+    def fake_benchmark(config):
+        sent.append(config.api_key)
+        raise ServerError("stop here")
+
+    monkeypatch.setattr(loadgen, "benchmark", fake_benchmark)
+    monkeypatch.delenv("LABKIT_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    assert cli.main(["bench", "serve", "--base-url", "https://api.example.com"]) == 1
+    err = capsys.readouterr().err
+    assert "$OPENAI_API_KEY is set but not sent to https://api.example.com" in err
+    assert cli.main(["bench", "serve", "--base-url", "https://api.example.com", "--use-env-key"]) == 1
+    assert cli.main(["bench", "serve", "--host", "localhost"]) == 1
+    assert cli.main(["bench", "serve", "--base-url", "https://api.example.com", "--api-key", "given"]) == 1
+    assert sent == [None, "sk-secret", "sk-secret", "given"]
+    assert "not sent" not in capsys.readouterr().err  # no note when a key is given or allowed
+    help_text = loadgen.add_parser(argparse.ArgumentParser().add_subparsers()).format_help()
+    assert "loopback" in help_text and "--use-env-key" in help_text
+
+
+# -- vLLM's dialect ------------------------------------------------------------------------------------------
+def test_vllm_flag_names_and_result_keys(broken_server, tmp_path, capsys):
+    argv = ["bench", "serve", "--base-url", broken_server.url, "--model", "good", "--dataset-name", "random",
+            "--random-input-len", "8", "--random-output-len", "3", "--random-range-ratio", "0.25",
+            "--max-concurrency", "2", "--request-rate", "200", "--burstiness", "0.5", "--num-prompts", "5",
+            "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99.9", "--goodput", "ttft:60000",
+            "e2el:60000", "--save-result", "--result-dir", str(tmp_path / "vllm"), "--result-filename", "run.json",
+            "--endpoint", "/v1/chat/completions", "--json"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    written = json.loads((tmp_path / "vllm" / "run.json").read_text())
+    assert written == json.loads(captured.out) and "P99.9 TTFT (ms)" in captured.err
+    c, m = written["config"], written["metrics"]
+    assert (c["input_len"], c["output_len"], c["range_ratio"], c["max_concurrency"]) == (8, 3, 0.25, 2)
+    assert (c["burstiness"], c["endpoint"], c["slo"]) == (0.5, "chat", {"ttft_ms": 60000.0, "e2el_ms": 60000.0})
+    assert (written["completed"], written["failed"], written["num_prompts"]) == (5, 0, 5)
+    assert written["backend"] == "openai-chat" and written["model_id"] == "good" and written["max_concurrency"] == 2
+    assert written["request_goodput"] == written["request_throughput"] == m["request_throughput_req_per_s"]
+    assert written["total_input_tokens"] == m["total_input_tokens"] == 15  # the fake's usage: 3 per request
+    for name in ("ttft", "e2el"):
+        for stat in ("mean", "median", "std", "p50", "p99.9"):
+            assert written[f"{stat}_{name}_ms"] == m[f"{stat}_{name}_ms"] is not None
+    assert not any(key.endswith(("_tpot_ms", "_itl_ms")) for key in written)  # not asked for
+    assert {"p90_tpot_ms", "p99_itl_ms", "p50_itl_ms"} <= set(m)  # the lab's own metrics keep every latency
+
+
+def test_vllm_keys_and_percentiles_arithmetic():
+    fast, slow = _outcome(0, ttft=0.1, gaps=[0.01] * 4), _outcome(1, ttft=0.5, gaps=[0.05] * 4)
+    m = compute_metrics([fast, slow], 2.0, percentiles=[50, 99.9])
+    assert m["p50_ttft_ms"] == pytest.approx(300) and m["p99.9_ttft_ms"] == pytest.approx(100 + 0.999 * 400)
+    assert m["p90_ttft_ms"] == pytest.approx(460)  # p90 and p99 always there
+    config = BenchServeConfig(metric_percentiles=(50, 99.9), percentile_metrics=("tpot",))
+    keys = loadgen.vllm_keys(config, "m", "tok", m, loadgen.datetime(2025, 1, 2, 3, 4, 5))
+    assert keys["date"] == "20250102-030405" and keys["request_rate"] == "inf" and keys["tokenizer_id"] == "tok"
+    assert {k for k in keys if k.endswith("_ms")} == {"mean_tpot_ms", "median_tpot_ms", "std_tpot_ms",
+                                                      "p50_tpot_ms", "p99.9_tpot_ms"}
+    assert keys["output_throughput"] == m["output_throughput_tokens_per_s"] == pytest.approx(5.0)
+    assert loadgen.parse_goodput(["ttft:500", "tpot:50"]) == {"ttft_ms": 500.0, "tpot_ms": 50.0}
+    for bad in (["ttft=500"], ["itl:5"], ["ttft:x"], ["e2el:-1"]):
+        with pytest.raises(ValueError):
+            loadgen.parse_goodput(bad)
+    for bad in (dict(percentile_metrics=("queue",)), dict(metric_percentiles=(101,)), dict(tokenizer="")):
+        with pytest.raises(ValueError):
+            BenchServeConfig(**bad)
+    assert math.isinf(BenchServeConfig().request_rate)
