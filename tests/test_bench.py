@@ -58,3 +58,33 @@ def test_decode_bench_rows_on_a_tiny_model():
 def test_decode_bench_rejects_unknown_variant():
     with pytest.raises(ValueError, match="'turbo'"):
         run_decode_bench(variants=("turbo",))
+
+
+def test_decode_bench_skips_llama_cpp_by_default_where_it_cannot_run(monkeypatch, capsys):
+    from labkit import bench_decode
+
+    monkeypatch.setattr(bench_decode, "DEFAULT_VARIANTS", ("hf-fp32", "llama.cpp"))
+    notes = []
+    rows = run_decode_bench(batch_sizes=(1,), max_tokens=3, repeats=1, model="tiny-smollm2", dummy=True,
+                            device="cpu", log=notes.append, progress=True)
+    assert {r["params"]["variant"] for r in rows} == {"hf-fp32"}
+    assert len(notes) == 2 and notes[0].startswith("skipping llama.cpp")
+    assert rows[0]["env"]["device"] == "cpu"
+    err = capsys.readouterr().err
+    assert "bench decode" in err and "step" in err  # the progress bar
+
+
+@pytest.mark.parametrize("installed, kwargs, needle", [
+    (False, {}, "pip install"),
+    (True, {"model": "tiny-smollm2", "dummy": True}, "embedded model"),
+])
+def test_decode_bench_asked_for_llama_cpp_fails_before_loading(monkeypatch, installed, kwargs, needle):
+    from labkit import bench_decode
+
+    def no_loading(*args, **kw):
+        raise AssertionError("must fail before the model loads")
+
+    monkeypatch.setattr(bench_decode, "llama_cpp_available", lambda: installed)
+    monkeypatch.setattr(bench_decode, "load_model", no_loading)
+    with pytest.raises(ValueError, match=needle):
+        run_decode_bench(variants=("llama.cpp",), device="cpu", **kwargs)

@@ -59,5 +59,56 @@ def test_cuda_device_and_sync():
     assert dev.type == "cuda"
     x = torch.ones(1024, device=dev)
     synchronize(dev)
-    assert describe_environment()["gpu"]
+    env = describe_environment(dev)
+    assert env["gpu"] and env["gpu_memory_gb"] > 0 and env["cuda"] and env["device"] == str(dev)
+    assert env["nvidia_driver"] and env["cudnn"]
     assert float(x.sum()) == 1024
+
+
+def test_the_stamp_names_the_device_the_run_used():
+    env = describe_environment(torch.device("cpu"))
+    assert env["device"] == "cpu" and "device cpu" in format_environment(env)
+    assert describe_environment()["device"] is None
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Two pretend GPUs, so the stamp's GPU fields are tested on a CPU-only machine."""
+    from types import SimpleNamespace
+
+    from labkit import device
+
+    gpus = [SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=85_520_809_984, major=9, minor=0),
+            SimpleNamespace(name="NVIDIA A10", total_memory=23_836_033_024, major=8, minor=6)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: gpus[i])
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    monkeypatch.setattr(device, "_nvidia_driver", lambda: "570.124.06")
+    device._static_environment.cache_clear()
+    yield
+    device._static_environment.cache_clear()
+
+
+def test_the_stamp_names_gpu_memory_driver_cuda_and_cudnn(fake_cuda):
+    env = describe_environment("cuda:1")
+    assert (env["gpu"], env["gpu_memory_gb"], env["gpu_capability"]) == ("NVIDIA A10", 23.8, "8.6")
+    assert (env["nvidia_driver"], env["cuda"], env["cudnn"], env["num_gpus"]) == ("570.124.06", "12.8", "9.10.2", 2)
+    assert env["device"] == "cuda:1"
+    assert describe_environment("cuda")["gpu"] == "NVIDIA H100 80GB HBM3"
+    line = format_environment(env)
+    assert "NVIDIA A10 (23.8 GB, driver 570.124.06, CUDA 12.8, cuDNN 9.10.2) · device cuda:1" in line
+
+
+def test_driver_version_from_the_kernel_module(monkeypatch, tmp_path):
+    from labkit import device
+
+    real_path = device.Path
+    text = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.124.06  Release Build  "
+            "(dvs-builder@U16-I3-B03-4-3)  Wed Feb 26 2025\n")
+    (tmp_path / "version").write_text(text)
+    monkeypatch.setattr(device, "Path", lambda p: tmp_path / "version" if p == "/proc/driver/nvidia/version"
+                        else real_path(p))
+    assert device._nvidia_driver() == "570.124.06"

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -117,3 +118,74 @@ def test_cli_reports_bad_selector_on_one_line(notebooks, capsys):
     assert args.func(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("labkit run: unknown notebook 'nope'") and err.count("\n") == 1
+
+
+def test_notebook_parameters_read_the_tagged_cell(notebooks):
+    assert runner.notebook_parameters(notebooks / "01_params.ipynb") == {"x": 1, "label": "nb", "expected_cwd": ""}
+    shipped = Path(runner.__file__).resolve().parent.parent / "notebooks" / "01_baseline.ipynb"
+    assert {"model", "device", "seed", "repeats"} <= set(runner.notebook_parameters(shipped))
+
+
+def test_a_mistyped_parameter_is_an_error_naming_the_parameters(notebooks):
+    paths = runner.find_notebooks(["01"])
+    with pytest.raises(ValueError, match=r"unknown parameter 'lable' \(did you mean 'label'\?\); the parameters "
+                                         r"are 01_params: x, label, expected_cwd"):
+        runner.resolve_parameters(paths, {}, {"lable": "a"})
+    with pytest.raises(ValueError, match=r"'x': 01_params expects an integer \(default 1\), got 'three'"):
+        runner.resolve_parameters(paths, {}, {"x": "three"})
+
+
+def test_parameters_go_only_to_the_notebooks_that_have_them(notebooks):
+    first, second = runner.find_notebooks([])
+    resolved = runner.resolve_parameters([first, second], runner.load_profiles()["full"], {"n": 5})
+    assert resolved == {first: {"label": "from-profile", "x": 2}, second: {"n": 5}}
+    with pytest.raises(ValueError, match="profile entry 02 sets 'x', which 02_fails does not have"):
+        runner.resolve_parameters([second], {"02": {"x": 1}}, {})
+
+
+def test_cli_refuses_a_typo_and_a_negative_timeout_in_one_line(notebooks, capsys):
+    from labkit import cli
+
+    assert cli.main(["run", "01", "-p", "xx", "3", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown parameter 'xx'" in err and "x, label, expected_cwd" in err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "01", "--cell-timeout", "-5"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "--cell-timeout" in err and "'-5'" in err
+    with pytest.raises(ValueError, match="cell timeout"):
+        runner.run_notebooks(runner.find_notebooks(["01"]), cell_timeout_s=-1)
+
+
+def test_cli_checks_the_output_folder_first(notebooks, tmp_path, capsys):
+    from labkit import cli
+
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "01", "--output-dir", str(tmp_path / "taken")])
+    assert info.value.code == 2 and "expected a folder" in capsys.readouterr().err
+
+
+def test_a_run_writes_results_and_figures_under_its_folder(notebooks, tmp_path, monkeypatch):
+    monkeypatch.delenv("LABKIT_DATA_DIR")
+    monkeypatch.delenv("LABKIT_FIGURES_DIR")
+    _write_notebook(
+        notebooks / "03_env.ipynb", "expected = ''",
+        "import os\nfrom labkit import results\n"
+        "assert os.environ['LABKIT_FIGURES_DIR'] == expected + '/figures', os.environ['LABKIT_FIGURES_DIR']\n"
+        "results.append_rows([results.make_row('t', {}, {'x': 1.0}, env={})])")
+    out = tmp_path / "run"
+    runner.run_notebooks(runner.find_notebooks(["03"]), {"expected": str(out)}, output_dir=out, progress=False,
+                         label="nightly", run_id="run-7")
+    (row,) = [json.loads(line) for line in (out / "data" / "results.jsonl").read_text().splitlines()]
+    assert (row["run_id"], row["label"]) == ("run-7", "nightly")
+    assert "LABKIT_DATA_DIR" not in os.environ and "LABKIT_RUN_ID" not in os.environ  # restored after the run
+
+
+def test_refresh_reference_targets_the_committed_folders(tmp_path, monkeypatch):
+    repo = Path(runner.__file__).resolve().parent.parent
+    env = runner.output_environment(tmp_path, refresh_reference=True, run_id="r")
+    assert env["LABKIT_DATA_DIR"] == str(repo / "data") and env["LABKIT_FIGURES_DIR"] == str(repo / "figures")
+    monkeypatch.setenv("LABKIT_DATA_DIR", "/elsewhere")  # an explicit choice wins over the run folder
+    env = runner.output_environment(tmp_path, label="x")
+    assert env["LABKIT_DATA_DIR"] == "/elsewhere" and env["LABKIT_LABEL"] == "x" and env["LABKIT_RUN_ID"]
