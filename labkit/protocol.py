@@ -1,7 +1,7 @@
 """OpenAI's completion and chat protocol, shared by `labkit serve` and its clients (`labkit ping`, `bench serve`).
 
-Server side: request bodies validated into token ids and SamplingParams (a 400 naming the field otherwise),
-response bodies and server-sent events, and OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
+Server side: request bodies validated by pydantic models, then into token ids and SamplingParams (a 400 naming
+the field otherwise), response bodies and server-sent events, and OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
 Client side: parsing those events and error bodies. Nothing here imports torch, so clients stay light.
 """
 
@@ -12,7 +12,10 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from labkit.text import encode_prompt
 
@@ -45,10 +48,6 @@ NO_OP_PARAMS: dict[str, tuple] = {
     "response_format": (None, {"type": "text"}),
     "min_tokens": (None, 0),
 }
-COMMON_PARAMS = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-                 "top_k", "seed", "stop", "ignore_eos", "user", "return_token_ids", *NO_OP_PARAMS}
-COMPLETION_PARAMS = COMMON_PARAMS | {"prompt"}
-CHAT_PARAMS = COMMON_PARAMS | {"messages"}
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -153,22 +152,118 @@ def _is_no_op(value, no_ops: tuple) -> bool:
     return False
 
 
-def _check_known(body: Mapping, allowed: set[str]) -> None:
-    for name in body:
-        if name not in allowed:
-            raise bad_request(f"Unrecognized request argument supplied: {name}", param=name,
-                              code="unsupported_parameter")
-    for name, no_ops in NO_OP_PARAMS.items():
-        if name in body and not _is_no_op(body[name], no_ops):
-            raise bad_request(f"{name}={json.dumps(body[name])} is not supported by labkit serve "
-                              f"(accepted: {' or '.join(json.dumps(v) for v in no_ops)})", param=name,
-                              code="unsupported_parameter")
+NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
-def _completion_prompt(body: Mapping, tokenizer, vocab_size: int) -> list[int]:
-    if "prompt" not in body:
-        raise bad_request("prompt is required", param="prompt", code="missing_required_parameter")
-    prompt = body["prompt"]
+class _Body(BaseModel):
+    """OpenAI's request bodies, checked as JSON gives them: no coercion ("3" is not 3, 1 is not true), no
+    unknown fields, no NaN or infinity."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str  # content parts are joined into one string on the way in: labkit takes text parts only
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, content):
+        if not isinstance(content, list):
+            return content
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   and set(p) == {"type", "text"} for p in content):
+            raise PydanticCustomError("unsupported_parameter", "only text parts are supported")
+        return "".join(p["text"] for p in content)
+
+
+class _GenerationBody(_Body):
+    """What completions and chat requests share."""
+
+    model: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 (vLLM's spelling) and 0 are "off"
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[NonEmptyStr] | None = None
+    ignore_eos: bool | None = None
+    return_token_ids: bool | None = None
+    user: str | None = None
+    # OpenAI's parameters labkit takes only at their no-op value (NO_OP_PARAMS)
+    n: Any = None
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    repetition_penalty: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    min_tokens: Any = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, stop):
+        return [stop] if isinstance(stop, str) else stop
+
+    @field_validator(*NO_OP_PARAMS)
+    @classmethod
+    def _only_no_ops(cls, value, info: ValidationInfo):
+        no_ops = NO_OP_PARAMS[info.field_name]
+        if not _is_no_op(value, no_ops):
+            raise PydanticCustomError(
+                "unsupported_parameter", "{name}={value} is not supported by labkit serve (accepted: {accepted})",
+                {"name": info.field_name, "value": json.dumps(value),
+                 "accepted": " or ".join(json.dumps(v) for v in no_ops)})
+        return value
+
+
+class CompletionRequest(_GenerationBody):
+    """A /v1/completions body. The prompt is checked against the tokenizer and vocabulary by the server."""
+
+    prompt: Any  # a string, token ids, or a list of one of those
+
+
+class ChatCompletionRequest(_GenerationBody):
+    """A /v1/chat/completions body."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def _param(loc: tuple) -> str | None:
+    """OpenAI's `param` for a pydantic error location: ("messages", 0, "role") -> "messages[0].role"."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or None
+
+
+def _api_error(exc: ValidationError) -> APIError:
+    """A 400 in OpenAI's shape for the first problem pydantic found, naming its field."""
+    error = exc.errors(include_url=False)[0]
+    param, kind = _param(error["loc"]), error["type"]
+    if kind == "extra_forbidden":  # OpenAI's own wording
+        return bad_request(f"Unrecognized request argument supplied: {param}", param=param,
+                           code="unsupported_parameter")
+    code = {"missing": "missing_required_parameter", "unsupported_parameter": "unsupported_parameter"}.get(kind)
+    got = "" if kind in ("missing", "unsupported_parameter") else f" (got {json.dumps(error.get('input'))[:80]})"
+    return bad_request(f"{param}: {error['msg']}{got}" if param else f"{error['msg']}{got}", param=param, code=code)
+
+
+def _completion_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
     # OpenAI accepts a string, a list of one string, token ids, or a list of one token-id list
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -193,76 +288,46 @@ def _completion_prompt(body: Mapping, tokenizer, vocab_size: int) -> list[int]:
     return ids
 
 
-def _chat_prompt(body: Mapping, tokenizer) -> list[int]:
+def _chat_prompt(messages: Sequence[ChatMessage], tokenizer) -> list[int]:
     from jinja2 import TemplateError
 
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages must be a non-empty list", param="messages")
-    plain = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
-            raise bad_request(f"messages[{i}] needs a role among {', '.join(CHAT_ROLES)}",
-                              param=f"messages[{i}].role")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise bad_request(f"messages[{i}].content: only text parts are supported",
-                                  param=f"messages[{i}].content", code="unsupported_parameter")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise bad_request(f"messages[{i}].content must be a string or a list of text parts",
-                              param=f"messages[{i}].content")
-        _check_text(content, f"messages[{i}].content")
-        extra = set(message) - {"role", "content"}
-        if extra:
-            raise bad_request(f"messages[{i}]: unsupported field(s) {', '.join(sorted(extra))}",
-                              param=f"messages[{i}]", code="unsupported_parameter")
-        plain.append({"role": CHAT_ROLES[message["role"]], "content": content})
+        _check_text(message.content, f"messages[{i}].content")
+    plain = [{"role": CHAT_ROLES[m.role], "content": m.content} for m in messages]
     try:
         return encode_prompt(tokenizer, plain, chat=True)
     except (TemplateError, ValueError) as exc:  # a template may reject an order of roles: the request's fault
         raise bad_request(f"the chat template rejected these messages: {exc}", param="messages") from None
 
 
-def _stream_options(body: Mapping) -> tuple[bool, bool]:
-    """(is_stream, include_usage) of a request."""
-    is_stream = body.get("stream", False)
-    if is_stream is None:
-        is_stream = False
-    if not isinstance(is_stream, bool):
-        raise bad_request("stream must be a boolean", param="stream")
-    options = body.get("stream_options")
-    if options is None:
-        return is_stream, False
-    if not is_stream:
-        raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise bad_request("stream_options supports only include_usage", param="stream_options",
-                          code="unsupported_parameter")
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise bad_request("stream_options.include_usage must be a boolean", param="stream_options.include_usage")
-    return is_stream, include_usage
-
-
-def _max_tokens(body: Mapping, num_prompt: int, max_seq_len: int, default: int, prompt_param: str) -> int:
+def _max_tokens(request: _GenerationBody, num_prompt: int, max_seq_len: int, default: int, prompt_param: str) -> int:
     """The request's token budget: its own (checked against the context), else the default clipped to the room."""
     room = max_seq_len - num_prompt
     if room < 1:
         raise bad_request(f"the prompt has {num_prompt} tokens, which leaves no room in the model's context of "
                           f"{max_seq_len} tokens", param=prompt_param, code="context_length_exceeded")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = body.get(name)
+    name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(request, name)
     if max_tokens is None:
         return min(default, room)
-    if not _is_int(max_tokens) or max_tokens < 1:
-        raise bad_request(f"{name} must be an integer >= 1, got {json.dumps(max_tokens)}", param=name)
     if max_tokens > room:
         raise bad_request(f"the prompt ({num_prompt} tokens) + {name} ({max_tokens}) exceeds the model's context "
                           f"of {max_seq_len} tokens", param=name, code="context_length_exceeded")
     return max_tokens
+
+
+def validate_body(body: Mapping, is_chat: bool) -> CompletionRequest | ChatCompletionRequest:
+    """The body as a pydantic request model; APIError(400) naming the first bad field otherwise."""
+    for name in body:  # pydantic cannot even name a key that is not Unicode (a lone surrogate): no model has one
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(f"Unrecognized request argument supplied: {name!r}", param=name,
+                              code="unsupported_parameter") from None
+    try:
+        return (ChatCompletionRequest if is_chat else CompletionRequest).model_validate(body)
+    except ValidationError as exc:
+        raise _api_error(exc) from None
 
 
 def parse_generation_request(body: Mapping, *, is_chat: bool, tokenizer, eos_token_ids: Sequence[int],
@@ -270,54 +335,37 @@ def parse_generation_request(body: Mapping, *, is_chat: bool, tokenizer, eos_tok
                              default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS) -> GenerationRequest:
     """Validate an OpenAI request body into token ids and SamplingParams; raise APIError(400) naming the field.
 
-    Without max_tokens, a completion gets OpenAI's 16 tokens and a chat request default_max_tokens, each
-    clipped to the room the prompt leaves in the context.
+    The body's shape and types are checked by the pydantic models above; what needs the model (the prompt's
+    tokens, the room left in the context) is checked here. Without max_tokens, a completion gets OpenAI's 16
+    tokens and a chat request default_max_tokens, each clipped to the room the prompt leaves in the context.
     """
     from labkit.sampling import SamplingParams
 
-    _check_known(body, CHAT_PARAMS if is_chat else COMPLETION_PARAMS)
-    prompt_ids = _chat_prompt(body, tokenizer) if is_chat else _completion_prompt(body, tokenizer, vocab_size)
-    is_stream, include_usage = _stream_options(body)
-    max_tokens = _max_tokens(body, len(prompt_ids), max_seq_len,
+    request = validate_body(body, is_chat)
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+    if request.user is not None:
+        _check_text(request.user, "user")
+    for i, stop in enumerate(request.stop or ()):
+        _check_text(stop, f"stop[{i}]")
+    if is_chat:
+        prompt_ids = _chat_prompt(request.messages, tokenizer)
+    else:
+        prompt_ids = _completion_prompt(request.prompt, tokenizer, vocab_size)
+    max_tokens = _max_tokens(request, len(prompt_ids), max_seq_len,
                              default_max_tokens if is_chat else DEFAULT_COMPLETION_MAX_TOKENS,
                              "messages" if is_chat else "prompt")
-
-    temperature = body.get("temperature")
-    temperature = 1.0 if temperature is None else temperature
-    if not _is_number(temperature) or not 0 <= temperature < float("inf"):
-        raise bad_request(f"temperature must be a number >= 0, got {json.dumps(temperature)}", param="temperature")
-    top_p = body.get("top_p")
-    top_p = 1.0 if top_p is None else top_p
-    if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise bad_request(f"top_p must be in (0, 1], got {json.dumps(top_p)}", param="top_p")
-    top_k = body.get("top_k")
-    top_k = 0 if top_k is None or top_k == -1 else top_k  # vLLM spells "off" as -1
-    if not _is_int(top_k) or top_k < 0:
-        raise bad_request(f"top_k must be an integer >= 1, or -1 or 0 for off, got {json.dumps(body.get('top_k'))}",
-                          param="top_k")
-    seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
-        raise bad_request(f"seed must be an integer in [0, 2**63), got {json.dumps(seed)}", param="seed")
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise bad_request("stop must be a non-empty string or a list of non-empty strings", param="stop")
-    flags = {}
-    for flag in ("ignore_eos", "return_token_ids"):
-        value = body.get(flag)
-        if value is not None and not isinstance(value, bool):
-            raise bad_request(f"{flag} must be a boolean", param=flag)
-        flags[flag] = bool(value)
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad_request("user must be a string", param="user")
+    temperature = 1.0 if request.temperature is None else request.temperature
     try:
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature), top_k=top_k,
-                                top_p=float(top_p), seed=seed, stop=tuple(stop), stop_token_ids=tuple(eos_token_ids),
-                                ignore_eos=flags["ignore_eos"])
-    except ValueError as exc:  # the checks above should make this unreachable; never a 500 for bad input
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature),
+                                top_k=max(request.top_k or 0, 0), top_p=1.0 if request.top_p is None else request.top_p,
+                                seed=request.seed, stop=tuple(request.stop or ()),
+                                stop_token_ids=tuple(eos_token_ids), ignore_eos=bool(request.ignore_eos))
+    except ValueError as exc:  # the models above should make this unreachable; never a 500 for bad input
         raise bad_request(str(exc)) from None
-    return GenerationRequest(prompt_ids, params, is_chat, is_stream, include_usage, flags["return_token_ids"])
+    include_usage = request.stream_options is not None and request.stream_options.include_usage
+    return GenerationRequest(prompt_ids, params, is_chat, bool(request.stream), include_usage,
+                             bool(request.return_token_ids))
 
 
 # -- responses -----------------------------------------------------------------------------------------------
@@ -525,7 +573,8 @@ def api_key_for(url: str, given: str | None = None, use_env_key: bool = False) -
 
 
 __all__ = ["API_KEY_ENV", "API_KEY_ENVS", "DEFAULT_COMPLETION_MAX_TOKENS", "DEFAULT_CHAT_MAX_TOKENS", "ENDPOINTS",
-           "DONE", "DONE_EVENT", "NO_OP_PARAMS", "COMMON_PARAMS", "COMPLETION_PARAMS", "CHAT_PARAMS", "CHAT_ROLES",
+           "DONE", "DONE_EVENT", "NO_OP_PARAMS", "CHAT_ROLES", "StreamOptions", "ChatMessage",
+           "CompletionRequest", "ChatCompletionRequest", "validate_body",
            "APIError", "bad_request", "ServerError", "error_message", "MAX_JSON_DEPTH", "parse_json_object",
            "GenerationRequest", "parse_generation_request",
            "usage", "sse", "Reply", "parse_sse_line", "chunk_text", "stream_usage", "model_ids", "auth_headers",

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from labkit.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, DONE, MAX_JSON_DEPTH, APIError, Reply, chunk_text,
-                             error_message, parse_generation_request, parse_json_object, parse_sse_line)
+                             error_message, parse_generation_request, parse_json_object, parse_sse_line,
+                             validate_body)
 
 CONTEXT = 2048  # tiny-smollm2's
 
@@ -103,3 +104,30 @@ def test_error_bodies_read_back_as_one_line():
     error = APIError(429, "busy", type="rate_limit_exceeded", code="queue_full")
     assert error_message(429, json.dumps(error.body()).encode()) == "HTTP 429: busy"
     assert error_message(502, b"<html>bad gateway</html>") == "HTTP 502: <html>bad gateway</html>"
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"prompt": "hi", "max_tokens": "3"}, "max_tokens", None),  # strict: JSON's "3" is not 3
+    ({"prompt": "hi", "temperature": float("inf")}, "temperature", None),  # json.loads takes Infinity
+    ({"prompt": "hi", "ignore_eos": 1}, "ignore_eos", None),  # 1 is not true
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x",
+     "unsupported_parameter"),
+    ({"prompt": "hi", "n": 2}, "n", "unsupported_parameter"),
+    ({}, "prompt", "missing_required_parameter"),
+])
+def test_request_models_name_the_field_and_code(body, param, code):
+    with pytest.raises(APIError) as caught:
+        validate_body(body, is_chat=False)
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, param, code)
+    assert param in caught.value.message
+
+
+def test_chat_messages_are_validated_into_models():
+    request = validate_body({"messages": [{"role": "developer", "content": [{"type": "text", "text": "a"},
+                                                                             {"type": "text", "text": "b"}]}],
+                             "stop": "x"}, is_chat=True)
+    assert request.messages[0].content == "ab" and request.stop == ["x"]
+    with pytest.raises(APIError) as caught:
+        validate_body({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+                      is_chat=True)
+    assert (caught.value.param, caught.value.code) == ("messages[0].content", "unsupported_parameter")

@@ -264,7 +264,7 @@ BAD_REQUESTS = [
      "unsupported_parameter"),
     ("top-p-zero", "completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", None),
     ("top-k-negative", "completions", {"prompt": "hi", "top_k": -5}, 400, "top_k", None),
-    ("bad-stop", "completions", {"prompt": "hi", "stop": [""]}, 400, "stop", None),
+    ("bad-stop", "completions", {"prompt": "hi", "stop": [""]}, 400, "stop[0]", None),
     ("bad-seed", "completions", {"prompt": "hi", "seed": "x"}, 400, "seed", None),
     ("stream-options-without-stream", "completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
      400, "stream_options", None),
