@@ -101,10 +101,34 @@ def mma(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b)
 
 
+def scatter_to_blocks(k: torch.Tensor, v: torch.Tensor, lens: list[int], block_size: int,
+                      generator: torch.Generator | None = None, spare_blocks: int = 2):
+    """A paged KV cache holding packed rows k, v [sum(lens), Hkv, D] in shuffled blocks, as the engine's cache
+    lays them out (slot = block * block_size + offset; unused slots zero).
+
+    Returns (k_cache, v_cache [slots, Hkv, D], block_tables [B, M] int32, padded with block 0).
+    """
+    per_row = [-(-n // block_size) for n in lens]
+    num_blocks = sum(per_row) + spare_blocks
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    width = max(per_row, default=1) or 1
+    k_cache = k.new_zeros((num_blocks * block_size, *k.shape[1:]))
+    v_cache = v.new_zeros((num_blocks * block_size, *v.shape[1:]))
+    tables, first = [], 0
+    for n, count in zip(lens, per_row):
+        blocks, order = order[:count], order[count:]
+        pos = torch.arange(n)
+        slots = (torch.tensor(blocks, dtype=torch.long)[pos // block_size] * block_size + pos % block_size).to(k.device)
+        k_cache[slots], v_cache[slots] = k[first:first + n], v[first:first + n]
+        tables.append(blocks + [0] * (width - count))
+        first += n
+    return k_cache, v_cache, torch.tensor(tables, dtype=torch.int32, device=k.device)
+
+
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
 __all__ = ["Cost", "TOLERANCES", "FLOAT_DTYPES", "is_interpreter", "can_run_on", "check_device", "check_tensor",
            "tile_width", "rows_per_program", "element_size",
-           "dot_precision", "mma"]
+           "dot_precision", "mma", "scatter_to_blocks"]

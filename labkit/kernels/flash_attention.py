@@ -28,7 +28,7 @@ from labkit.kernels.common import (Cost, check_tensor, dot_precision, element_si
 
 def _configs():
     if is_interpreter():  # big tiles: the interpreter's cost is per program and per loop step
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128})]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4))]
 
