@@ -31,6 +31,9 @@ def _softmax_kernel(x_ptr, out_ptr, M, N, stride_x, stride_out, BLOCK_M: tl.cons
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: no NaN from -inf - -inf
         d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
         m = m_new
+    # padding rows past M: finite stand-ins keep them free of NaN; a real row of -inf still gives 0 / 0 = NaN
+    m = tl.where(row_ok & (m != float("-inf")), m, 0.0)
+    d = tl.where(row_ok, d, 1.0)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols[None, :] < N)
