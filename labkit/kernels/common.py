@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tolerances of a kernel against its float32 reference, per input dtype: a few units in the last place of the
@@ -78,27 +77,12 @@ def rows_per_program(width: int, num_rows: int) -> int:
     return max(1, min(tile_width(num_rows), budget // width))
 
 
-DOT_NATIVE, DOT_IEEE, DOT_UPCAST = 0, 1, 2
-
-
-def dot_precision(dtype: torch.dtype) -> int:
-    """How `mma` multiplies tiles of this dtype: float32 exactly (no TF32 rounding), bf16 and fp16 on the tensor
-    cores; under the interpreter bf16 in float32, because Triton 3.9's interpreter reads bf16 dot operands
-    with the wrong bit pattern (values off by orders of magnitude)."""
-    if dtype == torch.float32:
-        return DOT_IEEE
-    return DOT_UPCAST if is_interpreter() and dtype == torch.bfloat16 else DOT_NATIVE
-
-
-@triton.jit
-def mma(a, b, PRECISION: tl.constexpr):
-    """tl.dot(a, b) in float32 accumulation, at the precision `dot_precision` chose."""
-    if PRECISION == 2:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif PRECISION == 1:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+def dot_options(dtype: torch.dtype) -> dict:
+    """The meta-parameters for the kernels' tl.dot on tiles of this dtype: float32 exactly (no TF32 rounding),
+    bf16 and fp16 on the tensor cores; under the interpreter, bf16 tiles are cast to float32 first (UPCAST),
+    because Triton 3.9's interpreter reads bf16 dot operands with the wrong bit pattern."""
+    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",  # tf32: the default, unused for bf16
+            "UPCAST": is_interpreter() and dtype == torch.bfloat16}
 
 
 def scatter_to_blocks(k: torch.Tensor, v: torch.Tensor, lens: list[int], block_size: int,
@@ -131,4 +115,4 @@ def element_size(dtype: torch.dtype) -> int:
 
 __all__ = ["Cost", "TOLERANCES", "FLOAT_DTYPES", "is_interpreter", "can_run_on", "check_device", "check_tensor",
            "tile_width", "rows_per_program", "element_size",
-           "dot_precision", "mma", "scatter_to_blocks"]
+           "dot_options", "scatter_to_blocks"]

@@ -18,18 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from labkit.kernels.common import (Cost, check_tensor, dot_precision, element_size, is_interpreter, mma,
-                                   tile_width)
+from labkit.kernels.common import Cost, check_tensor, dot_options, element_size, is_interpreter, tile_width
 
 MIN_SPLIT_TOKENS = 256  # a split shorter than this spends more on its partial result than it saves
 
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, tables_ptr, ctx_ptr,
-                             stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ob, stride_oh,
-                             stride_tb, qk_scale, H, D, GROUP, split_len, NUM_SPLITS: tl.constexpr,
-                             PAGE: tl.constexpr, DOT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+                             stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_tb, qk_scale,
+                             H, D, GROUP, split_len, NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_G: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b, kv_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
     start = split * split_len
@@ -37,40 +36,43 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_ls
     g = tl.arange(0, BLOCK_G)  # [BLOCK_G] the query heads of this KV head (padded to a tile)
     heads = kv_h * GROUP + g
     offs_d = tl.arange(0, BLOCK_D)
-    g_ok = g < GROUP  # padding heads past the group
-    d_ok = offs_d < D  # dims past D (BLOCK_D is a power of 2)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    # padding heads past the group, dims past D (BLOCK_D is a power of 2)
+    head_mask = (g < GROUP)[:, None] & (offs_d < D)[None, :]
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=head_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    kv_off = kv_h * stride_kh + offs_d[None, :]  # K and V caches share one layout (asserted by the launcher)
+    table = tables_ptr + b * stride_tb
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         n_ok = offs_n < end  # the split's last tile runs past its end
-        page = tl.load(tables_ptr + b * stride_tb + offs_n // PAGE, mask=n_ok, other=0)
-        slots = page * PAGE + offs_n % PAGE  # position -> cache slot through the block table
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + slots[:, None] * stride_kt + kv_h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = mma(q, tl.trans(k), DOT)
+        slots = tl.load(table + offs_n // PAGE, mask=n_ok, other=0) * PAGE + offs_n % PAGE  # via the block table
+        kv_mask = n_ok[:, None] & (offs_d < D)[None, :]
+        k = tl.load(k_ptr + slots[:, None] * stride_kt + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + slots[:, None] * stride_kt + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))  # [BLOCK_G, BLOCK_N] in log2 units
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         p = tl.exp2(qk - m_new[:, None])  # the first tile of a non-empty split has a finite max
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + slots[:, None] * stride_vt + kv_h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    out_mask = g_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask)
     else:
         is_empty = l_i == 0.0  # a split past the context: weight zero in the combine
         part = (b * H + heads) * NUM_SPLITS + split  # [BLOCK_G] row of the partial results
         o = tl.where(is_empty[:, None], 0.0, acc / tl.where(is_empty, 1.0, l_i)[:, None])
-        tl.store(part_out_ptr + part[:, None] * BLOCK_D + offs_d[None, :], o, mask=out_mask)
+        tl.store(part_out_ptr + part[:, None] * BLOCK_D + offs_d[None, :], o, mask=head_mask)
         lse = tl.where(is_empty, float("-inf"), m_i + tl.log2(tl.where(is_empty, 1.0, l_i)))
-        tl.store(part_lse_ptr + part, lse, mask=g_ok)
+        tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
 
 
 @triton.jit
@@ -121,6 +123,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)} disagree"
     assert HK >= 1 and H % HK == 0, f"query heads ({H}) must be a multiple of KV heads ({HK})"
     assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the cache must share a dtype"
+    assert k_cache.stride() == v_cache.stride(), f"k and v caches must share a layout: {k_cache.stride()}"
     assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.dtype in (torch.int32, torch.int64)
     assert context_lens.shape == (B,) and context_lens.dtype in (torch.int32, torch.int64)
     assert block_tables.device == context_lens.device == q.device == k_cache.device, "all tensors on one device"
@@ -146,10 +149,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale = D**-0.5 if scale is None else scale
     _decode_attention_kernel[(B, HK, splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, context_lens, q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1),
-        block_tables.stride(0), scale * math.log2(math.e), H, D, H // HK, split_len, NUM_SPLITS=splits,
-        PAGE=block_size, DOT=dot_precision(q.dtype), BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        num_warps=4, num_stages=2)
+        k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        scale * math.log2(math.e), H, D, H // HK, split_len, NUM_SPLITS=splits, PAGE=block_size, BLOCK_G=BLOCK_G,
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2, **dot_options(q.dtype))
     if splits > 1:
         _combine_kernel[(B, H)](part_out, part_lse, out, H, D, out.stride(0), out.stride(1), NUM_SPLITS=splits,
                                 BLOCK_S=tile_width(splits), BLOCK_D=BLOCK_D, num_warps=1)

@@ -22,22 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
-from labkit.kernels.common import (Cost, check_tensor, dot_precision, element_size, is_interpreter, mma,
-                                   tile_width)
+from labkit.kernels.common import Cost, check_tensor, dot_options, element_size, is_interpreter, tile_width
 
 
 def _configs():
-    if is_interpreter():  # big tiles: the interpreter's cost is per program and per loop step
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128})]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4))]
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, start, offs_m, offs_d, shift, k_start, k_len, b, kv_h, tables_ptr,
-            stride_kt, stride_kh, stride_vt, stride_vh, stride_tb, D, qk_scale, CAUSAL: tl.constexpr,
-            MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr,
-            BLOCK_N: tl.constexpr):
+def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, start, q_idx, kv_off, shift, k_start, k_len, b, tables_ptr,
+            stride_kt, stride_vt, stride_tb, qk_scale, D, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+            PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One tile of BLOCK_N keys: scores, online-softmax update, weighted values."""
     offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions in the row
     n_ok = offs_n < k_len  # the row's last tile runs past its end
@@ -46,70 +43,89 @@ def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, start, offs_m, offs_d, shift, k_star
         rows = page * PAGE + offs_n % PAGE
     else:
         rows = k_start + offs_n
-    kv_mask = n_ok[:, None] & (offs_d[None, :] < D)  # keys past the row, dims past D (BLOCK_D is a power of 2)
-    k = tl.load(k_ptr + rows[:, None] * stride_kt + kv_h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    qk = mma(q, tl.trans(k), DOT)
-    qk = qk * qk_scale  # [BLOCK_M, BLOCK_N], in log2 units (scale * log2 e)
+    kv_mask = n_ok[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D)  # keys past the row, dims past D
+    k = tl.load(k_ptr + rows[:, None] * stride_kt + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * stride_vt + kv_off, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
     if MASKED:
         visible = n_ok[None, :]
-        if CAUSAL:  # query at row position p sees keys <= p (p = shift + its index)
-            visible = visible & (offs_n[None, :] <= shift + offs_m[:, None])
+        if CAUSAL:  # a query at row position p sees keys <= p (p = shift + its index)
+            visible = visible & (offs_n[None, :] <= shift + q_idx[:, None])
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query with nothing visible yet: no -inf - -inf
     p = tl.exp2(qk - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_ptr + rows[:, None] * stride_vt + kv_h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_configs(), key=["D", "GROUP", "CAUSAL", "PAGED"])
 @triton.jit
 def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, tables_ptr, ctx_ptr,
-                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                            stride_tb, qk_scale, D, GROUP, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
-                            PAGE: tl.constexpr, DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_ot, stride_oh, stride_tb,
+                            qk_scale, D, GROUP, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
+                            PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                            GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr):
-    m_block, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # GROUP_P > 1 packs the query heads of one KV head into the tile's rows (row r: query r // GROUP_P, head
+    # r % GROUP_P), so their K and V tiles are loaded once; GROUP_P == 1 is one query head per program.
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P  # queries per program
+    m_block, b = tl.program_id(0), tl.program_id(1)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
-    if m_block * BLOCK_M < q_len:  # the grid covers the longest row; shorter rows have idle programs
+    if m_block * BLOCK_Q < q_len:  # the grid covers the longest row; shorter rows have idle programs
         if PAGED:
             k_start = 0
             k_len = tl.load(ctx_ptr + b)
         else:
             k_start = tl.load(cu_k_ptr + b)
             k_len = tl.load(cu_k_ptr + b + 1) - k_start
-        kv_h = h // GROUP  # GQA: GROUP query heads share one KV head
-        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query index in the row
+        r = tl.arange(0, BLOCK_M)
+        q_idx = m_block * BLOCK_Q + r // GROUP_P  # [BLOCK_M] each tile row's query index in the row
+        g = r % GROUP_P
+        if GROUP_P == 1:
+            head = tl.program_id(2) + g  # [BLOCK_M], all the program's head
+            kv_h = tl.program_id(2) // GROUP  # GQA: GROUP query heads share one KV head
+        else:
+            kv_h = tl.program_id(2)
+            head = kv_h * GROUP + g
         offs_d = tl.arange(0, BLOCK_D)
-        q_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < D)  # queries past the row, dims past D
-        q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=q_mask, other=0.0)
+        # queries past the row, padding heads past the group, dims past D (BLOCK_D is a power of 2)
+        q_mask = ((q_idx < q_len) & (g < GROUP))[:, None] & (offs_d[None, :] < D)
+        q_off = (q_start + q_idx)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        kv_off = kv_h * stride_kh + offs_d[None, :]  # K and V share their layout (asserted by the launcher)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         shift = k_len - q_len  # bottom-right causal alignment: query i sits at key position shift + i
         if CAUSAL:
-            full_end = tl.minimum(k_len, shift + m_block * BLOCK_M + 1)  # keys every query of the block sees
-            end = tl.minimum(k_len, shift + (m_block + 1) * BLOCK_M)  # one past what the block's last query sees
+            full_end = tl.minimum(k_len, shift + m_block * BLOCK_Q + 1)  # keys every query of the block sees
+            end = tl.minimum(k_len, shift + (m_block + 1) * BLOCK_Q)  # one past what its last query sees
         else:
             full_end = k_len
             end = k_len
         full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
         for start in range(0, full_end, BLOCK_N):  # stage 1: tiles no mask touches
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_ptr, v_ptr, start, offs_m, offs_d, shift, k_start, k_len,
-                                    b, kv_h, tables_ptr, stride_kt, stride_kh, stride_vt, stride_vh, stride_tb, D,
-                                    qk_scale, CAUSAL, False, PAGED, PAGE, DOT, BLOCK_N)
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_ptr, v_ptr, start, q_idx, kv_off, shift, k_start, k_len,
+                                    b, tables_ptr, stride_kt, stride_vt, stride_tb, qk_scale, D, CAUSAL, False,
+                                    PAGED, PAGE, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_D)
         for start in range(full_end, end, BLOCK_N):  # stage 2: the causal diagonal and the row's end
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_ptr, v_ptr, start, offs_m, offs_d, shift, k_start, k_len,
-                                    b, kv_h, tables_ptr, stride_kt, stride_kh, stride_vt, stride_vh, stride_tb, D,
-                                    qk_scale, CAUSAL, True, PAGED, PAGE, DOT, BLOCK_N)
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=q_mask)
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_ptr, v_ptr, start, q_idx, kv_off, shift, k_start, k_len,
+                                    b, tables_ptr, stride_kt, stride_vt, stride_tb, qk_scale, D, CAUSAL, True,
+                                    PAGED, PAGE, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_D)
+        out_off = (q_start + q_idx)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr + out_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+if not is_interpreter():  # on a GPU the tile shape is tuned once per head dim, GQA ratio and mode
+    _flash_attention_kernel = triton.autotune(configs=_configs(), key=["D", "GROUP", "CAUSAL", "PAGED"])(
+        _flash_attention_kernel)
 
 
 def _check_qkv(q, k, v):
@@ -122,6 +138,7 @@ def _check_qkv(q, k, v):
     assert HK >= 1 and H % HK == 0, f"query heads ({H}) must be a multiple of KV heads ({HK})"
     assert q.dtype == k.dtype == v.dtype, f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}"
     assert q.device == k.device == v.device, "q, k and v must be on one device"
+    assert k.stride()[1:] == v.stride()[1:], f"k and v must share their head layout: {k.stride()}, {v.stride()}"
     return H, HK, D
 
 
@@ -134,12 +151,19 @@ def _launch(q, k, v, out, cu_q, cu_k, tables, ctx, num_rows, max_seqlen_q, scale
     H, HK, D = q.shape[1], k.shape[1], q.shape[2]
     scale = D**-0.5 if scale is None else scale
     paged = tables is not None
-    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), num_rows, H)  # noqa: E731
+    tiles = {}
+    group_p = 1
+    if is_interpreter():  # its cost is per program and per operation: pack a KV head's query heads, cover rows
+        group_p = tile_width(H // HK)
+        max_k = tables.shape[1] * page if paged else int((cu_k[1:] - cu_k[:-1]).max())
+        tiles = {"BLOCK_M": min(256, tile_width(max_seqlen_q * group_p, 16)), "BLOCK_N": min(128, tile_width(max_k, 16))}
+    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"] // group_p), num_rows,  # noqa: E731
+                         HK if group_p > 1 else H)
     _flash_attention_kernel[grid](
         q, k, v, out, cu_q, cu_k if cu_k is not None else cu_q, tables if paged else cu_q, ctx if paged else cu_q,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), out.stride(0), out.stride(1),
         tables.stride(0) if paged else 0, scale * math.log2(math.e), D, H // HK, CAUSAL=causal, PAGED=paged,
-        PAGE=page, DOT=dot_precision(q.dtype), BLOCK_D=tile_width(D, 16))
+        PAGE=page, GROUP_P=group_p, BLOCK_D=tile_width(D, 16), **tiles, **dot_options(q.dtype))
     return out
 
 
