@@ -347,7 +347,7 @@ class Engine:
         meta = build_metadata(query_lens, context_lens, tables, slots, bs, self.device)
         hidden = self.model(torch.tensor(tokens, device=self.device), meta, self.cache)
         last = list(itertools.accumulate(query_lens))
-        index = torch.tensor([last[i] - 1 for i in sampling], device=self.device)
+        index = torch.tensor([last[i] - 1 for i in sampling], dtype=torch.long, device=self.device)  # may be empty
         return self.model.logits(hidden, index)
 
     def _forward_static(self, spans: list[tuple]) -> torch.Tensor:
