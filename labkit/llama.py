@@ -9,6 +9,7 @@ a built model. gpt-fast's model.py and nano-vllm's models/qwen3.py are the patte
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -249,6 +250,21 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """LM head over hidden [N, dim] at the rows in `index` (all when None) -> [len(index), vocab]."""
         return self.lm_head(hidden if index is None else hidden[index])
+
+
+def with_backends(model: Transformer, attention: str | None = None, kernels: str | None = None) -> Transformer:
+    """The same model with other attention and kernel backends, sharing its weights (no copy): engines that
+    compare backends side by side then hold one set of weights (llama-8b in bf16 is 16 GB)."""
+    attention, kernels = attention or model.attention, kernels or model.kernel_backend
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if kernels not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown kernel backend {kernels!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
+    other = copy.copy(model)  # a new module object over the same parameter and submodule dicts
+    other.attention, other.kernel_backend = attention, kernels
+    other.core, other.kernels = resolve_backend(ATTENTION_BACKENDS[attention]), resolve_backend(KERNEL_BACKENDS[kernels])
+    other.rewrites = list(model.rewrites)
+    return other
 
 
 def use_kn_layout(model: Transformer) -> Transformer:
