@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close, randn
+from kernel_checks import DTYPES, assert_close, randn
 
 from labkit.kernels.swiglu import swiglu, swiglu_cost, swiglu_ref
 
