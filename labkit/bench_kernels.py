@@ -211,6 +211,83 @@ CPU_SWEEP = {
 OPS = tuple(GPU_SWEEP)
 
 
+def fusion_traffic(dim: int, hidden_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, num_tokens: int,
+                   dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Bytes one decoder layer's fused ops move, per op: the fused kernel's `<op>_cost` against the least that the
+    unfused torch code moves, one pass per op it calls (a model of the traffic, not a measurement).
+
+    For num_tokens tokens attending causally to each other (a prefill): the add and the norm are a 3-pass and a
+    2-pass op (x2 per layer); silu then the product 2 + 3 passes; rotate-half RoPE on q and k a multiply, a roll,
+    a multiply and an add (8 passes); attention without fusion writes and reads the [H, T, T] scores and the
+    probabilities in float32 (softmax reads and writes, the matmuls write and read).
+    """
+    from labkit.kernels.common import element_size
+    from labkit.kernels.flash_attention import flash_attention_cost
+    from labkit.kernels.rms_norm import rms_norm_cost
+    from labkit.kernels.rope import rope_cost
+    from labkit.kernels.swiglu import swiglu_cost
+
+    e, T, qk_heads = element_size(dtype), num_tokens, num_heads + num_kv_heads
+    flash = flash_attention_cost([T], [T], num_heads, num_kv_heads, head_dim, dtype)
+    return [
+        {"op": "add + RMSNorm (x2)", "unfused_bytes": 2 * (5 * T * dim * e + dim * e),
+         "fused_bytes": 2 * rms_norm_cost(T, dim, dtype).bytes},
+        {"op": "SwiGLU", "unfused_bytes": 5 * T * hidden_dim * e, "fused_bytes": swiglu_cost(T, hidden_dim, dtype).bytes},
+        {"op": "RoPE on q, k", "unfused_bytes": 8 * T * qk_heads * head_dim * e,
+         "fused_bytes": rope_cost(T, num_heads, num_kv_heads, head_dim, dtype).bytes},
+        {"op": "attention", "unfused_bytes": flash.bytes + 4 * num_heads * T * T * 4, "fused_bytes": flash.bytes},
+    ]
+
+
+def sweep_frame(rows: list[dict]):
+    """Timed rows as a flat table: op, provider, size (its parameters as text), MB moved, GB/s, TFLOP/s, % of peak."""
+    import pandas as pd
+
+    keep = ("op", "dtype", "device", "provider")
+    return pd.DataFrame([{"op": r["params"]["op"], "provider": r["params"]["provider"],
+                          "size": " ".join(f"{k}={v}" for k, v in r["params"].items() if k not in keep),
+                          "megabytes": r["metrics"]["bytes"] / 1e6, "gflop": r["metrics"]["flops"] / 1e9,
+                          "bandwidth_gbps": r["metrics"]["bandwidth_gbps"], "tflops": r["metrics"]["tflops"],
+                          "fraction_of_peak": r["metrics"]["fraction_of_peak"], "latency_ms": r["metrics"]["median_ms"],
+                          **{k: r["params"][k] for k in ("S", "HK") if k in r["params"]}}
+                         for r in rows if r["metrics"].get("timed")])
+
+
+FIGURE_LABELS = {"megabytes": "MB moved per call", "bandwidth_gbps": "GB/s", "tflops": "TFLOP/s", "op": "kernel",
+                 "provider": "provider", "S": "sequence length", "fraction_of_peak": "fraction of the measured peak"}
+PROVIDER_NAMES = {"torch": "torch eager", "compile": "torch.compile", "triton": "Triton (labkit)"}
+
+
+def bandwidth_figure(rows: list[dict]):
+    """GB/s against bytes moved for the memory-bound kernels, one panel per op, the measured peak dashed."""
+    import plotly.express as px
+
+    frame = sweep_frame(rows)
+    frame = frame[frame.op != "flash_attention"].replace({"provider": PROVIDER_NAMES})
+    peak = rows[0]["metrics"]["peak_bandwidth_gbps"]
+    best = frame[frame.provider == PROVIDER_NAMES["triton"]].groupby("op").fraction_of_peak.max()
+    fig = px.line(frame, x="megabytes", y="bandwidth_gbps", color="provider", facet_col="op", facet_col_wrap=3,
+                  markers=True, log_x=True, labels=FIGURE_LABELS,
+                  title=f"Triton reaches {best.min():.0%} to {best.max():.0%} of the measured {peak:,.0f} GB/s")
+    fig.add_hline(y=peak, line_dash="dash", line_color="#444444")
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1].replace("_", " ")))
+    return fig
+
+
+def attention_figure(rows: list[dict]):
+    """TFLOP/s of causal flash attention (one KV head per query head) against sequence length, per provider."""
+    import plotly.express as px
+
+    frame = sweep_frame(rows)
+    frame = frame[(frame.op == "flash_attention") & (frame.HK == 32)].replace({"provider": PROVIDER_NAMES})
+    seq = 4096 if (frame.S == 4096).any() else frame.S.max()  # the issue's yardstick
+    at = frame[frame.S == seq].set_index("provider").tflops
+    ratio = at[PROVIDER_NAMES["triton"]] / at[PROVIDER_NAMES["torch"]]
+    return px.line(frame, x="S", y="tflops", color="provider", markers=True, log_x=True, labels=FIGURE_LABELS,
+                   title=f"Flash attention forward: Triton at {ratio:.2f}x SDPA's flash backend at sequence "
+                         f"{int(seq):,}")
+
+
 def peak_bandwidth_gbps(device, size_mb: int = 2048) -> float:
     """The best of a streaming copy (bytes read + written) and a streaming sum (bytes read), in GB/s."""
     from labkit.bench import memory_bandwidth_gbps
@@ -359,5 +436,5 @@ def cmd_kernels(args) -> int:
     return 0
 
 
-__all__ = ["run_kernel_bench", "format_table", "peak_bandwidth_gbps", "peak_tflops", "GPU_SWEEP", "CPU_SWEEP", "OPS",
+__all__ = ["run_kernel_bench", "format_table", "fusion_traffic", "sweep_frame", "bandwidth_figure", "attention_figure", "peak_bandwidth_gbps", "peak_tflops", "GPU_SWEEP", "CPU_SWEEP", "OPS",
            "PROVIDERS"]

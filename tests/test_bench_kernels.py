@@ -44,3 +44,36 @@ def test_gpu_sweep_reports_bandwidth_against_the_measured_peak():
         assert m["timed"] and m["bandwidth_gbps"] > 0 and 0 < m["fraction_of_peak"] < 1.5
         assert m["peak_bandwidth_gbps"] > 500 and r["env"]["gpu"]
     assert "% peak" in format_table(rows)
+
+
+def _timed_rows():
+    """Rows shaped as a GPU sweep writes them (made up here: the figures' code is what is under test)."""
+    from labkit.device import describe_environment
+
+    rows, env = [], describe_environment()
+    for op, sizes in (("rms_norm", (1, 4096)), ("swiglu", (1, 4096)), ("flash_attention", (1024, 4096))):
+        for size in sizes:
+            for provider, speed in (("torch", 1.0), ("compile", 1.5), ("triton", 2.0)):
+                params = {"op": op, "provider": provider, "dtype": "bf16", "device": "cuda"}
+                params.update({"S": size, "H": 32, "HK": 32, "D": 128} if op == "flash_attention" else
+                              {"M": size, "N": 4096})
+                rows.append({"params": params, "env": env, "metrics": {
+                    "timed": True, "bytes": size * 1e6, "flops": size * 1e9, "bandwidth_gbps": 1000 * speed,
+                    "tflops": 100 * speed, "fraction_of_peak": speed / 4, "median_ms": 1 / speed,
+                    "peak_bandwidth_gbps": 4000.0, "peak_tflops": 800.0, "speedup_vs_torch": speed}})
+    return rows
+
+
+def test_figures_of_a_sweep_name_the_fraction_and_the_ratio():
+    from labkit import bench_kernels, plots
+
+    rows = _timed_rows()
+    frame = bench_kernels.sweep_frame(rows)
+    assert len(frame) == len(rows) and set(frame.provider) == {"torch", "compile", "triton"}
+    bandwidth = bench_kernels.bandwidth_figure(rows)
+    assert "50% to 50% of the measured 4,000 GB/s" in bandwidth.layout.title.text
+    attention = bench_kernels.attention_figure(rows)
+    assert "2.00x SDPA's flash backend at sequence 4,096" in attention.layout.title.text
+    assert not plots.style_problems(bandwidth) and not plots.style_problems(attention)
+    table = bench_kernels.format_table(rows)
+    assert "% peak" in table and "4000 GB/s" in table
