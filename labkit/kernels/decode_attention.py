@@ -25,12 +25,13 @@ MIN_SPLIT_TOKENS = 256  # a split shorter than this spends more on its partial r
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, tables_ptr, ctx_ptr,
-                             stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_tb, qk_scale,
+                             stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_tb, stride_ctx,
+                             qk_scale,
                              H, D, GROUP, split_len, NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr,
                              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_G: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b, kv_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    ctx = tl.load(ctx_ptr + b)
+    ctx = tl.load(ctx_ptr + b * stride_ctx)  # a column of the static step's input tensor: strided
     start = split * split_len
     end = tl.minimum(ctx, start + split_len)  # a split past the row's context is empty
     g = tl.arange(0, BLOCK_G)  # [BLOCK_G] the query heads of this KV head (padded to a tile)
@@ -125,6 +126,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the cache must share a dtype"
     assert k_cache.stride() == v_cache.stride(), f"k and v caches must share a layout: {k_cache.stride()}"
     assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.dtype in (torch.int32, torch.int64)
+    assert block_tables.shape[1] <= 1 or block_tables.stride(1) == 1, "block table rows must be contiguous"
     assert context_lens.shape == (B,) and context_lens.dtype in (torch.int32, torch.int64)
     assert block_tables.device == context_lens.device == q.device == k_cache.device, "all tensors on one device"
     assert block_size >= 1 and k_cache.shape[0] % block_size == 0, \
@@ -150,7 +152,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_attention_kernel[(B, HK, splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, context_lens, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        scale * math.log2(math.e), H, D, H // HK, split_len, NUM_SPLITS=splits, PAGE=block_size, BLOCK_G=BLOCK_G,
+        context_lens.stride(0), scale * math.log2(math.e), H, D, H // HK, split_len, NUM_SPLITS=splits, PAGE=block_size, BLOCK_G=BLOCK_G,
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2, **dot_options(q.dtype))
     if splits > 1:
         _combine_kernel[(B, H)](part_out, part_lse, out, H, D, out.stride(0), out.stride(1), NUM_SPLITS=splits,

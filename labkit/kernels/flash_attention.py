@@ -144,6 +144,7 @@ def _check_qkv(q, k, v):
 
 def _check_offsets(t: torch.Tensor, name: str, device) -> None:
     assert t.dim() == 1 and t.dtype in (torch.int32, torch.int64), f"{name} must be a 1-d integer tensor"
+    assert t.numel() <= 1 or t.stride(0) == 1, f"{name} must be contiguous"
     assert t.device == device, f"{name} is on {t.device}, q on {device}"
 
 
@@ -201,6 +202,7 @@ def flash_attention_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     _check_offsets(context_lens, "context_lens", q.device)
     assert block_tables.dim() == 2 and block_tables.dtype in (torch.int32, torch.int64), \
         "block_tables must be a 2-d integer tensor"
+    assert block_tables.shape[1] <= 1 or block_tables.stride(1) == 1, "block table rows must be contiguous"
     num_rows = block_tables.shape[0]
     assert cu_seqlens_q.numel() == num_rows + 1 and context_lens.numel() == num_rows, \
         f"{num_rows} block tables need {num_rows + 1} query offsets and {num_rows} context lengths"

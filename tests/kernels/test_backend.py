@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from labkit.generation import Engine
+from labkit.models import load_model
 from labkit.sampling import SamplingParams
 
 
@@ -38,3 +39,17 @@ def test_chunked_prefill_and_prefix_hits_match_torch(tiny, device):
     params = SamplingParams(max_new_tokens=3, ignore_eos=True, detokenize=False)
     assert [g.tokens for g in triton_engine.generate(prompts, params)] == \
         [g.tokens for g in reference.generate(prompts, params)]
+
+
+def test_static_decode_step_matches_the_planned_one(device):
+    """The shape-static step (what torch.compile and CUDA graphs run: padded rows and tables, every input a
+    column of one tensor) through the triton backends, run eagerly here, gives the planned steps' tokens."""
+    lm = load_model("tiny-llama", dummy=True, device="cpu")
+    if device.type != "cpu":
+        pytest.skip("the tiny model is loaded on the CPU")
+    planned = Engine.from_hf(lm.model, kernels="triton", attention="triton", num_kv_blocks=16)
+    static = Engine.from_hf(lm.model, kernels="triton", attention="triton", num_kv_blocks=16, compile=True)
+    static._compiled = static._static_step  # the static step itself, uncompiled: the interpreter cannot be traced
+    prompts = [list(range(3, 12)), list(range(40, 43)), [5]]  # 3 rows: padded to a bucket of 4
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, detokenize=False)  # a prefill, two static steps
+    assert [g.tokens for g in static.generate(prompts, params)] == [g.tokens for g in planned.generate(prompts, params)]

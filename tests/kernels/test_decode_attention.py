@@ -65,3 +65,12 @@ def test_long_context_on_gpu():
     assert choose_num_splits(len(lens), 8, tables.shape[1] * 16, q.device) > 1
     out = decode_attention(q, k_cache, v_cache, tables, ctx, 16)
     assert_close(out, decode_attention_ref(q, k_cache, v_cache, tables, ctx, 16), torch.bfloat16)
+
+
+def test_metadata_as_columns_of_the_static_steps_input(device, gen):
+    """The graph-captured step passes context lengths and block tables as views into one [B, 4 + M] tensor."""
+    q, k_cache, v_cache, tables, ctx = _paged([17, 40, 3], 4, 2, 16, 8, torch.float32, device, gen)
+    inputs = torch.zeros(3, 4 + tables.shape[1], dtype=torch.long, device=device)
+    inputs[:, 3], inputs[:, 4:] = ctx, tables
+    out = decode_attention(q, k_cache, v_cache, inputs[:, 4:], inputs[:, 3], 8)
+    assert_close(out, decode_attention_ref(q, k_cache, v_cache, tables, ctx, 8), torch.float32)
