@@ -28,7 +28,7 @@ def gpu_model():
 def test_graph_replay_equals_eager(gpu_model, backend, compile):
     if compile and backend == "triton":
         pytest.skip("the Triton backend runs eagerly inside the graph; compile is for the torch backend")
-    kwargs = dict(kernels=backend, attention="sdpa" if backend == "torch" else "triton")
+    kwargs = dict(kernels=backend, attention="sdpa" if backend == "torch" else "triton", num_kv_blocks=64)
     eager = Engine.from_hf(gpu_model.model, **kwargs)
     graphs = Engine.from_hf(gpu_model.model, cuda_graphs=True, compile=compile, **kwargs)
     prompts = [list(range(3, 3 + n)) for n in (5, 17, 40)]
@@ -43,8 +43,8 @@ def test_graph_replay_equals_eager(gpu_model, backend, compile):
 @pytest.mark.gpu
 def test_graph_replay_reads_the_cache_it_was_given_later(gpu_model):
     """A graph captured for one request replays correctly for another at other block addresses."""
-    engine = Engine.from_hf(gpu_model.model, cuda_graphs=True, kernels="triton", attention="triton")
-    reference = Engine.from_hf(gpu_model.model, kernels="triton", attention="triton")
+    engine = Engine.from_hf(gpu_model.model, cuda_graphs=True, kernels="triton", attention="triton", num_kv_blocks=64)
+    reference = Engine.from_hf(gpu_model.model, kernels="triton", attention="triton", num_kv_blocks=64)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True, detokenize=False)
     engine.generate([[1, 2, 3]], params)  # captures the 1-row bucket, then frees its blocks
     for prompt in ([9] * 30, list(range(50, 90))):
@@ -56,8 +56,8 @@ def test_dummy_models_are_built_on_the_device():
     lm = load_model("llama-1b", dummy=True, device="cuda", dtype="bf16")
     assert lm.load_s < 20  # random init on the CPU then a copy took 67 s on an H200
     assert all(p.device.type == "cuda" for p in lm.model.parameters())
-    engine = Engine.from_hf(lm.model, cuda_graphs=True, kernels="triton", attention="triton")
+    engine = Engine.from_hf(lm.model, cuda_graphs=True, kernels="triton", attention="triton", num_kv_blocks=32)
     params = SamplingParams(max_new_tokens=16, ignore_eos=True, detokenize=False)
     mine = engine.generate([list(range(100, 132))], params)[0].tokens
-    ref = Engine.from_hf(lm.model).generate([list(range(100, 132))], params)[0].tokens
+    ref = Engine.from_hf(lm.model, num_kv_blocks=32).generate([list(range(100, 132))], params)[0].tokens
     assert mine[:4] == ref[:4]  # bf16 kernels accumulate in other orders; the first tokens agree
