@@ -19,7 +19,9 @@ def test_cuda_graphs_need_a_cuda_model():
 
 @pytest.fixture(scope="module")
 def gpu_model():
-    return load_model("tiny-llama", dummy=True, device="cuda", dtype="bf16")
+    """fp32 (no TF32 in matmuls, IEEE dots in the kernels): the static and planned paths then agree to ~1e-6,
+    so greedy tokens cannot flip between them; bf16 would make near-ties of a random model a coin toss."""
+    return load_model("tiny-llama", dummy=True, device="cuda", dtype="fp32")
 
 
 @pytest.mark.gpu
@@ -36,8 +38,7 @@ def test_graph_replay_equals_eager(gpu_model, backend, compile):
     for batch in ([prompts[0]], prompts, prompts[:2]):  # buckets of 1, 4 and 2 rows
         assert [g.tokens for g in graphs.generate(batch, params)] == [g.tokens for g in eager.generate(batch, params)]
     assert graphs._graphs.num_graphs >= 3 and graphs.capture_s > 0
-    logits_eager = eager.prompt_logits(prompts[1])
-    assert torch.equal(graphs.prompt_logits(prompts[1]), logits_eager)  # prefill stays eager
+    torch.testing.assert_close(graphs.prompt_logits(prompts[1]), eager.prompt_logits(prompts[1]))  # prefill: eager
 
 
 @pytest.mark.gpu
