@@ -169,7 +169,8 @@ def run_decode_bench(variants=None, batch_sizes=(1, 4), max_tokens: int = 64, re
     falls on every engine alike; each cell reports the median of its repeats. `variants=None` runs
     `default_variants(dtype, device)`, leaving llama.cpp out (with a note to `log`) where it cannot run; naming
     llama.cpp where it cannot run is a ValueError that says how to install it. `dtype` is the weights' dtype
-    as loaded and the HF baseline's (`hf-<dtype>`, always measured; "auto": bf16 on CUDA, else fp32). `prompt_tokens` replaces the prompt text
+    as loaded and the HF baseline's (`hf-<dtype>`, always measured; "auto": bf16 on CUDA, else fp32).
+    `prompt_tokens` replaces the prompt text
     by that many seeded random token ids (the default, DEFAULT_PROMPT_TOKENS, for a model without a
     tokenizer). `progress` shows a tqdm bar on stderr.
     """

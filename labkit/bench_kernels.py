@@ -233,7 +233,8 @@ def fusion_traffic(dim: int, hidden_dim: int, num_heads: int, num_kv_heads: int,
     return [
         {"op": "add + RMSNorm (x2)", "unfused_bytes": 2 * (5 * T * dim * e + dim * e),
          "fused_bytes": 2 * rms_norm_cost(T, dim, dtype).bytes},
-        {"op": "SwiGLU", "unfused_bytes": 5 * T * hidden_dim * e, "fused_bytes": swiglu_cost(T, hidden_dim, dtype).bytes},
+        {"op": "SwiGLU", "unfused_bytes": 5 * T * hidden_dim * e,
+         "fused_bytes": swiglu_cost(T, hidden_dim, dtype).bytes},
         {"op": "RoPE on q, k", "unfused_bytes": 8 * T * qk_heads * head_dim * e,
          "fused_bytes": rope_cost(T, num_heads, num_kv_heads, head_dim, dtype).bytes},
         {"op": "attention", "unfused_bytes": flash.bytes + 4 * num_heads * T * T * 4, "fused_bytes": flash.bytes},
@@ -373,13 +374,15 @@ def run_kernel_bench(ops=None, dtype: str = "bf16", device: str = "auto", log: C
 def format_table(rows: list[dict]) -> str:
     if not rows:
         return "no rows"
-    sizes = lambda p: ",".join(f"{k}={v}" for k, v in p.items() if k not in ("op", "dtype", "device", "provider"))  # noqa: E731
+    keep = ("op", "dtype", "device", "provider")
+    sizes = lambda p: ",".join(f"{k}={v}" for k, v in p.items() if k not in keep)  # noqa: E731
     if not rows[0]["metrics"]["timed"]:
         lines = [f"{'op':18s} {'size':28s} {'max |error|':>12s}  (correctness only: no GPU)"]
         lines += [f"{r['params']['op']:18s} {sizes(r['params']):28s} {r['metrics']['max_abs_error']:12.2e}"
                   for r in rows]
         return "\n".join(lines)
-    head = f"{'op':18s} {'size':30s} {'provider':8s} {'ms':>9s} {'GB/s':>8s} {'TFLOP/s':>8s} {'% peak':>7s} {'× torch':>7s}"
+    head = (f"{'op':18s} {'size':30s} {'provider':8s} {'ms':>9s} {'GB/s':>8s} {'TFLOP/s':>8s} {'% peak':>7s} "
+            f"{'× torch':>7s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         p, m = r["params"], r["metrics"]
@@ -437,5 +440,5 @@ def cmd_kernels(args) -> int:
     return 0
 
 
-__all__ = ["run_kernel_bench", "format_table", "fusion_traffic", "sweep_frame", "bandwidth_figure", "attention_figure", "peak_bandwidth_gbps", "peak_tflops", "GPU_SWEEP", "CPU_SWEEP", "OPS",
-           "PROVIDERS"]
+__all__ = ["run_kernel_bench", "format_table", "fusion_traffic", "sweep_frame", "bandwidth_figure", "attention_figure",
+           "peak_bandwidth_gbps", "peak_tflops", "GPU_SWEEP", "CPU_SWEEP", "OPS", "PROVIDERS"]

@@ -211,7 +211,8 @@ class Transformer(nn.Module):
             raise ValueError(f"unknown kernel backend {kernels!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
         self.args = args
         self.attention, self.kernel_backend = attention, kernels
-        self.core, self.kernels = resolve_backend(ATTENTION_BACKENDS[attention]), resolve_backend(KERNEL_BACKENDS[kernels])
+        self.core = resolve_backend(ATTENTION_BACKENDS[attention])
+        self.kernels = resolve_backend(KERNEL_BACKENDS[kernels])
         self.act_dtype = act_dtype
         self.rewrites: list[str] = []  # what rewrite functions did to this model, in order (for describe())
         self.embed = nn.Embedding(args.vocab_size, args.dim)
@@ -262,7 +263,8 @@ def with_backends(model: Transformer, attention: str | None = None, kernels: str
         raise ValueError(f"unknown kernel backend {kernels!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
     other = copy.copy(model)  # a new module object over the same parameter and submodule dicts
     other.attention, other.kernel_backend = attention, kernels
-    other.core, other.kernels = resolve_backend(ATTENTION_BACKENDS[attention]), resolve_backend(KERNEL_BACKENDS[kernels])
+    other.core = resolve_backend(ATTENTION_BACKENDS[attention])
+    other.kernels = resolve_backend(KERNEL_BACKENDS[kernels])
     other.rewrites = list(model.rewrites)
     return other
 

@@ -52,7 +52,8 @@ def test_targets_read_off_the_result_files(tmp_path):
               for v, t, f in (("labkit-bf16", 90.0, 0.36), ("labkit-bf16-triton-graphs", 200.0, 0.8))]
     (tmp_path / "bench_decode_llama-8b.json").write_text(json.dumps(decode))
     kernels = [{"params": {"op": "rms_norm", "provider": "triton", "M": m, "N": 4096},
-                "metrics": {"bytes": m, "fraction_of_peak": f, "bandwidth_gbps": 1.0}} for m, f in ((1, 0.1), (9, 0.85))]
+                "metrics": {"bytes": m, "fraction_of_peak": f, "bandwidth_gbps": 1.0}}
+               for m, f in ((1, 0.1), (9, 0.85))]
     kernels += [{"params": {"op": "flash_attention", "provider": p, "S": 4096, "H": 32, "HK": 32},
                  "metrics": {"tflops": t}} for p, t in (("triton", 300.0), ("torch", 400.0))]
     (tmp_path / "bench_kernels.json").write_text(json.dumps(kernels))

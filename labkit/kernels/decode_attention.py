@@ -152,8 +152,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_attention_kernel[(B, HK, splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, context_lens, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        context_lens.stride(0), scale * math.log2(math.e), H, D, H // HK, split_len, NUM_SPLITS=splits, PAGE=block_size, BLOCK_G=BLOCK_G,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2, **dot_options(q.dtype))
+        context_lens.stride(0), scale * math.log2(math.e), H, D, H // HK, split_len, NUM_SPLITS=splits,
+        PAGE=block_size, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2,
+        **dot_options(q.dtype))
     if splits > 1:
         _combine_kernel[(B, H)](part_out, part_lse, out, H, D, out.stride(0), out.stride(1), NUM_SPLITS=splits,
                                 BLOCK_S=tile_width(splits), BLOCK_D=BLOCK_D, num_warps=1)

@@ -157,7 +157,8 @@ def _launch(q, k, v, out, cu_q, cu_k, tables, ctx, num_rows, max_seqlen_q, scale
     if is_interpreter():  # its cost is per program and per operation: pack a KV head's query heads, cover rows
         group_p = tile_width(H // HK)
         max_k = tables.shape[1] * page if paged else int((cu_k[1:] - cu_k[:-1]).max())
-        tiles = {"BLOCK_M": min(256, tile_width(max_seqlen_q * group_p, 16)), "BLOCK_N": min(128, tile_width(max_k, 16))}
+        tiles = {"BLOCK_M": min(256, tile_width(max_seqlen_q * group_p, 16)),
+                 "BLOCK_N": min(128, tile_width(max_k, 16))}
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"] // group_p), num_rows,  # noqa: E731
                          HK if group_p > 1 else H)
     _flash_attention_kernel[grid](
