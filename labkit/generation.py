@@ -161,6 +161,9 @@ class Engine:
         self.device = model.embed.weight.device
         if config.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {self.device}")
+        if config.compile and "triton" in (model.attention, model.kernel_backend):
+            raise ValueError("compile=True traces the torch backends only; the triton backends run as they are "
+                             "(cuda_graphs=True removes their launch overhead)")
         self.dtype = model.embed.weight.dtype  # weight storage
         self.act_dtype = model.act_dtype  # activations and KV cache
         args = model.args

@@ -15,6 +15,8 @@ def test_cuda_graphs_need_a_cuda_model():
     with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
         EngineConfig(cuda_graphs="yes")
     assert Engine.from_hf(tiny.model).capture_s is None
+    with pytest.raises(ValueError, match="compile=True traces the torch backends only"):
+        Engine.from_hf(tiny.model, kernels="triton", compile=True)
 
 
 @pytest.fixture(scope="module")
