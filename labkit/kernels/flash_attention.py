@@ -34,7 +34,7 @@ def _configs():
 def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, start, q_idx, kv_off, shift, k_start, k_len, b, tables_ptr,
             stride_kt, stride_vt, stride_tb, qk_scale, D, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
             PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+            EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One tile of BLOCK_N keys: scores, online-softmax update, weighted values."""
     offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions in the row
     n_ok = offs_n < k_len  # the row's last tile runs past its end
@@ -43,9 +43,13 @@ def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, start, q_idx, kv_off, shift, k_start
         rows = page * PAGE + offs_n % PAGE
     else:
         rows = k_start + offs_n
-    kv_mask = n_ok[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D)  # keys past the row, dims past D
-    k = tl.load(k_ptr + rows[:, None] * stride_kt + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + rows[:, None] * stride_vt + kv_off, mask=kv_mask, other=0.0)
+    if MASKED or not EVEN_D:
+        kv_mask = n_ok[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D)  # keys past the row, dims past D
+        k = tl.load(k_ptr + rows[:, None] * stride_kt + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * stride_vt + kv_off, mask=kv_mask, other=0.0)
+    else:  # a full tile of a power-of-two head dim: no mask to compute
+        k = tl.load(k_ptr + rows[:, None] * stride_kt + kv_off)
+        v = tl.load(v_ptr + rows[:, None] * stride_vt + kv_off)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
@@ -68,11 +72,11 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, ta
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_ot, stride_oh, stride_tb,
                             qk_scale, D, GROUP, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
                             PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                            GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+                            GROUP_P: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # GROUP_P > 1 packs the query heads of one KV head into the tile's rows (row r: query r // GROUP_P, head
     # r % GROUP_P), so their K and V tiles are loaded once; GROUP_P == 1 is one query head per program.
-    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P  # queries per program
+    BLOCK_Q = BLOCK_M // GROUP_P  # queries per program (a constexpr: both operands are)
     m_block, b = tl.program_id(0), tl.program_id(1)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
@@ -114,11 +118,11 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, ta
         for start in range(0, full_end, BLOCK_N):  # stage 1: tiles no mask touches
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_ptr, v_ptr, start, q_idx, kv_off, shift, k_start, k_len,
                                     b, tables_ptr, stride_kt, stride_vt, stride_tb, qk_scale, D, CAUSAL, False,
-                                    PAGED, PAGE, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_D)
+                                    PAGED, PAGE, DOT_PRECISION, UPCAST, EVEN_D, BLOCK_N, BLOCK_D)
         for start in range(full_end, end, BLOCK_N):  # stage 2: the causal diagonal and the row's end
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_ptr, v_ptr, start, q_idx, kv_off, shift, k_start, k_len,
                                     b, tables_ptr, stride_kt, stride_vt, stride_tb, qk_scale, D, CAUSAL, True,
-                                    PAGED, PAGE, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_D)
+                                    PAGED, PAGE, DOT_PRECISION, UPCAST, EVEN_D, BLOCK_N, BLOCK_D)
         out_off = (q_start + q_idx)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptr + out_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -165,7 +169,8 @@ def _launch(q, k, v, out, cu_q, cu_k, tables, ctx, num_rows, max_seqlen_q, scale
         q, k, v, out, cu_q, cu_k if cu_k is not None else cu_q, tables if paged else cu_q, ctx if paged else cu_q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), out.stride(0), out.stride(1),
         tables.stride(0) if paged else 0, scale * math.log2(math.e), D, H // HK, CAUSAL=causal, PAGED=paged,
-        PAGE=page, GROUP_P=group_p, BLOCK_D=tile_width(D, 16), **tiles, **dot_options(q.dtype))
+        PAGE=page, GROUP_P=group_p, EVEN_D=D == tile_width(D, 16), BLOCK_D=tile_width(D, 16), **tiles,
+        **dot_options(q.dtype))
     return out
 
 
