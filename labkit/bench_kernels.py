@@ -397,7 +397,7 @@ def format_table(rows: list[dict]) -> str:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "kernels", help="the Triton kernels against torch eager and torch.compile: GB/s, TFLOP/s, % of peak",
+        "kernels", help="the Triton kernels against torch eager and torch.compile: GB/s, TFLOP/s, share of the peak",
         description="Sweep each Triton kernel of labkit.kernels over sizes against torch eager and torch.compile "
                     "on the same inputs, after checking it against its float32 reference; reports latency, GB/s "
                     "(memory-bound ops) or TFLOP/s (flash attention) and the fraction of the peak measured in the "
