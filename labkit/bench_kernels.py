@@ -231,11 +231,11 @@ def fusion_traffic(dim: int, hidden_dim: int, num_heads: int, num_kv_heads: int,
     e, T, qk_heads = element_size(dtype), num_tokens, num_heads + num_kv_heads
     flash = flash_attention_cost([T], [T], num_heads, num_kv_heads, head_dim, dtype)
     return [
-        {"op": "add + RMSNorm (x2)", "unfused_bytes": 2 * (5 * T * dim * e + dim * e),
+        {"op": "add+norm x2", "unfused_bytes": 2 * (5 * T * dim * e + dim * e),
          "fused_bytes": 2 * rms_norm_cost(T, dim, dtype).bytes},
         {"op": "SwiGLU", "unfused_bytes": 5 * T * hidden_dim * e,
          "fused_bytes": swiglu_cost(T, hidden_dim, dtype).bytes},
-        {"op": "RoPE on q, k", "unfused_bytes": 8 * T * qk_heads * head_dim * e,
+        {"op": "RoPE", "unfused_bytes": 8 * T * qk_heads * head_dim * e,
          "fused_bytes": rope_cost(T, num_heads, num_kv_heads, head_dim, dtype).bytes},
         {"op": "attention", "unfused_bytes": flash.bytes + 4 * num_heads * T * T * 4, "fused_bytes": flash.bytes},
     ]
