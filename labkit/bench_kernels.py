@@ -56,7 +56,8 @@ def _checker(actual_fn, expected_fn, dtype):
 
 
 def _compiled(fn):
-    return torch.compile(fn, fullgraph=True)
+    """torch.compile with dynamic shapes from the start: one compile serves every size of the sweep."""
+    return torch.compile(fn, fullgraph=True, dynamic=True)
 
 
 # -- one builder per op: (size, dtype, device) -> Case ------------------------------------------------------------
