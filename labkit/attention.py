@@ -171,8 +171,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, core=sdpa_core) -> torch.Tensor:
     """Attention of the new tokens q [N, H, D] over their rows' contexts; k, v [N, Hkv, D] are already cached.
 
-    Returns [N, H, D]. The cache holds each layer's slots as [slots, Hkv, D].
+    Returns [N, H, D]. The cache holds each layer's slots as [slots, Hkv, D]. `core` is dense attention over the
+    gathered context (sdpa_core, math_core), or an object whose `paged_attention` method, with this signature
+    less `core`, reads the blocks in place.
     """
+    if hasattr(core, "paged_attention"):  # a backend that reads the blocks in place (labkit.kernels.backend)
+        return core.paged_attention(q, k, v, k_cache, v_cache, meta, scale)
     H, D = q.shape[1], q.shape[2]
     if meta.groups is None:  # static decode step: one token per row, keys over the whole block table
         Hkv = k.shape[1]
@@ -200,7 +204,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-ATTENTION_BACKENDS = {"sdpa": sdpa_core, "math": math_core}
+# name -> core, or "module:attribute" for a backend imported when a model first asks for it (Triton is heavy)
+ATTENTION_BACKENDS = {"sdpa": sdpa_core, "math": math_core, "triton": "labkit.kernels.backend:TRITON_ATTENTION"}
+
+
+def resolve_backend(entry):
+    """A backend registry's entry: the object itself, or the attribute a "module:attribute" string names."""
+    if isinstance(entry, str):
+        import importlib
+
+        module, _, attribute = entry.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+    return entry
+
 
 __all__ = ["AttentionMetadata", "RowGroup", "KVCache", "build_metadata", "write_kv", "paged_attention",
-           "sdpa_core", "math_core", "ATTENTION_BACKENDS"]
+           "sdpa_core", "math_core", "ATTENTION_BACKENDS", "resolve_backend"]

@@ -1,8 +1,11 @@
 """`labkit bench decode`: decode throughput of the engines side by side in one run, as ratios to HF.
 
-Engines: HF `generate` fp32 (the baseline), labkit eager fp32, labkit bf16, labkit compiled, and llama.cpp
-(llama-cpp-python, when installed) on the same GGUF. Each row: decode tokens/s after warm-up, the ratio to HF
-at the same batch size, and the roofline fraction (steps/s over measured bandwidth / weight bytes per step).
+Engines: HF `generate` at the run's dtype (the baseline; fp32 by default), labkit eager, bf16, int8, compiled,
+with CUDA graphs or the Triton kernels, and llama.cpp (llama-cpp-python, when installed) on the same GGUF. Each
+row: decode tokens/s after warm-up, the ratio to HF at the same batch size, the roofline fraction (steps/s over
+measured bandwidth / weight bytes per step), and compile and graph-capture times apart. The labkit variants of
+one weight format share one compact model (only their KV caches are their own), so a GPU holds the HF weights
+and one copy; dummy presets without a tokenizer get a seeded synthetic prompt.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import torch
 
 from labkit.arguments import add_label_option, comma_list, output_file, positive_int, utf8_text
 from labkit.bench import memory_bandwidth_gbps, weight_bytes_per_token
-from labkit.device import describe_environment, dtype_name, pick_device, seed_everything
-from labkit.generation import Engine, HFEngine
+from labkit.device import (describe_environment, dtype_name, format_environment, pick_device, pick_dtype,
+                           seed_everything)
+from labkit.generation import MIN_STATIC_CONTEXT, Engine, EngineConfig, HFEngine, apply_rewrites
+from labkit.llama import from_hf, with_backends
 from labkit.models import EMBEDDED_MODEL, embedded_gguf_path, load_model
 
 
@@ -31,6 +36,21 @@ class Variant:
     compile: bool = False
     linear_layout: str = "auto"
     quantize: str | None = None
+    cuda_graphs: bool = False  # the decode step replayed from CUDA graphs (a GPU only)
+    kernels: str = "torch"  # the kernel and attention backends: "triton" for both, or torch and sdpa
+    attention: str = "sdpa"
+
+
+BENCH_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _gpu_variants(dt: str) -> list[Variant]:
+    """Per dtype: HF, eager, compiled, CUDA graphs (eager and compiled step), Triton kernels (eager, graphs)."""
+    triton = dict(kernels="triton", attention="triton")
+    return [Variant(f"hf-{dt}", "hf", dtype=dt), Variant(f"labkit-{dt}-graphs", "labkit", dtype=dt, cuda_graphs=True),
+            Variant(f"labkit-{dt}-compile-graphs", "labkit", dtype=dt, compile=True, cuda_graphs=True),
+            Variant(f"labkit-{dt}-triton", "labkit", dtype=dt, **triton),
+            Variant(f"labkit-{dt}-triton-graphs", "labkit", dtype=dt, cuda_graphs=True, **triton)]
 
 
 VARIANTS = {v.name: v for v in [
@@ -42,11 +62,39 @@ VARIANTS = {v.name: v for v in [
     Variant("labkit-int8-compile", "labkit", dtype="int8", quantize="int8", compile=True),
     Variant("labkit-bf16", "labkit", dtype="bf16"),
     Variant("labkit-bf16-compile", "labkit", dtype="bf16", compile=True),
+    Variant("labkit-fp16", "labkit", dtype="fp16"),
+    Variant("labkit-fp16-compile", "labkit", dtype="fp16", compile=True),
+    *[v for dt in BENCH_DTYPES for v in _gpu_variants(dt)],
     Variant("llama.cpp", "llama.cpp", dtype="q4_1"),
 ]}
 DEFAULT_VARIANTS = ("hf-fp32", "labkit-fp32-nk", "labkit-fp32", "labkit-bf16", "labkit-fp32-compile", "labkit-int8",
                     "labkit-int8-compile", "llama.cpp")
 DEFAULT_PROMPT = "Once upon a time, in a small village,"
+DEFAULT_PROMPT_TOKENS = 32  # the synthetic prompt of a model without a tokenizer (dummy presets)
+
+
+def default_variants(dtype: str = "fp32", device: str = "auto") -> tuple[str, ...]:
+    """DEFAULT_VARIANTS for fp32 on a CPU; on a GPU (or at bf16/fp16) HF at that dtype, then labkit eager,
+    compiled, with CUDA graphs (on a GPU) and with the Triton kernels under graphs."""
+    dev = pick_device(device)
+    if dtype == "fp32" and dev.type != "cuda":
+        return DEFAULT_VARIANTS
+    names = [f"hf-{dtype}", f"labkit-{dtype}", f"labkit-{dtype}-compile"]
+    if dev.type == "cuda":
+        names += [f"labkit-{dtype}-graphs", f"labkit-{dtype}-compile-graphs", f"labkit-{dtype}-triton-graphs"]
+    return tuple(names)
+
+
+def variant_problem(variant: Variant, device: torch.device) -> str | None:
+    """Why a variant cannot run on this device (None when it can)."""
+    if variant.cuda_graphs and device.type != "cuda":
+        return f"{variant.name} replays CUDA graphs: it needs --device cuda"
+    if variant.kernels == "triton" and device.type != "cuda":
+        from labkit.kernels.common import can_run_on
+
+        if not can_run_on(device):
+            return f"{variant.name} runs Triton kernels: it needs --device cuda (or TRITON_INTERPRET=1, very slow)"
+    return None
 
 
 def llama_cpp_available() -> bool:
@@ -114,23 +162,37 @@ def llama_cpp_problem(model: str, dummy: bool, device: str) -> str | None:
 def run_decode_bench(variants=None, batch_sizes=(1, 4), max_tokens: int = 64, repeats: int = 3,
                      prompt: str = DEFAULT_PROMPT, model: str = EMBEDDED_MODEL, dummy: bool = False,
                      device: str = "auto", log: Callable[[str], object] | None = None,
-                     progress: bool = False) -> list[dict]:
+                     progress: bool = False, dtype: str = "auto", prompt_tokens: int | None = None) -> list[dict]:
     """Measure every (variant, batch size) in one process; return result rows.
 
     The repeats are interleaved (variant A, B, C, A, B, C, ...) so that drift in a noisy machine's speed
     falls on every engine alike; each cell reports the median of its repeats. `variants=None` runs
-    DEFAULT_VARIANTS, leaving llama.cpp out (with a note to `log`) where it cannot run; naming llama.cpp
-    where it cannot run is a ValueError that says how to install it. `progress` shows a tqdm bar on stderr.
+    `default_variants(dtype, device)`, leaving llama.cpp out (with a note to `log`) where it cannot run; naming
+    llama.cpp where it cannot run is a ValueError that says how to install it. `dtype` is the weights' dtype
+    as loaded and the HF baseline's (`hf-<dtype>`, always measured; "auto": bf16 on CUDA, else fp32).
+    `prompt_tokens` replaces the prompt text
+    by that many seeded random token ids (the default, DEFAULT_PROMPT_TOKENS, for a model without a
+    tokenizer). `progress` shows a tqdm bar on stderr.
     """
     from tqdm.auto import tqdm
 
+    dev = pick_device(device)
+    if dtype == "auto":
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    if dtype not in BENCH_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of auto, {', '.join(BENCH_DTYPES)}")
     explicit = variants is not None
-    variants = tuple(dict.fromkeys(variants)) if explicit else DEFAULT_VARIANTS
+    variants = tuple(dict.fromkeys(variants)) if explicit else default_variants(dtype, device)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown engine variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
-    if "hf-fp32" not in variants:
-        variants = ("hf-fp32", *variants)  # ratios need the baseline measured in the same run
+    baseline = f"hf-{dtype}"
+    if baseline not in variants:
+        variants = (baseline, *variants)  # ratios need the baseline measured in the same run
+    for name in variants:
+        problem = variant_problem(VARIANTS[name], dev)
+        if problem:
+            raise ValueError(problem)
     if any(VARIANTS[name].engine == "llama.cpp" for name in variants):
         problem = llama_cpp_problem(model, dummy, device)  # before the model loads: fail in seconds, not minutes
         if problem and explicit:
@@ -140,26 +202,66 @@ def run_decode_bench(variants=None, batch_sizes=(1, 4), max_tokens: int = 64, re
             if log:
                 log(f"skipping llama.cpp: {problem}")
     seed_everything(0)
-    loaded = load_model(model, device=device, dtype="fp32", dummy=dummy)
-    if loaded.tokenizer is None:
-        raise ValueError(f"model {model!r} has no tokenizer; use a preset with one (e.g. tiny-smollm2)")
-    prompt_ids = loaded.tokenizer(prompt)["input_ids"]
+    loaded = load_model(model, device=device, dtype=dtype, dummy=dummy)
+    if prompt_tokens is None and loaded.tokenizer is None:
+        prompt_tokens = DEFAULT_PROMPT_TOKENS
+        if log:
+            log(f"{loaded.name} has no tokenizer: a synthetic prompt of {prompt_tokens} random token ids")
+    if prompt_tokens is not None:
+        generator = torch.Generator().manual_seed(0)
+        prompt_ids = torch.randint(loaded.config.vocab_size, (prompt_tokens,), generator=generator).tolist()
+        prompt = f"<{prompt_tokens} random token ids, seed 0>"
+    else:
+        prompt_ids = loaded.tokenizer(prompt)["input_ids"]
     if len(prompt_ids) + max_tokens > loaded.config.max_position_embeddings:
         raise ValueError(f"--max-tokens {max_tokens} does not fit the model's context")
     cells = {b: [n for n in variants if b == 1 or VARIANTS[n].engine != "llama.cpp"] for b in batch_sizes}
     total = 1 + len(variants) + sum(len(names) * (1 + repeats) for names in cells.values())
     with tqdm(total=total, desc="bench decode", unit="step", file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar:
-        return _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, log, bar)
+        return _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, log, bar, baseline)
 
 
-def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, log, bar) -> list[dict]:
+def _engine_config(batch_sizes, num_tokens: int, variant: Variant) -> EngineConfig:
+    """A cache just big enough for the largest batch at full length, so that engines side by side fit a GPU."""
+    block_size = EngineConfig.block_size
+    blocks = max(batch_sizes) * -(-(num_tokens + 8) // block_size) + 1
+    return EngineConfig(max_num_seqs=max(batch_sizes), num_kv_blocks=blocks, compile=variant.compile,
+                        cuda_graphs=variant.cuda_graphs)
+
+
+def _prepare(engine: Engine, batch_sizes, first: int, last: int) -> None:
+    """Compile and capture, ahead of the timed runs, every bucket the runs will meet: each batch size and each
+    block-table width between the prompt's length `first` and the longest context `last`."""
+    bs = engine.config.block_size
+    width = max(MIN_STATIC_CONTEXT // bs, 1 << (-(-first // bs) - 1).bit_length())
+    for batch_size in batch_sizes:
+        w = width
+        while True:
+            engine.warmup(batch_size=batch_size, seq_len=min(w * bs, last))
+            if w * bs >= last:
+                break
+            w *= 2
+
+
+def _labkit_engine(loaded, variant: Variant, shared: dict, batch_sizes, num_tokens: int) -> Engine:
+    """An engine over the compact model of the variant's weight format, built once per format and shared."""
+    key = (variant.dtype, variant.linear_layout, variant.quantize)
+    if key not in shared:
+        model = from_hf(loaded.model, dtype=None if variant.quantize else pick_dtype(variant.dtype))
+        shared[key] = apply_rewrites(model, linear_layout=variant.linear_layout, quantize=variant.quantize)
+    model = with_backends(shared[key], attention=variant.attention, kernels=variant.kernels)
+    return Engine(model, loaded.tokenizer, name=loaded.name, config=_engine_config(batch_sizes, num_tokens, variant))
+
+
+def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, log, bar, baseline) -> list[dict]:
     """The body of `run_decode_bench` once the model is loaded: set up each engine, then time the cells."""
     bar.set_postfix_str("measuring memory bandwidth")
-    bandwidth = memory_bandwidth_gbps(device=loaded.device)
+    bandwidth = memory_bandwidth_gbps(size_mb=1024 if loaded.device.type == "cuda" else 256, device=loaded.device)
     bar.update()
     env = describe_environment(loaded.device)
-    runners, compile_s = {}, {}
+    runners, compile_s, shared = {}, {}, {}
+    batch_sizes, num_tokens = tuple(cells), len(prompt_ids) + max_tokens
     for name in variants:
         variant = VARIANTS[name]
         bar.set_postfix_str(f"setting up {name}")
@@ -169,13 +271,15 @@ def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, l
             runners[name] = _TorchRunner(HFEngine(loaded.model, loaded.tokenizer, name=loaded.name),
                                          loaded.model, prompt_ids, max_tokens)
         else:
-            engine = Engine.from_hf(loaded.model, loaded.tokenizer, dtype=None if variant.quantize else variant.dtype,
-                                    compile=variant.compile, linear_layout=variant.linear_layout,
-                                    quantize=variant.quantize, name=loaded.name)
-            if variant.compile:  # compile time is reported apart, never inside tokens/s
-                compile_s[name] = engine.warmup(batch_size=1, seq_len=len(prompt_ids) + max_tokens)
+            engine = _labkit_engine(loaded, variant, shared, batch_sizes, num_tokens)
+            if variant.compile or variant.cuda_graphs:  # compile and capture times are reported apart
+                start = time.perf_counter()
+                _prepare(engine, batch_sizes, len(prompt_ids), num_tokens)
+                compile_s[name] = time.perf_counter() - start - (engine.capture_s or 0.0)
                 if log:
-                    log(f"{name}: compiled in {compile_s[name]:.1f} s")
+                    done = [f"compiled in {compile_s[name]:.1f} s"] if variant.compile else []
+                    done += [f"CUDA graphs captured in {engine.capture_s:.2f} s"] if variant.cuda_graphs else []
+                    log(f"{name}: {', '.join(done)}")
             runners[name] = _TorchRunner(engine, engine.model, prompt_ids, max_tokens)
         bar.update()
     rows = []
@@ -195,16 +299,21 @@ def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, l
             rates = [rate for rate, _ in samples[name]]
             tokens_per_s = statistics.median(rates)
             roofline = bandwidth * 1e9 / runner.bytes_per_step  # decode steps/s if weights stream at bandwidth
+            engine = getattr(runner, "engine", None)
             rows.append({
                 "technique": "decode",
                 "params": {"variant": name, "engine": variant.engine, "dtype": variant.dtype,
                            "compile": variant.compile, "quantize": variant.quantize,
+                           "cuda_graphs": variant.cuda_graphs, "kernels": variant.kernels,
+                           "attention": variant.attention,
                            "linear_layout": getattr(getattr(runner, "engine", None), "linear_layout", None),
                            "batch_size": batch_size, "max_tokens": max_tokens, "prompt_tokens": len(prompt_ids),
                            "repeats": repeats, "model": loaded.name, "device": str(loaded.device)},
                 "metrics": {"tokens_per_s": tokens_per_s, "tokens_per_s_runs": rates,
                             "ttft_ms": statistics.median(t for _, t in samples[name]),
-                            "compile_s": compile_s.get(name), "weight_bytes_per_step": runner.bytes_per_step,
+                            "compile_s": compile_s.get(name) if variant.compile else None,
+                            "capture_s": getattr(engine, "capture_s", None),
+                            "weight_bytes_per_step": runner.bytes_per_step,
                             "bandwidth_gbps": bandwidth, "roofline_tokens_per_s": roofline * batch_size,
                             "roofline_fraction": tokens_per_s / batch_size / roofline},
                 "env": env,
@@ -212,7 +321,7 @@ def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, l
             if log:
                 log(f"{name:22s} batch {batch_size}: {tokens_per_s:7.1f} tok/s")
     for row in rows:  # ratios to the HF baseline at the same batch size, measured in this run
-        base = next((r for r in rows if r["params"]["variant"] == "hf-fp32"
+        base = next((r for r in rows if r["params"]["variant"] == baseline
                      and r["params"]["batch_size"] == row["params"]["batch_size"]), None)
         row["metrics"]["ratio_to_hf"] = row["metrics"]["tokens_per_s"] / base["metrics"]["tokens_per_s"] \
             if base else None
@@ -229,24 +338,30 @@ def format_table(rows: list[dict]) -> str:
                      f"{m['roofline_fraction']:8.0%} {m['ttft_ms']:8.1f}")
     if rows:
         env = rows[0]["env"]
-        lines.append(f"hardware: {env['cpu']} ({env['num_cpus']} cpus, {env['cpu_capability']}), "
-                     f"{env['torch_threads']} torch threads; bandwidth {rows[0]['metrics']['bandwidth_gbps']:.1f} GB/s")
+        lines.append(f"hardware: {format_environment(env).split(' · python')[0]}, {env['torch_threads']} torch "
+                     f"threads; bandwidth {rows[0]['metrics']['bandwidth_gbps']:.1f} GB/s")
     return "\n".join(lines)
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "decode", help="decode tokens/s of HF, labkit (fp32, bf16, compiled) and llama.cpp side by side",
+        "decode", help="decode tokens/s of HF, labkit (fp32, bf16, int8, compiled, CUDA graphs, Triton) and llama.cpp",
         description="Decode throughput of several engines on one model, measured one after another in one "
-                    "process after warm-up, reported as tokens/s, ratio to HF generate fp32 and roofline "
+                    "process after warm-up, reported as tokens/s, ratio to HF generate at --dtype and roofline "
                     "fraction. Rows are appended to data/results.jsonl and the run is saved as JSON.")
     p.add_argument("--engines", type=comma_list(str), default=None,
-                   help=f"comma-separated variants from {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)}; "
-                        "llama.cpp only where llama-cpp-python is installed)")
+                   help=f"comma-separated variants from {', '.join(VARIANTS)} (default on a CPU at fp32: "
+                        f"{','.join(DEFAULT_VARIANTS)}, llama.cpp only where llama-cpp-python is installed; on a GPU "
+                        f"or at another --dtype: HF, eager, compiled, CUDA graphs and Triton at that dtype)")
     p.add_argument("--batch-sizes", type=comma_list(positive_int), default=(1, 4), help="e.g. 1,8 (default: 1,4)")
     p.add_argument("--max-tokens", type=positive_int, default=64, help="new tokens per run (default: 64)")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per cell (default: 3)")
     p.add_argument("--prompt", type=utf8_text, default=DEFAULT_PROMPT, help="prompt text")
+    p.add_argument("--prompt-tokens", type=positive_int, default=None, metavar="N",
+                   help=f"a synthetic prompt of N seeded random token ids instead of --prompt (the default, "
+                        f"{DEFAULT_PROMPT_TOKENS}, for a model without a tokenizer, e.g. --dummy --model llama-1b)")
+    p.add_argument("--dtype", choices=("auto", *BENCH_DTYPES), default="auto",
+                   help="weights as loaded and the HF baseline's dtype (default auto: bf16 on a GPU, else fp32)")
     p.add_argument("--model", default=EMBEDDED_MODEL, help="model (default: the embedded SmolLM2)")
     p.add_argument("--dummy", action="store_true", help="random weights from a preset (e.g. llama-1b on a GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -272,7 +387,7 @@ def cmd_decode(args) -> int:
     rows = run_decode_bench(variants=args.engines, batch_sizes=args.batch_sizes, max_tokens=args.max_tokens,
                             repeats=args.repeats, prompt=args.prompt, model=args.model, dummy=args.dummy,
                             device=args.device, log=lambda msg: tqdm.write(msg, file=sys.stderr),
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, dtype=args.dtype, prompt_tokens=args.prompt_tokens)
     rows = stamp_rows(rows, label=args.label)
     if not args.no_save:
         append_rows(rows)
@@ -283,4 +398,5 @@ def cmd_decode(args) -> int:
     return 0
 
 
-__all__ = ["run_decode_bench", "VARIANTS", "DEFAULT_VARIANTS", "llama_cpp_problem", "format_table", "dtype_name"]
+__all__ = ["run_decode_bench", "VARIANTS", "DEFAULT_VARIANTS", "default_variants", "variant_problem",
+           "llama_cpp_problem", "format_table", "dtype_name"]

@@ -1,4 +1,4 @@
-"""`labkit` command line: baseline, run, results, bench decode|serve|batching, serve, ping.
+"""`labkit` command line: baseline, run, results, bench decode|serve|batching|kernels, serve, ping.
 
 Each command module registers its parser with `add_parser(subparsers)` and sets `func(args) -> int`.
 Bad input prints one line `labkit <command>: <message>` on stderr and exits 2, never a traceback.
@@ -24,6 +24,7 @@ BENCH_COMMANDS = {
     "decode": "labkit.bench_decode",
     "serve": "labkit.loadgen",
     "batching": "labkit.bench_batching",
+    "kernels": "labkit.bench_kernels",
 }
 
 

@@ -113,6 +113,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: from kv_cache_mb
     kv_cache_mb: float | None = None  # None: 512 MiB on CPU, 40 % of free memory on a GPU, at most what fits
     compile: bool = False  # torch.compile the decode-only step (static shapes, bucketed batch sizes)
+    cuda_graphs: bool = False  # replay the decode-only step from CUDA graphs, one per bucket (labkit.cuda_graphs)
 
     def __post_init__(self):
         self.scheduler_config()  # validates the scheduler's fields
@@ -124,6 +125,9 @@ class EngineConfig:
         if self.kv_cache_mb is not None and not (isinstance(self.kv_cache_mb, (int, float))
                                                  and 0 < self.kv_cache_mb < math.inf):
             raise ValueError(f"kv_cache_mb must be a number > 0, got {self.kv_cache_mb!r}")
+        for name in ("compile", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(policy=self.policy, max_num_seqs=self.max_num_seqs,
@@ -155,6 +159,11 @@ class Engine:
         self.model, self.tokenizer, self.name, self.config = model, tokenizer, name, config
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = model.embed.weight.device
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {self.device}")
+        if config.compile and "triton" in (model.attention, model.kernel_backend):
+            raise ValueError("compile=True traces the torch backends only; the triton backends run as they are "
+                             "(cuda_graphs=True removes their launch overhead)")
         self.dtype = model.embed.weight.dtype  # weight storage
         self.act_dtype = model.act_dtype  # activations and KV cache
         args = model.args
@@ -167,6 +176,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
         self.compile_s: float | None = None
         self._compiled = None
+        self._graphs = None  # labkit.cuda_graphs.DecodeGraphs, made on the first static step
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._num_steps, self._last_rows, self._last_tokens, self._last_padding = 0, 0, 0, 0
@@ -218,7 +228,8 @@ class Engine:
         return {"engine": "labkit", "model": self.name, "device": str(self.device), "dtype": dtype_name(self.dtype),
                 "activation_dtype": dtype_name(self.act_dtype), "attention": self.model.attention,
                 "kernels": self.model.kernel_backend, "linear_layout": self.linear_layout, "quantize": self.quantize,
-                "rewrites": list(self.model.rewrites), "compile": c.compile, "policy": c.policy,
+                "rewrites": list(self.model.rewrites), "compile": c.compile, "cuda_graphs": c.cuda_graphs,
+                "policy": c.policy,
                 "max_num_seqs": c.max_num_seqs, "max_num_batched_tokens": c.max_num_batched_tokens,
                 "block_size": c.block_size, "num_kv_blocks": self.blocks.num_blocks,
                 "prefix_caching": c.enable_prefix_caching}
@@ -334,7 +345,7 @@ class Engine:
         """One forward over rows (key, token ids, start, end): tokens [start, end) of each are computed and
         cached; returns logits [len(sampling), V] at the last token of the rows listed in `sampling`."""
         bs = self.config.block_size
-        if self.config.compile and all(end - start == 1 for _, _, start, end in spans):
+        if (self.config.compile or self.config.cuda_graphs) and all(end - start == 1 for _, _, start, end in spans):
             return self._forward_static(spans)[sampling]
         tokens, slots, query_lens, context_lens, tables = [], [], [], [], []
         for key, ids, start, end in spans:
@@ -347,24 +358,22 @@ class Engine:
         meta = build_metadata(query_lens, context_lens, tables, slots, bs, self.device)
         hidden = self.model(torch.tensor(tokens, device=self.device), meta, self.cache)
         last = list(itertools.accumulate(query_lens))
-        index = torch.tensor([last[i] - 1 for i in sampling], device=self.device)
+        index = torch.tensor([last[i] - 1 for i in sampling], dtype=torch.long, device=self.device)  # may be empty
         return self.model.logits(hidden, index)
 
     def _forward_static(self, spans: list[tuple]) -> torch.Tensor:
-        """A decode-only step through the compiled graph: rows and block tables padded to bucketed sizes."""
+        """A decode-only step with static shapes (compiled, or replayed from a CUDA graph): rows and block tables
+        padded to bucketed sizes, every input in one [rows, 4 + width] tensor (one host-to-device copy)."""
         bs, B = self.config.block_size, len(spans)
         rows = 1 << (B - 1).bit_length()
         tables = [self._table(key, end) for key, _, _, end in spans]
         width = max(MIN_STATIC_CONTEXT // bs, 1 << (max(len(t) for t in tables) - 1).bit_length())
-        pad = rows - B
-        positions = [start for _, _, start, _ in spans] + [0] * pad
-        tokens = [ids[start] for _, ids, start, _ in spans] + [0] * pad
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)] + [self.cache.scratch_slot] * pad
-        dev = self.device
-        table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad, device=dev)
-        return self._compiled_step()(
-            torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), torch.tensor(slots, device=dev),
-            table_tensor, torch.tensor([p + 1 for p in positions], device=dev), self.cache)
+        inputs = []
+        for (_, ids, start, _), table in zip(spans, tables):  # token, position, slot, context length, table
+            inputs.append([ids[start], start, table[start // bs] * bs + start % bs, start + 1,
+                           *table, *[0] * (width - len(table))])
+        inputs += [[0, 0, self.cache.scratch_slot, 1, *[0] * width]] * (rows - B)  # padding rows: scratch only
+        return self._decode_step()(torch.tensor(inputs, dtype=torch.long, device=self.device), self.cache)
 
     def _table(self, key, num_tokens: int) -> list[int]:
         """A row's block table; a padding row (key None) reads and writes only the scratch block."""
@@ -372,17 +381,32 @@ class Engine:
             return [self.cache.num_blocks] * self.blocks.blocks_for(num_tokens)
         return self.blocks.block_table(key)
 
-    def _static_step(self, tokens, positions, slot_mapping, block_tables, context_lens, cache) -> torch.Tensor:
-        meta = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, block_tables=block_tables,
-                                 context_lens=context_lens, query_start=None, block_size=self.config.block_size)
-        return self.model.logits(self.model(tokens, meta, cache))
+    def _static_step(self, inputs: torch.Tensor, cache) -> torch.Tensor:
+        """inputs [rows, 4 + width] (token, position, slot, context length, block table) -> logits [rows, V]."""
+        meta = AttentionMetadata(positions=inputs[:, 1], slot_mapping=inputs[:, 2], block_tables=inputs[:, 4:],
+                                 context_lens=inputs[:, 3], query_start=None, block_size=self.config.block_size)
+        return self.model.logits(self.model(inputs[:, 0], meta, cache))
 
-    def _compiled_step(self):
+    def _decode_step(self):
+        """The static step: compiled when config.compile, replayed from CUDA graphs when config.cuda_graphs."""
         if self._compiled is None:
-            # only the hot decode step is compiled (gpt-fast); prefill stays eager. Module guards stay on: every
-            # engine shares _static_step's code object, so dropping them would let one run another's graph.
-            self._compiled = torch.compile(self._static_step, fullgraph=True, dynamic=False)
+            step = self._static_step
+            if self.config.compile:
+                # only the hot decode step is compiled (gpt-fast); prefill stays eager. Module guards stay on:
+                # every engine shares _static_step's code object, so dropping them would let one run another's graph.
+                step = torch.compile(step, fullgraph=True, dynamic=False)
+            if self.config.cuda_graphs:
+                from labkit.cuda_graphs import DecodeGraphs
+
+                self._graphs = DecodeGraphs(step)
+                step = self._graphs
+            self._compiled = step
         return self._compiled
+
+    @property
+    def capture_s(self) -> float | None:
+        """Seconds spent capturing CUDA graphs so far (None without cuda_graphs); never inside tokens/s."""
+        return self._graphs.capture_s if self._graphs is not None else (0.0 if self.config.cuda_graphs else None)
 
     def prompt_logits(self, token_ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:
         """Logits [T, V] at every position of a prompt, prefilled in chunks of chunk_size (all at once when
@@ -413,10 +437,9 @@ class Engine:
         return self.blocks.block_table(key)[position // bs] * bs + position % bs
 
     def warmup(self, batch_size: int = 1, seq_len: int = 64) -> float:
-        """Generate a few tokens through the real loop (compiling the decode step when asked); return seconds.
-
-        With compile, this compiles the graph for batch_size rows and contexts up to seq_len tokens.
-        """
+        """Generate a few tokens through the real loop (compiling the decode step, capturing its CUDA graph, when
+        asked); return seconds. With compile or cuda_graphs, this prepares the bucket of batch_size rows and
+        contexts up to seq_len tokens; `compile_s` is this time less `capture_s`, the capture's own."""
         prompt = [0] * max(1, min(seq_len, self.max_seq_len) - 3)
         params = SamplingParams(max_new_tokens=3, ignore_eos=True, detokenize=False)
         start = time.perf_counter()
@@ -424,7 +447,7 @@ class Engine:
         synchronize(self.device)
         elapsed = time.perf_counter() - start
         if self.config.compile and self.compile_s is None:
-            self.compile_s = elapsed
+            self.compile_s = elapsed - (self.capture_s or 0.0)
         return elapsed
 
     # -- loops over step() -------------------------------------------------------------------------------------

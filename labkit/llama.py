@@ -9,13 +9,15 @@ a built model. gpt-fast's model.py and nano-vllm's models/qwen3.py are the patte
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.attention import ATTENTION_BACKENDS, AttentionMetadata, KVCache, paged_attention, write_kv
+from labkit.attention import (ATTENTION_BACKENDS, AttentionMetadata, KVCache, paged_attention, resolve_backend,
+                              write_kv)
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -102,7 +104,7 @@ def rope_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class TorchKernels:
-    """The elementwise kernels in plain torch; a Triton backend provides the same three methods."""
+    """The elementwise kernels in plain torch; the Triton backend (labkit.kernels.backend) has the same methods."""
 
     name = "torch"
 
@@ -110,6 +112,13 @@ class TorchKernels:
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # one fused op; in fp32 bit-identical to HF's LlamaRMSNorm formula
         return F.rms_norm(x, (x.shape[-1],), weight if weight.dtype == x.dtype else weight.to(x.dtype), eps)
+
+    @staticmethod
+    def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(residual + x), residual + x): a sublayer's output joins the residual stream, then the norm."""
+        total = residual + x
+        return TorchKernels.rms_norm(total, weight, eps), total
 
     @staticmethod
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -125,7 +134,7 @@ class TorchKernels:
         return F.silu(gate) * up
 
 
-KERNEL_BACKENDS = {"torch": TorchKernels}
+KERNEL_BACKENDS = {"torch": TorchKernels, "triton": "labkit.kernels.backend:TritonKernels"}  # see resolve_backend
 
 
 class Linear(nn.Linear):
@@ -202,7 +211,8 @@ class Transformer(nn.Module):
             raise ValueError(f"unknown kernel backend {kernels!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
         self.args = args
         self.attention, self.kernel_backend = attention, kernels
-        self.core, self.kernels = ATTENTION_BACKENDS[attention], KERNEL_BACKENDS[kernels]
+        self.core = resolve_backend(ATTENTION_BACKENDS[attention])
+        self.kernels = resolve_backend(KERNEL_BACKENDS[kernels])
         self.act_dtype = act_dtype
         self.rewrites: list[str] = []  # what rewrite functions did to this model, in order (for describe())
         self.embed = nn.Embedding(args.vocab_size, args.dim)
@@ -229,15 +239,34 @@ class Transformer(nn.Module):
         cos, sin = torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)  # [N, 1, D]
         x = self.embed(tokens)  # [N, dim]
         x = x if x.dtype == dtype else x.to(dtype)
+        h = kernels.rms_norm(x, self.layers[0].attn_norm, args.norm_eps)
         for i, layer in enumerate(self.layers):
-            h = kernels.rms_norm(x, layer.attn_norm, args.norm_eps)
-            x = x + layer.attn(h, cos, sin, cache.k[i], cache.v[i], meta, kernels, self.core)
-            x = x + layer.mlp(kernels.rms_norm(x, layer.mlp_norm, args.norm_eps), kernels)
-        return kernels.rms_norm(x, self.norm, args.norm_eps)
+            # each sublayer's output joins the residual stream x in the same kernel as the next norm
+            a = layer.attn(h, cos, sin, cache.k[i], cache.v[i], meta, kernels, self.core)
+            h, x = kernels.add_rms_norm(a, x, layer.mlp_norm, args.norm_eps)
+            norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
+            h, x = kernels.add_rms_norm(layer.mlp(h, kernels), x, norm, args.norm_eps)
+        return h
 
     def logits(self, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """LM head over hidden [N, dim] at the rows in `index` (all when None) -> [len(index), vocab]."""
         return self.lm_head(hidden if index is None else hidden[index])
+
+
+def with_backends(model: Transformer, attention: str | None = None, kernels: str | None = None) -> Transformer:
+    """The same model with other attention and kernel backends, sharing its weights (no copy): engines that
+    compare backends side by side then hold one set of weights (llama-8b in bf16 is 16 GB)."""
+    attention, kernels = attention or model.attention, kernels or model.kernel_backend
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if kernels not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown kernel backend {kernels!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
+    other = copy.copy(model)  # a new module object over the same parameter and submodule dicts
+    other.attention, other.kernel_backend = attention, kernels
+    other.core = resolve_backend(ATTENTION_BACKENDS[attention])
+    other.kernels = resolve_backend(KERNEL_BACKENDS[kernels])
+    other.rewrites = list(model.rewrites)
+    return other
 
 
 def use_kn_layout(model: Transformer) -> Transformer:

@@ -188,7 +188,10 @@ def load_model(name: str = EMBEDDED_MODEL, device: str | torch.device = "auto", 
     if dummy:
         config = dummy_config(name)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dt)
+        # built where it will run: random init of llama-1b on the CPU, then a copy, took 67 s on an H200 box;
+        # under torch.device("cuda") the same takes about a second
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(config, dtype=dt)
         source = "dummy"
         label = name if isinstance(name, str) else config.model_type
         if with_tokenizer and name in EMBEDDED_VOCAB_PRESETS:

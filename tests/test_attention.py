@@ -5,9 +5,20 @@ import random
 import pytest
 import torch
 
-from labkit.attention import ATTENTION_BACKENDS, AttentionMetadata, KVCache, build_metadata, paged_attention, write_kv
+from labkit.attention import (ATTENTION_BACKENDS, AttentionMetadata, KVCache, build_metadata, paged_attention,
+                              resolve_backend, write_kv)
 
 H, HKV, D, BS = 6, 2, 8, 4
+
+
+def backend_core(name):
+    """The backend's core; the Triton one only where its kernels can run (a GPU, or the interpreter)."""
+    if name == "triton":
+        from labkit.kernels.common import INTERPRETER_HINT, can_run_on
+
+        if not can_run_on("cpu"):
+            pytest.skip(f"the triton backend on the CPU: {INTERPRETER_HINT}")
+    return resolve_backend(ATTENTION_BACKENDS[name])
 
 
 def dense_reference(q, k, v):
@@ -57,21 +68,23 @@ def scattered_rows(query_lens, context_lens, num_blocks=64, seed=0):
 def test_paged_attention_matches_dense_causal_attention(backend, query_lens, context_lens):
     cache, meta, q, k, v, qs, full = scattered_rows(query_lens, context_lens)
     write_kv(cache.k[0], cache.v[0], k, v, meta.slot_mapping)
-    out = paged_attention(q, k, v, cache.k[0], cache.v[0], meta, D**-0.5, ATTENTION_BACKENDS[backend])
+    out = paged_attention(q, k, v, cache.k[0], cache.v[0], meta, D**-0.5, backend_core(backend))
     expected = torch.cat([dense_reference(qi, ki, vi) for qi, (ki, vi) in zip(qs, full)])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_static_decode_path_matches_the_planned_one():
+@pytest.mark.parametrize("backend", sorted(ATTENTION_BACKENDS))
+def test_static_decode_path_matches_the_planned_one(backend):
     """The compiled step's shape-static path (whole block tables, masked) equals the grouped path."""
+    core = backend_core(backend)
     query_lens, context_lens = [1, 1, 1, 1], [3, 16, 9, 1]
     cache, meta, q, k, v, _, _ = scattered_rows(query_lens, context_lens, seed=3)
     write_kv(cache.k[0], cache.v[0], k, v, meta.slot_mapping)
-    planned = paged_attention(q, k, v, cache.k[0], cache.v[0], meta, D**-0.5)
+    planned = paged_attention(q, k, v, cache.k[0], cache.v[0], meta, D**-0.5, core)
     static = AttentionMetadata(positions=meta.positions, slot_mapping=meta.slot_mapping,
                                block_tables=torch.nn.functional.pad(meta.block_tables, (0, 3)),
                                context_lens=meta.context_lens, query_start=None, block_size=BS)
-    torch.testing.assert_close(paged_attention(q, k, v, cache.k[0], cache.v[0], static, D**-0.5), planned,
+    torch.testing.assert_close(paged_attention(q, k, v, cache.k[0], cache.v[0], static, D**-0.5, core), planned,
                                atol=1e-6, rtol=1e-6)
 
 

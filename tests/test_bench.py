@@ -1,3 +1,4 @@
+import os
 import statistics
 
 import pytest
@@ -88,3 +89,51 @@ def test_decode_bench_asked_for_llama_cpp_fails_before_loading(monkeypatch, inst
     monkeypatch.setattr(bench_decode, "load_model", no_loading)
     with pytest.raises(ValueError, match=needle):
         run_decode_bench(variants=("llama.cpp",), device="cpu", **kwargs)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton variant needs the interpreter")
+def test_decode_bench_on_a_preset_without_tokenizer_at_bf16():
+    """Dummy presets without a tokenizer get a seeded synthetic prompt; --dtype sets the HF baseline's dtype; the
+    labkit variants of one weight format share one compact model."""
+    from labkit import bench_decode
+
+    built = []
+    real = bench_decode.from_hf
+    bench_decode.from_hf = lambda *a, **kw: built.append(kw) or real(*a, **kw)
+    try:
+        notes = []
+        rows = run_decode_bench(variants=("labkit-bf16", "labkit-bf16-triton"), batch_sizes=(1,), max_tokens=3,
+                                repeats=1, model="tiny-llama", dummy=True, device="cpu", dtype="bf16",
+                                log=notes.append)
+    finally:
+        bench_decode.from_hf = real
+    assert {r["params"]["variant"] for r in rows} == {"hf-bf16", "labkit-bf16", "labkit-bf16-triton"}
+    assert len(built) == 1  # one compact model for both labkit variants, whose backends differ
+    assert rows[0]["params"]["prompt_tokens"] == bench_decode.DEFAULT_PROMPT_TOKENS
+    assert any("synthetic prompt" in n for n in notes)
+    triton = next(r for r in rows if r["params"]["variant"] == "labkit-bf16-triton")
+    assert triton["params"]["kernels"] == "triton" and triton["metrics"]["tokens_per_s"] > 0
+    assert triton["metrics"]["compile_s"] is None and triton["metrics"]["capture_s"] is None
+    assert next(r for r in rows if r["params"]["variant"] == "hf-bf16")["metrics"]["ratio_to_hf"] == 1.0
+
+
+def test_decode_bench_refuses_gpu_only_variants_on_a_cpu():
+    with pytest.raises(ValueError, match="labkit-bf16-graphs replays CUDA graphs: it needs --device cuda"):
+        run_decode_bench(variants=("labkit-bf16-graphs",), device="cpu", dtype="bf16")
+
+
+def test_default_variants_follow_dtype_and_device():
+    from labkit.bench_decode import DEFAULT_VARIANTS, VARIANTS, default_variants
+
+    assert default_variants("fp32", "cpu") == DEFAULT_VARIANTS
+    assert default_variants("bf16", "cpu") == ("hf-bf16", "labkit-bf16", "labkit-bf16-compile")
+    assert all(name in VARIANTS for dt in ("fp32", "bf16", "fp16") for name in default_variants(dt, "cpu"))
+
+
+@pytest.mark.gpu
+def test_decode_bench_on_gpu_with_graphs_and_triton():
+    rows = run_decode_bench(variants=("labkit-bf16-graphs", "labkit-bf16-triton-graphs"), batch_sizes=(1, 2),
+                            max_tokens=16, repeats=1, model="tiny-llama", dummy=True, device="cuda", dtype="bf16")
+    graphs = [r for r in rows if r["params"]["cuda_graphs"]]
+    assert len(graphs) == 4 and all(r["metrics"]["capture_s"] > 0 for r in graphs)
+    assert rows[0]["env"]["gpu"] and rows[0]["env"]["cuda"]
