@@ -1,0 +1,172 @@
+"""Tensor parallelism: the split plan (plain Python), and TP=2 against TP=1 in two gloo processes on the CPU.
+
+The distributed cases share one torchrun launch (tests/tp_checks.py; process start-up costs seconds each on two
+cores) and one launch of `labkit tp` itself, which exercises the launcher, the sub-world of one rank, the
+all-reduce sweep and the rows that come back to the parent.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from labkit import cli
+from labkit.distributed import LaunchConfig, backend_for, fit_alpha_beta, AllReduceTiming, torchrun_command
+from labkit.llama import ModelArgs
+from labkit.tp import TensorParallelError, plan_tensor_parallel
+
+CHECKS = Path(__file__).with_name("tp_checks.py")
+FP32_RTOL = 1e-5  # of the largest logit: summing two shards reorders fp32 additions, nothing more
+
+
+def _args(heads, kv_heads, hidden=1536, head_dim=64):
+    return ModelArgs(vocab_size=32, dim=heads * head_dim, num_layers=1, num_heads=heads, num_kv_heads=kv_heads,
+                     head_dim=head_dim, hidden_dim=hidden, norm_eps=1e-5, max_seq_len=64)
+
+
+# -- the plan ----------------------------------------------------------------------------------------------------
+def test_even_split_deals_whole_kv_groups():
+    plan = plan_tensor_parallel(_args(32, 8, 14336), 4)  # llama-8b's heads
+    assert plan.is_even and plan.kv_replicas == 1
+    assert plan.kv_heads[1] == (2, 3) and plan.q_heads[1] == tuple(range(8, 16))
+    assert plan.hidden[3] == (3 * 3584, 14336)
+
+
+def test_more_ranks_than_kv_heads_replicates_them():
+    plan = plan_tensor_parallel(_args(32, 8, 14336), 16)
+    assert plan.kv_replicas == 2 and plan.kv_heads[:3] == ((0,), (0,), (1,))
+    assert plan.q_heads[1] == (2, 3) and plan.is_even
+
+
+def test_embedded_heads_split_unevenly_or_refuse_naming_the_sizes_that_work():
+    smollm2 = _args(9, 3)
+    plan = plan_tensor_parallel(smollm2, 2)
+    assert [len(q) for q in plan.q_heads] == [6, 3] and [len(k) for k in plan.kv_heads] == [2, 1]
+    assert not plan.is_even and "6q/2kv + 3q/1kv" in plan.describe()
+    with pytest.raises(TensorParallelError, match=r"over 2 ranks.*9 query heads, 3 KV heads.*work: 1, 3\b"):
+        plan_tensor_parallel(smollm2, 2, allow_uneven=False, name="smollm2")
+    with pytest.raises(TensorParallelError, match=r"over 4 ranks.*world sizes that work: 1, 2, 3\b"):
+        plan_tensor_parallel(smollm2, 4)
+
+
+@pytest.mark.parametrize("world", [0, 65, 2.0, True])
+def test_bad_world_sizes_are_refused(world):
+    with pytest.raises(TensorParallelError):
+        plan_tensor_parallel(_args(4, 2, 64), world)
+
+
+def test_backend_follows_the_device():
+    assert backend_for(torch.device("cpu")) == "gloo" and backend_for(torch.device("cuda", 1)) == "nccl"
+    with pytest.raises(ValueError, match="mps"):
+        backend_for(torch.device("mps"))
+
+
+def test_torchrun_command_single_node_and_rendezvous():
+    single = torchrun_command(LaunchConfig(nproc=2), "labkit.launch", ["x"])
+    assert "--standalone" in single and single[-3:] == ["-m", "labkit.launch", "x"]
+    multi = torchrun_command(LaunchConfig(nproc=8, nnodes=2, rdzv_endpoint="node0:29400", rdzv_id="j"), "m", [])
+    assert multi[multi.index("--rdzv-endpoint") + 1] == "node0:29400" and "--standalone" not in multi
+    with pytest.raises(ValueError, match="rendezvous"):
+        LaunchConfig(nproc=2, nnodes=2)
+
+
+def test_alpha_beta_fit_recovers_latency_and_bandwidth():
+    timings = [AllReduceTiming(n, 2, 50 + n / 2e3, 0, 0, 10) for n in (1024, 65536, 1 << 20)]  # 2 GB/s, 50 µs
+    alpha, bandwidth = fit_alpha_beta(timings)
+    assert alpha == pytest.approx(50, rel=1e-6) and bandwidth == pytest.approx(2.0, rel=1e-6)
+
+
+# -- two ranks ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp") / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(CHECKS),
+           str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                               "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+CASES = ("tiny-nk", "tiny-kn", "tiny-qwen2-bias", "tiny-mqa", "embedded-uneven")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_tp2_logits_equal_tp1_and_greedy_tokens_are_identical(report, case):
+    c = report["cases"][case]
+    assert c["max_abs_diff"] <= FP32_RTOL * c["max_abs_logit"], c["max_abs_diff"]
+    assert c["argmax_equal"]
+    assert c["greedy_split"] == c["greedy_whole"]
+    assert c["free_blocks_after"] == c["num_kv_blocks"]  # no KV block leaked
+
+
+@pytest.mark.slow
+def test_int8_split_after_quantization_keeps_greedy_tokens(report):
+    c = report["cases"]["tiny-int8"]
+    # the CPU int8 kernel takes bf16 activations: each shard rounds its partial sum once
+    assert c["max_abs_diff"] <= 2e-2 * c["max_abs_logit"]
+    assert c["greedy_split"] == c["greedy_whole"]
+
+
+@pytest.mark.slow
+def test_every_rank_samples_the_same_tokens(report):
+    for name in report["cases"]:
+        r0, r1 = report["ranks"][0][name], report["ranks"][1][name]
+        assert r0["greedy_split"] == r1["greedy_split"], name
+        assert r0["sampled_split"] == r1["sampled_split"], name
+        assert r0["num_kv_blocks"] == r1["num_kv_blocks"], name  # same cache, so the same schedule
+    c = report["cases"]["tiny-nk"]
+    assert c["sampled_split"] == c["sampled_whole"]
+
+
+@pytest.mark.slow
+def test_heads_and_kv_cache_shrink_to_each_rank(report):
+    ranks = report["ranks"]
+    assert [r["embedded-uneven"]["local_heads"] for r in ranks] == [6, 3]
+    assert [r["embedded-uneven"]["cache_kv_heads"] for r in ranks] == [2, 1]
+    assert [r["tiny-mqa"]["local_kv_heads"] for r in ranks] == [1, 1]
+    assert [r["tiny-mqa"]["local_heads"] for r in ranks] == [2, 2]
+
+
+@pytest.mark.slow
+def test_one_all_reduce_per_block_half(report):
+    for name in CASES:
+        c = report["cases"][name]
+        assert c["all_reduces"] == 2 * c["num_layers"] * c["forwards"], name
+
+
+@pytest.mark.slow
+def test_even_split_of_the_embedded_model_is_refused(report):
+    message = report["embedded_even_refusal"]
+    assert message and "\n" not in message and "world sizes that work: 1, 3 (" in message
+
+
+# -- the launcher ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_labkit_tp_bench_brings_rows_back(capsys):
+    code = cli.main(["tp", "--nproc", "2", "bench", "--model", "tiny-llama", "--dummy", "--max-tokens", "6",
+                     "--repeats", "1", "--all-reduce-bytes", "1024,65536", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = json.loads(out.out)
+    decode = {r["params"]["world_size"]: r for r in rows if r["technique"] == "tp_decode"}
+    assert set(decode) == {1, 2}
+    assert decode[2]["metrics"]["tokens_match_world_size_1"] is True
+    assert decode[2]["metrics"]["all_reduces_per_step"] == 2 * 2  # two layers, two halves
+    assert decode[2]["metrics"]["comm_ms_per_step"] > 0 and decode[1]["metrics"]["comm_ms_per_step"] == 0
+    assert len(decode[2]["metrics"]["per_rank"]) == 2
+    sweep = [r for r in rows if r["technique"] == "tp_allreduce"]
+    assert {r["params"]["num_bytes"] for r in sweep} >= {1024, 65536} and all(r["metrics"]["latency_us"] > 0
+                                                                              for r in sweep)
+    assert all(r["env"]["cpu"] and r["run_id"] for r in rows)  # stamped with the environment and the run
+
+
+def test_labkit_tp_refuses_an_uneven_model_before_starting_ranks(capsys):
+    code = cli.main(["tp", "--nproc", "2", "generate", "--even-heads"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert err.startswith("labkit tp: smollm2-135m-instruct cannot be split over 2 ranks") and "work: 1, 3 (" in err
