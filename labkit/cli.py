@@ -19,6 +19,7 @@ COMMANDS = {
     "results": "labkit.results",
     "serve": "labkit.serve",
     "ping": "labkit.client",
+    "tp": "labkit.launch",
 }
 BENCH_COMMANDS = {
     "decode": "labkit.bench_decode",
