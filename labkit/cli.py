@@ -20,6 +20,7 @@ COMMANDS = {
     "serve": "labkit.serve",
     "ping": "labkit.client",
     "tp": "labkit.launch",
+    "router": "labkit.router",
 }
 BENCH_COMMANDS = {
     "decode": "labkit.bench_decode",

@@ -445,6 +445,8 @@ def format_rows(rows: list[dict]) -> str:
 def cmd_tp(args) -> int:
     from labkit.results import append_rows, check_store, stamp_rows
 
+    if args.action is None:
+        raise ValueError(f"choose an action: {' or '.join(ACTIONS)} (labkit tp --help)")
     config = _launch_config(args)
     plan = check_split(args, config.world_size)
     if args.action == "bench" and args.world_sizes:
@@ -515,7 +517,8 @@ def add_parser(subparsers) -> None:
                "--dtype bf16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_launch_options(p)
-    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    # not required by argparse, so that a bad option value before the action is the error named
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
     add_action_parsers(sub)
     for action in sub.choices.values():
         add_label_option(action)
