@@ -214,17 +214,33 @@ def _lm_head_ms(model, device) -> float:
         return measure(lambda: model.logits(hidden), repeats=20, warmup=3, device=device, max_time_s=1.0).median_ms
 
 
+def _shape(model) -> dict:
+    """What the scaling model needs of a (whole or split) model: layers, width, bytes of one layer's weights as
+    stored on this rank, bytes of the LM head."""
+    def nbytes(module) -> int:
+        return sum(t.nbytes for t in (*module.parameters(), *module.buffers()))
+
+    return {"num_layers": model.args.num_layers, "dim": model.args.dim, "layer_weight_bytes": nbytes(model.layers[0]),
+            "head_weight_bytes": nbytes(model.lm_head)}
+
+
 def _bench_world(args, ctx, loaded, prompt, full_tokens: dict) -> list[dict]:
     """Rows of one world size: tokens/s per batch size, with each rank's compute and communication per step."""
     import torch
+    import torch.distributed as dist
 
     from labkit.device import describe_environment
     from labkit.distributed import all_gather_objects
     from labkit.results import make_row
 
+    from labkit.bench import memory_bandwidth_gbps
+
     model = _build(loaded, args, ctx)
     engine = _engine(model, loaded, ctx)
     lm_head_ms = _lm_head_ms(model, ctx.device)
+    dist.barrier(group=ctx.group)  # every rank streams memory at once: the bandwidth a rank gets when all run
+    bandwidth = min(all_gather_objects(memory_bandwidth_gbps(device=ctx.device), ctx))
+    shape = _shape(model)
     rows = []
     for batch in args.batch_sizes:
         params = engine.sampling_params(max_new_tokens=args.max_tokens, ignore_eos=True, detokenize=False)
@@ -244,7 +260,7 @@ def _bench_world(args, ctx, loaded, prompt, full_tokens: dict) -> list[dict]:
         if not ctx.is_main:
             continue
         slowest = max(per_rank, key=lambda p: p["compute_ms"])
-        row = make_row("tp_decode", {**_base_params(args, ctx, loaded, model), "batch_size": batch,
+        row = make_row("tp_decode", {**_base_params(args, ctx, loaded, model), **shape, "batch_size": batch,
                                      "max_tokens": args.max_tokens, "prompt_tokens": len(prompt),
                                      "repeats": args.repeats},
                        {"tokens_per_s": statistics.median(rates), "tokens_per_s_runs": rates,
@@ -252,7 +268,7 @@ def _bench_world(args, ctx, loaded, prompt, full_tokens: dict) -> list[dict]:
                         "compute_ms_per_step": slowest["compute_ms"],
                         "comm_ms_per_step": max(p["comm_ms"] for p in per_rank),
                         "compute_ms_per_layer": slowest["compute_ms"] / model.args.num_layers,
-                        "lm_head_ms": lm_head_ms, "per_rank": per_rank,
+                        "lm_head_ms": lm_head_ms, "bandwidth_gbps": bandwidth, "per_rank": per_rank,
                         "all_reduces_per_step": per_rank[0]["all_reduces_per_step"],
                         "bytes_per_all_reduce": per_rank[0]["bytes_per_all_reduce"],
                         "ranks_agree": True,

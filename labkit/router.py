@@ -511,6 +511,26 @@ class ReplicaSet:
         self.stop()
 
 
+def measure_replicas(serve_args: Sequence[str], num_replicas: int, bench_config, policy: str = "least_outstanding",
+                     threads: int | None = None) -> dict:
+    """The same `labkit bench serve` load against one `labkit serve` with every core, then against num_replicas
+    replicas (each with its share of the cores) behind the router: {"single": result, "replicas": result}."""
+    import dataclasses
+
+    from labkit import loadgen
+    from labkit.serve import ServerThread
+
+    threads = threads or os.cpu_count() or 1
+    results = {}
+    with ReplicaSet(1, serve_args, threads_per_replica=threads) as (url,):
+        results["single"] = loadgen.benchmark(dataclasses.replace(bench_config, base_url=url))
+    with ReplicaSet(num_replicas, serve_args, threads_per_replica=max(1, threads // num_replicas)) as urls:
+        router = Router(urls, RouterConfig(policy=policy))
+        with ServerThread(create_app(router)) as front:
+            results["replicas"] = loadgen.benchmark(dataclasses.replace(bench_config, base_url=front.url))
+    return results
+
+
 # -- the command ---------------------------------------------------------------------------------------------
 def _check_url(text: str) -> str:
     from urllib.parse import urlsplit
@@ -608,5 +628,5 @@ def add_parser(subparsers) -> None:
 
 
 __all__ = ["POLICIES", "RouterConfig", "Replica", "RoundRobin", "LeastOutstanding", "PrefixAffinity", "make_policy",
-           "prefix_key", "RequestRecord", "Router", "create_app", "ReplicaSet", "REQUEST_ID_HEADER",
+           "prefix_key", "RequestRecord", "Router", "create_app", "ReplicaSet", "measure_replicas", "REQUEST_ID_HEADER",
            "cmd_router", "add_parser"]

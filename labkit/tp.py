@@ -115,6 +115,21 @@ def plan_tensor_parallel(args: ModelArgs, world_size: int, allow_uneven: bool = 
     raise TensorParallelError(message)
 
 
+def shard_shapes(args: ModelArgs, plan: TPPlan) -> list[dict]:
+    """Each rank's share of one block, as [in, out] features of its four matrices, and its fraction of the
+    block's weights: what `tensor_parallel` keeps on that rank."""
+    D, dim = args.head_dim, args.dim
+    whole = dim * (args.num_heads + 2 * args.num_kv_heads) * D + args.num_heads * D * dim + 3 * dim * args.hidden_dim
+    rows = []
+    for rank, (q, kv, (start, stop)) in enumerate(zip(plan.q_heads, plan.kv_heads, plan.hidden)):
+        f = stop - start
+        qkv_out = (len(q) + 2 * len(kv)) * D
+        rows.append({"rank": rank, "query_heads": len(q), "kv_heads": len(kv), "wqkv": [dim, qkv_out],
+                     "wo": [len(q) * D, dim], "w_gate_up": [dim, 2 * f], "w_down": [f, dim],
+                     "weight_fraction": (dim * qkv_out + len(q) * D * dim + 3 * dim * f) / whole})
+    return rows
+
+
 # -- the communication -----------------------------------------------------------------------------------------
 @dataclass
 class CommStats:
@@ -253,5 +268,5 @@ def make_engine(model: Transformer, tokenizer, ctx: DistContext, config=None, **
     return engine
 
 
-__all__ = ["TPPlan", "TensorParallelError", "plan_tensor_parallel", "CommStats", "RowParallelLinear",
+__all__ = ["TPPlan", "TensorParallelError", "plan_tensor_parallel", "shard_shapes", "CommStats", "RowParallelLinear",
            "tensor_parallel", "make_engine"]

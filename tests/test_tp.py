@@ -170,3 +170,13 @@ def test_labkit_tp_refuses_an_uneven_model_before_starting_ranks(capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
     assert err.startswith("labkit tp: smollm2-135m-instruct cannot be split over 2 ranks") and "work: 1, 3 (" in err
+
+
+def test_shard_shapes_show_each_ranks_matrices():
+    from labkit.tp import shard_shapes
+
+    smollm2 = _args(9, 3)
+    rows = shard_shapes(smollm2, plan_tensor_parallel(smollm2, 2))
+    assert rows[0]["wqkv"] == [576, (6 + 4) * 64] and rows[1]["wo"] == [3 * 64, 576]
+    assert rows[0]["w_gate_up"] == [576, 1536] and rows[1]["w_down"] == [768, 576]
+    assert sum(r["weight_fraction"] for r in rows) == pytest.approx(1.0)
