@@ -26,6 +26,7 @@ BENCH_COMMANDS = {
     "decode": "labkit.bench_decode",
     "serve": "labkit.loadgen",
     "batching": "labkit.bench_batching",
+    "tp": "labkit.bench_tp",
 }
 
 
