@@ -520,14 +520,20 @@ def measure_replicas(serve_args: Sequence[str], num_replicas: int, bench_config,
     from labkit import loadgen
     from labkit.serve import ServerThread
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    def bench(url: str) -> dict:  # on a thread of its own: a notebook's event loop is already running
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(loadgen.benchmark, dataclasses.replace(bench_config, base_url=url)).result()
+
     threads = threads or os.cpu_count() or 1
     results = {}
     with ReplicaSet(1, serve_args, threads_per_replica=threads) as (url,):
-        results["single"] = loadgen.benchmark(dataclasses.replace(bench_config, base_url=url))
+        results["single"] = bench(url)
     with ReplicaSet(num_replicas, serve_args, threads_per_replica=max(1, threads // num_replicas)) as urls:
         router = Router(urls, RouterConfig(policy=policy))
         with ServerThread(create_app(router)) as front:
-            results["replicas"] = loadgen.benchmark(dataclasses.replace(bench_config, base_url=front.url))
+            results["replicas"] = bench(front.url)
     return results
 
 
