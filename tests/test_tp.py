@@ -180,3 +180,20 @@ def test_shard_shapes_show_each_ranks_matrices():
     assert rows[0]["wqkv"] == [576, (6 + 4) * 64] and rows[1]["wo"] == [3 * 64, 576]
     assert rows[0]["w_gate_up"] == [576, 1536] and rows[1]["w_down"] == [768, 576]
     assert sum(r["weight_fraction"] for r in rows) == pytest.approx(1.0)
+
+
+@pytest.mark.gpu
+def test_tp_over_nccl_on_every_gpu(capsys):
+    """The same launch on a GPU node: NCCL, one rank per GPU, and (with two or more GPUs) the split's tokens
+    identical to one GPU's."""
+    gpus = torch.cuda.device_count()
+    sizes = ",".join(map(str, sorted({1, gpus})))
+    code = cli.main(["tp", "--nproc", str(gpus), "bench", "--model", "tiny-llama", "--dummy", "--device", "cuda",
+                     "--max-tokens", "8", "--repeats", "1", "--world-sizes", sizes, "--no-save", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = json.loads(out.out)
+    assert {r["params"]["backend"] for r in rows if r["technique"] == "tp_decode"} == {"nccl"}
+    if gpus > 1:
+        split = next(r for r in rows if r["technique"] == "tp_decode" and r["params"]["world_size"] == gpus)
+        assert split["metrics"]["tokens_match_world_size_1"] is True
