@@ -448,8 +448,10 @@ def format_rows(rows: list[dict]) -> str:
     sweep = [r for r in rows if r["technique"] == "tp_allreduce"]
     if sweep:
         m0 = sweep[0]["metrics"]
+        rate = f"bytes / {m0['fit_bandwidth_gbps']:.2f} GB/s" if m0["fit_bandwidth_gbps"] else \
+            "no measurable bytes term (latency did not grow with size)"  # an infinite fit is stored as null
         lines.append(f"all-reduce over {sweep[0]['params']['world_size']} ranks ({sweep[0]['params']['backend']}): "
-                     f"fit {m0['fit_alpha_us']:.0f} µs + bytes / {m0['fit_bandwidth_gbps']:.2f} GB/s")
+                     f"fit {m0['fit_alpha_us']:.0f} µs + {rate}")
         lines += [f"  {r['params']['num_bytes']:>9d} B  {r['metrics']['latency_us']:9.1f} µs  "
                   f"{r['metrics']['algbw_gbps']:7.3f} GB/s" for r in sweep]
     if rows:

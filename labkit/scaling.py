@@ -237,11 +237,12 @@ def preset_bands(presets=("llama-1b", "llama-8b"), device: Device | None = None,
     return rows
 
 
-def measured_link(alpha_us: float, bandwidth_gbps: float, world_size: int, name: str = "measured") -> Link:
+def measured_link(alpha_us: float, bandwidth_gbps: float | None, world_size: int, name: str = "measured") -> Link:
     """A Link from an all-reduce fit (latency = a + n / b over world_size ranks): the ring's 2(W-1) steps share a,
     and b is the whole message's rate, so beta = b * 2(W-1)/W."""
     steps = 2 * (world_size - 1)
-    return Link(name, alpha_us=alpha_us / steps, bandwidth_gbps=bandwidth_gbps * steps / world_size, launch_us=0.0)
+    bandwidth = math.inf if bandwidth_gbps is None else bandwidth_gbps  # a fit without a bytes term (stored null)
+    return Link(name, alpha_us=alpha_us / steps, bandwidth_gbps=bandwidth * steps / world_size, launch_us=0.0)
 
 
 def predict_from_rows(decode_rows: list[dict], allreduce_rows: list[dict], world_size: int) -> dict:

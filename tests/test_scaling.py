@@ -80,3 +80,8 @@ def test_the_model_fed_by_bench_rows_predicts_the_larger_world():
     add_predictions(rows)
     assert rows[1]["metrics"]["model_tokens_per_s"] == pytest.approx(p["tokens_per_s"])
     assert "model_tokens_per_s" not in rows[0]["metrics"]
+
+
+def test_a_fit_without_a_bytes_term_is_latency_only():
+    link = scaling.measured_link(alpha_us=80.0, bandwidth_gbps=None, world_size=2)
+    assert link.all_reduce_us(1e9, 2) == pytest.approx(80.0)

@@ -83,7 +83,7 @@ def main(path: str) -> None:
     prompt = embedded.tokenizer.encode("Once upon a time, in a small village,")
     other = embedded.tokenizer.encode("The capital of France is")
     start = time.perf_counter()
-    report["cases"]["embedded-uneven"] = compare(embedded, ctx, new_tokens=16, prompts=(prompt, other),
+    report["cases"]["embedded-uneven"] = compare(embedded, ctx, new_tokens=12, prompts=(prompt, other),
                                                   sample=False)
     print(f"rank {ctx.rank}: embedded {time.perf_counter() - start:.1f} s", file=sys.stderr)
     every = all_gather_objects(report, ctx)
