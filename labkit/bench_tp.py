@@ -45,7 +45,8 @@ def cmd_bench_tp(args) -> int:
                               "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--max-tokens",
                               str(args.max_tokens), "--repeats", str(args.repeats),
                               *(["--quantize", args.quantize] if args.quantize else []),
-                              *(["--even-heads"] if args.even_heads else [])])
+                              *(["--even-heads"] if args.even_heads else []),
+                              *(["--compile"] if args.compile else [])])
     try:
         result = launch(options, LaunchConfig(nproc=sizes[-1]),
                         log=lambda m: print(f"labkit bench tp: {m}", file=sys.stderr))
@@ -87,6 +88,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", default="fp32", help="weights dtype (default: %(default)s)")
     p.add_argument("--quantize", choices=("int8",), default=None, help="int8 weight-only before the split")
     p.add_argument("--even-heads", action="store_true", help="refuse heads that do not divide by a world size")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (all-reduces included)")
     p.add_argument("--output", type=output_file, default=None, help="JSON file (default: data/bench_tp.json)")
     add_label_option(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")

@@ -46,6 +46,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=("int8",), default=None, help="int8 weight-only, applied before the split")
     p.add_argument("--linear-layout", choices=("auto", "nk", "kn"), default="auto",
                    help="weight layout (see labkit bench decode; default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step, all-reduces included (compiled in the warm-up)")
     p.add_argument("--even-heads", action="store_true",
                    help="refuse a model whose heads do not divide by the world size, instead of dealing whole KV "
                         "groups out unevenly")
@@ -105,11 +107,12 @@ def _build(loaded, args, ctx):
     return model
 
 
-def _engine(model, loaded, ctx):
-    from labkit.generation import Engine, _eos_ids
+def _engine(model, loaded, ctx, compile: bool = False):
+    from labkit.generation import Engine, EngineConfig, _eos_ids
     from labkit.tp import make_engine
 
-    kwargs = dict(name=loaded.name, eos_token_ids=_eos_ids(loaded.model, loaded.tokenizer))
+    kwargs = dict(name=loaded.name, eos_token_ids=_eos_ids(loaded.model, loaded.tokenizer),
+                  config=EngineConfig(compile=compile))
     if ctx is None or ctx.world_size == 1:
         return Engine(model, loaded.tokenizer, **kwargs)
     return make_engine(model, loaded.tokenizer, ctx, **kwargs)
@@ -132,6 +135,7 @@ def _base_params(args, ctx, loaded, model) -> dict:
     return {"model": loaded.name, "device": str(ctx.device.type), "backend": ctx.backend, "world_size": ctx.world_size,
             "dtype": dtype_name(model.embed.weight.dtype), "quantize": args.quantize,
             "linear_layout": "kn" if "layout:kn" in model.rewrites else "nk", "seed": args.seed,
+            "compile": bool(getattr(args, "compile", False)),
             "plan": plan.describe() if plan else "1 rank (whole model)",
             "heads_per_rank": [len(q) for q in plan.q_heads] if plan else [model.args.num_heads],
             "threads_per_rank": _torch_threads()}
@@ -154,7 +158,7 @@ def run_generate(args, ctx) -> dict:
     seed_everything(args.seed)
     loaded = load_model(args.model, device=ctx.device, dtype=args.dtype, dummy=args.dummy, seed=args.seed)
     model = _build(loaded, args, ctx)
-    engine = _engine(model, loaded, ctx)
+    engine = _engine(model, loaded, ctx, getattr(args, "compile", False))
     prompt = engine.encode(args.prompt, chat=args.chat) if loaded.tokenizer else [1, 2, 3]
     params = engine.sampling_params(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     with torch.inference_mode():
@@ -236,7 +240,7 @@ def _bench_world(args, ctx, loaded, prompt, full_tokens: dict) -> list[dict]:
     from labkit.bench import memory_bandwidth_gbps
 
     model = _build(loaded, args, ctx)
-    engine = _engine(model, loaded, ctx)
+    engine = _engine(model, loaded, ctx, getattr(args, "compile", False))
     lm_head_ms = _lm_head_ms(model, ctx.device)
     dist.barrier(group=ctx.group)  # every rank streams memory at once: the bandwidth a rank gets when all run
     bandwidth = min(all_gather_objects(memory_bandwidth_gbps(device=ctx.device), ctx))
