@@ -135,7 +135,7 @@ def _base_params(args, ctx, loaded, model) -> dict:
     return {"model": loaded.name, "device": str(ctx.device.type), "backend": ctx.backend, "world_size": ctx.world_size,
             "dtype": dtype_name(model.embed.weight.dtype), "quantize": args.quantize,
             "linear_layout": "kn" if "layout:kn" in model.rewrites else "nk", "seed": args.seed,
-            "compile": bool(getattr(args, "compile", False)),
+            "compile": bool(args.compile),
             "plan": plan.describe() if plan else "1 rank (whole model)",
             "heads_per_rank": [len(q) for q in plan.q_heads] if plan else [model.args.num_heads],
             "threads_per_rank": _torch_threads()}
@@ -158,7 +158,7 @@ def run_generate(args, ctx) -> dict:
     seed_everything(args.seed)
     loaded = load_model(args.model, device=ctx.device, dtype=args.dtype, dummy=args.dummy, seed=args.seed)
     model = _build(loaded, args, ctx)
-    engine = _engine(model, loaded, ctx, getattr(args, "compile", False))
+    engine = _engine(model, loaded, ctx, args.compile)
     prompt = engine.encode(args.prompt, chat=args.chat) if loaded.tokenizer else [1, 2, 3]
     params = engine.sampling_params(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     with torch.inference_mode():
@@ -240,7 +240,7 @@ def _bench_world(args, ctx, loaded, prompt, full_tokens: dict) -> list[dict]:
     from labkit.bench import memory_bandwidth_gbps
 
     model = _build(loaded, args, ctx)
-    engine = _engine(model, loaded, ctx, getattr(args, "compile", False))
+    engine = _engine(model, loaded, ctx, args.compile)
     lm_head_ms = _lm_head_ms(model, ctx.device)
     dist.barrier(group=ctx.group)  # every rank streams memory at once: the bandwidth a rank gets when all run
     bandwidth = min(all_gather_objects(memory_bandwidth_gbps(device=ctx.device), ctx))
