@@ -174,12 +174,15 @@ def run_generate(args, ctx) -> dict:
 
 def profile_decode(engine, prompt, batch_size: int, max_tokens: int) -> dict:
     """Drive the engine's step() through one batch of decodes and split each decode step's time into compute
-    and all-reduce time (the prefill step is left out); per step, in ms."""
+    and all-reduce time (the prefill step is left out); per step, in ms. A compiled step is timed whole (its
+    all-reduce time reads 0)."""
     import torch
 
     from labkit.device import synchronize
 
     stats = getattr(engine.model, "comm_stats", None)
+    if engine.config.compile:  # a compiled step cannot time its all-reduces: whole steps only
+        stats = None
     params = engine.sampling_params(max_new_tokens=max_tokens, ignore_eos=True, detokenize=False)
     for _ in range(batch_size):
         engine.add_request(prompt, params)
