@@ -46,7 +46,8 @@ def cmd_bench_tp(args) -> int:
                               str(args.max_tokens), "--repeats", str(args.repeats),
                               *(["--quantize", args.quantize] if args.quantize else []),
                               *(["--even-heads"] if args.even_heads else []),
-                              *(["--compile"] if args.compile else [])])
+                              *(["--compile"] if args.compile else []),
+                              *(["--same-cores"] if args.same_cores else [])])
     try:
         result = launch(options, LaunchConfig(nproc=sizes[-1]),
                         log=lambda m: print(f"labkit bench tp: {m}", file=sys.stderr))
@@ -89,6 +90,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quantize", choices=("int8",), default=None, help="int8 weight-only before the split")
     p.add_argument("--even-heads", action="store_true", help="refuse heads that do not divide by a world size")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (all-reduces included)")
+    p.add_argument("--same-cores", action="store_true",
+                   help="on a CPU, world size 1 gets all the cores (default: each rank one core's share, at every "
+                        "world size, like one GPU per rank)")
     p.add_argument("--output", type=output_file, default=None, help="JSON file (default: data/bench_tp.json)")
     add_label_option(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")

@@ -76,6 +76,9 @@ def add_action_parsers(sub) -> None:
     b.add_argument("--max-tokens", type=positive_int, default=32, help="new tokens per run (default: %(default)s)")
     b.add_argument("--repeats", type=positive_int, default=3, help="timed runs per cell (default: %(default)s)")
     b.add_argument("--prompt", type=utf8_text, default=DEFAULT_PROMPT, help="the prompt (default: %(default)r)")
+    b.add_argument("--same-cores", action="store_true",
+                   help="on a CPU, give the smaller world sizes all the cores of the launch (default: every rank "
+                        "keeps its cores at every world size, like one GPU per rank)")
     b.add_argument("--all-reduce-bytes", type=comma_list(positive_int), default=DEFAULT_ALL_REDUCE_BYTES,
                    metavar="BYTES,...", help="message sizes of the all-reduce sweep (default: 1 KiB to 4 MiB)")
     b.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
@@ -135,7 +138,7 @@ def _base_params(args, ctx, loaded, model) -> dict:
     return {"model": loaded.name, "device": str(ctx.device.type), "backend": ctx.backend, "world_size": ctx.world_size,
             "dtype": dtype_name(model.embed.weight.dtype), "quantize": args.quantize,
             "linear_layout": "kn" if "layout:kn" in model.rewrites else "nk", "seed": args.seed,
-            "compile": bool(args.compile),
+            "compile": bool(args.compile), "same_cores": bool(getattr(args, "same_cores", False)),
             "plan": plan.describe() if plan else "1 rank (whole model)",
             "heads_per_rank": [len(q) for q in plan.q_heads] if plan else [model.args.num_heads],
             "threads_per_rank": _torch_threads()}
@@ -305,16 +308,16 @@ def run_bench(args, ctx) -> dict:
     seed_everything(args.seed)
     loaded = load_model(args.model, device=ctx.device, dtype=args.dtype, dummy=args.dummy, seed=args.seed)
     prompt = loaded.tokenizer.encode(args.prompt) if loaded.tokenizer else list(range(1, 17))
-    threads = torch.get_num_threads() * ctx.world_size  # the cores this node gave the job
+    threads = torch.get_num_threads()  # this rank's share of the node's cores
     rows, full_tokens = [], {}
     for size in sizes:
         sub = ctx.subgroup(size)
         if sub is not None:
-            if ctx.device.type == "cpu":  # the same cores at every world size: fewer ranks, more threads each
-                torch.set_num_threads(max(1, threads // size))
+            if ctx.device.type == "cpu" and args.same_cores:  # fewer ranks, more threads each
+                torch.set_num_threads(max(1, threads * ctx.world_size // size))
             rows += _bench_world(args, sub, loaded, prompt, full_tokens)
+            torch.set_num_threads(threads)
         dist.barrier()
-    torch.set_num_threads(max(1, threads // ctx.world_size))
     if ctx.world_size > 1:
         dim_bytes = loaded.model.config.hidden_size * 4  # one decode row's activations, fp32
         message_sizes = sorted({*args.all_reduce_bytes, *(dim_bytes * b for b in args.batch_sizes)})
