@@ -224,6 +224,7 @@ def create_app(router: Router):
 
     import httpx
     from fastapi import FastAPI, Request
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, Response, StreamingResponse
 
     config = router.config
@@ -271,10 +272,14 @@ def create_app(router: Router):
             raise APIError(415, f"Content-Type must be application/json, got {content_type or 'none'}",
                            code="unsupported_media_type")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > config.max_body_bytes:
-                raise APIError(413, f"request body over {config.max_body_bytes} bytes", code="request_too_large")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > config.max_body_bytes:
+                    raise APIError(413, f"request body over {config.max_body_bytes} bytes",
+                                   code="request_too_large")
+        except ClientDisconnect:  # the client left mid-body: nobody to answer, nothing to forward
+            raise APIError(499, "client closed the request") from None
         return bytes(body), parse_json_object(body)
 
     def forward_headers(request: Request, request_id: str) -> dict:
