@@ -517,29 +517,23 @@ class ReplicaSet:
 
 
 def measure_replicas(serve_args: Sequence[str], num_replicas: int, bench_config, policy: str = "least_outstanding",
-                     threads: int | None = None) -> dict:
-    """The same `labkit bench serve` load against one `labkit serve` with every core, then against num_replicas
-    replicas (each with its share of the cores) behind the router: {"single": result, "replicas": result}."""
+                     threads_per_replica: int | None = None) -> dict:
+    """The same `labkit bench serve` load through the router to one replica, then to num_replicas replicas, each
+    with the same cores (on one CPU, a core's share each: one device per replica, as on GPUs):
+    {"one": result, "replicas": result}."""
     import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
 
     from labkit import loadgen
     from labkit.serve import ServerThread
 
-    from concurrent.futures import ThreadPoolExecutor
+    def bench(urls: list[str]) -> dict:
+        with ServerThread(create_app(Router(urls, RouterConfig(policy=policy)))) as front, \
+                ThreadPoolExecutor(1) as pool:  # a thread of its own: a notebook's event loop is already running
+            return pool.submit(loadgen.benchmark, dataclasses.replace(bench_config, base_url=front.url)).result()
 
-    def bench(url: str) -> dict:  # on a thread of its own: a notebook's event loop is already running
-        with ThreadPoolExecutor(1) as pool:
-            return pool.submit(loadgen.benchmark, dataclasses.replace(bench_config, base_url=url)).result()
-
-    threads = threads or os.cpu_count() or 1
-    results = {}
-    with ReplicaSet(1, serve_args, threads_per_replica=threads) as (url,):
-        results["single"] = bench(url)
-    with ReplicaSet(num_replicas, serve_args, threads_per_replica=max(1, threads // num_replicas)) as urls:
-        router = Router(urls, RouterConfig(policy=policy))
-        with ServerThread(create_app(router)) as front:
-            results["replicas"] = bench(front.url)
-    return results
+    with ReplicaSet(num_replicas, serve_args, threads_per_replica=threads_per_replica) as urls:
+        return {"one": bench(urls[:1]), "replicas": bench(urls)}
 
 
 # -- the command ---------------------------------------------------------------------------------------------
