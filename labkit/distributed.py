@@ -209,8 +209,9 @@ class LaunchConfig:
         return self.threads_per_rank or max(1, (os.cpu_count() or 1) // self.nproc)
 
 
-def torchrun_command(launch: LaunchConfig, module: str, args: Sequence[str]) -> list[str]:
-    """The torchrun command line that starts `python -m module args...` on every rank of this node."""
+def torchrun_command(launch: LaunchConfig, program: str, args: Sequence[str]) -> list[str]:
+    """The torchrun command line that starts `program args...` on every rank of this node: a module
+    (`python -m program`), or a script when program ends in .py."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(launch.nproc)]
     if launch.nnodes == 1 and not (launch.rdzv_endpoint or launch.master_addr):
         cmd.append("--standalone")  # a free port on localhost
@@ -222,7 +223,7 @@ def torchrun_command(launch: LaunchConfig, module: str, args: Sequence[str]) -> 
         else:
             cmd += ["--node-rank", str(launch.node_rank or 0), "--master-addr", launch.master_addr,
                     "--master-port", str(launch.master_port or 29500)]
-    return [*cmd, "-m", module, *args]
+    return [*cmd, *([program] if program.endswith(".py") else ["-m", program]), *args]
 
 
 __all__ = ["DistContext", "BACKENDS", "backend_for", "is_torchrun", "init_distributed", "all_gather_objects",

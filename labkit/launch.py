@@ -347,23 +347,31 @@ def _add_speedups(rows: list[dict]) -> None:
             if base else None
 
 
-def worker_main(argv: list[str] | None = None) -> int:
-    """The program torchrun starts on every rank: run one action, rank 0 writes the result file."""
+def worker_options(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """What `launch` hands every rank: (its own options: result file, args file, threads; the action's options).
+    Sets the rank's torch threads."""
     import torch
-    import torch.distributed as dist
 
     from labkit.arguments import Parser
-    from labkit.distributed import init_distributed
-    from labkit.results import write_json_atomic
 
     parser = Parser(prog="labkit tp (rank)")
     parser.add_argument("--result-file", type=Path, required=True)
     parser.add_argument("--args-file", type=Path, required=True, help="the action's options as JSON")
     parser.add_argument("--threads", type=positive_int, default=None)
     own = parser.parse_args(argv)
-    args = argparse.Namespace(**json.loads(own.args_file.read_text()))
     if own.threads:
         torch.set_num_threads(own.threads)
+    return own, argparse.Namespace(**json.loads(own.args_file.read_text()))
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """The program torchrun starts on every rank: run one action, rank 0 writes the result file."""
+    import torch.distributed as dist
+
+    from labkit.distributed import init_distributed
+    from labkit.results import write_json_atomic
+
+    own, args = worker_options(argv)
     ctx = init_distributed(args.device, timeout_s=DIST_TIMEOUT_S)
     try:
         result = (run_generate if args.action == "generate" else run_bench)(args, ctx)
@@ -402,18 +410,20 @@ def action_options(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def launch(options: argparse.Namespace, config: LaunchConfig, log=None, timeout_s: float | None = None) -> dict:
+def launch(options: argparse.Namespace, config: LaunchConfig, log=None, timeout_s: float | None = None,
+           program: str = WORKER_MODULE) -> dict:
     """Run one action (its options from `action_options` or the `labkit tp` parser) on config.nproc ranks
     through torchrun and return what rank 0 wrote: {"rows": [...], ...}. ValueError with the ranks' message for
     bad input, LaunchError when the ranks failed otherwise; on a node other than rank 0's, {} (the results are
-    on rank 0's node)."""
+    on rank 0's node). `program` is what each rank runs (a module or a .py script taking worker_main's
+    options): this module's worker_main unless a test brings its own."""
     import labkit
 
     wanted = {k: v for k, v in vars(options).items() if not callable(v)}
     with tempfile.TemporaryDirectory(prefix="labkit-tp-") as tmp:
         result_file, args_file, log_file = Path(tmp) / "result.json", Path(tmp) / "args.json", Path(tmp) / "ranks.log"
         args_file.write_text(json.dumps(wanted))
-        cmd = torchrun_command(config, WORKER_MODULE, ["--result-file", str(result_file), "--args-file",
+        cmd = torchrun_command(config, program, ["--result-file", str(result_file), "--args-file",
                                                        str(args_file), "--threads", str(config.threads())])
         root = str(Path(labkit.__file__).resolve().parent.parent)  # the ranks import this labkit, installed or not
         env = {**os.environ, "OMP_NUM_THREADS": str(config.threads()),
@@ -555,7 +565,7 @@ def add_parser(subparsers) -> None:
 
 
 __all__ = ["ACTIONS", "add_action_parsers", "model_args", "run_generate", "run_bench", "profile_decode",
-           "worker_main", "LaunchError", "check_split", "action_options", "launch", "format_rows", "cmd_tp", "add_parser"]
+           "worker_options", "worker_main", "LaunchError", "check_split", "action_options", "launch", "format_rows", "cmd_tp", "add_parser"]
 
 if __name__ == "__main__":
     sys.exit(worker_main())

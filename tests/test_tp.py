@@ -1,20 +1,20 @@
 """Tensor parallelism: the split plan (plain Python), and TP=2 against TP=1 in two gloo processes on the CPU.
 
-The distributed cases share one torchrun launch (tests/tp_checks.py; process start-up costs seconds each on two
-cores) and one launch of `labkit tp` itself, which exercises the launcher, the sub-world of one rank, the
-all-reduce sweep and the rows that come back to the parent.
+The distributed cases share one torchrun launch, made by the launcher `labkit tp` uses (process start-up costs
+seconds each on two cores): tests/tp_checks.py compares the split and whole models case by case, then runs the
+worker's `bench` (world sizes 1 and 2, the all-reduce sweep), whose rows come back to the parent.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from labkit import cli
-from labkit.distributed import LaunchConfig, backend_for, fit_alpha_beta, AllReduceTiming, torchrun_command
+from labkit.distributed import AllReduceTiming, LaunchConfig, backend_for, fit_alpha_beta, torchrun_command
+from labkit.launch import action_options, format_rows, launch
+from labkit.results import stamp_rows
 from labkit.llama import ModelArgs
 from labkit.tp import TensorParallelError, plan_tensor_parallel
 
@@ -81,14 +81,12 @@ def test_alpha_beta_fit_recovers_latency_and_bandwidth():
 
 # -- two ranks ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp") / "report.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(CHECKS),
-           str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
-                                                                               "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+def report():
+    """One launch through the parent's own path (`launch.launch`) of tests/tp_checks.py on 2 ranks, 1 thread each,
+    handed a small `bench` of the tiny model."""
+    options = action_options(["bench", "--model", "tiny-llama", "--dummy", "--max-tokens", "6", "--repeats", "1",
+                              "--all-reduce-bytes", "1024,65536"])
+    return launch(options, LaunchConfig(nproc=2, threads_per_rank=1), timeout_s=600, program=str(CHECKS))
 
 
 CASES = ("tiny-nk", "tiny-kn", "tiny-qwen2-bias", "tiny-mqa", "embedded-uneven")
@@ -147,22 +145,19 @@ def test_even_split_of_the_embedded_model_is_refused(report):
 
 # -- the launcher ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_labkit_tp_bench_brings_rows_back(capsys):
-    code = cli.main(["tp", "--nproc", "2", "bench", "--model", "tiny-llama", "--dummy", "--max-tokens", "6",
-                     "--repeats", "1", "--all-reduce-bytes", "1024,65536", "--json"])
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    rows = json.loads(out.out)
+def test_bench_rows_come_back_from_rank_0(report):
+    rows = stamp_rows(report["bench_rows"])
     decode = {r["params"]["world_size"]: r for r in rows if r["technique"] == "tp_decode"}
     assert set(decode) == {1, 2}
     assert decode[2]["metrics"]["tokens_match_world_size_1"] is True
     assert decode[2]["metrics"]["all_reduces_per_step"] == 2 * 2  # two layers, two halves
     assert decode[2]["metrics"]["comm_ms_per_step"] > 0 and decode[1]["metrics"]["comm_ms_per_step"] == 0
-    assert len(decode[2]["metrics"]["per_rank"]) == 2
+    assert len(decode[2]["metrics"]["per_rank"]) == 2 and decode[2]["metrics"]["speedup_vs_1"] > 0
     sweep = [r for r in rows if r["technique"] == "tp_allreduce"]
     assert {r["params"]["num_bytes"] for r in sweep} >= {1024, 65536} and all(r["metrics"]["latency_us"] > 0
                                                                               for r in sweep)
     assert all(r["env"]["cpu"] and r["run_id"] for r in rows)  # stamped with the environment and the run
+    assert "all-reduce over 2 ranks (gloo)" in format_rows(rows)
 
 
 def test_labkit_tp_refuses_an_uneven_model_before_starting_ranks(capsys):

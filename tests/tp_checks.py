@@ -1,9 +1,8 @@
-"""Tensor-parallel checks run by tests/test_tp.py under torchrun (2 ranks, gloo, CPU): one process group, one
-start-up, every case. Each rank compares its split model with the whole model it also builds; rank 0 writes
-what was measured (logit differences, tokens, head counts) to the JSON file named on the command line, and
-the tests assert on it.
-
-    torchrun --standalone --nproc-per-node 2 tests/tp_checks.py OUT.json
+"""Tensor-parallel checks run by tests/test_tp.py on 2 ranks (gloo, CPU) through `labkit.launch.launch`, the
+parent `labkit tp` uses: one process group, one start-up, every case. Each rank compares its split model with
+the whole model it also builds, then runs the `bench` action it was handed (`launch.run_bench`, the worker's
+own code); rank 0 writes what was measured (logit differences, tokens, head counts, the bench rows) to the
+result file, and the tests assert on it. The command line is `launch.worker_options`'.
 """
 
 import sys
@@ -13,6 +12,7 @@ import torch
 
 from labkit.distributed import all_gather_objects, init_distributed
 from labkit.generation import Engine, apply_rewrites
+from labkit.launch import run_bench, worker_options
 from labkit.llama import from_hf
 from labkit.models import DUMMY_CONFIGS, load_model
 from labkit.results import write_json_atomic
@@ -56,9 +56,9 @@ def compare(loaded, ctx, layout="auto", quantize=None, allow_uneven=True, new_to
     return out
 
 
-def main(path: str) -> None:
+def main(argv: list[str]) -> None:
+    own, options = worker_options(argv)
     ctx = init_distributed("cpu")
-    torch.set_num_threads(1)
     report = {"world_size": ctx.world_size, "cases": {}}
     tiny = load_model("tiny-llama", dummy=True, device="cpu", with_tokenizer=False)
     cases = {
@@ -87,14 +87,15 @@ def main(path: str) -> None:
     report["cases"]["embedded-uneven"] = compare(embedded, ctx, layout="nk", new_tokens=12, prompts=prompts,
                                                   sample=False)
     print(f"rank {ctx.rank}: embedded {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    report["bench_rows"] = run_bench(options, ctx).get("rows")
     every = all_gather_objects(report, ctx)
     if ctx.is_main:
         report["ranks"] = [{name: {k: case[k] for k in ("greedy_split", "sampled_split", "local_heads",
                                                         "local_kv_heads", "cache_kv_heads", "num_kv_blocks")}
                             for name, case in r["cases"].items()} for r in every]
-        write_json_atomic(path, report)
+        write_json_atomic(own.result_file, report)
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])
