@@ -3,6 +3,7 @@ load in `labkit bench serve`, and every request answered exactly once while a re
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -170,7 +171,9 @@ def test_every_request_is_answered_once_when_a_replica_dies():
             async def run():
                 async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
                     first = [asyncio.create_task(_stream(client, front.url, i)) for i in range(12)]
+                    deadline = time.monotonic() + 120
                     while sum(r.num_completed for r in router.replicas) < 1:  # streams are under way
+                        assert time.monotonic() < deadline, "no request completed within 120 s"
                         await asyncio.sleep(0.05)
                     pool.kill(1)
                     after = [asyncio.create_task(_stream(client, front.url, 100 + i)) for i in range(4)]
