@@ -3,7 +3,8 @@
 Modules (imported on first use, so `import labkit` stays cheap): device, models, llama, attention,
 block_manager, scheduler, sampling, text, generation, quant, bench, results, plots, runner, workloads,
 baseline, bench_decode, bench_batching, protocol, metrics, serve, client, loadgen, arguments, cli, kernels (the
-Triton kernels; needs Triton), cuda_graphs, bench_kernels, gpu_check.
+Triton kernels; needs Triton), cuda_graphs, bench_kernels, gpu_check, distributed, tp, launch, bench_tp,
+scaling, router.
 """
 
 import importlib
@@ -12,7 +13,8 @@ __version__ = "0.1.0"
 _MODULES = ("device", "models", "llama", "attention", "block_manager", "scheduler", "sampling", "text", "generation",
             "quant", "bench", "results", "plots", "runner", "workloads", "baseline", "bench_decode", "bench_batching",
             "protocol", "metrics", "serve", "client", "loadgen", "arguments", "cli", "kernels", "cuda_graphs",
-            "bench_kernels", "gpu_check")
+            "bench_kernels", "gpu_check", "distributed",
+            "tp", "launch", "bench_tp", "scaling", "router")
 __all__ = [*_MODULES, "Engine", "EngineConfig", "SamplingParams", "load_model"]
 _NAMES = {"Engine": "generation", "EngineConfig": "generation", "SamplingParams": "sampling", "load_model": "models"}
 

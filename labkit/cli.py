@@ -19,12 +19,15 @@ COMMANDS = {
     "results": "labkit.results",
     "serve": "labkit.serve",
     "ping": "labkit.client",
+    "tp": "labkit.launch",
+    "router": "labkit.router",
 }
 BENCH_COMMANDS = {
     "decode": "labkit.bench_decode",
     "serve": "labkit.loadgen",
     "batching": "labkit.bench_batching",
     "kernels": "labkit.bench_kernels",
+    "tp": "labkit.bench_tp",
 }
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from labkit.bench import percentile
 from labkit.client import add_api_key_options, transport_error
 from labkit.models import EMBEDDED_MODEL
-from labkit.protocol import (DONE, ENDPOINTS, ServerError, api_key_for, auth_headers, chunk_text, error_message,
-                             model_ids, parse_sse_line, server_url, stream_usage)
+from labkit.protocol import (DONE, ENDPOINTS, REPLICA_HEADER, ServerError, api_key_for, auth_headers, chunk_text,
+                             error_message, model_ids, parse_sse_line, server_url, stream_usage)
 from labkit.workloads import PromptSpec, arrival_offsets, make_prompts
 
 SCHEMA = "labkit.bench_serve/1"
@@ -253,6 +253,22 @@ def compute_metrics(outcomes: Sequence["RequestOutcome"], duration_s: float, slo
     return metrics
 
 
+def replica_load(outcomes: Sequence["RequestOutcome"], duration_s: float) -> dict:
+    """Per replica (as a router names it in x-labkit-replica): requests answered, completed and failed, output
+    tokens and their rate over the run; {} when no answer named a replica."""
+    load: dict[str, dict] = {}
+    for o in outcomes:
+        if o.replica is None:
+            continue
+        r = load.setdefault(o.replica, {"num_requests": 0, "num_completed": 0, "num_failed": 0, "output_tokens": 0})
+        r["num_requests"] += 1
+        r["num_completed" if o.success else "num_failed"] += 1
+        r["output_tokens"] += o.output_tokens if o.success else 0
+    for r in load.values():
+        r["output_throughput_tokens_per_s"] = r["output_tokens"] / duration_s
+    return dict(sorted(load.items()))
+
+
 # -- sending requests ----------------------------------------------------------------------------------------
 @dataclass
 class RequestOutcome:
@@ -272,13 +288,15 @@ class RequestOutcome:
     text: str = ""  # the generated text (kept for counting, not written out)
     usage: dict | None = None  # the server's counts ({"prompt_tokens", "completion_tokens"}), None if it sent none
     token_count_source: str | None = None  # where output_tokens came from: one of TOKEN_COUNT_SOURCES
+    replica: str | None = None  # the replica that answered, when a router says (its x-labkit-replica header)
 
     def to_dict(self, origin_s: float) -> dict:
         """A JSON row: times in ms, from `origin_s` (the run's start) for the send time."""
         row = {"index": self.index, "success": self.success, "error": self.error,
                "sent_at_ms": (self.start_s - origin_s) * 1e3, "input_tokens": self.input_tokens,
                "output_tokens": self.output_tokens, "expected_output_tokens": self.expected_output_tokens,
-               "token_count_source": self.token_count_source, "num_chunks": len(self.chunk_times_s)}
+               "token_count_source": self.token_count_source, "num_chunks": len(self.chunk_times_s),
+               "replica": self.replica}
         t = self.timing
         row.update(ttft_ms=t.ttft_s * 1e3 if t else None, tpot_ms=t.tpot_s * 1e3 if t and t.tpot_s is not None
                    else None, e2el_ms=t.e2el_s * 1e3 if t else None, itl_ms=[x * 1e3 for x in t.itl_s] if t else [])
@@ -311,6 +329,7 @@ async def send_request(client, url: str, body: dict, headers: dict, index: int =
     out.start_s = time.perf_counter()
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
+            out.replica = response.headers.get(REPLICA_HEADER)
             if response.status_code != 200:
                 out.error = error_message(response.status_code, await response.aread())
                 out.end_s = time.perf_counter()
@@ -454,6 +473,9 @@ async def run_benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] 
     from labkit.device import describe_environment
 
     metrics = compute_metrics(outcomes, duration, config.slo, config.metric_percentiles)
+    replicas = replica_load(outcomes, duration)
+    if replicas:
+        metrics["num_replicas"] = len(replicas)
     now = datetime.now(timezone.utc)
     tokenizer_id = config.tokenizer or getattr(tokenizer, "name_or_path", None) or EMBEDDED_MODEL
     return {
@@ -465,6 +487,7 @@ async def run_benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] 
         "token_count_source": _count_source(outcomes),
         "metrics": metrics,
         "errors": errors,
+        "replicas": replicas,
         "requests": [o.to_dict(origin) for o in outcomes],
         **vllm_keys(config, model, tokenizer_id, metrics, now),
     }
@@ -541,6 +564,9 @@ def format_table(result: dict) -> str:
         lines.append(f"{' ' + titles[name] + ' ':-^56}")
         for stat in stats:
             lines.append(f"{f'{stat.capitalize()} {name.upper()} (ms):':<40}{fmt(m[f'{stat}_{name}_ms'])}")
+    for replica, r in (result.get("replicas") or {}).items():
+        lines.append(f"{f'Replica {replica} (req ok/failed, tok/s):':<40}{r['num_completed']} / {r['num_failed']}, "
+                     f"{r['output_throughput_tokens_per_s']:.1f}")
     lines.append("=" * 56)
     for error, count in result["errors"].items():
         lines.append(f"{count} × {error}")
@@ -704,7 +730,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 __all__ = ["BenchServeConfig", "PromptSpec", "RequestOutcome", "RequestTiming", "parse_slo", "parse_goodput",
-           "percentile_key", "make_prompts", "arrival_offsets", "tokens_per_chunk", "request_timing",
+           "percentile_key", "replica_load", "make_prompts", "arrival_offsets", "tokens_per_chunk", "request_timing",
            "compute_metrics", "request_body", "send_request", "count_tokens", "settle", "load_tokenizer",
            "run_benchmark", "benchmark", "vllm_keys", "format_table", "default_result_name", "save_result",
            "cmd_bench_serve", "add_parser"]

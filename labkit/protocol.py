@@ -29,6 +29,7 @@ ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DONE = object()  # the `data: [DONE]` event that ends an OpenAI stream
 DONE_EVENT = "data: [DONE]\n\n"
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest a handful of levels; deeper ones only cost stack
+REPLICA_HEADER = "x-labkit-replica"  # the replica that answered, on every answer of `labkit router`
 
 # Parameters OpenAI defines that labkit accepts only at their no-op value: anything else is a named 400.
 NO_OP_PARAMS: dict[str, tuple] = {
@@ -572,7 +573,8 @@ def api_key_for(url: str, given: str | None = None, use_env_key: bool = False) -
     return None, None
 
 
-__all__ = ["API_KEY_ENV", "API_KEY_ENVS", "DEFAULT_COMPLETION_MAX_TOKENS", "DEFAULT_CHAT_MAX_TOKENS", "ENDPOINTS",
+__all__ = ["API_KEY_ENV", "API_KEY_ENVS", "REPLICA_HEADER",
+           "DEFAULT_COMPLETION_MAX_TOKENS", "DEFAULT_CHAT_MAX_TOKENS", "ENDPOINTS",
            "DONE", "DONE_EVENT", "NO_OP_PARAMS", "CHAT_ROLES", "StreamOptions", "ChatMessage",
            "CompletionRequest", "ChatCompletionRequest", "validate_body",
            "APIError", "bad_request", "ServerError", "error_message", "MAX_JSON_DEPTH", "parse_json_object",

@@ -775,6 +775,8 @@ def make_server(app, **uvicorn_kwargs):
     the connections. uvicorn_kwargs go to uvicorn.Config (log_level, access_log...)."""
     import uvicorn
 
+    if not hasattr(app.state, "worker"):  # an app without an engine (labkit.router's): plain uvicorn
+        return uvicorn.Server(uvicorn.Config(app, lifespan="on", **uvicorn_kwargs))
     config: ServeConfig = app.state.config
     worker: EngineWorker = app.state.worker
 

@@ -10,7 +10,7 @@ import pytest
 from labkit import cli
 
 COMMANDS = [["baseline"], ["run"], ["results"], ["serve"], ["ping"], ["bench"], ["bench", "decode"],
-            ["bench", "serve"], ["bench", "batching"], ["bench", "kernels"]]
+            ["bench", "serve"], ["bench", "batching"], ["bench", "kernels"], ["tp"], ["router"], ["bench", "tp"]]
 
 
 def run_cli(capsys, *argv):
