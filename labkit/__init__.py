@@ -2,7 +2,8 @@
 
 Modules (imported on first use, so `import labkit` stays cheap): device, models, llama, attention,
 block_manager, scheduler, sampling, text, generation, quant, bench, results, plots, runner, workloads,
-baseline, bench_decode, bench_batching, protocol, metrics, serve, client, loadgen, arguments, cli.
+baseline, bench_decode, bench_batching, protocol, metrics, serve, client, loadgen, arguments, cli, speculative,
+drafts, draft_training, bench_spec.
 """
 
 import importlib
@@ -10,7 +11,8 @@ import importlib
 __version__ = "0.1.0"
 _MODULES = ("device", "models", "llama", "attention", "block_manager", "scheduler", "sampling", "text", "generation",
             "quant", "bench", "results", "plots", "runner", "workloads", "baseline", "bench_decode", "bench_batching",
-            "protocol", "metrics", "serve", "client", "loadgen", "arguments", "cli")
+            "protocol", "metrics", "serve", "client", "loadgen", "arguments", "cli", "speculative", "drafts",
+            "draft_training", "bench_spec")
 __all__ = [*_MODULES, "Engine", "EngineConfig", "SamplingParams", "load_model"]
 _NAMES = {"Engine": "generation", "EngineConfig": "generation", "SamplingParams": "sampling", "load_model": "models"}
 

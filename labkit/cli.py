@@ -1,4 +1,4 @@
-"""`labkit` command line: baseline, run, results, bench decode|serve|batching, serve, ping.
+"""`labkit` command line: baseline, run, results, bench decode|serve|batching|spec, serve, ping, spec train.
 
 Each command module registers its parser with `add_parser(subparsers)` and sets `func(args) -> int`.
 Bad input prints one line `labkit <command>: <message>` on stderr and exits 2, never a traceback.
@@ -19,11 +19,13 @@ COMMANDS = {
     "results": "labkit.results",
     "serve": "labkit.serve",
     "ping": "labkit.client",
+    "spec": "labkit.draft_training",
 }
 BENCH_COMMANDS = {
     "decode": "labkit.bench_decode",
     "serve": "labkit.loadgen",
     "batching": "labkit.bench_batching",
+    "spec": "labkit.bench_spec",
 }
 
 

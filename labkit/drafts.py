@@ -441,14 +441,18 @@ class EagleProposer(Proposer):
         self.runner.release(request_id)
 
 
-def frequency_vocab(sequences: Sequence[Sequence[int]], size: int, always: Sequence[int] = ()) -> torch.Tensor:
-    """The `size` most frequent tokens of the sequences (ties: lower id first), `always` included: [size]."""
+def frequency_vocab(sequences: Sequence[Sequence[int]], size: int, vocab_size: int,
+                    always: Sequence[int] = ()) -> torch.Tensor:
+    """A draft vocabulary of `size` tokens: `always`, then the tokens of the sequences by frequency (ties: lower
+    id first), then unseen tokens by id (a BPE tokenizer numbers its merges in order, common ones first)."""
     counts: dict[int, int] = {}
     for seq in sequences:
         for t in seq:
             counts[t] = counts.get(t, 0) + 1
-    ranked = list(dict.fromkeys([*always, *sorted(counts, key=lambda t: (-counts[t], t))]))
-    return torch.tensor(ranked[:size], dtype=torch.long)
+    ranked = list(dict.fromkeys([*always, *sorted(counts, key=lambda t: (-counts[t], t))]))[:size]
+    seen = set(ranked)
+    ranked += [t for t in range(vocab_size) if t not in seen][: size - len(ranked)]
+    return torch.tensor(ranked, dtype=torch.long)
 
 
 def use_target_layout(module: nn.Module, target: Transformer) -> nn.Module:
