@@ -8,38 +8,10 @@ from labkit import speculative
 from labkit.drafts import ModelProposer, NgramProposer
 from labkit.generation import Engine
 from labkit.llama import from_hf
-from labkit.models import load_model
 from labkit.sampling import SamplingParams
+from labkit.spec_check import chi_square_pvalue, exact_marginals, sampling_pvalues, small_vocab_model
 from labkit.speculative import (Draft, SpeculativeConfig, Speculator, StepCosts, expected_tokens, optimal_gamma,
                                 verify_greedy, verify_sampled)
-
-# a vocabulary small enough to count every token: exact marginals by enumeration, chi-square over few cells
-SMALL_VOCAB = dict(model_type="llama", vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0,
-                   tie_word_embeddings=True)
-
-
-def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """p-value of observed counts against expected probabilities (cells expecting < 5 pooled)."""
-    n = counts.sum()
-    expected = probs.double() * n
-    small = expected < 5
-    obs = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    return float(torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2.0, dtype=torch.float64), stat / 2))
-
-
-def small_model(seed: int, sharpness: float):
-    """A random 12-token model (HF, labkit) whose logits are scaled up, so its distributions are far from
-    uniform: the tied embedding is scaled, which sharpens the head (the inputs are normalised)."""
-    hf = load_model(SMALL_VOCAB, dummy=True, seed=seed, device="cpu").model
-    with torch.no_grad():
-        hf.model.embed_tokens.weight.mul_(sharpness)
-    return hf, from_hf(hf)
-
 
 # -- the rules on their own ----------------------------------------------------------------------------------
 def test_greedy_keeps_the_longest_matching_prefix_then_the_targets_token():
@@ -62,10 +34,10 @@ def _first_tokens(p, q, n, seed=0):
 def test_rejection_rule_gives_the_target_distribution_and_a_wrong_rule_does_not(monkeypatch):
     p = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05, 0.0], [0.2] * 5 + [0.0], [1 / 6] * 6])
     q = torch.tensor([[0.05, 0.05, 0.1, 0.3, 0.3, 0.2], [0.1, 0.1, 0.2, 0.2, 0.2, 0.2]])
-    assert chi_square_p(_first_tokens(p, q, 4000), p[0]) > 1e-3
+    assert chi_square_pvalue(_first_tokens(p, q, 4000), p[0]) > 1e-3
     # a deliberately wrong rule: on rejection, resample from p itself (biased toward the draft's tokens)
     monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
-    assert chi_square_p(_first_tokens(p, q, 4000), p[0]) < 1e-6
+    assert chi_square_pvalue(_first_tokens(p, q, 4000), p[0]) < 1e-6
 
 
 def test_a_sure_draft_has_a_one_hot_q():
@@ -75,38 +47,11 @@ def test_a_sure_draft_has_a_one_hot_q():
 
 
 # -- the engine: sampling ------------------------------------------------------------------------------------
-def _exact_marginals(hf, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """P(second token) and P(third token) of plain sampling at temperature 1, by enumeration (HF, batched)."""
-    V = hf.config.vocab_size
-
-    def next_probs(prefixes):
-        with torch.inference_mode():
-            return hf(torch.tensor(prefixes)).logits[:, -1].double().softmax(-1)
-
-    p1 = next_probs([prompt])[0]
-    p2_given = next_probs([prompt + [a] for a in range(V)])  # [V, V]: P(b | a)
-    p3_given = next_probs([prompt + [a, b] for a in range(V) for b in range(V)]).view(V, V, V)  # P(c | a, b)
-    p2 = p1 @ p2_given
-    p3 = torch.einsum("a,ab,abc->c", p1, p2_given, p3_given)
-    return p2.float(), p3.float()
-
-
-def _sampled_counts(engine: Engine, prompt: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # four tokens: the second step drafts two, so the second and third tokens are both verified drafts
-    params = [SamplingParams(max_new_tokens=4, temperature=1.0, seed=i, ignore_eos=True) for i in range(n)]
-    gens = engine.generate([prompt] * n, params)
-    V = engine.model.args.vocab_size
-    tokens = torch.tensor([g.tokens for g in gens])
-    assert engine.blocks.num_used_blocks == 0
-    engine.blocks.check()
-    return torch.bincount(tokens[:, 1], minlength=V).float(), torch.bincount(tokens[:, 2], minlength=V).float()
-
-
 @pytest.fixture(scope="module")
 def sampling_setup():
-    (hf, target), (_, draft) = small_model(0, 8.0), small_model(1, 8.0)
+    target, draft = small_vocab_model(0), small_vocab_model(1)
     prompt = [1, 2, 3]
-    return target, draft, prompt, _exact_marginals(hf, prompt)
+    return target, draft, prompt, exact_marginals(Engine(target), prompt)
 
 
 def _spec_engine(target, draft) -> Engine:
@@ -117,17 +62,18 @@ def _spec_engine(target, draft) -> Engine:
 def test_speculative_sampling_cannot_be_told_from_target_sampling(sampling_setup):
     target, draft, prompt, (p2, p3) = sampling_setup
     engine = _spec_engine(target, draft)
-    c2, c3 = _sampled_counts(engine, prompt, 2000)
+    assert min(sampling_pvalues(engine, prompt, 2000, (p2, p3))) > 1e-3
     stats = engine.speculator.stats
     assert 0.05 < stats.acceptance_rate < 0.95, "the test needs a draft that is sometimes right, sometimes wrong"
-    assert chi_square_p(c2, p2) > 1e-3 and chi_square_p(c3, p3) > 1e-3
+    assert stats.proposed_at[1] > 0, "second draft positions were verified too"
+    assert engine.blocks.num_used_blocks == 0
+    engine.blocks.check()
 
 
 def test_a_wrong_acceptance_rule_fails_the_same_test(sampling_setup, monkeypatch):
     target, draft, prompt, (p2, p3) = sampling_setup
     monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
-    c2, c3 = _sampled_counts(_spec_engine(target, draft), prompt, 2000)
-    assert min(chi_square_p(c2, p2), chi_square_p(c3, p3)) < 1e-4
+    assert min(sampling_pvalues(_spec_engine(target, draft), prompt, 2000, (p2, p3))) < 1e-4
 
 
 def test_seeded_speculative_sampling_repeats_itself(sampling_setup):
