@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from labkit.arguments import add_label_option, comma_list, output_file, positive_int
-from labkit.device import describe_environment, pick_device, seed_everything
+from labkit.device import describe_environment, pick_device, seed_everything, synchronize
 from labkit.generation import Engine, apply_rewrites
 from labkit.llama import Transformer, from_hf
 from labkit.models import EMBEDDED_MODEL, load_model
@@ -68,7 +71,31 @@ def encode(tokenizer, prompt: Prompt) -> list[int]:
     return ids + (tokenizer(prompt.prefix, add_special_tokens=False)["input_ids"] if prompt.prefix else [])
 
 
-def make_proposers(names, target: Transformer, tokenizer, train_size: str = "auto", progress: bool = False,
+def verify_cost_ms(engine: Engine, context_len: int, num_tokens, repeats: int = 5) -> dict[int, float]:
+    """Median ms of one forward that computes n new tokens after context_len cached ones (batch 1), for each n:
+    what verifying n - 1 draft tokens costs."""
+    key, costs = object(), {}
+    ids = [0] * (context_len + max(num_tokens))
+    if not engine.blocks.allocate(key, ids, [], len(ids)):
+        raise ValueError(f"{len(ids)} tokens do not fit the free KV blocks")
+    try:
+        with torch.inference_mode():
+            for n in num_tokens:
+                span = [(key, ids, context_len, context_len + n)]
+                engine._forward(span, [0])  # warm-up
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    engine._forward(span, [0], [n])
+                    synchronize(engine.device)
+                    times.append((time.perf_counter() - start) * 1e3)
+                costs[n] = statistics.median(times)
+    finally:
+        engine.blocks.free(key)
+    return costs
+
+
+def make_proposers(names, target: Transformer, tokenizer, train_size: str = "default", progress: bool = False,
                    log: Callable[[str], object] | None = None, trained: dict | None = None) -> dict:
     """name -> proposer for each draft named (learned drafts loaded from the cache, or trained first)."""
     from labkit import drafts
@@ -93,6 +120,22 @@ def make_proposers(names, target: Transformer, tokenizer, train_size: str = "aut
     return out
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One speculative engine to measure: a draft and how many tokens it proposes per step."""
+
+    name: str  # the row's label, e.g. "ngram" or "ngram, gamma 8"
+    draft: str  # a name from DRAFTS
+    config: SpeculativeConfig
+
+
+def variants_for(draft_names, num_draft_tokens: int = 4, gamma_policy: str = "fixed") -> list[Variant]:
+    """One variant per draft, all with the same gamma."""
+    config = SpeculativeConfig(num_draft_tokens=num_draft_tokens, gamma_policy=gamma_policy,
+                               max_draft_tokens=max(16, num_draft_tokens))
+    return [Variant(name, name, config) for name in draft_names]
+
+
 def _decode_rate(gens) -> tuple[float, int]:
     """(decode tokens/s after the first token, tokens) over one generate call's rows."""
     tokens = sum(len(g.tokens) - 1 for g in gens)
@@ -102,21 +145,25 @@ def _decode_rate(gens) -> tuple[float, int]:
 
 def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_tokens: int = 96,
                    num_draft_tokens: int = 4, gamma_policy: str = "fixed", repeats: int = 2, batch_size: int = 1,
-                   train_size: str = "auto", model: str = EMBEDDED_MODEL, dummy: bool = False,
+                   train_size: str = "default", model: str = EMBEDDED_MODEL, dummy: bool = False,
                    device: str = "cpu", log: Callable[[str], object] | None = None, progress: bool = False,
                    loaded=None, target: Transformer | None = None, proposers: dict | None = None,
-                   env: dict | None = None) -> list[dict]:
+                   env: dict | None = None, variants: list[Variant] | None = None) -> list[dict]:
     """Measure every (draft, workload) cell against the plain engine; return result rows (greedy, lossless).
 
-    `loaded`, `target` and `proposers` let a notebook reuse what it already built.
+    `variants` replaces the drafts and gamma (e.g. one draft at several gammas); `loaded`, `target` and
+    `proposers` let a notebook reuse what it already built.
     """
     from tqdm.auto import tqdm
 
     bad = [w for w in workloads if w not in WORKLOADS]
     if bad:
         raise ValueError(f"unknown workload {bad[0]!r}: choose from {', '.join(WORKLOADS)}")
-    config = SpeculativeConfig(num_draft_tokens=num_draft_tokens, gamma_policy=gamma_policy,
-                               max_draft_tokens=max(16, num_draft_tokens))
+    variants = variants or variants_for(draft_names, num_draft_tokens, gamma_policy)
+    draft_names = tuple(dict.fromkeys(v.draft for v in variants))
+    labels = [v.name for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"variant names must differ, got {labels}")
     seed_everything(0)
     if loaded is None:
         loaded = load_model(model, device=device, dtype="fp32", dummy=dummy)
@@ -127,25 +174,26 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
                                                                        train_size, progress, log)
     env = env or describe_environment(loaded.device)
     plain = Engine(target, loaded.tokenizer, name=loaded.name, max_num_seqs=max(16, batch_size))
-    engines = {name: Engine(target, loaded.tokenizer, name=loaded.name, max_num_seqs=max(16, batch_size),
-                            speculator=Speculator(proposers[name], config)) for name in draft_names}
+    engines = {v.name: Engine(target, loaded.tokenizer, name=loaded.name, max_num_seqs=max(16, batch_size),
+                              speculator=Speculator(proposers[v.draft], v.config)) for v in variants}
+    configs = {v.name: v for v in variants}
     params = plain.sampling_params(max_new_tokens=max_tokens, detokenize=False)
     prompts = {w: [encode(loaded.tokenizer, p) for p in WORKLOADS[w]] for w in workloads}
     warm = plain.sampling_params(max_new_tokens=8, detokenize=False)
     for engine in (plain, *engines.values()):  # untimed warm-up: first calls allocate and fill caches
         engine.generate([prompts[workloads[0]][0]] * batch_size, warm)
     rows = []
-    total = len(workloads) * repeats * (1 + len(draft_names))
+    total = len(workloads) * repeats * (1 + len(labels))
     with tqdm(total=total, desc="bench spec", unit="run", file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar:
         for workload in workloads:
-            rates = {name: [] for name in ("plain", *draft_names)}
+            rates = {name: [] for name in ("plain", *labels)}
             reference: dict[int, list[list[int]]] = {}
-            identical = {name: True for name in draft_names}
+            identical = {name: True for name in labels}
             for engine in engines.values():
                 engine.speculator.reset_stats()
             for repeat in range(repeats):  # interleaved, so drift falls on every cell alike
-                for name in ("plain", *draft_names):
+                for name in ("plain", *labels):
                     bar.set_postfix_str(f"{workload}: {name}, run {repeat + 1}/{repeats}")
                     engine = plain if name == "plain" else engines[name]
                     for i, prompt in enumerate(prompts[workload]):
@@ -158,12 +206,12 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
                             identical[name] = False
                     bar.update()
             base = statistics.median(rates["plain"])
-            rows.append(_row("plain", workload, base, 1.0, None, True, plain, config, batch_size, max_tokens,
-                             len(prompts[workload]), repeats, train_size, loaded, env))
-            for name in draft_names:
+            rows.append(_row(Variant("plain", "plain", variants[0].config), workload, base, 1.0, None, True,
+                             batch_size, max_tokens, len(prompts[workload]), repeats, train_size, loaded, env))
+            for name in labels:
                 rate = statistics.median(rates[name])
-                rows.append(_row(name, workload, rate, rate / base, engines[name].speculator, identical[name],
-                                 engines[name], config, batch_size, max_tokens, len(prompts[workload]), repeats,
+                rows.append(_row(configs[name], workload, rate, rate / base, engines[name].speculator,
+                                 identical[name], batch_size, max_tokens, len(prompts[workload]), repeats,
                                  train_size, loaded, env))
                 if log:
                     s = engines[name].speculator.stats
@@ -176,9 +224,10 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
     return rows
 
 
-def _row(draft, workload, tokens_per_s, speedup, spec, identical, engine, config, batch_size, max_tokens,
-         num_prompts, repeats, train_size, loaded, env) -> dict:
+def _row(variant, workload, tokens_per_s, speedup, spec, identical, batch_size, max_tokens, num_prompts, repeats,
+         train_size, loaded, env) -> dict:
     stats = spec.stats if spec is not None else None
+    config = variant.config
     metrics = {"tokens_per_s": tokens_per_s, "speedup": speedup, "token_identical": identical}
     if stats is not None:
         steps = max(1, stats.num_steps)
@@ -186,8 +235,9 @@ def _row(draft, workload, tokens_per_s, speedup, spec, identical, engine, config
         metrics.update(draft_ms_per_step=stats.draft_s / steps * 1e3, verify_ms_per_step=stats.verify_s / steps * 1e3)
     return {
         "technique": "speculative",
-        "params": {"draft": draft, "workload": workload, "grounded": workload in GROUNDED,
-                   "num_draft_tokens": config.num_draft_tokens, "gamma_policy": config.gamma_policy,
+        "params": {"variant": variant.name, "draft": variant.draft, "workload": workload,
+                   "grounded": workload in GROUNDED,
+                   "gamma": config.num_draft_tokens, "gamma_policy": config.gamma_policy,
                    "batch_size": batch_size, "max_tokens": max_tokens, "num_prompts": num_prompts,
                    "repeats": repeats, "train_size": train_size, "greedy": True, "model": loaded.name,
                    "device": str(loaded.device), "speculative": spec.describe() if spec is not None else None},
@@ -197,21 +247,21 @@ def _row(draft, workload, tokens_per_s, speedup, spec, identical, engine, config
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'workload':10s} {'draft':10s} {'tok/s':>7s} {'speedup':>7s} {'accepted':>8s} {'tok/step':>8s} "
+    head = (f"{'workload':10s} {'draft':16s} {'tok/s':>7s} {'speedup':>7s} {'accepted':>8s} {'tok/step':>8s} "
             f"{'draft ms':>8s} {'verify ms':>9s} {'by position':24s} same")
     lines = [head, "-" * len(head)]
     for r in rows:
         p, m = r["params"], r["metrics"]
         accepted = m.get("mean_accepted_tokens")
         by_pos = " ".join(f"{a:.2f}" if a is not None else "-" for a in (m.get("acceptance_by_position") or [])[:6])
-        lines.append(f"{p['workload']:10s} {p['draft']:10s} {m['tokens_per_s']:7.1f} {m['speedup']:6.2f}x "
+        lines.append(f"{p['workload']:10s} {p['variant']:16s} {m['tokens_per_s']:7.1f} {m['speedup']:6.2f}x "
                      f"{accepted if accepted is not None else 0:8.2f} {m.get('tokens_per_step') or 1:8.2f} "
                      f"{m.get('draft_ms_per_step', 0):8.1f} {m.get('verify_ms_per_step', 0):9.1f} {by_pos:24s} "
                      f"{'yes' if m['token_identical'] else 'NO'}")
     if rows:
         env = rows[0]["env"]
         lines.append(f"hardware: {env['cpu']} ({env['num_cpus']} cpus, {env['cpu_capability']}), "
-                     f"{env['torch_threads']} torch threads; greedy, gamma {rows[0]['params']['num_draft_tokens']} "
+                     f"{env['torch_threads']} torch threads; greedy, gamma {rows[0]['params']['gamma']} "
                      f"({rows[0]['params']['gamma_policy']}), batch {rows[0]['params']['batch_size']}")
     return "\n".join(lines)
 
@@ -233,8 +283,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=96, help="new tokens per request (default: 96)")
     p.add_argument("--repeats", type=positive_int, default=2, help="timed runs per cell (default: 2)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="copies of each prompt decoded together")
-    p.add_argument("--train-size", default="auto",
-                   help="learned drafts: auto (the largest cached, else small), smoke, small, default, large")
+    p.add_argument("--train-size", default="default",
+                   help="learned drafts: smoke, small, default (the default), large, or auto (the largest cached, "
+                        "else smoke); loaded from the cache, or trained first")
     p.add_argument("--model", default=EMBEDDED_MODEL, help="model (default: the embedded SmolLM2)")
     p.add_argument("--dummy", action="store_true", help="random weights from a preset (e.g. tiny-smollm2)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps, auto")
@@ -277,5 +328,5 @@ def cmd_spec(args) -> int:
     return 0
 
 
-__all__ = ["run_spec_bench", "make_proposers", "format_table", "WORKLOADS", "GROUNDED", "DRAFTS", "DEFAULT_DRAFTS",
+__all__ = ["run_spec_bench", "make_proposers", "verify_cost_ms", "Variant", "variants_for", "format_table", "WORKLOADS", "GROUNDED", "DRAFTS", "DEFAULT_DRAFTS",
            "Prompt", "encode"]

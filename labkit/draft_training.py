@@ -358,10 +358,14 @@ class TrainedDraft:
         V = target.args.vocab_size
         module = use_target_layout(self.module, target)
         if self.kind == "draft":
-            return ModelProposer(module, name="draft", vocab=self.vocab, target_vocab_size=V)
-        if self.kind == "medusa":
-            return MedusaProposer(module, V)
-        return EagleProposer(module, V)
+            proposer = ModelProposer(module, name="draft", vocab=self.vocab, target_vocab_size=V)
+        elif self.kind == "medusa":
+            proposer = MedusaProposer(module, V)
+        else:
+            proposer = EagleProposer(module, V)
+        proposer.training = {"train_size": self.size, "loaded_from_cache": self.loaded,
+                             "draft_vocab": len(self.vocab), "final_loss": self.metrics.get("final_loss")}
+        return proposer
 
 
 def _build(kind: str, target: Transformer, vocab: torch.Tensor, config: TrainConfig) -> torch.nn.Module:
@@ -421,8 +425,8 @@ def load_draft(path: Path, target: Transformer) -> TrainedDraft:
     return TrainedDraft(kind, meta["size"], module, vocab, config, json.loads(meta["metrics"]), path, True)
 
 
-def resolve_size(kind: str, size: str, target: Transformer) -> str:
-    """"auto": the largest size already cached for this kind and target, else "small"; other sizes as given."""
+def resolve_size(kind: str, size: str, target: Transformer, fallback: str = "smoke") -> str:
+    """"auto": the largest size already cached for this kind and target, else `fallback`; others as given."""
     if size != "auto":
         if size not in SIZES:
             raise ValueError(f"unknown training size {size!r}: choose auto or one of {', '.join(SIZES)}")
@@ -430,21 +434,22 @@ def resolve_size(kind: str, size: str, target: Transformer) -> str:
     for name in ("large", "default"):
         if cache_path(kind, name, TRAIN_SIZES[name], target).exists():
             return name
-    return "small"
+    return fallback
 
 
 def load_or_train(kinds, target: Transformer, tokenizer, size: str = "default", progress: bool = False,
                   force: bool = False, save: bool = True, config: TrainConfig | None = None,
-                  log=None) -> dict[str, TrainedDraft]:
+                  log=None, fallback: str = "smoke") -> dict[str, TrainedDraft]:
     """Each learned draft of `kinds`, from the cache when it holds one for this config and target, else trained
-    (on one corpus shared by all kinds) and saved. `config` overrides the size's config (tests)."""
+    (on one corpus shared by all kinds) and saved. size "auto": the largest cached size, else `fallback`.
+    `config` overrides the size's config (tests)."""
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ValueError(f"unknown draft kind {bad[0]!r}: choose from {', '.join(KINDS)}")
     out, todo = {}, []
     for kind in kinds:
-        name = resolve_size(kind, size, target) if config is None else size
+        name = resolve_size(kind, size, target, fallback) if config is None else size
         cfg = config or TRAIN_SIZES[name]
         path = cache_path(kind, name, cfg, target)
         if path.exists() and not force:

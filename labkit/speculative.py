@@ -255,8 +255,14 @@ class Speculator:
 
     def describe(self) -> dict:
         c = self.config
-        return {**self.proposer.describe(), "num_draft_tokens": c.num_draft_tokens, "gamma_policy": c.gamma_policy,
+        return {**self.proposer.describe(), **getattr(self.proposer, "training", {}),
+                "num_draft_tokens": c.num_draft_tokens, "gamma_policy": c.gamma_policy,
                 "max_draft_tokens": c.max_draft_tokens if c.gamma_policy == "adaptive" else c.num_draft_tokens}
+
+    @property
+    def last_step(self) -> dict[str, tuple[list[int], int]]:
+        """Request id -> (the tokens drafted in the last step, how many of them the target kept)."""
+        return {rid: (d.tokens, self._kept.get(rid, 0)) for rid, d in self._drafts.items()}
 
     def reset_stats(self) -> None:
         self.stats = SpecStats(self.stats.max_positions)
