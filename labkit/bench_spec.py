@@ -130,10 +130,15 @@ class Variant:
 
 
 def variants_for(draft_names, num_draft_tokens: int = 4, gamma_policy: str = "fixed") -> list[Variant]:
-    """One variant per draft, all with the same gamma."""
-    config = SpeculativeConfig(num_draft_tokens=num_draft_tokens, gamma_policy=gamma_policy,
-                               max_draft_tokens=max(16, num_draft_tokens))
-    return [Variant(name, name, config) for name in draft_names]
+    """One variant per draft and gamma policy ("fixed", "adaptive" or "both": each draft twice)."""
+    policies = ("fixed", "adaptive") if gamma_policy == "both" else (gamma_policy,)
+    out = []
+    for policy in policies:
+        config = SpeculativeConfig(num_draft_tokens=num_draft_tokens, gamma_policy=policy,
+                                   max_draft_tokens=max(16, num_draft_tokens))
+        out += [Variant(name if len(policies) == 1 or policy == "fixed" else f"{name}, adaptive", name, config)
+                for name in draft_names]
+    return out
 
 
 def _decode_rate(gens) -> tuple[float, int]:
@@ -279,7 +284,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--workloads", type=comma_list(str), default=tuple(WORKLOADS),
                    help=f"comma-separated from {', '.join(WORKLOADS)} (default: all)")
     p.add_argument("--gamma", type=positive_int, default=4, help="draft tokens per step (default: 4)")
-    p.add_argument("--adaptive", action="store_true", help="adaptive gamma per request (starting at --gamma)")
+    p.add_argument("--gamma-policy", choices=("fixed", "adaptive", "both"), default="fixed",
+                   help="fixed gamma, adaptive per request (starting at --gamma, at most 16), or both side by side")
     p.add_argument("--max-tokens", type=positive_int, default=96, help="new tokens per request (default: 96)")
     p.add_argument("--repeats", type=positive_int, default=2, help="timed runs per cell (default: 2)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="copies of each prompt decoded together")
@@ -314,7 +320,7 @@ def cmd_spec(args) -> int:
         check_store()
     rows = run_spec_bench(draft_names=tuple(dict.fromkeys(args.drafts)), workloads=tuple(dict.fromkeys(args.workloads)),
                           max_tokens=args.max_tokens, num_draft_tokens=args.gamma,
-                          gamma_policy="adaptive" if args.adaptive else "fixed", repeats=args.repeats,
+                          gamma_policy=args.gamma_policy, repeats=args.repeats,
                           batch_size=args.batch_size, train_size=args.train_size, model=args.model,
                           dummy=args.dummy, device=args.device, log=lambda m: tqdm.write(m, file=sys.stderr),
                           progress=not args.no_progress)

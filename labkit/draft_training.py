@@ -219,8 +219,16 @@ def _trainable(module: torch.nn.Module, names: tuple[str, ...] = ()) -> list[tor
     return params
 
 
+def _fit(module: torch.nn.Module, params, loss_fn, config: TrainConfig, desc: str, progress: bool) -> dict:
+    """Train params of module (frozen again afterwards) by AdamW with warm-up, a cosine schedule and clipping;
+    loss_fn(step) -> loss. Returns the first and last losses."""
+    with torch.enable_grad():
+        metrics = _optimise(params, loss_fn, config, desc, progress)
+    module.requires_grad_(False)
+    return metrics
+
+
 def _optimise(params, loss_fn, config: TrainConfig, desc: str, progress: bool) -> dict:
-    """AdamW with a cosine schedule and clipping; loss_fn(step) -> loss. Returns the first and last losses."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -257,10 +265,7 @@ def train_small_draft(target: Transformer, corpus: Corpus, vocab: torch.Tensor, 
         logits = model.logits(dense_forward(model, tokens))  # [B, T, V']
         return F.cross_entropy(logits.flatten(0, 1), _soft_targets(feats, head).flatten(0, 1))
 
-    with torch.enable_grad():
-        metrics = _optimise(params, loss_fn, config, "train draft", progress)
-    model.requires_grad_(False)
-    return model, metrics
+    return model, _fit(model, params, loss_fn, config, "train draft", progress)
 
 
 def train_medusa(target: Transformer, corpus: Corpus, vocab: torch.Tensor, config: TrainConfig,
@@ -284,10 +289,7 @@ def train_medusa(target: Transformer, corpus: Corpus, vocab: torch.Tensor, confi
                               for i in range(K)])
         return (weights * losses).sum() / weights.sum()
 
-    with torch.enable_grad():
-        metrics = _optimise(params, loss_fn, config, "train medusa", progress)
-    heads.requires_grad_(False)
-    return heads, metrics
+    return heads, _fit(heads, params, loss_fn, config, "train medusa", progress)
 
 
 def train_eagle(target: Transformer, corpus: Corpus, vocab: torch.Tensor, config: TrainConfig,
@@ -312,10 +314,7 @@ def train_eagle(target: Transformer, corpus: Corpus, vocab: torch.Tensor, config
         classify = F.cross_entropy(draft.body.logits(pred).flatten(0, 1), targets.flatten(0, 1))
         return regress + 0.1 * classify
 
-    with torch.enable_grad():
-        metrics = _optimise(params, loss_fn, config, "train eagle", progress)
-    draft.requires_grad_(False)
-    return draft, metrics
+    return draft, _fit(draft, params, loss_fn, config, "train eagle", progress)
 
 
 # -- the cache -----------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_a_cache_file_that_does_not_load_is_retrained(tiny, spec_cache):
 
 def test_auto_size_picks_the_largest_cached_one(tiny, spec_cache):
     target = from_hf(tiny.model)
-    assert dt.resolve_size("eagle", "auto", target) == "small"
+    assert dt.resolve_size("eagle", "auto", target) == "smoke"
     path = dt.cache_path("eagle", "default", dt.TRAIN_SIZES["default"], target)
     path.parent.mkdir(parents=True)
     path.touch()
