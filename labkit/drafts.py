@@ -146,7 +146,8 @@ class ModelProposer(Proposer):
 
     def __init__(self, model: Transformer, name: str = "draft", vocab: torch.Tensor | None = None,
                  target_vocab_size: int | None = None, max_num_seqs: int = 16, kv_cache_mb: float | None = 256):
-        self.model, self.name, self.vocab = model, name, vocab
+        self.model, self.name = model, name
+        self.vocab = None if vocab is None else vocab.to(model.embed.weight.device)
         self.target_vocab_size = target_vocab_size or model.args.vocab_size
         self.runner = _Runner(model, max_num_seqs, kv_cache_mb)
         # per request: the tokens whose K/V the draft cache holds, and how many of them are the request's own

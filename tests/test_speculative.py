@@ -184,3 +184,16 @@ def test_config_errors_name_the_value():
         SpeculativeConfig(gamma_policy="sometimes")
     with pytest.raises(ValueError, match="max_draft_tokens"):
         SpeculativeConfig(num_draft_tokens=8, gamma_policy="adaptive", max_draft_tokens=4)
+
+
+@pytest.mark.gpu
+def test_greedy_and_seeded_speculation_on_cuda(tiny):
+    target = from_hf(tiny.model).cuda()
+    plain = Engine(target, tiny.tokenizer)
+    prompts = [plain.encode(t) for t in ("one two three one two three", "a b c")]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    spec = Engine(target, tiny.tokenizer, speculator=Speculator(ModelProposer(from_hf(tiny.model).cuda())))
+    assert [g.tokens for g in spec.generate(prompts, params)] == [g.tokens for g in plain.generate(prompts, params)]
+    sampled = SamplingParams(max_new_tokens=24, temperature=0.8, seed=3, ignore_eos=True)
+    assert spec.generate(prompts, sampled)[0].tokens == spec.generate(prompts[:1], sampled)[0].tokens
+    assert spec.blocks.num_used_blocks == 0
