@@ -217,7 +217,7 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
                 rate = statistics.median(rates[name])
                 rows.append(_row(configs[name], workload, rate, rate / base, engines[name].speculator,
                                  identical[name], batch_size, max_tokens, len(prompts[workload]), repeats,
-                                 train_size, loaded, env))
+                                 train_size, loaded, env, plain_step_ms=1e3 * batch_size / base))
                 if log:
                     s = engines[name].speculator.stats
                     log(f"{workload:10s} {name:10s} {rate:7.1f} tok/s  {rate / base:5.2f}x  "
@@ -230,7 +230,7 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
 
 
 def _row(variant, workload, tokens_per_s, speedup, spec, identical, batch_size, max_tokens, num_prompts, repeats,
-         train_size, loaded, env) -> dict:
+         train_size, loaded, env, plain_step_ms: float | None = None) -> dict:
     stats = spec.stats if spec is not None else None
     config = variant.config
     metrics = {"tokens_per_s": tokens_per_s, "speedup": speedup, "token_identical": identical}
@@ -238,6 +238,10 @@ def _row(variant, workload, tokens_per_s, speedup, spec, identical, batch_size, 
         steps = max(1, stats.num_steps)
         metrics.update(stats.to_dict())
         metrics.update(draft_ms_per_step=stats.draft_s / steps * 1e3, verify_ms_per_step=stats.verify_s / steps * 1e3)
+        if plain_step_ms and stats.num_steps:  # what bounds the speedup: the draft's time, or verification's
+            metrics.update(plain_step_ms=plain_step_ms, verify_cost_ratio=metrics["verify_ms_per_step"] / plain_step_ms,
+                           speedup_if_draft_free=(stats.tokens_per_step or 1) * plain_step_ms
+                           / metrics["verify_ms_per_step"])
     return {
         "technique": "speculative",
         "params": {"variant": variant.name, "draft": variant.draft, "workload": workload,
