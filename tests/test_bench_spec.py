@@ -29,7 +29,7 @@ def test_every_draft_on_every_workload_is_lossless_and_has_its_speedup(tiny):
 
 def test_cli_json_holds_only_rows(capsys):
     argv = ["bench", "spec", "--dummy", "--model", "tiny-smollm2", "--drafts", "ngram", "--workloads", "copy",
-            "--max-tokens", "8", "--repeats", "1", "--json", "--no-save", "--no-progress"]
+            "--max-tokens", "8", "--repeats", "1", "--clock", "cpu", "--json", "--no-save", "--no-progress"]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     rows = json.loads(captured.out)
