@@ -13,7 +13,7 @@ from labkit.speculative import SpeculativeConfig, Speculator
 
 TEXTS = [("Once upon a time, in a small village,", False), ("What are three tips for staying healthy?", True),
          ("Repeat this sentence: the quick brown fox jumps over the lazy dog, and the dog sleeps on.", True)]
-NUM_TOKENS = 24
+NUM_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
