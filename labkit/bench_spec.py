@@ -358,5 +358,6 @@ def cmd_spec(args) -> int:
     return 0
 
 
-__all__ = ["run_spec_bench", "make_proposers", "verify_cost_ms", "Variant", "variants_for", "format_table", "WORKLOADS", "GROUNDED", "DRAFTS", "DEFAULT_DRAFTS",
+__all__ = ["run_spec_bench", "make_proposers", "verify_cost_ms", "Variant", "variants_for", "format_table",
+           "WORKLOADS", "GROUNDED", "DRAFTS", "DEFAULT_DRAFTS",
            "Prompt", "encode"]

@@ -380,7 +380,8 @@ def _build(kind: str, target: Transformer, vocab: torch.Tensor, config: TrainCon
 
 
 TRAINERS = {"draft": train_small_draft, "medusa": train_medusa, "eagle": train_eagle}
-_SAVED = {"draft": ("layers.", "norm", "lm_head."), "medusa": ("blocks.",), "eagle": ("fc.", "body.layers.", "body.norm")}
+_SAVED = {"draft": ("layers.", "norm", "lm_head."), "medusa": ("blocks.",),
+          "eagle": ("fc.", "body.layers.", "body.norm")}
 
 
 def _state(kind: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:

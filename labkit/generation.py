@@ -385,7 +385,8 @@ class Engine:
         in place of the tokens' embeddings (a draft head's own input; see `Transformer.forward`).
         """
         bs = self.config.block_size
-        if self.config.compile and not return_hidden and embeds is None and all(end - start == 1 for _, _, start, end in spans):
+        if self.config.compile and not return_hidden and embeds is None \
+                and all(end - start == 1 for _, _, start, end in spans):
             logits = self._forward_static(spans)[sampling]
             return (logits, None) if num_logits is not None else logits
         tokens, slots, query_lens, context_lens, tables = [], [], [], [], []

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from labkit import drafts
-from labkit.draft_training import TRAIN_SIZES, load_or_train
+from labkit.draft_training import load_or_train
 from labkit.generation import Engine, apply_rewrites
 from labkit.llama import from_hf
 from labkit.sampling import SamplingParams
