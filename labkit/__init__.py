@@ -4,7 +4,8 @@ Modules (imported on first use, so `import labkit` stays cheap): device, models,
 block_manager, scheduler, sampling, text, generation, quant, bench, results, plots, runner, workloads,
 baseline, bench_decode, bench_batching, protocol, metrics, serve, client, loadgen, arguments, cli, kernels (the
 Triton kernels; needs Triton), cuda_graphs, bench_kernels, gpu_check, distributed, tp, launch, bench_tp,
-scaling, router.
+scaling, router, speculative,
+drafts, draft_training, bench_spec.
 """
 
 import importlib
@@ -14,7 +15,8 @@ _MODULES = ("device", "models", "llama", "attention", "block_manager", "schedule
             "quant", "bench", "results", "plots", "runner", "workloads", "baseline", "bench_decode", "bench_batching",
             "protocol", "metrics", "serve", "client", "loadgen", "arguments", "cli", "kernels", "cuda_graphs",
             "bench_kernels", "gpu_check", "distributed",
-            "tp", "launch", "bench_tp", "scaling", "router")
+            "tp", "launch", "bench_tp", "scaling", "router",
+            "speculative", "drafts", "draft_training", "bench_spec")
 __all__ = [*_MODULES, "Engine", "EngineConfig", "SamplingParams", "load_model"]
 _NAMES = {"Engine": "generation", "EngineConfig": "generation", "SamplingParams": "sampling", "load_model": "models"}
 

@@ -1,4 +1,5 @@
-"""`labkit` command line: baseline, run, results, bench decode|serve|batching|kernels, serve, ping.
+"""`labkit` command line: baseline, run, results, bench decode|serve|batching|kernels|tp|spec, serve, ping,
+tp, router, spec train.
 
 Each command module registers its parser with `add_parser(subparsers)` and sets `func(args) -> int`.
 Bad input prints one line `labkit <command>: <message>` on stderr and exits 2, never a traceback.
@@ -21,6 +22,7 @@ COMMANDS = {
     "ping": "labkit.client",
     "tp": "labkit.launch",
     "router": "labkit.router",
+    "spec": "labkit.draft_training",
 }
 BENCH_COMMANDS = {
     "decode": "labkit.bench_decode",
@@ -28,6 +30,7 @@ BENCH_COMMANDS = {
     "batching": "labkit.bench_batching",
     "kernels": "labkit.bench_kernels",
     "tp": "labkit.bench_tp",
+    "spec": "labkit.bench_spec",
 }
 
 

@@ -4,7 +4,8 @@
 picked (prefill chunks and decode rows side by side) and returns what each request gained, `abort` drops a
 request. `generate`, `stream` and `stream_text`, the server, the benchmarks and every notebook are loops over
 `step()`: the lab's one decode loop. Techniques plug in around it: attention and kernel backends in the model,
-rewrites (layout, quantization) over the model before the engine gets it, policies in the scheduler.
+rewrites (layout, quantization) over the model before the engine gets it, policies in the scheduler, and a
+speculator (`labkit.speculative`) that gives decode rows draft tokens to verify in the same forward.
 """
 
 from __future__ import annotations
@@ -151,12 +152,14 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer=None, *, name: str = "model",
-                 eos_token_ids: Sequence[int] = (), config: EngineConfig | None = None, **config_kwargs):
+                 eos_token_ids: Sequence[int] = (), config: EngineConfig | None = None, speculator=None,
+                 **config_kwargs):
         if config is None:
             config = EngineConfig(**config_kwargs)
         elif config_kwargs:
             raise ValueError("pass an EngineConfig or keyword arguments, not both")
         self.model, self.tokenizer, self.name, self.config = model, tokenizer, name, config
+        self.speculator = speculator  # a labkit.speculative.Speculator, or None: one token per decode row
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = model.embed.weight.device
         if config.cuda_graphs and self.device.type != "cuda":
@@ -232,7 +235,8 @@ class Engine:
                 "policy": c.policy,
                 "max_num_seqs": c.max_num_seqs, "max_num_batched_tokens": c.max_num_batched_tokens,
                 "block_size": c.block_size, "num_kv_blocks": self.blocks.num_blocks,
-                "prefix_caching": c.enable_prefix_caching}
+                "prefix_caching": c.enable_prefix_caching,
+                "speculative": self.speculator.describe() if self.speculator is not None else None}
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -281,6 +285,8 @@ class Engine:
         if request is None:
             return False
         self.scheduler.finish(request.seq, "abort")
+        if self.speculator is not None:
+            self.speculator.release(request.seq.request_id)
         return True
 
     @property
@@ -296,26 +302,62 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        spec = self.speculator
+        drafts = spec.propose(batch, self) if spec is not None else {}  # request id -> draft tokens to verify
+        width = {s.request_id: n + len(drafts[s.request_id].tokens) if s.request_id in drafts else n
+                 for s, n in zip(batch.seqs, batch.num_new_tokens)}
         # multi-token rows first, then by context length: attention groups rows of similar shapes
-        rows = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda r: (-r[1], r[0].num_computed_tokens))
-        spans = [(s.request_id, s.token_ids, s.num_computed_tokens, s.num_computed_tokens + n) for s, n in rows]
-        sampling = [i for i, (s, _) in enumerate(rows) if spans[i][3] == s.num_tokens]  # rows at their last token
+        rows = sorted(zip(batch.seqs, batch.num_new_tokens),
+                      key=lambda r: (-width[r[0].request_id], r[0].num_computed_tokens))
+        spans = [(s.request_id, s.token_ids + drafts[s.request_id].tokens if s.request_id in drafts else s.token_ids,
+                  s.num_computed_tokens, s.num_computed_tokens + width[s.request_id]) for s, _ in rows]
+        sampling = [i for i, (s, n) in enumerate(rows) if s.num_computed_tokens + n == s.num_tokens]  # at last token
         padding = sorted(batch.prompt_padding, reverse=True) + [1] * batch.padding_rows  # into scratch slots
         spans += [(None, [0] * n, 0, n) for n in padding]
         requests = [self._requests[rows[i][0].request_id] for i in sampling]
-        tokens: list[int] = []
+        tokens: list[list[int]] = []
         with torch.inference_mode():
-            logits = self._forward(spans, sampling)
-            if requests:
-                out = sample(logits, [r.seq.params for r in requests], [r.generator for r in requests])
-                tokens = out.tokens.tolist()  # the one host sync per step
+            if spec is None:
+                logits = self._forward(spans, sampling)
+                if requests:
+                    out = sample(logits, [r.seq.params for r in requests], [r.generator for r in requests])
+                    tokens = [[t] for t in out.tokens.tolist()]  # the one host sync per step
+            else:  # each drafted row gets logits at its last token and at every draft token
+                row_drafts = [drafts.get(r.seq.request_id) for r in requests]
+                logits, hidden = self._forward(spans, sampling, [1 + len(d.tokens) if d else 1 for d in row_drafts],
+                                               return_hidden=spec.needs_hidden)
+                tokens = spec.verify(logits, [r.seq for r in requests], row_drafts, [r.generator for r in requests])
+                if hidden is not None:  # the target's features at the tokens it kept, for feature-level drafts
+                    spec.observe(spans, hidden)
+        num_accepted = {r.seq.request_id: len(t) - 1 for r, t in zip(requests, tokens)}
         for seq, n in rows:
+            if seq.request_id in drafts:  # the rejected draft tokens' cache slots are given back
+                seq.num_computed_tokens += n + num_accepted[seq.request_id]
+                self.blocks.truncate(seq.request_id, seq.num_computed_tokens)
+                continue  # their blocks are registered for prefix caching once the accepted tokens are appended
             seq.num_computed_tokens += n
             self.blocks.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
         self._num_steps += 1
         self._last_padding = batch.padding_rows
         self._last_rows, self._last_tokens = len(rows) + batch.padding_rows, batch.num_tokens + sum(padding)
-        return [self._append(request, token) for request, token in zip(requests, tokens)]
+        outputs = [self._append_tokens(request, new) for request, new in zip(requests, tokens)]
+        for request in requests:
+            seq = request.seq
+            if seq.request_id in drafts and seq.request_id in self.blocks:  # still running
+                self.blocks.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+        return outputs
+
+    def _append_tokens(self, request: _Request, tokens: list[int]) -> RequestOutput:
+        """Add a row's new tokens (one, or accepted draft tokens and one more) up to where the request ends."""
+        out = self._append(request, tokens[0])
+        for token in tokens[1:]:
+            if out.finished:
+                break
+            more = self._append(request, token)
+            out = RequestOutput(more.request_id, out.new_token_ids + more.new_token_ids, out.text + more.text,
+                                more.finish_reason, more.num_prompt_tokens, more.num_output_tokens,
+                                more.num_cached_tokens)
+        return out
 
     def _append(self, request: _Request, token: int) -> RequestOutput:
         """Add a sampled token to its request; finish the request on a stop token, stop string or length."""
@@ -337,16 +379,27 @@ class Engine:
                 text += detok.flush()
             self.scheduler.finish(seq, reason)
             del self._requests[seq.request_id]
+            if self.speculator is not None:
+                self.speculator.release(seq.request_id)
         return RequestOutput(seq.request_id, new, text, reason, seq.num_prompt_tokens, seq.num_output_tokens,
                              seq.num_cached_tokens)
 
     # -- the model runner --------------------------------------------------------------------------------------
-    def _forward(self, spans: list[tuple], sampling: list[int]) -> torch.Tensor:
+    def _forward(self, spans: list[tuple], sampling: list[int], num_logits: list[int] | None = None,
+                 return_hidden: bool = False, embeds: torch.Tensor | None = None):
         """One forward over rows (key, token ids, start, end): tokens [start, end) of each are computed and
-        cached; returns logits [len(sampling), V] at the last token of the rows listed in `sampling`."""
+        cached; returns logits [len(sampling), V] at the last token of the rows listed in `sampling`.
+
+        num_logits[i]: logits at the last num_logits[i] tokens of row sampling[i] instead (a speculative row
+        verifying its drafts), stacked row after row. return_hidden: also return the hidden states [N, dim] of
+        every computed token. With either, returns (logits, hidden or None). embeds [N, dim]: the model's input
+        in place of the tokens' embeddings (a draft head's own input; see `Transformer.forward`).
+        """
         bs = self.config.block_size
-        if (self.config.compile or self.config.cuda_graphs) and all(end - start == 1 for _, _, start, end in spans):
-            return self._forward_static(spans)[sampling]
+        if (self.config.compile or self.config.cuda_graphs) and not return_hidden and embeds is None \
+                and all(end - start == 1 for _, _, start, end in spans):
+            logits = self._forward_static(spans)[sampling]
+            return (logits, None) if num_logits is not None else logits
         tokens, slots, query_lens, context_lens, tables = [], [], [], [], []
         for key, ids, start, end in spans:
             table = self._table(key, end)
@@ -356,10 +409,16 @@ class Engine:
             context_lens.append(end)
             tables.append(table)
         meta = build_metadata(query_lens, context_lens, tables, slots, bs, self.device)
-        hidden = self.model(torch.tensor(tokens, device=self.device), meta, self.cache)
+        hidden = self.model(torch.tensor(tokens, device=self.device), meta, self.cache,
+                            **({} if embeds is None else {"embeds": embeds}))
         last = list(itertools.accumulate(query_lens))
-        index = torch.tensor([last[i] - 1 for i in sampling], dtype=torch.long, device=self.device)  # may be empty
-        return self.model.logits(hidden, index)
+        counts = num_logits or [1] * len(sampling)
+        index = torch.tensor([p for i, c in zip(sampling, counts) for p in range(last[i] - c, last[i])],
+                             dtype=torch.long, device=self.device)  # may be empty
+        logits = self.model.logits(hidden, index)
+        if num_logits is None and not return_hidden:
+            return logits
+        return logits, hidden if return_hidden else None
 
     def _forward_static(self, spans: list[tuple]) -> torch.Tensor:
         """A decode-only step with static shapes (compiled, or replayed from a CUDA graph): rows and block tables

@@ -229,15 +229,19 @@ class Transformer(nn.Module):
         """KV heads held by this model's attention layers (after any tensor-parallel sharding)."""
         return self.layers[0].attn.num_kv_heads
 
-    def forward(self, tokens: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
-        """tokens [N] (a step's new tokens, rows side by side) -> final hidden states [N, dim]."""
+    def forward(self, tokens: torch.Tensor, meta: AttentionMetadata, cache: KVCache,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [N] (a step's new tokens, rows side by side) -> final hidden states [N, dim].
+
+        embeds [N, dim], when given, replaces the token embeddings (a draft head feeding the layers its own input).
+        """
         args, kernels = self.args, self.kernels
         # cos/sin computed like HF (fp32 product, then cos) so fp32 results match token for token.
         freqs = meta.positions[:, None, None].float() * self.inv_freq  # [N, 1, D/2]
         dtype = self.act_dtype
         cos, sin = freqs.cos() * args.rope_scale, freqs.sin() * args.rope_scale
         cos, sin = torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)  # [N, 1, D]
-        x = self.embed(tokens)  # [N, dim]
+        x = self.embed(tokens) if embeds is None else embeds  # [N, dim]
         x = x if x.dtype == dtype else x.to(dtype)
         h = kernels.rms_norm(x, self.layers[0].attn_norm, args.norm_eps)
         for i, layer in enumerate(self.layers):
