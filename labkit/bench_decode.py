@@ -60,6 +60,8 @@ VARIANTS = {v.name: v for v in [
     Variant("labkit-fp32-compile", "labkit", compile=True),
     Variant("labkit-int8", "labkit", dtype="int8", quantize="int8"),
     Variant("labkit-int8-compile", "labkit", dtype="int8", quantize="int8", compile=True),
+    *[Variant(f"labkit-{q}{'-compile' * c}", "labkit", dtype=q, quantize=q, compile=c)
+      for q in ("int4-g32", "int4-g64", "int4-g128", "gguf") for c in (False, True)],
     Variant("labkit-bf16", "labkit", dtype="bf16"),
     Variant("labkit-bf16-compile", "labkit", dtype="bf16", compile=True),
     Variant("labkit-fp16", "labkit", dtype="fp16"),
