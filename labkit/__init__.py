@@ -5,7 +5,7 @@ block_manager, scheduler, sampling, text, generation, quant, bench, results, plo
 baseline, bench_decode, bench_batching, protocol, metrics, serve, client, loadgen, arguments, cli, kernels (the
 Triton kernels; needs Triton), cuda_graphs, bench_kernels, gpu_check, distributed, tp, launch, bench_tp,
 scaling, router, speculative,
-drafts, draft_training, bench_spec.
+drafts, draft_training, bench_spec, quality.
 """
 
 import importlib
@@ -16,7 +16,7 @@ _MODULES = ("device", "models", "llama", "attention", "block_manager", "schedule
             "protocol", "metrics", "serve", "client", "loadgen", "arguments", "cli", "kernels", "cuda_graphs",
             "bench_kernels", "gpu_check", "distributed",
             "tp", "launch", "bench_tp", "scaling", "router",
-            "speculative", "drafts", "draft_training", "bench_spec")
+            "speculative", "drafts", "draft_training", "bench_spec", "quality")
 __all__ = [*_MODULES, "Engine", "EngineConfig", "SamplingParams", "load_model"]
 _NAMES = {"Engine": "generation", "EngineConfig": "generation", "SamplingParams": "sampling", "load_model": "models"}
 
