@@ -26,6 +26,7 @@ from torch import nn
 from labkit.llama import Linear
 
 QUANT_METHODS = ("int8", "int4-g32", "int4-g64", "int4-g128", "gguf")
+BNB_METHODS = ("bnb-int8", "bnb-nf4")  # bitsandbytes' LLM.int8() and NF4 linears: CUDA only
 INT4_GROUP_SIZES = (32, 64, 128)
 # rows at or above which a quantized linear dequantizes and runs a dense GEMM instead of the packed kernel
 DENSE_MIN_ROWS = 16
@@ -33,8 +34,8 @@ SAVE_FORMAT = "labkit-quantized-v1"
 
 
 def check_method(method: str) -> str:
-    if method not in QUANT_METHODS:
-        raise ValueError(f"unknown quantization {method!r}: choose one of {', '.join(QUANT_METHODS)}")
+    if method not in QUANT_METHODS + BNB_METHODS:
+        raise ValueError(f"unknown quantization {method!r}: choose one of {', '.join(QUANT_METHODS + BNB_METHODS)}")
     return method
 
 
@@ -294,7 +295,36 @@ def unpack_int4pack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return rows.transpose(1, 2).reshape(N, K)
 
 
-QUANT_LINEARS = (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Q8_0Linear)
+class BnbLinear(nn.Module):
+    """A bitsandbytes linear on CUDA: LLM.int8() (Dettmers et al. 2022, outliers above 6.0 kept in fp16) or NF4
+    (Dettmers et al. 2023, bf16 compute). The weight is quantized when it moves to the GPU."""
+
+    def __init__(self, linear: nn.Linear, method: str):
+        super().__init__()
+        import bitsandbytes as bnb
+
+        weight = _weight_nk(linear).to(torch.float16)
+        out_features, in_features = weight.shape
+        self.in_features, self.out_features, self.method = in_features, out_features, method
+        bias = linear.bias is not None
+        if method == "bnb-int8":
+            inner = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=6.0)
+            inner.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
+            self.compute_dtype = torch.float16
+        else:
+            inner = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.bfloat16,
+                                      quant_type="nf4")
+            inner.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4")
+            self.compute_dtype = torch.bfloat16
+        if bias:
+            inner.bias = nn.Parameter(linear.bias.detach().cpu().to(self.compute_dtype), requires_grad=False)
+        self.inner = inner.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(self.compute_dtype)).to(x.dtype)
+
+
+QUANT_LINEARS = (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Q8_0Linear, BnbLinear)
 
 
 def _weight_nk(linear: nn.Linear) -> torch.Tensor:
@@ -312,7 +342,10 @@ def quantize(model: nn.Module, method: str = "int8", gguf_path: str | Path | Non
     """
     check_method(method)
     device = next(model.parameters()).device
-    if method != "int8" and device.type != "cpu":
+    if method in BNB_METHODS:
+        if device.type != "cuda":
+            raise ValueError(f"quantization {method!r} runs bitsandbytes' CUDA kernels; the model is on {device}")
+    elif method != "int8" and device.type != "cpu":
         raise ValueError(f"quantization {method!r} runs on torch's CPU int4 kernel; the model is on {device} "
                          "(on a GPU use int8 here, or bitsandbytes)")
     if any(isinstance(m, QUANT_LINEARS) for m in model.modules()):
@@ -330,6 +363,8 @@ def quantize(model: nn.Module, method: str = "int8", gguf_path: str | Path | Non
 
 
 def _quantize_linear(linear: Linear, method: str) -> nn.Module:
+    if method in BNB_METHODS:
+        return BnbLinear(linear, method)
     if method == "int8":
         return Int8WeightOnlyLinear.from_linear(linear)
     return Int4WeightOnlyLinear.from_linear(linear, int(method.split("-g")[1]))

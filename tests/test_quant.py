@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +157,21 @@ def test_bad_quantization_requests_are_refused(tiny, tmp_path):
     # the tiny model is not the GGUF file's model: a clear error, not a silent mismatch
     with pytest.raises(ValueError, match="shape"):
         quant.quantize(from_hf(tiny.model), "gguf")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", quant.BNB_METHODS)
+def test_bitsandbytes_linears_keep_a_tiny_model_close_on_cuda(tiny, method):
+    pytest.importorskip("bitsandbytes")
+    ids = (torch.arange(1, 40) * 7).tolist()
+    hf = copy.deepcopy(tiny.model).to("cuda")  # the session's tiny model stays on the CPU
+    ref = Engine(from_hf(hf), tiny.tokenizer).prompt_logits(ids)
+    quantized = quant.quantize(from_hf(hf), method)
+    assert any(isinstance(m, quant.BnbLinear) for m in quantized.modules())
+    logits = Engine(quantized, tiny.tokenizer).prompt_logits(ids)
+    assert torch.nn.functional.cosine_similarity(ref.float(), logits.float(), dim=-1).min() > 0.95
+
+
+def test_bitsandbytes_is_refused_off_cuda(tiny):
+    with pytest.raises(ValueError, match="bitsandbytes' CUDA kernels"):
+        quant.quantize(from_hf(tiny.model), "bnb-nf4")
