@@ -4,7 +4,8 @@ The tokens of one step are flattened into one run of N tokens (nano-vllm's and v
 chunks, decode rows and (later) rows that verify several draft tokens share one forward. Each new token's K
 and V go to a cache slot named by `slot_mapping`; attention reads a row's context back through its block
 table (Kwon et al. 2023, "PagedAttention"). The torch path here gathers a row's blocks into a contiguous
-tensor and runs SDPA (or matmul-softmax-matmul); a Triton kernel can read the blocks in place instead.
+tensor and runs SDPA (or matmul-softmax-matmul); a Triton kernel can read the blocks in place instead. An int8
+cache (`Int8KV`) is quantized as it is written and dequantized as the torch path gathers it.
 """
 
 from __future__ import annotations
@@ -104,13 +105,49 @@ def _plan_group(first: int, stop: int, starts: list[int], T: int, contexts: list
                     max_context=S, is_fresh=is_fresh, is_causal=is_causal, mask=mask, slots=slots)
 
 
+@dataclass(eq=False)
+class Int8KV:
+    """One layer's K or V cache in int8: x[slot, head] ~= codes[slot, head] * scale[slot, head].
+
+    Symmetric absmax quantization over head_dim, one float32 scale per (slot, KV head): per-token quantization,
+    the simple scheme that fits a paged cache written one token at a time (KIVI, Liu et al. 2024, quantizes keys
+    per channel instead, for their outlier channels, at 2 bits). Dequantized on read by the torch attention path;
+    a float cache's layers stay plain tensors, so its path does not change.
+    """
+
+    codes: torch.Tensor  # [slots, Hkv, D] int8
+    scale: torch.Tensor  # [slots, Hkv, 1] float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 codes [..., D], float32 scale [..., 1]); each element is off by at most absmax / 254."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127  # an all-zero head stays zero
+    return torch.round(xf / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes [..., D] int8 and scale [..., 1] float32 -> [..., D] in dtype (the product taken in float32)."""
+    out = codes.float() * scale
+    return out if out.dtype == dtype else out.to(dtype)
+
+
 class KVCache:
     """Paged K/V storage: per layer, k[i] and v[i] are [(num_blocks + 1) * block_size, num_kv_heads, head_dim].
 
     Slot `b * block_size + j` is offset j of block b. The last block is scratch: padding rows of a static
     decode step write there, and no block table points at it. Each layer's tensors are separate and never move:
     inductor then updates them in place (a view of one big tensor would be copied whole at every step), and a
-    captured CUDA graph can keep their addresses.
+    captured CUDA graph can keep their addresses. dtype torch.int8 stores each layer as an `Int8KV` (int8
+    codes and a float32 scale per slot and KV head) instead of a tensor.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -118,30 +155,50 @@ class KVCache:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"a KV cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         shape = ((num_blocks + 1) * block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        if dtype == torch.int8:
+            def layer():
+                return Int8KV(torch.zeros(shape, device=device, dtype=torch.int8),
+                              torch.zeros((*shape[:2], 1), device=device, dtype=torch.float32))
+        else:
+            def layer():
+                return torch.zeros(shape, device=device, dtype=dtype)
+        self.k = [layer() for _ in range(num_layers)]
+        self.v = [layer() for _ in range(num_layers)]
         if torch.device(device).type == "cuda":  # CUDA graph trees may then capture steps that write them
-            for t in (*self.k, *self.v):
+            for t in self._tensors():
                 torch._dynamo.mark_static_address(t)
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        """Bytes one block takes over all layers, K and V; for int8, the codes and the float32 scales."""
+        per_head = head_dim * torch.empty((), dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
+        return 2 * num_layers * block_size * num_kv_heads * per_head
 
     @property
     def scratch_slot(self) -> int:
         return self.num_blocks * self.block_size
 
+    def _tensors(self) -> list[torch.Tensor]:
+        layers = (*self.k, *self.v)
+        return [t for x in layers for t in ((x.codes, x.scale) if isinstance(x, Int8KV) else (x,))]
+
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.k, *self.v))
+        return sum(t.nbytes for t in self._tensors())
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def write_kv(k_cache: torch.Tensor | Int8KV, v_cache: torch.Tensor | Int8KV, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store k, v [N, Hkv, D] into one layer's cache [slots, Hkv, D] (index_copy_: in place, graph-safe)."""
+    """Store k, v [N, Hkv, D] into one layer's cache [slots, Hkv, D] (index_copy_: in place, graph-safe); an
+    Int8KV cache gets their int8 codes and scales."""
+    if isinstance(k_cache, Int8KV):
+        for cache, x in ((k_cache, k), (v_cache, v)):
+            codes, scale = quantize_kv(x)
+            cache.codes.index_copy_(0, slot_mapping, codes)
+            cache.scale.index_copy_(0, slot_mapping, scale)
+        return
     k_cache.index_copy_(0, slot_mapping, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
     v_cache.index_copy_(0, slot_mapping, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
 
@@ -167,22 +224,22 @@ def math_core(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
     return out.reshape(G, H, T, D)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, core=sdpa_core) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | Int8KV,
+                    v_cache: torch.Tensor | Int8KV, meta: AttentionMetadata, scale: float,
+                    core=sdpa_core) -> torch.Tensor:
     """Attention of the new tokens q [N, H, D] over their rows' contexts; k, v [N, Hkv, D] are already cached.
 
-    Returns [N, H, D]. The cache holds each layer's slots as [slots, Hkv, D]. `core` is dense attention over the
-    gathered context (sdpa_core, math_core), or an object whose `paged_attention` method, with this signature
-    less `core`, reads the blocks in place.
+    Returns [N, H, D]. The cache holds each layer's slots as [slots, Hkv, D] (an Int8KV is dequantized as it is
+    gathered; a fresh prompt attends to its own exact k, v). `core` is dense attention over the gathered context
+    (sdpa_core, math_core), or an object whose `paged_attention` method, with this signature less `core`, reads
+    the blocks in place.
     """
     if hasattr(core, "paged_attention"):  # a backend that reads the blocks in place (labkit.kernels.backend)
         return core.paged_attention(q, k, v, k_cache, v_cache, meta, scale)
     H, D = q.shape[1], q.shape[2]
     if meta.groups is None:  # static decode step: one token per row, keys over the whole block table
-        Hkv = k.shape[1]
-        blocks = k_cache.view(-1, meta.block_size, Hkv, D)  # [num_blocks + 1, bs, Hkv, D]
-        keys = blocks[meta.block_tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, M*bs, D]
-        values = v_cache.view(-1, meta.block_size, Hkv, D)[meta.block_tables].flatten(1, 2).transpose(1, 2)
+        keys = _gather(k_cache, meta.block_tables, q.dtype, meta.block_size).transpose(1, 2)  # [B, Hkv, M*bs, D]
+        values = _gather(v_cache, meta.block_tables, q.dtype, meta.block_size).transpose(1, 2)
         visible = torch.arange(keys.shape[2], device=q.device) < meta.context_lens[:, None]  # [B, S]
         out = core(q[:, :, None], keys, values, visible[:, None, None], False, scale)  # [B, H, 1, D]
         return out[:, :, 0]
@@ -194,14 +251,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             kg = k[g.tokens].view(G, T, *k.shape[1:]).transpose(1, 2)  # [G, Hkv, T, D]
             vg = v[g.tokens].view(G, T, *v.shape[1:]).transpose(1, 2)
         elif isinstance(g.slots, slice):  # one row, its blocks side by side: a view of the cache
-            kg = k_cache[g.slots].transpose(0, 1)[None]  # [1, Hkv, S, D]
-            vg = v_cache[g.slots].transpose(0, 1)[None]
+            kg = _gather(k_cache, g.slots, q.dtype).transpose(0, 1)[None]  # [1, Hkv, S, D]
+            vg = _gather(v_cache, g.slots, q.dtype).transpose(0, 1)[None]
         else:
-            kg = k_cache.index_select(0, g.slots).view(G, S, *k.shape[1:]).transpose(1, 2)  # [G, Hkv, S, D]
-            vg = v_cache.index_select(0, g.slots).view(G, S, *v.shape[1:]).transpose(1, 2)
+            kg = _gather(k_cache, g.slots, q.dtype).view(G, S, *k.shape[1:]).transpose(1, 2)  # [G, Hkv, S, D]
+            vg = _gather(v_cache, g.slots, q.dtype).view(G, S, *v.shape[1:]).transpose(1, 2)
         out = core(qg, kg, vg, g.mask, g.is_causal, scale)  # [G, H, T, D]
         outs.append(out.transpose(1, 2).reshape(G * T, H, D))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _gather(cache: torch.Tensor | Int8KV, index, dtype: torch.dtype, block_size: int | None = None) -> torch.Tensor:
+    """Slots of one layer's cache [slots, Hkv, ...] at index: a slice (a view), [n] slots (a copy), or with
+    block_size [B, M] block tables (-> [B, M * block_size, Hkv, ...]). An Int8KV comes back dequantized to dtype."""
+    if isinstance(cache, Int8KV):
+        return dequantize_kv(_gather(cache.codes, index, dtype, block_size),
+                             _gather(cache.scale, index, dtype, block_size), dtype)
+    if block_size is not None:
+        return cache.view(-1, block_size, *cache.shape[1:])[index].flatten(1, 2)
+    return cache[index] if isinstance(index, slice) else cache.index_select(0, index)
 
 
 # name -> core, or "module:attribute" for a backend imported when a model first asks for it (Triton is heavy)
@@ -218,5 +286,5 @@ def resolve_backend(entry):
     return entry
 
 
-__all__ = ["AttentionMetadata", "RowGroup", "KVCache", "build_metadata", "write_kv", "paged_attention",
-           "sdpa_core", "math_core", "ATTENTION_BACKENDS", "resolve_backend"]
+__all__ = ["AttentionMetadata", "RowGroup", "KVCache", "Int8KV", "build_metadata", "write_kv", "quantize_kv",
+           "dequantize_kv", "paged_attention", "sdpa_core", "math_core", "ATTENTION_BACKENDS", "resolve_backend"]

@@ -28,6 +28,7 @@ from labkit.text import IncrementalDetokenizer, cut_at_stop, encode_prompt
 
 ENGINES = ("labkit", "hf")
 LINEAR_LAYOUTS = ("auto", "nk", "kn")
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's activation dtype; int8: codes + a scale per slot and head
 DEFAULT_CPU_KV_CACHE_MB = 512  # pages are zeroed lazily by the OS: unused blocks cost no memory
 DEFAULT_GPU_KV_CACHE_FRACTION = 0.4  # of the free memory once the weights are on the device
 MIN_STATIC_CONTEXT = 128  # a compiled step attends over at least this many positions (fewer recompiles)
@@ -115,9 +116,13 @@ class EngineConfig:
     kv_cache_mb: float | None = None  # None: 512 MiB on CPU, 40 % of free memory on a GPU, at most what fits
     compile: bool = False  # torch.compile the decode-only step (static shapes, bucketed batch sizes)
     cuda_graphs: bool = False  # replay the decode-only step from CUDA graphs, one per bucket (labkit.cuda_graphs)
+    kv_cache_dtype: str = "auto"  # see KV_CACHE_DTYPES; int8 fits ~3.8x the blocks of fp32 (head_dim 64)
 
     def __post_init__(self):
         self.scheduler_config()  # validates the scheduler's fields
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}: choose one of "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
         if self.num_kv_blocks is not None and (isinstance(self.num_kv_blocks, bool)
@@ -167,14 +172,18 @@ class Engine:
         if config.compile and "triton" in (model.attention, model.kernel_backend):
             raise ValueError("compile=True traces the torch backends only; the triton backends run as they are "
                              "(cuda_graphs=True removes their launch overhead)")
+        if config.kv_cache_dtype == "int8" and hasattr(model.core, "paged_attention"):
+            raise ValueError(f"kv_cache_dtype='int8' is not supported with attention={model.attention!r}: its kernels "
+                             f"read float blocks in place; use attention='sdpa' or 'math'")
         self.dtype = model.embed.weight.dtype  # weight storage
-        self.act_dtype = model.act_dtype  # activations and KV cache
+        self.act_dtype = model.act_dtype  # activations (and the KV cache unless kv_cache_dtype says otherwise)
+        self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.act_dtype
         args = model.args
         per_block = KVCache.bytes_per_block(args.num_layers, config.block_size, model.num_kv_heads, args.head_dim,
-                                            self.act_dtype)
+                                            self.kv_dtype)
         num_blocks = config.num_kv_blocks or self._default_num_blocks(per_block)
         self.cache = KVCache(args.num_layers, num_blocks, config.block_size, model.num_kv_heads, args.head_dim,
-                             self.device, self.act_dtype)
+                             self.device, self.kv_dtype)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
         self.compile_s: float | None = None
@@ -229,7 +238,9 @@ class Engine:
     def describe(self) -> dict:
         c = self.config
         return {"engine": "labkit", "model": self.name, "device": str(self.device), "dtype": dtype_name(self.dtype),
-                "activation_dtype": dtype_name(self.act_dtype), "attention": self.model.attention,
+                "activation_dtype": dtype_name(self.act_dtype),
+                "kv_cache_dtype": "int8" if self.kv_dtype == torch.int8 else dtype_name(self.kv_dtype),
+                "attention": self.model.attention,
                 "kernels": self.model.kernel_backend, "linear_layout": self.linear_layout, "quantize": self.quantize,
                 "rewrites": list(self.model.rewrites), "compile": c.compile, "cuda_graphs": c.cuda_graphs,
                 "policy": c.policy,
@@ -695,4 +706,4 @@ def make_engine(kind: str, loaded, **kwargs):
 
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput", "HFEngine", "Generation", "TextDelta",
-           "apply_rewrites", "make_engine", "encode_prompt", "ENGINES", "POLICIES"]
+           "apply_rewrites", "make_engine", "encode_prompt", "ENGINES", "POLICIES", "KV_CACHE_DTYPES"]

@@ -11,7 +11,7 @@ import time
 import torch
 
 from labkit.distributed import all_gather_objects, init_distributed
-from labkit.generation import Engine, apply_rewrites
+from labkit.generation import Engine, EngineConfig, apply_rewrites
 from labkit.launch import run_bench, worker_options
 from labkit.llama import from_hf
 from labkit.models import DUMMY_CONFIGS, load_model
@@ -23,15 +23,16 @@ PROMPTS = ([5, 17, 42, 7, 99, 3, 250, 11, 64, 8, 31], [400, 2, 2, 9])
 
 
 def compare(loaded, ctx, layout="auto", quantize=None, allow_uneven=True, new_tokens=16, prompts=PROMPTS,
-            sample: bool = True) -> dict:
+            sample: bool = True, kv_cache_dtype: str = "auto") -> dict:
     """The split model against the whole one: prompt logits (prefilled in chunks), greedy tokens of a batch of
-    ragged prompts, sampled tokens, and what the split did to the heads and the cache."""
+    ragged prompts, sampled tokens, and what the split did to the heads and the cache (both engines with a cache
+    of kv_cache_dtype)."""
     whole = apply_rewrites(from_hf(loaded.model), linear_layout=layout, quantize=quantize)
     # a second build, not a copy: it shares the HF model's tensors until the split replaces them with its shards
     split = tensor_parallel(apply_rewrites(from_hf(loaded.model), linear_layout=layout, quantize=quantize), ctx,
                             allow_uneven=allow_uneven)
-    ref = Engine(whole, loaded.tokenizer, num_kv_blocks=64)
-    eng = make_engine(split, loaded.tokenizer, ctx)
+    ref = Engine(whole, loaded.tokenizer, num_kv_blocks=64, kv_cache_dtype=kv_cache_dtype)
+    eng = make_engine(split, loaded.tokenizer, ctx, config=EngineConfig(kv_cache_dtype=kv_cache_dtype))
     greedy = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, detokenize=False)
     sampled = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, detokenize=False, temperature=0.8, seed=3)
     a, b = ref.prompt_logits(prompts[0], chunk_size=4), eng.prompt_logits(prompts[0], chunk_size=4)
@@ -65,6 +66,8 @@ def main(argv: list[str]) -> None:
         "tiny-nk": lambda: compare(tiny, ctx, layout="nk"),
         "tiny-kn": lambda: compare(tiny, ctx, layout="kn"),
         "tiny-int8": lambda: compare(tiny, ctx, quantize="int8"),
+        # an int8 KV cache: each rank quantizes its own KV heads, with the scales the whole model gives them
+        "tiny-kv-int8": lambda: compare(tiny, ctx, layout="nk", kv_cache_dtype="int8"),
         "tiny-qwen2-bias": lambda: compare(load_model("tiny-qwen2", dummy=True, device="cpu", with_tokenizer=False),
                                            ctx, layout="nk"),
         # one KV head (multi-query attention): both ranks hold it, each computes two of the four query heads
