@@ -39,6 +39,7 @@ class Variant:
     cuda_graphs: bool = False  # the decode step replayed from CUDA graphs (a GPU only)
     kernels: str = "torch"  # the kernel and attention backends: "triton" for both, or torch and sdpa
     attention: str = "sdpa"
+    kv_cache_dtype: str = "auto"  # "int8": the paged KV cache stored in int8 with a scale per head
 
 
 BENCH_DTYPES = ("fp32", "bf16", "fp16")
@@ -229,7 +230,7 @@ def _engine_config(batch_sizes, num_tokens: int, variant: Variant) -> EngineConf
     block_size = EngineConfig.block_size
     blocks = max(batch_sizes) * -(-(num_tokens + 8) // block_size) + 1
     return EngineConfig(max_num_seqs=max(batch_sizes), num_kv_blocks=blocks, compile=variant.compile,
-                        cuda_graphs=variant.cuda_graphs)
+                        cuda_graphs=variant.cuda_graphs, kv_cache_dtype=variant.kv_cache_dtype)
 
 
 def _prepare(engine: Engine, batch_sizes, first: int, last: int) -> None:
@@ -256,16 +257,22 @@ def _labkit_engine(loaded, variant: Variant, shared: dict, batch_sizes, num_toke
     return Engine(model, loaded.tokenizer, name=loaded.name, config=_engine_config(batch_sizes, num_tokens, variant))
 
 
-def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, log, bar, baseline) -> list[dict]:
-    """The body of `run_decode_bench` once the model is loaded: set up each engine, then time the cells."""
+def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, log, bar, baseline,
+             variants_by_name: dict | None = None, shared: dict | None = None) -> list[dict]:
+    """The body of `run_decode_bench` once the model is loaded: set up each engine, then time the cells.
+
+    `variants_by_name` looks the names up (default: VARIANTS); `shared`, when given, receives the compact models
+    built per weight format, keyed (dtype, linear_layout, quantize), for a caller that measures more on them."""
+    lookup = VARIANTS if variants_by_name is None else variants_by_name
     bar.set_postfix_str("measuring memory bandwidth")
     bandwidth = memory_bandwidth_gbps(size_mb=1024 if loaded.device.type == "cuda" else 256, device=loaded.device)
     bar.update()
     env = describe_environment(loaded.device)
-    runners, compile_s, shared = {}, {}, {}
+    runners, compile_s = {}, {}
+    shared = {} if shared is None else shared
     batch_sizes, num_tokens = tuple(cells), len(prompt_ids) + max_tokens
     for name in variants:
-        variant = VARIANTS[name]
+        variant = lookup[name]
         bar.set_postfix_str(f"setting up {name}")
         if variant.engine == "llama.cpp":
             runners[name] = _LlamaCppRunner(prompt, max_tokens, torch.get_num_threads())
@@ -297,7 +304,7 @@ def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, l
                 samples[name].append(runners[name](batch_size))
                 bar.update()
         for name in names:
-            variant, runner = VARIANTS[name], runners[name]
+            variant, runner = lookup[name], runners[name]
             rates = [rate for rate, _ in samples[name]]
             tokens_per_s = statistics.median(rates)
             roofline = bandwidth * 1e9 / runner.bytes_per_step  # decode steps/s if weights stream at bandwidth
@@ -307,7 +314,7 @@ def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, l
                 "params": {"variant": name, "engine": variant.engine, "dtype": variant.dtype,
                            "compile": variant.compile, "quantize": variant.quantize,
                            "cuda_graphs": variant.cuda_graphs, "kernels": variant.kernels,
-                           "attention": variant.attention,
+                           "attention": variant.attention, "kv_cache_dtype": variant.kv_cache_dtype,
                            "linear_layout": getattr(getattr(runner, "engine", None), "linear_layout", None),
                            "batch_size": batch_size, "max_tokens": max_tokens, "prompt_tokens": len(prompt_ids),
                            "repeats": repeats, "model": loaded.name, "device": str(loaded.device)},

@@ -31,6 +31,7 @@ BENCH_COMMANDS = {
     "kernels": "labkit.bench_kernels",
     "tp": "labkit.bench_tp",
     "spec": "labkit.bench_spec",
+    "quant": "labkit.bench_quant",
 }
 
 

@@ -4,13 +4,14 @@ Schemes (`QUANT_METHODS`), all applied by `quantize(model, method)` to every lab
 - ``int8``: symmetric, one scale per output channel; torch's `_weight_int8pack_mm` on CPU.
 - ``int4-g32`` / ``int4-g64`` / ``int4-g128``: asymmetric 4-bit codes with a scale and a minimum per group of
   32 / 64 / 128 inputs, w ≈ q · scale + minimum (the form of GGUF's Q4_1); torch's `_weight_int4pack_mm_for_cpu`.
+  The LM head stays int8, as in llama.cpp's 4-bit files.
 - ``gguf``: the embedded GGUF file's own blocks, read as they are: Q4_1 blocks become the int4 layout above with
   their codes unchanged (group 32, d → scale, m → minimum), and the Q8_0 LM head keeps its int8 codes, split
   into two 4-bit halves so the same int4 kernel runs it (see `Q8_0Linear`). No dequantize-requantize round trip.
 
 The CPU kernels take bf16 activations and bf16 scales (their fp32 path measured 10-20x slower), so a scale is
-rounded to bf16 once at load; codes are exact. Decode (a few rows) runs the packed kernel; a prefill chunk of
-many rows dequantizes the weight and runs a dense GEMM, which is compute-bound there and far faster.
+rounded to bf16 once at load; codes are exact. The int4 kernel runs every row count; the int8 kernel is a decode
+kernel, so an int8 call of 64+ rows (a prefill chunk) casts the weight and runs a dense GEMM instead.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from labkit.llama import Linear
 QUANT_METHODS = ("int8", "int4-g32", "int4-g64", "int4-g128", "gguf")
 BNB_METHODS = ("bnb-int8", "bnb-nf4")  # bitsandbytes' LLM.int8() and NF4 linears: CUDA only
 INT4_GROUP_SIZES = (32, 64, 128)
-# rows at or above which a quantized linear dequantizes and runs a dense GEMM instead of the packed kernel
-DENSE_MIN_ROWS = 16
+# rows at or above which the int8 linear casts its weight and runs a dense GEMM instead of the packed kernel
+# (measured: the packed int8 kernel falls behind from ~64 rows; the int4 kernel stays ahead of dequantizing)
+DENSE_MIN_ROWS = 64
 SAVE_FORMAT = "labkit-quantized-v1"
 
 
@@ -111,6 +113,7 @@ class _QuantLinear(nn.Module):
 
     in_features: int
     out_features: int
+    dense_min_rows: int | None = None  # None: the packed kernel at every row count
 
     def _init_bias(self, bias: torch.Tensor | bool | None, device) -> None:
         if isinstance(bias, torch.Tensor):
@@ -134,8 +137,9 @@ class _QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] >= DENSE_MIN_ROWS or x.device.type != "cpu":
-            y = self._dense(x2)  # prefill: compute-bound, where the packed decode kernels are slow
+        rows = self.dense_min_rows
+        if x.device.type != "cpu" or (rows is not None and x2.shape[0] >= rows):
+            y = self._dense(x2)  # a long prefill chunk: compute-bound, where the packed int8 kernel is slow
         else:
             y = self._matmul(x2)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
@@ -149,6 +153,8 @@ class _QuantLinear(nn.Module):
 
 class Int8WeightOnlyLinear(_QuantLinear):
     """y = x Wᵀ with W ≈ q · scale (int8, one scale per output channel); bias kept in fp32."""
+
+    dense_min_rows = DENSE_MIN_ROWS
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | bool | None = None, device=None):
         super().__init__()
@@ -353,10 +359,14 @@ def quantize(model: nn.Module, method: str = "int8", gguf_path: str | Path | Non
     if method == "gguf":
         _load_gguf_linears(model, gguf_path)
     else:
+        head = getattr(model, "lm_head", None)
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, Linear):
-                    setattr(parent, name, _quantize_linear(child, method))
+                    # int4 keeps the LM head at int8, as llama.cpp's 4-bit files keep it at 6-8 bits: its error
+                    # lands on the logits directly (at 4 bits it cost most of int4-g32's logit error here)
+                    scheme = "int8" if child is head and method.startswith("int4") else method
+                    setattr(parent, name, _quantize_linear(child, scheme))
     if hasattr(model, "rewrites"):
         model.rewrites.append(f"quant:{method}")
     return model

@@ -48,17 +48,18 @@ def test_int4_linear_matches_its_dequantized_weight(shape, group_size):
     assert w.shape == (out_features, in_features)
     step = (lin.weight.amax() - lin.weight.amin()) / 15
     assert (w - lin.weight).abs().max() <= step / 2 * 1.05  # half a code step (bf16 scales: 5 % slack)
-    for rows in (1, 3, quant.DENSE_MIN_ROWS + 1):  # the packed kernel, and the dense path of a prefill chunk
+    for rows in (1, 3, 70):  # decode rows and a prefill chunk, all through the packed kernel
         x = torch.randn(rows, in_features)
         torch.testing.assert_close(qlin(x), x @ w.t() + lin.bias, **BF16_TOL)
+    torch.testing.assert_close(qlin._dense(x), qlin._matmul(x).float(), **BF16_TOL)
 
 
 def test_int8_linear_matches_dequantized_reference():
     lin = torch.nn.Linear(96, 40, bias=True)
     qlin = Int8WeightOnlyLinear.from_linear(lin)
     q, scale = quantize_int8_ref(lin.weight)
-    for rows in (5, quant.DENSE_MIN_ROWS):
-        x = torch.randn(3, rows, 96)
+    for rows in (5, quant.DENSE_MIN_ROWS):  # the packed kernel, then the dense GEMM of a long prefill chunk
+        x = torch.randn(1, rows, 96)
         ref = x @ (q.float() * scale[:, None]).t() + lin.bias
         torch.testing.assert_close(qlin(x), ref, **BF16_TOL)
 
