@@ -52,7 +52,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
-    bench = sub.add_parser("bench", help="benchmarks: decode throughput, serving load, batching policies",
+    bench = sub.add_parser("bench", help="benchmarks: decode, serving load, batching, kernels, TP, speculation, quantization",
                            description="Benchmarks. Each writes result rows under data/ and accepts --json.")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     for module in BENCH_COMMANDS.values():
