@@ -29,7 +29,7 @@ from labkit.llama import Linear, Transformer, use_kn_layout
 from labkit.sampling import sample
 from labkit.speculative import Draft, DraftRequest, Proposer
 
-SELF_DRAFT_SCHEMES = ("int8", "bf16")  # with labkit.quant's methods, when they grow (int4)
+SELF_DRAFT_SCHEMES = ("int8", "bf16")  # and every other method of labkit.quant (int4, gguf)
 
 
 class NgramProposer(Proposer):
@@ -216,7 +216,7 @@ def head_rows(model: Transformer, vocab: torch.Tensor | None = None) -> torch.Te
 def self_draft(target: Transformer, scheme: str = "int8") -> Transformer:
     """A copy of the target with its weights in a cheaper form: int8 weight-only (labkit.quant) or bf16 storage.
 
-    Any method of `labkit.quant.quantize` is accepted, so int4 drops in once it lands there.
+    Any method of `labkit.quant.quantize` is accepted too (int4-g32, gguf, ...).
     """
     from labkit.quant import QUANT_METHODS, quantize
 
