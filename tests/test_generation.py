@@ -39,7 +39,10 @@ def test_next_token_logits_match_hf(embedded, engines):
         ids = engine.encode(text)
         with torch.inference_mode():
             ref = embedded.model(torch.tensor([ids])).logits[0]
-        torch.testing.assert_close(engine.prompt_logits(ids), ref, atol=1e-4, rtol=1e-4)
+        # fp32 rounding over 30 layers, in an order that depends on the thread count: up to 1.6e-4 seen with one
+        # thread, so the absolute part is 1e-5 of the largest logit (about 3e-4), as in the TP tests
+        atol = 1e-5 * ref.abs().max().item()
+        torch.testing.assert_close(engine.prompt_logits(ids), ref, atol=atol, rtol=1e-4)
 
 
 def test_greedy_is_token_identical_to_hf_generate(engines):
