@@ -25,8 +25,8 @@ def setup(embedded):
     prompts = [plain.encode(t, chat=c) for t, c in TEXTS]
     params = plain.sampling_params(max_new_tokens=NUM_TOKENS)
     reference = [g.tokens for g in plain.generate(prompts, params)]
-    # learned drafts at the smoke size on half its corpus, trained here and not saved: CI never relies on the
-    # cache, and these drafts only have to propose tokens, not good ones
+    # learned drafts of the smoke size on a quarter of its corpus (3 answers of 12 tokens), trained here, not
+    # saved: CI never relies on the cache, and these drafts only have to propose tokens, not good ones
     config = dataclasses.replace(TRAIN_SIZES["smoke"], num_sequences=3, max_new_tokens=12)
     trained = load_or_train(("draft", "medusa", "eagle"), target, embedded.tokenizer, size="smoke", save=False,
                             config=config)
