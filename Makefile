@@ -43,8 +43,11 @@ lab: setup
 lab-refresh: setup
 	$(VENV)/bin/labkit run --refresh-reference $(LAB_ARGS)
 
+# One torch thread unless OMP_NUM_THREADS says otherwise: on a 2-core machine that other work shares, two
+# threads spin-wait on each other (decode measured 3-10x slower than with one); the tests assert no speed.
 test: setup
-	TRITON_INTERPRET=1 LABKIT_FIGURES_DIR=$$(mktemp -d) LABKIT_DATA_DIR=$$(mktemp -d) \
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} LABKIT_FIGURES_DIR=$$(mktemp -d) \
+	  LABKIT_DATA_DIR=$$(mktemp -d) \
 	  $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from labkit.arguments import add_label_option, comma_list, non_negative_float, non_negative_int, output_file, positive_int
 from labkit.generation import Engine, EngineConfig, HFEngine, apply_rewrites
-from labkit.llama import from_hf
+from labkit.llama import Transformer, from_hf
 from labkit.loadgen import BenchServeConfig, RequestOutcome, benchmark, compute_metrics, parse_slo, request_timing
 from labkit.models import EMBEDDED_MODEL, LoadedModel, load_model
 from labkit.sampling import SamplingParams
@@ -286,9 +286,12 @@ def _engine(model, loaded: LoadedModel, config: EngineConfig, policy: str, eos_t
 
 def run_batching_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig = DEFAULT_ENGINE,
                        policies: Sequence[str] = POLICIES, slo: dict | None = None, progress: bool = True,
-                       env: dict | None = None) -> BatchingResult:
+                       env: dict | None = None, model: Transformer | None = None) -> BatchingResult:
     """Serve one trace with each policy in turn (one shared model, a fresh engine per policy, warm-up
-    excluded) and build the result rows: metrics, speedups over static and HF measured in this run."""
+    excluded) and build the result rows: metrics, speedups over static and HF measured in this run.
+
+    `model`: the compact model of `loaded` the engines serve, when the caller has built it already (building
+    it rewrites every layer: seconds for the embedded model); by default it is built here."""
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:
         raise ValueError(f"unknown policy {unknown[0] if unknown else ''!r}: choose among {', '.join(POLICIES)}")
@@ -296,7 +299,8 @@ def run_batching_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig =
         raise ValueError(f"each policy once, please: got {', '.join(policies)}")
     _check_trace(trace)
     hf = HFEngine(loaded.model, loaded.tokenizer, name=loaded.name)
-    model = apply_rewrites(from_hf(loaded.model)) if set(policies) & set(ENGINE_POLICIES) else None
+    if model is None and set(policies) & set(ENGINE_POLICIES):
+        model = apply_rewrites(from_hf(loaded.model))
     warmup = _warmup_trace(trace, loaded.tokenizer)
     total = sum(r.output_len for r in trace)
     runs: dict[str, PolicyRun] = {}

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from labkit import cli
 from labkit.models import load_model
 
 
@@ -33,3 +34,19 @@ def embedded():
 def tiny():
     """A 2-layer random Llama with the embedded tokenizer: fast, and text still round-trips."""
     return load_model("tiny-smollm2", dummy=True, device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """`labkit ARGV` in this process: run_cli(*argv) -> (exit status, stdout, stderr); argparse errors exit
+    through SystemExit, which gives the status too."""
+
+    def run(*argv):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -7,21 +7,9 @@ import sys
 
 import pytest
 
-from labkit import cli
 
-
-def run_cli(capsys, *argv):
-    """Exit status and output of `labkit ARGV`; argparse errors exit through SystemExit."""
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_json_row_from_the_embedded_model(capsys, embedded):
-    code, out, err = run_cli(capsys, "baseline", "--prompt", "Hello, world!", "--max-tokens", "8", "--json",
+def test_json_row_from_the_embedded_model(run_cli, embedded):
+    code, out, err = run_cli("baseline", "--prompt", "Hello, world!", "--max-tokens", "8", "--json",
                                "--repeats", "2")
     assert code == 0
     rows = json.loads(out)  # stdout holds only JSON
@@ -33,21 +21,21 @@ def test_json_row_from_the_embedded_model(capsys, embedded):
     assert row["env"]["torch"] and "TTFT" in err
 
 
-def test_greedy_is_deterministic_across_runs_and_engines(capsys, embedded):
+def test_greedy_is_deterministic_across_runs_and_engines(run_cli, embedded):
     texts = []
     for engine in ("hf", "hf", "labkit"):
-        code, out, _ = run_cli(capsys, "baseline", "--prompt", "The capital of France is", "--max-tokens", "12",
+        code, out, _ = run_cli("baseline", "--prompt", "The capital of France is", "--max-tokens", "12",
                                "--engine", engine, "--json", "--no-save", "--repeats", "1")
         assert code == 0
         texts.append(json.loads(out)[0]["text"])
     assert texts[0] == texts[1] == texts[2]
 
 
-def test_rows_are_saved(capsys, embedded, tmp_path, monkeypatch):
+def test_rows_are_saved(run_cli, embedded, tmp_path, monkeypatch):
     from labkit.results import load_results
 
     monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path))
-    assert run_cli(capsys, "baseline", "--max-tokens", "2", "--engine", "labkit", "--repeats", "1")[0] == 0
+    assert run_cli("baseline", "--max-tokens", "2", "--engine", "labkit", "--repeats", "1")[0] == 0
     df = load_results()
     assert list(df["technique"]) == ["baseline"] and df["metrics.ttft_ms"].iloc[0] > 0
 
@@ -62,16 +50,16 @@ def test_rows_are_saved(capsys, embedded, tmp_path, monkeypatch):
     (["--engine", "vllm"], "vllm"),
     (["--model", "./no/such/dir"], "no/such/dir"),
 ])
-def test_bad_arguments_give_one_line_and_exit_2(capsys, argv, needle):
-    code, _, err = run_cli(capsys, "baseline", *argv)
+def test_bad_arguments_give_one_line_and_exit_2(run_cli, argv, needle):
+    code, _, err = run_cli("baseline", *argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
 
 
-def test_unknown_hub_model_names_the_embedded_default(capsys, monkeypatch):
+def test_unknown_hub_model_names_the_embedded_default(run_cli, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, _, err = run_cli(capsys, "baseline", "--model", "facebook/opt-125m-nope")
+    code, _, err = run_cli("baseline", "--model", "facebook/opt-125m-nope")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "smollm2-135m-instruct" in err
 
 
@@ -98,11 +86,11 @@ def test_cold_run_is_reported_apart_from_the_warm_median(tiny, capsys):
     assert "baseline" in capsys.readouterr().err  # the progress bar
 
 
-def test_label_and_run_id_are_saved(capsys, tmp_path, monkeypatch):
+def test_label_and_run_id_are_saved(run_cli, tmp_path, monkeypatch):
     from labkit.results import read_rows
 
     monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path))
-    code, out, err = run_cli(capsys, "baseline", "--model", "tiny-smollm2", "--dummy", "--max-tokens", "2",
+    code, out, err = run_cli("baseline", "--model", "tiny-smollm2", "--dummy", "--max-tokens", "2",
                              "--repeats", "1", "--label", "first try", "--json", "--no-progress")
     assert code == 0
     (printed,) = json.loads(out)

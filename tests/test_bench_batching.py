@@ -66,6 +66,16 @@ def test_policies_give_identical_greedy_tokens(result, trace):
     assert all(t == tokens["hf-sequential"] for t in tokens.values())
 
 
+def test_a_prebuilt_model_serves_the_same_tokens(result, trace, tiny):
+    from labkit.generation import apply_rewrites
+    from labkit.llama import from_hf
+
+    again = bb.run_batching_bench(trace, tiny, ENGINE, policies=("continuous",), progress=False,
+                                  model=apply_rewrites(from_hf(tiny.model)))
+    assert [r.token_ids for r in again.runs["continuous"].records] == \
+        [r.token_ids for r in result.runs["continuous"].records]
+
+
 def test_engine_samples_show_the_policies_apart(result):
     runs = result.runs
     for name in bb.ENGINE_POLICIES:

@@ -13,16 +13,6 @@ COMMANDS = [["baseline"], ["run"], ["results"], ["serve"], ["ping"], ["bench"], 
             ["bench", "serve"], ["bench", "batching"], ["bench", "kernels"], ["tp"], ["router"], ["bench", "tp"]]
 
 
-def run_cli(capsys, *argv):
-    """Exit status, stdout and stderr of `labkit ARGV`; argparse errors exit through SystemExit."""
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def assert_one_line_error(code, err, *needles, status=2):
     lines = err.strip().splitlines()
     assert code == status, err
@@ -39,10 +29,10 @@ def test_every_subcommand_has_help(argv, capsys):
     assert "usage: labkit" in capsys.readouterr().out
 
 
-def test_version(capsys):
+def test_version(run_cli):
     from labkit import __version__
 
-    code, out, _ = run_cli(capsys, "--version")
+    code, out, _ = run_cli("--version")
     assert code == 0 and out.strip() == f"labkit {__version__}"
 
 
@@ -51,8 +41,8 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "bench" in out.stdout and "results" in out.stdout
 
 
-def test_unknown_command_is_one_line(capsys):
-    code, _, err = run_cli(capsys, "frobnicate")
+def test_unknown_command_is_one_line(run_cli):
+    code, _, err = run_cli("frobnicate")
     assert_one_line_error(code, err, "frobnicate")
 
 
@@ -97,13 +87,13 @@ def test_no_option_value_gives_a_traceback_while_parsing(words, option, action, 
     (["serve", "--port", "70000"], ["--port"]),
     (["bench", "serve", "--port", "99999"], ["--port"]),
 ])
-def test_bad_values_are_one_line(argv, needles, capsys):
-    code, _, err = run_cli(capsys, *argv)
+def test_bad_values_are_one_line(argv, needles, run_cli):
+    code, _, err = run_cli(*argv)
     assert_one_line_error(code, err, *needles)
 
 
 @pytest.mark.parametrize("command", [["bench", "decode"], ["bench", "batching"]], ids=" ".join)
-def test_a_bad_output_path_fails_before_the_work(command, capsys, tmp_path, monkeypatch):
+def test_a_bad_output_path_fails_before_the_work(command, run_cli, tmp_path, monkeypatch):
     import labkit.models
 
     def no_loading(*args, **kwargs):
@@ -111,14 +101,14 @@ def test_a_bad_output_path_fails_before_the_work(command, capsys, tmp_path, monk
 
     monkeypatch.setattr(labkit.models, "load_model", no_loading)
     (tmp_path / "file").write_text("x")
-    code, _, err = run_cli(capsys, *command, "--output", str(tmp_path / "file" / "run.json"))
+    code, _, err = run_cli(*command, "--output", str(tmp_path / "file" / "run.json"))
     assert_one_line_error(code, err, "--output", "is a file, not a folder")
-    code, _, err = run_cli(capsys, *command, "--output", str(tmp_path))
+    code, _, err = run_cli(*command, "--output", str(tmp_path))
     assert_one_line_error(code, err, "--output", "expected a file")
 
 
 @pytest.mark.parametrize("command", [["baseline"], ["bench", "decode"], ["bench", "batching"]], ids=" ".join)
-def test_an_unwritable_results_store_fails_before_the_work(command, capsys, tmp_path, monkeypatch):
+def test_an_unwritable_results_store_fails_before_the_work(command, run_cli, tmp_path, monkeypatch):
     from labkit import baseline, bench_batching, bench_decode
 
     def no_loading(*args, **kwargs):
@@ -128,15 +118,15 @@ def test_an_unwritable_results_store_fails_before_the_work(command, capsys, tmp_
         monkeypatch.setattr(module, "load_model", no_loading)
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path / "file"))
-    code, _, err = run_cli(capsys, *command, "--model", "tiny-smollm2", "--dummy")
+    code, _, err = run_cli(*command, "--model", "tiny-smollm2", "--dummy")
     assert_one_line_error(code, err, "is a file, not a folder")
 
 
-def test_llama_cpp_asked_for_but_not_installed_names_the_install(capsys, monkeypatch):
+def test_llama_cpp_asked_for_but_not_installed_names_the_install(run_cli, monkeypatch):
     from labkit import bench_decode
 
     monkeypatch.setattr(bench_decode, "llama_cpp_available", lambda: False)
-    code, _, err = run_cli(capsys, "bench", "decode", "--engines", "llama.cpp", "--no-save")
+    code, _, err = run_cli("bench", "decode", "--engines", "llama.cpp", "--no-save")
     assert_one_line_error(code, err, "llama-cpp-python", "pip install")
 
 

@@ -1,11 +1,13 @@
 """Every draft, on the embedded model: greedy speculative decoding is token-identical to plain greedy decoding,
 alone and in a batch, with fixed and adaptive gamma, and leaves no KV block in use."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from labkit import drafts
-from labkit.draft_training import load_or_train
+from labkit.draft_training import TRAIN_SIZES, load_or_train
 from labkit.generation import Engine, apply_rewrites
 from labkit.llama import from_hf
 from labkit.sampling import SamplingParams
@@ -23,8 +25,11 @@ def setup(embedded):
     prompts = [plain.encode(t, chat=c) for t, c in TEXTS]
     params = plain.sampling_params(max_new_tokens=NUM_TOKENS)
     reference = [g.tokens for g in plain.generate(prompts, params)]
-    # learned drafts at the smoke size, trained here and not saved: CI never relies on the cache
-    trained = load_or_train(("draft", "medusa", "eagle"), target, embedded.tokenizer, size="smoke", save=False)
+    # learned drafts of the smoke size on a quarter of its corpus (3 answers of 12 tokens), trained here, not
+    # saved: CI never relies on the cache, and these drafts only have to propose tokens, not good ones
+    config = dataclasses.replace(TRAIN_SIZES["smoke"], num_sequences=3, max_new_tokens=12)
+    trained = load_or_train(("draft", "medusa", "eagle"), target, embedded.tokenizer, size="smoke", save=False,
+                            config=config)
     proposers = {"ngram": drafts.NgramProposer(), "self-int8": drafts.ModelProposer(drafts.self_draft(target))}
     proposers.update({kind: t.proposer(target) for kind, t in trained.items()})
     return target, embedded.tokenizer, prompts, params, reference, proposers

@@ -1,4 +1,8 @@
-"""The labkit engine against HF transformers: logits, greedy tokens, batching, sampling, streaming."""
+"""The labkit engine against HF transformers: logits, greedy tokens, batching, sampling, streaming.
+
+Agreement with HF, EOS, text and bf16 run on the embedded model; the batching, policy and prefix-cache checks run
+on `varied`, a tiny model whose greedy tokens change from step to step, so token identity still means something
+(the tied tiny-smollm2 repeats its last token)."""
 
 import pytest
 import torch
@@ -9,6 +13,18 @@ from labkit.models import load_model
 
 PROMPTS = ["Once upon a time, in a small village,", "The three primary colors are",
            "def fibonacci(n):\n", "Paris is the capital of"]
+
+
+@pytest.fixture(scope="module")
+def varied():
+    """tiny-qwen2 (untied embeddings, random weights): fast, and its greedy tokens vary."""
+    return load_model("tiny-qwen2", dummy=True, seed=4)
+
+
+def assert_varied(outputs):
+    """Token identity between runs proves nothing when every run repeats one token: demand varied outputs."""
+    assert len({tuple(t) for t in outputs}) == len(outputs), outputs
+    assert all(len(set(t)) > 1 for t in outputs if len(t) > 2), outputs
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +39,15 @@ def test_next_token_logits_match_hf(embedded, engines):
         ids = engine.encode(text)
         with torch.inference_mode():
             ref = embedded.model(torch.tensor([ids])).logits[0]
-        torch.testing.assert_close(engine.prompt_logits(ids), ref, atol=1e-4, rtol=1e-4)
+        # fp32 rounding over 30 layers, in an order that depends on the thread count: up to 1.6e-4 seen with one
+        # thread, so the absolute part is 1e-5 of the largest logit (about 3e-4), as in the TP tests
+        atol = 1e-5 * ref.abs().max().item()
+        torch.testing.assert_close(engine.prompt_logits(ids), ref, atol=atol, rtol=1e-4)
 
 
 def test_greedy_is_token_identical_to_hf_generate(engines):
     engine, hf = engines
-    params = engine.sampling_params(max_new_tokens=72)  # both stop at EOS; most prompts run the full 72
+    params = engine.sampling_params(max_new_tokens=32)  # both stop at EOS; most prompts run the full 32
     lengths = []
     for text in PROMPTS:
         ids = engine.encode(text)
@@ -36,7 +55,7 @@ def test_greedy_is_token_identical_to_hf_generate(engines):
         assert mine.tokens == ref.tokens, text
         assert mine.text == ref.text
         lengths.append(len(mine.tokens))
-    assert sum(n == 72 for n in lengths) >= 3
+    assert sum(n == 32 for n in lengths) >= 3  # past two KV blocks of 16
 
 
 def test_stops_at_eos_like_hf(engines):
@@ -50,24 +69,23 @@ def test_stops_at_eos_like_hf(engines):
 
 
 def test_ragged_batch_equals_one_by_one(engines):
+    """On the embedded model's shapes (9 query heads over 3 KV heads); more batching checks run on `varied`."""
     engine, _ = engines
     prompts = [engine.encode(t) for t in PROMPTS]
     assert len({len(p) for p in prompts}) > 1
-    params = engine.sampling_params(max_new_tokens=24, ignore_eos=True)
+    params = engine.sampling_params(max_new_tokens=12, ignore_eos=True)
     batched = engine.generate(prompts, params)
     for p, b in zip(prompts, batched):
         assert b.tokens == engine.generate([p], params)[0].tokens
 
 
-def test_equal_length_batch_matches_one_by_one(embedded):
-    engine = Engine.from_hf(embedded.model, embedded.tokenizer)
-    texts = ["The sky is blue because", "My favourite food is pizza", "In the year 2050, robots"]
-    prompts = [engine.encode(t) for t in texts]
-    n = min(len(p) for p in prompts)
-    prompts = [p[:n] for p in prompts]  # one length: the batched prefill path
+def test_equal_length_batch_matches_one_by_one(varied):
+    engine = Engine.from_hf(varied.model)
+    prompts = [list(range(3, 9)), list(range(60, 66)), [7, 1, 300, 5, 5, 42]]  # one length: the batched prefill
     params = engine.sampling_params(max_new_tokens=16, ignore_eos=True)
-    batched = engine.generate(prompts, params)
-    assert [b.tokens for b in batched] == [engine.generate([p], params)[0].tokens for p in prompts]
+    solo = [engine.generate([p], params)[0].tokens for p in prompts]
+    assert_varied(solo)
+    assert [b.tokens for b in engine.generate(prompts, params)] == solo
 
 
 def test_greedy_is_deterministic_and_stream_matches(engines):
@@ -184,9 +202,14 @@ def test_bf16_engine_runs_and_mostly_agrees(engines, embedded):
     assert bf16.generate([ids], params)[0].tokens[:4] == engine.generate([ids], params)[0].tokens[:4]
 
 
-def test_compiled_decode_matches_eager(tiny):
-    eager = Engine.from_hf(tiny.model)
-    compiled = Engine.from_hf(tiny.model, compile=True)
+@pytest.fixture(scope="module")
+def compiled_pair(tiny):
+    """An eager engine and one compiled engine, shared by the compile tests: each compile takes seconds."""
+    return Engine.from_hf(tiny.model), Engine.from_hf(tiny.model, compile=True)
+
+
+def test_compiled_decode_matches_eager(compiled_pair):
+    eager, compiled = compiled_pair
     ids = list(range(7, 30))
     params = eager.sampling_params(max_new_tokens=12, ignore_eos=True)
     assert compiled.warmup() > 0 and compiled.compile_s is not None
@@ -206,8 +229,10 @@ def test_gpu_greedy_matches_hf_on_dummy_1b():
 
 
 # -- the step-level engine: policies, preemption, aborts, per-row sampling, prefix caching -------------------
-POLICY_TEXTS = ["The sky is blue because", "def add(a, b):\n", "Once upon a time, in a small village, there lived",
-                "List three fruits:", "Water boils at", "The best way to learn a language is to"]
+# six ragged prompts (4 to 12 tokens) and output lengths: a chunked prefill, a one-token answer, late joiners
+POLICY_PROMPTS = [list(range(3, 8)), [9, 4, 4, 120, 7, 300, 2, 11], list(range(200, 212)), [450, 17, 3, 98, 5],
+                  [61, 62, 63, 64], [8, 300, 8, 301, 8, 302, 8, 303, 9]]
+POLICY_NEW_TOKENS = (3, 17, 9, 1, 12, 6)
 
 
 def _solo_tokens(engine, prompts, params):
@@ -230,19 +255,26 @@ def _run_all(engine, prompts, params, on_step=None):
     return [got[rid] for rid in ids]
 
 
-@pytest.mark.parametrize("policy", ["static", "dynamic", "continuous"])
-def test_every_policy_gives_each_request_its_solo_greedy_tokens(embedded, policy):
+@pytest.fixture(scope="module")
+def policy_setup(varied):
+    """One compact model, the requests' params and their solo greedy tokens, shared by the three policies."""
     from labkit.generation import apply_rewrites
     from labkit.llama import from_hf
 
-    model = apply_rewrites(from_hf(embedded.model))
-    solo = Engine(model, embedded.tokenizer, max_num_seqs=1)
+    model = apply_rewrites(from_hf(varied.model))
+    solo = Engine(model, max_num_seqs=1)
+    params = [solo.sampling_params(max_new_tokens=n, ignore_eos=True) for n in POLICY_NEW_TOKENS]
+    expected = _solo_tokens(solo, POLICY_PROMPTS, params)
+    assert_varied(expected)
+    return model, params, expected
+
+
+@pytest.mark.parametrize("policy", ["static", "dynamic", "continuous"])
+def test_every_policy_gives_each_request_its_solo_greedy_tokens(policy_setup, policy):
+    model, params, expected = policy_setup
     # a small step budget forces chunked prefill; three rows at a time with six requests forces joining
-    engine = Engine(model, embedded.tokenizer, policy=policy, max_num_seqs=3, max_num_batched_tokens=8,
-                    max_wait_s=0.0)
-    prompts = [solo.encode(t) for t in POLICY_TEXTS]
-    params = [solo.sampling_params(max_new_tokens=n, ignore_eos=True) for n in (3, 17, 9, 1, 12, 6)]
-    assert _run_all(engine, prompts, params) == _solo_tokens(solo, prompts, params)
+    engine = Engine(model, policy=policy, max_num_seqs=3, max_num_batched_tokens=8, max_wait_s=0.0)
+    assert _run_all(engine, POLICY_PROMPTS, params) == expected
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
@@ -281,11 +313,11 @@ def test_mixed_sampling_in_one_batch_gives_each_request_its_solo_result(tiny):
     assert batched[0] != batched[0][:1] * len(batched[0])  # really sampled, not stuck on one token
 
 
-def test_prefix_cache_hits_do_not_change_outputs(embedded):
-    engine = Engine.from_hf(embedded.model, embedded.tokenizer)
-    uncached = Engine(engine.model, embedded.tokenizer, enable_prefix_caching=False)
-    system = engine.encode("You are a helpful assistant who answers in one short sentence. " * 3)
-    prompts = [system + engine.encode(q) for q in (" What is the capital of France?", " Name a colour.")]
+def test_prefix_cache_hits_do_not_change_outputs(varied):
+    engine = Engine.from_hf(varied.model)
+    uncached = Engine(engine.model, enable_prefix_caching=False)
+    system = [(7 * i) % 500 + 3 for i in range(38)]  # a shared 38-token system prompt: two full blocks of 16
+    prompts = [system + q for q in ([40, 41, 42, 43, 44, 45, 46], [300, 2, 5])]
     params = engine.sampling_params(max_new_tokens=12, ignore_eos=True)
     first = engine.generate([prompts[0]], params)[0]
     rid = engine.add_request(prompts[1], params)
@@ -295,6 +327,7 @@ def test_prefix_cache_hits_do_not_change_outputs(embedded):
     assert outs[-1].num_cached_tokens == len(system) // 16 * 16 > 0
     assert [t for o in outs for t in o.new_token_ids] == uncached.generate([prompts[1]], params)[0].tokens
     assert first.tokens == uncached.generate([prompts[0]], params)[0].tokens
+    assert_varied([first.tokens, [t for o in outs for t in o.new_token_ids]])
     assert engine.stats().prefix_hit_rate > 0
 
 
@@ -342,9 +375,8 @@ def test_closing_a_stream_aborts_its_request(tiny):
     assert not engine.has_unfinished and engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
-def test_compiled_ragged_batch_matches_eager(tiny):
-    eager = Engine.from_hf(tiny.model)
-    compiled = Engine.from_hf(tiny.model, compile=True)
+def test_compiled_ragged_batch_matches_eager(compiled_pair):
+    eager, compiled = compiled_pair
     prompts = [list(range(7, 30)), list(range(3, 8)), list(range(40, 41))]  # 3 rows: padded to a bucket of 4
     params = eager.sampling_params(max_new_tokens=10, ignore_eos=True)
     assert [g.tokens for g in compiled.generate(prompts, params)] == [g.tokens for g in eager.generate(prompts, params)]
