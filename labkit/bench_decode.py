@@ -10,7 +10,6 @@ and one copy; dummy presets without a tokenizer get a seeded synthetic prompt.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.arguments import add_label_option, comma_list, output_file, positive_int, utf8_text
+from labkit.arguments import add_run_output_options, comma_list, positive_int, utf8_text
 from labkit.bench import memory_bandwidth_gbps, weight_bytes_per_token
 from labkit.device import (describe_environment, dtype_name, format_environment, pick_device, pick_dtype,
                            seed_everything)
@@ -40,6 +39,11 @@ class Variant:
     kernels: str = "torch"  # the kernel and attention backends: "triton" for both, or torch and sdpa
     attention: str = "sdpa"
     kv_cache_dtype: str = "auto"  # "int8": the paged KV cache stored in int8 with a scale per head
+
+    @property
+    def model_key(self) -> tuple:
+        """The weight format: variants with one key share one compact model."""
+        return self.dtype, self.linear_layout, self.quantize
 
 
 BENCH_DTYPES = ("fp32", "bf16", "fp16")
@@ -249,7 +253,7 @@ def _prepare(engine: Engine, batch_sizes, first: int, last: int) -> None:
 
 def _labkit_engine(loaded, variant: Variant, shared: dict, batch_sizes, num_tokens: int) -> Engine:
     """An engine over the compact model of the variant's weight format, built once per format and shared."""
-    key = (variant.dtype, variant.linear_layout, variant.quantize)
+    key = variant.model_key
     if key not in shared:
         model = from_hf(loaded.model, dtype=None if variant.quantize else pick_dtype(variant.dtype))
         shared[key] = apply_rewrites(model, linear_layout=variant.linear_layout, quantize=variant.quantize)
@@ -262,7 +266,7 @@ def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, l
     """The body of `run_decode_bench` once the model is loaded: set up each engine, then time the cells.
 
     `variants_by_name` looks the names up (default: VARIANTS); `shared`, when given, receives the compact models
-    built per weight format, keyed (dtype, linear_layout, quantize), for a caller that measures more on them."""
+    built per weight format, keyed by `Variant.model_key`, for a caller that measures more on them."""
     lookup = VARIANTS if variants_by_name is None else variants_by_name
     bar.set_postfix_str("measuring memory bandwidth")
     bandwidth = memory_bandwidth_gbps(size_mb=1024 if loaded.device.type == "cuda" else 256, device=loaded.device)
@@ -374,19 +378,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=EMBEDDED_MODEL, help="model (default: the embedded SmolLM2)")
     p.add_argument("--dummy", action="store_true", help="random weights from a preset (e.g. llama-1b on a GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--output", type=output_file, default=None,
-                   help="JSON file for this run (default: data/bench_decode.json)")
-    add_label_option(p)
-    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
-    p.add_argument("--no-save", action="store_true", help="write nothing under data/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_output_options(p, "bench_decode.json")
     p.set_defaults(func=cmd_decode)
 
 
 def cmd_decode(args) -> int:
     from tqdm.auto import tqdm
 
-    from labkit.results import append_rows, check_store, data_dir, stamp_rows, write_json_atomic
+    from labkit.results import check_store, report_rows
 
     if not args.prompt.strip():
         raise ValueError("--prompt must not be empty")
@@ -397,14 +396,7 @@ def cmd_decode(args) -> int:
                             repeats=args.repeats, prompt=args.prompt, model=args.model, dummy=args.dummy,
                             device=args.device, log=lambda msg: tqdm.write(msg, file=sys.stderr),
                             progress=not args.no_progress, dtype=args.dtype, prompt_tokens=args.prompt_tokens)
-    rows = stamp_rows(rows, label=args.label)
-    if not args.no_save:
-        append_rows(rows)
-        write_json_atomic(args.output or data_dir() / "bench_decode.json", rows)
-    print(format_table(rows), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    return 0
+    return report_rows(rows, args, "bench_decode.json", format_table)
 
 
 __all__ = ["run_decode_bench", "VARIANTS", "DEFAULT_VARIANTS", "default_variants", "variant_problem",

@@ -13,7 +13,6 @@ in numpy, one program after another, so its timings say nothing about the kernel
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from labkit.arguments import add_label_option, comma_list, output_file
+from labkit.arguments import add_run_output_options, comma_list
 from labkit.device import describe_environment, dtype_name, format_environment, pick_device
 
 PROVIDERS = ("torch", "compile", "triton")
@@ -407,12 +406,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ops", type=comma_list(str), default=None, help=f"comma-separated, from {', '.join(OPS)}")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="input dtype (default: bf16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--output", type=output_file, default=None,
-                   help="JSON file for this run (default: data/bench_kernels.json)")
-    add_label_option(p)
-    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
-    p.add_argument("--no-save", action="store_true", help="write nothing under data/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_output_options(p, "bench_kernels.json")
     p.set_defaults(func=cmd_kernels)
 
 
@@ -421,7 +415,7 @@ def cmd_kernels(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from labkit.results import append_rows, check_store, data_dir, stamp_rows, write_json_atomic
+    from labkit.results import check_store, report_rows
 
     dev = pick_device(args.device)
     if dev.type == "cpu" and "labkit.kernels.common" not in sys.modules:
@@ -431,14 +425,7 @@ def cmd_kernels(args) -> int:
         check_store()
     rows = run_kernel_bench(args.ops, args.dtype, args.device, log=lambda msg: tqdm.write(msg, file=sys.stderr),
                             progress=not args.no_progress)
-    rows = stamp_rows(rows, label=args.label)
-    if not args.no_save:
-        append_rows(rows)
-        write_json_atomic(args.output or data_dir() / "bench_kernels.json", rows)
-    print(format_table(rows), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    return 0
+    return report_rows(rows, args, "bench_kernels.json", format_table)
 
 
 __all__ = ["run_kernel_bench", "format_table", "fusion_traffic", "sweep_frame", "bandwidth_figure", "attention_figure",

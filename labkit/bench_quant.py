@@ -9,8 +9,6 @@ per (scheme, batch size) in the lab's result-row form (`params.scheme`, `metrics
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -18,14 +16,14 @@ from dataclasses import replace
 
 import torch
 
-from labkit.arguments import add_label_option, comma_list, output_file, positive_int
+from labkit.arguments import add_run_output_options, comma_list, positive_int
 from labkit.bench import weight_bytes_per_token
 from labkit.bench_decode import (DEFAULT_PROMPT, VARIANTS, Variant, _measure, llama_cpp_available,
                                  llama_cpp_problem)
 from labkit.device import format_environment, seed_everything
 from labkit.generation import Engine, EngineConfig
 from labkit.models import EMBEDDED_MODEL, embedded_gguf_path, load_model
-from labkit.quality import greedy_agreement, load_text, perplexity, sliding_windows
+from labkit.quality import LogitsFunction, greedy_agreement, load_text, perplexity, sliding_windows
 
 SCHEMES = ("fp32", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128", "gguf", "kv-int8", "llama.cpp")
 # scheme -> (decode variant, eager or compiled); kv-int8 keeps fp32 weights so that only the cache changes
@@ -108,10 +106,9 @@ def run_quant_bench(schemes=SCHEMES, batch_sizes=(1, 8), max_tokens: int = 64, r
 
 
 def _labkit_engine_for(variant: Variant, shared: dict, loaded, num_tokens: int) -> Engine:
-    key = (variant.dtype, variant.linear_layout, variant.quantize)
     config = EngineConfig(max_num_seqs=8, num_kv_blocks=8 * -(-num_tokens // EngineConfig.block_size) + 8,
                           kv_cache_dtype=variant.kv_cache_dtype)
-    return Engine(shared[key], loaded.tokenizer, name=loaded.name, config=config)
+    return Engine(shared[variant.model_key], loaded.tokenizer, name=loaded.name, config=config)
 
 
 def _quality(scheme, variant, shared, loaded, ppl_ids, context_len, stride, agreement_ids, agreement_tokens,
@@ -153,12 +150,7 @@ def _llama_cpp_quality(ppl_ids, context_len, stride, agreement_ids, agreement_to
         llm.eval(ids)
         return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
 
-    total, count = 0.0, 0
-    for w in sliding_windows(len(ppl_ids), context_len, stride):
-        rows = logits(ppl_ids[w.begin:w.end])[w.score_begin - 1 - w.begin: w.end - 1 - w.begin].double()
-        targets = torch.tensor(ppl_ids[w.score_begin:w.end])
-        total += torch.nn.functional.cross_entropy(rows, targets, reduction="sum").item()
-        count += w.num_scored
+    scored = perplexity(LogitsFunction(logits, llm.n_ctx(), llm.n_vocab()), ppl_ids, context_len, stride)
     same = positions = diverged = 0
     ref_engine = reference["_engine"]
     for prompt in agreement_ids:
@@ -176,7 +168,7 @@ def _llama_cpp_quality(ppl_ids, context_len, stride, agreement_ids, agreement_to
                 break
         diverged += next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), len(ref))
     size = embedded_gguf_path().stat().st_size
-    return {"perplexity": math.exp(total / count), "agreement_teacher_forced": same / positions,
+    return {"perplexity": scored.perplexity, "agreement_teacher_forced": same / positions,
             "agreement_free_running": diverged / positions, "weight_bytes": size, "weight_bytes_per_token": size,
             "kv_bytes_per_token": None}
 
@@ -273,18 +265,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--context-len", type=positive_int, default=512, help="perplexity window (default: 512)")
     p.add_argument("--stride", type=positive_int, default=256, help="perplexity window stride (default: 256)")
     p.add_argument("--agreement-tokens", type=positive_int, default=32, help="greedy tokens per prompt (default: 32)")
-    p.add_argument("--output", type=output_file, default=None, help="JSON file (default: data/bench_quant.json)")
-    add_label_option(p)
-    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
-    p.add_argument("--no-save", action="store_true", help="write nothing under data/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_output_options(p, "bench_quant.json")
     p.set_defaults(func=cmd_quant)
 
 
 def cmd_quant(args) -> int:
     from tqdm.auto import tqdm
 
-    from labkit.results import append_rows, check_store, data_dir, stamp_rows, write_json_atomic
+    from labkit.results import check_store, report_rows
 
     if args.stride > args.context_len:
         raise ValueError(f"--stride {args.stride} must be <= --context-len {args.context_len}")
@@ -295,14 +283,7 @@ def cmd_quant(args) -> int:
                            ppl_tokens=args.ppl_tokens, context_len=args.context_len, stride=args.stride,
                            agreement_tokens=args.agreement_tokens, log=lambda msg: tqdm.write(msg, file=sys.stderr),
                            progress=not args.no_progress)
-    rows = stamp_rows(rows, label=args.label)
-    if not args.no_save:
-        append_rows(rows)
-        write_json_atomic(args.output or data_dir() / "bench_quant.json", rows)
-    print(format_table(rows), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    return 0
+    return report_rows(rows, args, "bench_quant.json", format_table)
 
 
 __all__ = ["run_quant_bench", "SCHEMES", "scheme_variant", "pareto_front", "recommend", "format_table",

@@ -9,7 +9,6 @@ drafting and verifying per step, and whether the tokens were identical to plain 
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.arguments import add_label_option, comma_list, output_file, positive_int
+from labkit.arguments import add_run_output_options, comma_list, positive_int
 from labkit.device import describe_environment, pick_device, seed_everything, synchronize
 from labkit.generation import Engine, apply_rewrites
 from labkit.llama import Transformer, from_hf
@@ -319,12 +318,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=EMBEDDED_MODEL, help="model (default: the embedded SmolLM2)")
     p.add_argument("--dummy", action="store_true", help="random weights from a preset (e.g. tiny-smollm2)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps, auto")
-    p.add_argument("--output", type=output_file, default=None,
-                   help="JSON file for this run (default: data/bench_spec.json)")
-    add_label_option(p)
-    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
-    p.add_argument("--no-save", action="store_true", help="write nothing under data/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_output_options(p, "bench_spec.json")
     p.set_defaults(func=cmd_spec)
 
 
@@ -332,7 +326,7 @@ def cmd_spec(args) -> int:
     from tqdm.auto import tqdm
 
     from labkit.draft_training import SIZES
-    from labkit.results import append_rows, check_store, data_dir, stamp_rows, write_json_atomic
+    from labkit.results import check_store, report_rows
 
     for name, given, allowed in (("draft", args.drafts, DRAFTS), ("workload", args.workloads, tuple(WORKLOADS)),
                                  ("training size", (args.train_size,), ("auto", *SIZES))):
@@ -348,14 +342,7 @@ def cmd_spec(args) -> int:
                           batch_size=args.batch_size, train_size=args.train_size, model=args.model, clock=args.clock,
                           dummy=args.dummy, device=args.device, log=lambda m: tqdm.write(m, file=sys.stderr),
                           progress=not args.no_progress)
-    rows = stamp_rows(rows, label=args.label)
-    if not args.no_save:
-        append_rows(rows)
-        write_json_atomic(args.output or data_dir() / "bench_spec.json", rows)
-    print(format_table(rows), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    return 0
+    return report_rows(rows, args, "bench_spec.json", format_table)
 
 
 __all__ = ["run_spec_bench", "make_proposers", "verify_cost_ms", "Variant", "variants_for", "format_table",

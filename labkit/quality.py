@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -142,10 +142,20 @@ def sliding_windows(num_tokens: int, context_len: int = 512, stride: int = 256) 
     return windows
 
 
+@dataclass(frozen=True)
+class LogitsFunction:
+    """A model outside torch (llama.cpp, say): token ids -> logits [len(ids), V] of a window read from scratch."""
+
+    fn: Callable[[list[int]], torch.Tensor]
+    max_seq_len: int
+    vocab_size: int
+
+
 def perplexity(engine, token_ids: Sequence[int], context_len: int = 512, stride: int = 256,
                chunk_size: int | None = None) -> PerplexityResult:
-    """Sliding-window perplexity of token_ids under engine: an Engine (any rewrite, any KV cache), an HFEngine
-    or an HF causal LM (the peer). NLL summed in float64; chunk_size prefills each window in chunks (Engine)."""
+    """Sliding-window perplexity of token_ids under engine: an Engine (any rewrite, any KV cache), an HFEngine,
+    an HF causal LM (the peer) or a LogitsFunction. NLL summed in float64; chunk_size prefills each window in
+    chunks (Engine)."""
     ids = list(token_ids)
     windows = sliding_windows(len(ids), context_len, stride)
     if chunk_size is not None:
@@ -169,9 +179,11 @@ def perplexity(engine, token_ids: Sequence[int], context_len: int = 512, stride:
 
 
 def _limits(engine) -> tuple[int, int]:
-    """(context length, vocabulary size) of an Engine, an HFEngine or an HF model."""
+    """(context length, vocabulary size) of an Engine, a LogitsFunction, an HFEngine or an HF model."""
     if isinstance(engine, Engine):
         return engine.max_seq_len, engine.model.args.vocab_size
+    if isinstance(engine, LogitsFunction):
+        return engine.max_seq_len, engine.vocab_size
     config = (engine.model if isinstance(engine, HFEngine) else engine).config
     return config.max_position_embeddings, config.vocab_size
 
@@ -180,6 +192,8 @@ def _window_logits(engine, ids: list[int], chunk_size: int | None) -> torch.Tens
     """Logits [len(ids), V] at every position of ids, the window read from scratch."""
     if isinstance(engine, Engine):
         return engine.prompt_logits(ids, chunk_size=chunk_size)
+    if isinstance(engine, LogitsFunction):
+        return engine.fn(ids)
     model = engine.model if isinstance(engine, HFEngine) else engine
     device = next(model.parameters()).device
     with torch.inference_mode():

@@ -503,20 +503,12 @@ def load_quantized(path: str | Path, attention: str = "sdpa", kernels: str = "to
     args = ModelArgs(**payload["args"])
     act_dtype = getattr(torch, payload["act_dtype"].removeprefix("torch."))
     model = Transformer(args, attention=attention, kernels=kernels, act_dtype=act_dtype)
-    for parent in list(model.modules()):  # the saved modules' shapes, empty; load_state_dict fills them
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Linear):
-                setattr(parent, name, _empty_like_saved(child, _prefix(model, parent, name), state, group_size))
+    for name, child in list(model.named_modules()):  # the saved modules' shapes, empty; load_state_dict fills them
+        if isinstance(child, Linear):
+            _set_submodule(model, name, _empty_like_saved(child, name, state, group_size))
     model.load_state_dict(state, strict=True)
     model.rewrites = list(payload["rewrites"])
     return model.to(device).eval().requires_grad_(False)
-
-
-def _prefix(model: nn.Module, parent: nn.Module, name: str) -> str:
-    for path, module in model.named_modules():
-        if module is parent:
-            return f"{path}.{name}" if path else name
-    raise KeyError(name)
 
 
 def _empty_like_saved(linear: Linear, prefix: str, state: dict, group_size: int | None) -> nn.Module:

@@ -173,6 +173,21 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return path
 
 
+def report_rows(rows: list[dict], args, default_file: str, table: str | Callable[[list[dict]], str]) -> int:
+    """The end of a benchmark command (options from `arguments.add_run_output_options`): stamp the rows with the
+    run id and --label, append them to the store and write the run's JSON (unless --no-save), then print the
+    table, or with --json the rows on stdout and the table on stderr. Returns the exit status, 0."""
+    rows = stamp_rows(rows, label=args.label)
+    if not args.no_save:
+        append_rows(rows)
+        write_json_atomic(args.output or data_dir() / default_file, rows)
+    text = table(rows) if callable(table) else table
+    print(text, file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
 def stamp_rows(rows: Iterable[Mapping] | Mapping, run_id: str | None = None, label: str | None = None) -> list[dict]:
     """Rows ready to store: checked, with a timestamp, a run id and a label where they lack one.
 
