@@ -60,6 +60,7 @@ def run_quant_bench(schemes=SCHEMES, batch_sizes=(1, 8), max_tokens: int = 64, r
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
         raise ValueError(f"unknown quantization scheme {unknown[0]!r}: choose from {', '.join(SCHEMES)}")
+    sliding_windows(ppl_tokens, context_len, stride)  # bad window values fail before minutes of loading
     if "llama.cpp" in schemes:
         problem = llama_cpp_problem(EMBEDDED_MODEL, False, "cpu")
         if problem and list(schemes) != list(SCHEMES):
@@ -70,7 +71,6 @@ def run_quant_bench(schemes=SCHEMES, batch_sizes=(1, 8), max_tokens: int = 64, r
                 log(f"skipping llama.cpp: {problem}")
     if "fp32" not in schemes:
         schemes = ("fp32", *schemes)  # the reference for ratios, perplexity change and agreement
-    sliding_windows(ppl_tokens, context_len, stride)  # bad window values fail before minutes of loading
     seed_everything(0)
     loaded = load_model(EMBEDDED_MODEL, device="cpu", dtype="fp32")
     eval_text = load_text(text)
