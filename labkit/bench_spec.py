@@ -20,7 +20,7 @@ import torch
 from labkit.arguments import add_run_output_options, comma_list, positive_int
 from labkit.device import describe_environment, pick_device, seed_everything, synchronize
 from labkit.generation import Engine, apply_rewrites
-from labkit.llama import Transformer, from_hf
+from labkit.llama import Transformer, from_hf, packed_gemm_available, use_packed_gemm
 from labkit.models import EMBEDDED_MODEL, load_model
 from labkit.speculative import SpeculativeConfig, Speculator
 
@@ -188,7 +188,10 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
         loaded = load_model(model, device=device, dtype="fp32", dummy=dummy)
     if loaded.tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer; use a preset with one (e.g. tiny-smollm2)")
-    target = target if target is not None else apply_rewrites(from_hf(loaded.model))
+    if target is None:
+        target = apply_rewrites(from_hf(loaded.model))
+        if loaded.device.type == "cpu" and packed_gemm_available():
+            use_packed_gemm(target)  # verification's few-row products; plain one-row decode is unchanged
     proposers = proposers if proposers is not None else make_proposers(draft_names, target, loaded.tokenizer,
                                                                        train_size, progress, log)
     env = env or describe_environment(loaded.device)

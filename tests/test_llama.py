@@ -1,9 +1,12 @@
 """The compact model's backends: swapping them shares the weights and keeps the outputs."""
 
+import copy
+
 import pytest
 import torch
 
-from labkit.llama import TorchKernels, from_hf, with_backends
+from labkit.llama import (PACKED_MAX_ROWS, Linear, TorchKernels, from_hf, packed_gemm_available, use_kn_layout,
+                          use_packed_gemm, with_backends)
 from labkit.models import load_model
 
 
@@ -24,3 +27,45 @@ def test_add_rms_norm_is_the_unfused_add_then_norm():
     x, r, w = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen), torch.randn(8, generator=gen)
     out, total = TorchKernels.add_rms_norm(x, r, w, 1e-6)
     assert torch.equal(total, r + x) and torch.equal(out, TorchKernels.rms_norm(r + x, w, 1e-6))
+
+
+@pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+def test_packed_gemm_matches_the_plain_product_and_is_used_only_for_few_rows(layout):
+    lm = load_model("tiny-llama", dummy=True, device="cpu")
+    model = from_hf(lm.model)
+    if layout == "kn":
+        use_kn_layout(model)
+    linear = model.layers[0].mlp.w_gate_up
+    assert isinstance(linear, Linear)
+    gen = torch.Generator().manual_seed(0)
+    xs = {n: torch.randn(n, linear.in_features, generator=gen) for n in (1, 2, 5, PACKED_MAX_ROWS + 1)}
+    plain = {n: linear(x) for n, x in xs.items()}
+    use_packed_gemm(model)
+    assert "gemm:packed" in model.rewrites and linear.packed is not None
+    for n, x in xs.items():
+        out = linear(x)
+        if n == 1 or n > PACKED_MAX_ROWS:  # the unpacked path, bit for bit
+            assert torch.equal(out, plain[n])
+        else:
+            torch.testing.assert_close(out, plain[n], rtol=1e-5, atol=1e-5)
+    clone = copy.deepcopy(linear)  # oneDNN's tensor has no storage: the copy drops it and runs unpacked
+    assert clone.packed is None and linear.packed is not None
+    assert torch.equal(clone(xs[5]), plain[5])
+
+
+@pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
+def test_packed_gemm_keeps_greedy_tokens_in_batches_and_verification(embedded):
+    from labkit.drafts import NgramProposer
+    from labkit.generation import Engine, apply_rewrites
+    from labkit.speculative import SpeculativeConfig, Speculator
+
+    plain = Engine(apply_rewrites(from_hf(embedded.model)), embedded.tokenizer)
+    texts = ["Once upon a time, in a small village,", "Repeat this: the quick brown fox jumps over the lazy dog."]
+    prompts = [plain.encode(t, chat=True) for t in texts]
+    params = plain.sampling_params(max_new_tokens=16)
+    reference = [g.tokens for g in plain.generate(prompts, params)]  # two decode rows: MKL's own GEMM
+    packed = use_packed_gemm(apply_rewrites(from_hf(embedded.model)))
+    assert [g.tokens for g in Engine(packed, embedded.tokenizer).generate(prompts, params)] == reference
+    spec = Engine(packed, embedded.tokenizer, speculator=Speculator(NgramProposer(), SpeculativeConfig(4)))
+    assert [spec.generate([p], params)[0].tokens for p in prompts] == reference
