@@ -19,7 +19,7 @@ import torch
 
 from labkit.arguments import add_run_output_options, comma_list, positive_int
 from labkit.device import describe_environment, pick_device, seed_everything, synchronize
-from labkit.generation import Engine, apply_rewrites
+from labkit.generation import Engine, apply_rewrites, eos_token_ids_of
 from labkit.llama import Transformer, from_hf, packed_gemm_available, use_packed_gemm
 from labkit.models import EMBEDDED_MODEL, load_model
 from labkit.speculative import SpeculativeConfig, Speculator
@@ -92,6 +92,16 @@ def verify_cost_ms(engine: Engine, context_len: int, num_tokens, repeats: int = 
     finally:
         engine.blocks.free(key)
     return costs
+
+
+def build_target(loaded) -> Transformer:
+    """The compact model every engine of a spec run shares (plain and speculative alike): the default layout,
+    and on a CPU oneDNN-packed weights for verification's few-row products (`use_packed_gemm`; one-row plain
+    decoding does not read them)."""
+    target = apply_rewrites(from_hf(loaded.model))
+    if target.embed.weight.device.type == "cpu" and packed_gemm_available():
+        use_packed_gemm(target)
+    return target
 
 
 def make_proposers(names, target: Transformer, tokenizer, train_size: str = "default", progress: bool = False,
@@ -188,15 +198,15 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
         loaded = load_model(model, device=device, dtype="fp32", dummy=dummy)
     if loaded.tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer; use a preset with one (e.g. tiny-smollm2)")
-    if target is None:
-        target = apply_rewrites(from_hf(loaded.model))
-        if loaded.device.type == "cpu" and packed_gemm_available():
-            use_packed_gemm(target)  # verification's few-row products; plain one-row decode is unchanged
+    target = target if target is not None else build_target(loaded)
     proposers = proposers if proposers is not None else make_proposers(draft_names, target, loaded.tokenizer,
                                                                        train_size, progress, log)
     env = env or describe_environment(loaded.device)
-    plain = Engine(target, loaded.tokenizer, name=loaded.name, max_num_seqs=max(16, batch_size))
-    engines = {v.name: Engine(target, loaded.tokenizer, name=loaded.name, max_num_seqs=max(16, batch_size),
+    # answers end at the model's EOS (<|im_end|> for SmolLM2), as they would in a server
+    common = dict(name=loaded.name, max_num_seqs=max(16, batch_size),
+                  eos_token_ids=eos_token_ids_of(loaded.model, loaded.tokenizer))
+    plain = Engine(target, loaded.tokenizer, **common)
+    engines = {v.name: Engine(target, loaded.tokenizer, **common,
                               speculator=Speculator(proposers[v.draft], v.config)) for v in variants}
     configs = {v.name: v for v in variants}
     params = plain.sampling_params(max_new_tokens=max_tokens, detokenize=False)
@@ -348,6 +358,6 @@ def cmd_spec(args) -> int:
     return report_rows(rows, args, "bench_spec.json", format_table)
 
 
-__all__ = ["run_spec_bench", "make_proposers", "verify_cost_ms", "Variant", "variants_for", "format_table",
-           "WORKLOADS", "GROUNDED", "DRAFTS", "DEFAULT_DRAFTS",
+__all__ = ["build_target", "run_spec_bench", "make_proposers", "verify_cost_ms", "Variant", "variants_for",
+           "format_table", "WORKLOADS", "GROUNDED", "DRAFTS", "DEFAULT_DRAFTS",
            "Prompt", "encode"]

@@ -81,9 +81,9 @@ TRAIN_SIZES = {
     "small": TrainConfig(num_sequences=24, max_new_tokens=64, draft_vocab_size=4096, num_steps=60, batch_size=4,
                          window=64),
     "default": TrainConfig(),
-    # four times the text: the learned drafts over-fit the default corpus (teacher-forced top-1 on their own
-    # training text about three times that on new text)
-    "large": TrainConfig(num_sequences=256, max_new_tokens=96, num_steps=300, batch_size=8),
+    # eight times the text and 15x the steps: the learned drafts over-fit the default corpus (teacher-forced
+    # top-1 on their own training text about three times that on new text)
+    "large": TrainConfig(num_sequences=512, max_new_tokens=128, num_steps=1500, batch_size=8),
 }
 
 # The corpus prompts: topics crossed with kinds of request, none of them the benchmark's prompts.
@@ -159,8 +159,13 @@ def generate_corpus(target: Transformer, tokenizer, config: TrainConfig, progres
     engine = Engine(target, tokenizer, speculator=Speculator(recorder), max_num_seqs=rows, enable_prefix_caching=False,
                     eos_token_ids=[t for t in (getattr(tokenizer, "eos_token_id", None),) if t is not None])
     prompts = corpus_prompts(tokenizer, config.num_sequences, config.seed)
+    lap = len(TOPICS) * len(TEMPLATES)  # past one lap of the prompts, the other half of each is greedy
+
+    def greedy(i):
+        return (i + i // lap) % config.greedy_every == 0
+
     params = [engine.sampling_params(max_new_tokens=config.max_new_tokens,  # answers end at EOS
-                                     temperature=0.0 if i % config.greedy_every == 0 else config.temperature,
+                                     temperature=0.0 if greedy(i) else config.temperature,
                                      seed=config.seed * 100003 + i, detokenize=False)
               for i in range(len(prompts))]
     start = time.perf_counter()

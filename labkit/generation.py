@@ -221,7 +221,7 @@ class Engine:
         dtype = pick_dtype(dtype) if dtype is not None else None
         model = from_hf(hf_model, dtype=dtype, attention=attention, kernels=kernels)
         model = apply_rewrites(model, linear_layout=linear_layout, quantize=quantize)
-        return cls(model, tokenizer, eos_token_ids=_eos_ids(hf_model, tokenizer), **kwargs)
+        return cls(model, tokenizer, eos_token_ids=eos_token_ids_of(hf_model, tokenizer), **kwargs)
 
     @property
     def max_seq_len(self) -> int:
@@ -610,7 +610,8 @@ def apply_rewrites(model: Transformer, linear_layout: str = "auto", quantize: st
     return model
 
 
-def _eos_ids(hf_model, tokenizer) -> tuple[int, ...]:
+def eos_token_ids_of(hf_model, tokenizer) -> tuple[int, ...]:
+    """The stop tokens of an HF model: its generation config's, its config's and its tokenizer's EOS ids."""
     ids = set()
     for source in (getattr(hf_model, "generation_config", None), hf_model.config, tokenizer):
         eos = getattr(source, "eos_token_id", None)
@@ -627,7 +628,7 @@ class HFEngine:
         self.model, self.tokenizer, self.name = hf_model, tokenizer, name
         self.device = next(hf_model.parameters()).device
         self.dtype = next(hf_model.parameters()).dtype
-        self.eos_token_ids = _eos_ids(hf_model, tokenizer)
+        self.eos_token_ids = eos_token_ids_of(hf_model, tokenizer)
         self.max_seq_len = hf_model.config.max_position_embeddings
 
     def describe(self) -> dict:
@@ -706,4 +707,5 @@ def make_engine(kind: str, loaded, **kwargs):
 
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput", "HFEngine", "Generation", "TextDelta",
-           "apply_rewrites", "make_engine", "encode_prompt", "ENGINES", "POLICIES", "KV_CACHE_DTYPES"]
+           "apply_rewrites", "eos_token_ids_of", "make_engine", "encode_prompt", "ENGINES", "POLICIES",
+           "KV_CACHE_DTYPES"]

@@ -111,10 +111,10 @@ def _build(loaded, args, ctx):
 
 
 def _engine(model, loaded, ctx, compile: bool = False):
-    from labkit.generation import Engine, EngineConfig, _eos_ids
+    from labkit.generation import Engine, EngineConfig, eos_token_ids_of
     from labkit.tp import make_engine
 
-    kwargs = dict(name=loaded.name, eos_token_ids=_eos_ids(loaded.model, loaded.tokenizer),
+    kwargs = dict(name=loaded.name, eos_token_ids=eos_token_ids_of(loaded.model, loaded.tokenizer),
                   config=EngineConfig(compile=compile))
     if ctx is None or ctx.world_size == 1:
         return Engine(model, loaded.tokenizer, **kwargs)
