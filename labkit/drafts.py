@@ -112,10 +112,10 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
 class _Runner:
     """A draft network's own paged KV cache and model runner: an Engine used only for its `_forward`."""
 
-    def __init__(self, model: Transformer, max_num_seqs: int, kv_cache_mb: float | None):
+    def __init__(self, model: Transformer, max_num_seqs: int, kv_cache_mb: float | None, compile: bool = False):
         from labkit.generation import Engine  # the engine imports nothing from here; import on use
 
-        self.engine = Engine(model, config=_runner_config(max_num_seqs, kv_cache_mb))
+        self.engine = Engine(model, config=_runner_config(max_num_seqs, kv_cache_mb, compile))
         self.blocks = self.engine.blocks
 
     def reserve(self, request_id: str, num_tokens: int, keep: int) -> bool:
@@ -131,25 +131,28 @@ class _Runner:
             self.blocks.free(request_id)
 
 
-def _runner_config(max_num_seqs: int, kv_cache_mb: float | None):
+def _runner_config(max_num_seqs: int, kv_cache_mb: float | None, compile: bool = False):
     from labkit.generation import EngineConfig
 
-    return EngineConfig(max_num_seqs=max_num_seqs, enable_prefix_caching=False, kv_cache_mb=kv_cache_mb)
+    return EngineConfig(max_num_seqs=max_num_seqs, enable_prefix_caching=False, kv_cache_mb=kv_cache_mb,
+                        compile=compile)
 
 
 class ModelProposer(Proposer):
     """A causal LM drafts token by token with its own paged KV cache, rolled back to what the target kept.
 
     vocab [V']: the target token of each of the draft's outputs (a reduced draft vocabulary); None: the same
-    vocabulary as the target.
+    vocabulary as the target. compile: the draft's one-token steps (every draft token after a step's first) run
+    compiled, as `EngineConfig(compile=True)` runs decode.
     """
 
     def __init__(self, model: Transformer, name: str = "draft", vocab: torch.Tensor | None = None,
-                 target_vocab_size: int | None = None, max_num_seqs: int = 16, kv_cache_mb: float | None = 256):
+                 target_vocab_size: int | None = None, max_num_seqs: int = 16, kv_cache_mb: float | None = 256,
+                 compile: bool = False):
         self.model, self.name = model, name
         self.vocab = None if vocab is None else vocab.to(model.embed.weight.device)
         self.target_vocab_size = target_vocab_size or model.args.vocab_size
-        self.runner = _Runner(model, max_num_seqs, kv_cache_mb)
+        self.runner = _Runner(model, max_num_seqs, kv_cache_mb, compile)
         # per request: the tokens whose K/V the draft cache holds, and how many of them are the request's own
         # (the rest are drafts, which the target may have rejected)
         self._cached: dict[str, tuple[list[int], int]] = {}
@@ -157,7 +160,7 @@ class ModelProposer(Proposer):
     def describe(self) -> dict:
         args = self.model.args
         return {"draft": self.name, "draft_layers": args.num_layers, "draft_vocab": args.vocab_size,
-                "rewrites": list(self.model.rewrites)}
+                "rewrites": list(self.model.rewrites), "compile": self.runner.engine.config.compile}
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         live, spans = [], []

@@ -82,3 +82,18 @@ def test_self_draft_schemes(tiny):
     assert target.layers[0].attn.wqkv.weight.dtype == torch.float32  # a copy: the target is untouched
     with pytest.raises(ValueError, match="unknown self-draft scheme 'int3'"):
         drafts.self_draft(target, "int3")
+
+
+def test_compiled_int4_self_draft_is_token_identical(tiny):
+    """The self-draft `bench spec` runs as self-int4-g32: int4 weights, its one-token steps compiled."""
+    target = apply_rewrites(from_hf(tiny.model))
+    plain = Engine(target, tiny.tokenizer)
+    prompts = [plain.encode(t, chat=c) for t, c in TEXTS[:2]]
+    params = plain.sampling_params(max_new_tokens=12, ignore_eos=True)
+    reference = [g.tokens for g in plain.generate(prompts, params)]
+    proposer = drafts.ModelProposer(drafts.self_draft(target, "int4-g32"), compile=True)
+    assert proposer.describe()["compile"] and "quant:int4-g32" in proposer.model.rewrites
+    engine = Engine(target, tiny.tokenizer, speculator=Speculator(proposer, SpeculativeConfig(num_draft_tokens=3)))
+    assert [g.tokens for g in engine.generate(prompts, params)] == reference
+    assert proposer.runner.engine._compiled is not None  # the draft's one-token steps did run compiled
+    assert engine.blocks.num_used_blocks == 0
