@@ -24,8 +24,9 @@ from labkit.llama import Transformer, from_hf, packed_gemm_available, use_packed
 from labkit.models import EMBEDDED_MODEL, load_model
 from labkit.speculative import SpeculativeConfig, Speculator
 
-DRAFTS = ("ngram", "self-int8", "self-bf16", "draft", "medusa", "eagle")
-DEFAULT_DRAFTS = ("ngram", "self-int8", "draft", "medusa", "eagle")
+DRAFTS = ("ngram", "self-int8", "self-int4-g32", "self-bf16", "draft", "medusa", "eagle")
+DEFAULT_DRAFTS = ("ngram", "self-int8", "self-int4-g32", "draft", "medusa", "eagle")
+CPU_ONLY_DRAFTS = ("self-int4-g32",)
 LEARNED = {"draft": "draft", "medusa": "medusa", "eagle": "eagle"}
 
 _TEXT = ("The committee met on Tuesday to discuss the new library building. Members agreed that the building "
@@ -105,8 +106,11 @@ def build_target(loaded) -> Transformer:
 
 
 def make_proposers(names, target: Transformer, tokenizer, train_size: str = "default", progress: bool = False,
-                   log: Callable[[str], object] | None = None, trained: dict | None = None) -> dict:
-    """name -> proposer for each draft named (learned drafts loaded from the cache, or trained first)."""
+                   log: Callable[[str], object] | None = None, trained: dict | None = None,
+                   compile_drafts: bool = True) -> dict:
+    """name -> proposer for each draft named (learned drafts loaded from the cache, or trained first).
+
+    compile_drafts: the self-drafts' one-token steps run compiled (their fast path, as in `bench quant`)."""
     from labkit import drafts
 
     unknown = [n for n in names if n not in DRAFTS]
@@ -123,7 +127,8 @@ def make_proposers(names, target: Transformer, tokenizer, train_size: str = "def
         if name == "ngram":
             out[name] = drafts.NgramProposer()
         elif name.startswith("self-"):
-            out[name] = drafts.ModelProposer(drafts.self_draft(target, name.split("-", 1)[1]), name=name)
+            out[name] = drafts.ModelProposer(drafts.self_draft(target, name.split("-", 1)[1]), name=name,
+                                             compile=compile_drafts)
         else:
             out[name] = trained[LEARNED[name]].proposer(target)
     return out
@@ -170,12 +175,15 @@ def _timed_generate(engine: Engine, prompts, params, clock: str) -> tuple[float,
     return rate, [g.tokens for g in gens]
 
 
+# compiled self-drafts share the engine's one step code object: a graph per draft and context bucket
+@torch._dynamo.config.patch(recompile_limit=64)
 def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_tokens: int = 96,
                    num_draft_tokens: int = 4, gamma_policy: str = "fixed", repeats: int = 2, batch_size: int = 1,
                    train_size: str = "default", model: str = EMBEDDED_MODEL, dummy: bool = False,
                    device: str = "cpu", log: Callable[[str], object] | None = None, progress: bool = False,
                    loaded=None, target: Transformer | None = None, proposers: dict | None = None,
-                   env: dict | None = None, variants: list[Variant] | None = None, clock: str = "wall") -> list[dict]:
+                   env: dict | None = None, variants: list[Variant] | None = None, clock: str = "wall",
+                   compile_drafts: bool = True) -> list[dict]:
     """Measure every (draft, workload) cell against the plain engine; return result rows (greedy, lossless).
 
     `variants` replaces the drafts and gamma (e.g. one draft at several gammas); `loaded`, `target` and
@@ -200,7 +208,8 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
         raise ValueError(f"model {model!r} has no tokenizer; use a preset with one (e.g. tiny-smollm2)")
     target = target if target is not None else build_target(loaded)
     proposers = proposers if proposers is not None else make_proposers(draft_names, target, loaded.tokenizer,
-                                                                       train_size, progress, log)
+                                                                       train_size, progress, log,
+                                                                       compile_drafts=compile_drafts)
     env = env or describe_environment(loaded.device)
     # answers end at the model's EOS (<|im_end|> for SmolLM2), as they would in a server
     common = dict(name=loaded.name, max_num_seqs=max(16, batch_size),
@@ -214,6 +223,13 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
     warm = plain.sampling_params(max_new_tokens=8, detokenize=False)
     for engine in (plain, *engines.values()):  # untimed warm-up: first calls allocate and fill caches
         engine.generate([prompts[workloads[0]][0]] * batch_size, warm)
+    warmed = set()
+    for engine in engines.values():  # a compiled draft compiles once per context bucket: all before timing
+        proposer = engine.speculator.proposer
+        if proposer.describe().get("compile") and id(proposer) not in warmed:
+            warmed.add(id(proposer))
+            for workload in workloads:
+                engine.generate([max(prompts[workload], key=len)] * batch_size, params)
     rows = []
     total = len(workloads) * repeats * (1 + len(labels))
     with tqdm(total=total, desc="bench spec", unit="run", file=sys.stderr, disable=not progress,
@@ -322,6 +338,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=96, help="new tokens per request (default: 96)")
     p.add_argument("--repeats", type=positive_int, default=2, help="timed runs per cell (default: 2)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="copies of each prompt decoded together")
+    p.add_argument("--eager-drafts", action="store_true",
+                   help="run the self-drafts eagerly (default: their one-token steps compiled)")
     p.add_argument("--clock", choices=CLOCKS, default="wall",
                    help="wall: decode tokens/s (default); cpu: tokens per CPU second of the process, prefill "
                         "included, for a machine shared with other work (set OMP_NUM_THREADS=1)")
@@ -346,13 +364,17 @@ def cmd_spec(args) -> int:
         bad = [g for g in given if g not in allowed]
         if bad:
             raise ValueError(f"unknown {name} {bad[0]!r}: choose from {', '.join(allowed)}")
-    pick_device(args.device)
+    device = pick_device(args.device)
+    names = tuple(dict.fromkeys(args.drafts))
+    if args.drafts is DEFAULT_DRAFTS and device.type != "cpu":  # torch's int4 kernel here is the CPU one
+        names = tuple(n for n in names if n not in CPU_ONLY_DRAFTS)
     if not args.no_save:
         check_store()
-    rows = run_spec_bench(draft_names=tuple(dict.fromkeys(args.drafts)), workloads=tuple(dict.fromkeys(args.workloads)),
+    rows = run_spec_bench(draft_names=names, workloads=tuple(dict.fromkeys(args.workloads)),
                           max_tokens=args.max_tokens, num_draft_tokens=args.gamma,
                           gamma_policy=args.gamma_policy, repeats=args.repeats,
                           batch_size=args.batch_size, train_size=args.train_size, model=args.model, clock=args.clock,
+                          compile_drafts=not args.eager_drafts,
                           dummy=args.dummy, device=args.device, log=lambda m: tqdm.write(m, file=sys.stderr),
                           progress=not args.no_progress)
     return report_rows(rows, args, "bench_spec.json", format_table)

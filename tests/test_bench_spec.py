@@ -13,8 +13,9 @@ from labkit.llama import from_hf
 def test_every_draft_on_every_workload_is_lossless_and_has_its_speedup(tiny):
     target = apply_rewrites(from_hf(tiny.model))
     trained = load_or_train(("draft", "medusa", "eagle"), target, tiny.tokenizer, size="smoke", save=False)
-    names = ("ngram", "self-int8", "draft", "medusa", "eagle")
+    names = bench_spec.DEFAULT_DRAFTS
     proposers = bench_spec.make_proposers(names, target, tiny.tokenizer, trained=trained)
+    assert proposers["self-int4-g32"].describe()["compile"]  # the self-drafts' fast path
     rows = bench_spec.run_spec_bench(names, max_tokens=12, repeats=1, loaded=tiny, target=target,
                                      proposers=proposers)
     assert len(rows) == len(bench_spec.WORKLOADS) * (1 + len(names))
