@@ -183,6 +183,7 @@ def _take_out(linear: nn.Module, index: torch.Tensor) -> nn.Module:
         w = w.index_select(1, index) if linear.kn else w.index_select(0, index)  # kn: [in, out]
         linear.weight = nn.Parameter(w.contiguous(), requires_grad=False)
         linear.out_features = len(index)
+        linear.packed = None  # a packed copy (use_packed_gemm) holds the whole weight: drop it
     else:
         raise TypeError(f"cannot split a {type(linear).__name__}: expected a labkit Linear or its int8 form")
     if linear.bias is not None:
@@ -202,6 +203,7 @@ def _take_in(linear: nn.Module, index: torch.Tensor, ctx: DistContext, stats: Co
         w = w.index_select(0, index) if linear.kn else w.index_select(1, index)
         linear.weight = nn.Parameter(w.contiguous(), requires_grad=False)
         linear.in_features = len(index)
+        linear.packed = None  # a packed copy (use_packed_gemm) holds the whole weight: drop it
     else:
         raise TypeError(f"cannot split a {type(linear).__name__}: expected a labkit Linear or its int8 form")
     return RowParallelLinear(linear, bias, ctx.group, stats, ctx.device)
