@@ -137,15 +137,16 @@ def add_label_option(parser: argparse.ArgumentParser) -> None:
                              "(default: $LABKIT_LABEL, else none); compare with `labkit results --compare label`")
 
 
-def add_run_output_options(parser: argparse.ArgumentParser, default_file: str) -> None:
-    """--output, --label, --json, --no-save, --no-progress: what a benchmark does with its rows
-    (`results.report_rows` reads them back)."""
+def add_run_output_options(parser: argparse.ArgumentParser, default_file: str, progress: bool = True) -> None:
+    """--output, --label, --json, --no-save and (with progress) --no-progress: what a benchmark does with its
+    rows (`results.report_rows` reads them back)."""
     parser.add_argument("--output", type=output_file, default=None,
                         help=f"JSON file for this run (default: data/{default_file})")
     add_label_option(parser)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
     parser.add_argument("--no-save", action="store_true", help="write nothing under data/")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def comma_list(kind: Callable[[str], object]) -> Callable[[str], tuple]:

@@ -8,10 +8,9 @@ Rows go to data/results.jsonl and data/bench_tp.json.
 
 from __future__ import annotations
 
-import json
 import sys
 
-from labkit.arguments import add_label_option, comma_list, output_file, positive_int
+from labkit.arguments import add_run_output_options, comma_list, positive_int
 
 
 def add_predictions(rows: list[dict]) -> None:
@@ -33,7 +32,7 @@ def add_predictions(rows: list[dict]) -> None:
 def cmd_bench_tp(args) -> int:
     from labkit.distributed import LaunchConfig
     from labkit.launch import LaunchError, action_options, check_split, format_rows, launch
-    from labkit.results import append_rows, check_store, data_dir, stamp_rows, write_json_atomic
+    from labkit.results import check_store, report_rows
 
     sizes = sorted(set(args.world_sizes))
     for w in sizes:
@@ -54,20 +53,14 @@ def cmd_bench_tp(args) -> int:
     except LaunchError as exc:
         print(f"labkit bench tp: {exc}", file=sys.stderr)
         return 1
-    rows = stamp_rows(result["rows"], label=args.label)
+    rows = result["rows"]
     add_predictions(rows)
-    if not args.no_save:
-        append_rows(rows)
-        write_json_atomic(args.output or data_dir() / "bench_tp.json", rows)
     table = format_rows(rows)
     model = [r for r in rows if r["metrics"].get("model_tokens_per_s")]
     table += "".join(f"\nalpha-beta model at {r['params']['world_size']} ranks, batch {r['params']['batch_size']}: "
                      f"{r['metrics']['model_tokens_per_s']:.1f} tok/s predicted, {r['metrics']['tokens_per_s']:.1f} "
                      f"measured" for r in model)
-    print(table, file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    return 0
+    return report_rows(rows, args, "bench_tp.json", table)
 
 
 def add_parser(subparsers) -> None:
@@ -93,10 +86,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--same-cores", action="store_true",
                    help="on a CPU, world size 1 gets all the cores (default: each rank one core's share, at every "
                         "world size, like one GPU per rank)")
-    p.add_argument("--output", type=output_file, default=None, help="JSON file (default: data/bench_tp.json)")
-    add_label_option(p)
-    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
-    p.add_argument("--no-save", action="store_true", help="write nothing under data/")
+    add_run_output_options(p, "bench_tp.json", progress=False)
     p.set_defaults(func=cmd_bench_tp)
 
 
