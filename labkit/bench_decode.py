@@ -34,6 +34,7 @@ class Variant:
     dtype: str = "fp32"
     compile: bool = False
     linear_layout: str = "auto"
+    gemm: str = "auto"  # few-row products: oneDNN's packed weights where it is fast (auto), or MKL ("plain")
     quantize: str | None = None
     cuda_graphs: bool = False  # the decode step replayed from CUDA graphs (a GPU only)
     kernels: str = "torch"  # the kernel and attention backends: "triton" for both, or torch and sdpa
@@ -43,7 +44,7 @@ class Variant:
     @property
     def model_key(self) -> tuple:
         """The weight format: variants with one key share one compact model."""
-        return self.dtype, self.linear_layout, self.quantize
+        return self.dtype, self.linear_layout, self.gemm, self.quantize
 
 
 BENCH_DTYPES = ("fp32", "bf16", "fp16")
@@ -61,6 +62,7 @@ def _gpu_variants(dt: str) -> list[Variant]:
 VARIANTS = {v.name: v for v in [
     Variant("hf-fp32", "hf"),
     Variant("labkit-fp32-nk", "labkit", linear_layout="nk"),
+    Variant("labkit-fp32-mkl", "labkit", gemm="plain"),
     Variant("labkit-fp32", "labkit"),
     Variant("labkit-fp32-compile", "labkit", compile=True),
     Variant("labkit-int8", "labkit", dtype="int8", quantize="int8"),
@@ -74,8 +76,8 @@ VARIANTS = {v.name: v for v in [
     *[v for dt in BENCH_DTYPES for v in _gpu_variants(dt)],
     Variant("llama.cpp", "llama.cpp", dtype="q4_1"),
 ]}
-DEFAULT_VARIANTS = ("hf-fp32", "labkit-fp32-nk", "labkit-fp32", "labkit-bf16", "labkit-fp32-compile", "labkit-int8",
-                    "labkit-int8-compile", "llama.cpp")
+DEFAULT_VARIANTS = ("hf-fp32", "labkit-fp32-nk", "labkit-fp32-mkl", "labkit-fp32", "labkit-bf16", "labkit-fp32-compile",
+                    "labkit-int8", "labkit-int8-compile", "llama.cpp")
 DEFAULT_PROMPT = "Once upon a time, in a small village,"
 DEFAULT_PROMPT_TOKENS = 32  # the synthetic prompt of a model without a tokenizer (dummy presets)
 
@@ -256,7 +258,8 @@ def _labkit_engine(loaded, variant: Variant, shared: dict, batch_sizes, num_toke
     key = variant.model_key
     if key not in shared:
         model = from_hf(loaded.model, dtype=None if variant.quantize else pick_dtype(variant.dtype))
-        shared[key] = apply_rewrites(model, linear_layout=variant.linear_layout, quantize=variant.quantize)
+        shared[key] = apply_rewrites(model, linear_layout=variant.linear_layout, quantize=variant.quantize,
+                                     gemm=variant.gemm)
     model = with_backends(shared[key], attention=variant.attention, kernels=variant.kernels)
     return Engine(model, loaded.tokenizer, name=loaded.name, config=_engine_config(batch_sizes, num_tokens, variant))
 
@@ -319,7 +322,9 @@ def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, l
                            "compile": variant.compile, "quantize": variant.quantize,
                            "cuda_graphs": variant.cuda_graphs, "kernels": variant.kernels,
                            "attention": variant.attention, "kv_cache_dtype": variant.kv_cache_dtype,
-                           "linear_layout": getattr(getattr(runner, "engine", None), "linear_layout", None),
+                           "linear_layout": getattr(engine, "linear_layout", None),
+                           "gemm": None if variant.engine != "labkit" else
+                           "packed" if "gemm:packed" in engine.model.rewrites else "plain",
                            "batch_size": batch_size, "max_tokens": max_tokens, "prompt_tokens": len(prompt_ids),
                            "repeats": repeats, "model": loaded.name, "device": str(loaded.device)},
                 "metrics": {"tokens_per_s": tokens_per_s, "tokens_per_s_runs": rates,

@@ -20,7 +20,7 @@ import torch
 from labkit.arguments import add_run_output_options, comma_list, positive_int
 from labkit.device import describe_environment, pick_device, seed_everything, synchronize
 from labkit.generation import Engine, apply_rewrites, eos_token_ids_of
-from labkit.llama import Transformer, from_hf, packed_gemm_available, use_packed_gemm
+from labkit.llama import Transformer, from_hf
 from labkit.models import EMBEDDED_MODEL, load_model
 from labkit.speculative import SpeculativeConfig, Speculator
 
@@ -96,13 +96,10 @@ def verify_cost_ms(engine: Engine, context_len: int, num_tokens, repeats: int = 
 
 
 def build_target(loaded) -> Transformer:
-    """The compact model every engine of a spec run shares (plain and speculative alike): the default layout,
-    and on a CPU oneDNN-packed weights for verification's few-row products (`use_packed_gemm`; one-row plain
-    decoding does not read them)."""
-    target = apply_rewrites(from_hf(loaded.model))
-    if target.embed.weight.device.type == "cpu" and packed_gemm_available():
-        use_packed_gemm(target)
-    return target
+    """The compact model every engine of a spec run shares (plain and speculative alike), with the default
+    rewrites: on a CPU these include oneDNN-packed weights for verification's few-row products
+    (`use_packed_gemm`; one-row plain decoding does not read them)."""
+    return apply_rewrites(from_hf(loaded.model))
 
 
 def make_proposers(names, target: Transformer, tokenizer, train_size: str = "default", progress: bool = False,

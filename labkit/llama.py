@@ -321,6 +321,8 @@ def use_packed_gemm(model: Transformer, rows_hint: int = 64) -> Transformer:
     """
     if not packed_gemm_available():
         raise ValueError("use_packed_gemm needs a torch built with oneDNN (mkldnn) on an x86 CPU")
+    if "gemm:packed" in model.rewrites:
+        return model
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
             w = module.weight.detach()

@@ -9,7 +9,7 @@ import torch
 from labkit import drafts
 from labkit.draft_training import TRAIN_SIZES, load_or_train
 from labkit.generation import Engine, apply_rewrites
-from labkit.llama import from_hf, packed_gemm_available, use_packed_gemm
+from labkit.llama import from_hf
 from labkit.sampling import SamplingParams
 from labkit.speculative import SpeculativeConfig, Speculator
 
@@ -20,13 +20,11 @@ NUM_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def setup(embedded):
-    plain = Engine(apply_rewrites(from_hf(embedded.model)), embedded.tokenizer)
+    plain = Engine(apply_rewrites(from_hf(embedded.model), gemm="plain"), embedded.tokenizer)  # MKL's GEMM only
     prompts = [plain.encode(t, chat=c) for t, c in TEXTS]
     params = plain.sampling_params(max_new_tokens=NUM_TOKENS)
     reference = [g.tokens for g in plain.generate(prompts, params)]
-    target = apply_rewrites(from_hf(embedded.model))
-    if packed_gemm_available():  # as `labkit bench spec` runs it: verification reads oneDNN's packed weights
-        use_packed_gemm(target)
+    target = apply_rewrites(from_hf(embedded.model))  # as `labkit bench spec` runs it: oneDNN-packed weights
     # learned drafts of the smoke size on a quarter of its corpus (3 answers of 12 tokens), trained here, not
     # saved: CI never relies on the cache, and these drafts only have to propose tokens, not good ones
     config = dataclasses.replace(TRAIN_SIZES["smoke"], num_sequences=3, max_new_tokens=12)

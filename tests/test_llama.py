@@ -55,17 +55,32 @@ def test_packed_gemm_matches_the_plain_product_and_is_used_only_for_few_rows(lay
 
 
 @pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
+def test_default_rewrites_pack_fp32_cpu_weights_once_and_plain_keeps_mkl():
+    from labkit.generation import apply_rewrites
+
+    lm = load_model("tiny-llama", dummy=True, device="cpu")
+    packed = use_packed_gemm(apply_rewrites(from_hf(lm.model)))  # packing twice is a no-op
+    assert packed.rewrites == ["layout:kn", "gemm:packed"]
+    assert all(m.packed is not None for m in packed.modules() if isinstance(m, Linear))
+    plain = apply_rewrites(from_hf(lm.model), gemm="plain")
+    assert plain.rewrites == ["layout:kn"] and all(m.packed is None for m in plain.modules() if isinstance(m, Linear))
+    with pytest.raises(ValueError, match="unknown gemm 'fast'"):
+        apply_rewrites(from_hf(lm.model), gemm="fast")
+
+
+@pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
 def test_packed_gemm_keeps_greedy_tokens_in_batches_and_verification(embedded):
     from labkit.drafts import NgramProposer
     from labkit.generation import Engine, apply_rewrites
     from labkit.speculative import SpeculativeConfig, Speculator
 
-    plain = Engine(apply_rewrites(from_hf(embedded.model)), embedded.tokenizer)
+    plain = Engine(apply_rewrites(from_hf(embedded.model), gemm="plain"), embedded.tokenizer)
     texts = ["Once upon a time, in a small village,", "Repeat this: the quick brown fox jumps over the lazy dog."]
     prompts = [plain.encode(t, chat=True) for t in texts]
     params = plain.sampling_params(max_new_tokens=16)
     reference = [g.tokens for g in plain.generate(prompts, params)]  # two decode rows: MKL's own GEMM
-    packed = use_packed_gemm(apply_rewrites(from_hf(embedded.model)))
+    packed = apply_rewrites(from_hf(embedded.model))  # the default rewrites pack the weights on this CPU
+    assert "gemm:packed" in packed.rewrites
     assert [g.tokens for g in Engine(packed, embedded.tokenizer).generate(prompts, params)] == reference
     spec = Engine(packed, embedded.tokenizer, speculator=Speculator(NgramProposer(), SpeculativeConfig(4)))
     assert [spec.generate([p], params)[0].tokens for p in prompts] == reference
