@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from labkit.generation import Engine, HFEngine, make_engine
-from labkit.llama import ModelArgs, UnsupportedArchitecture
+from labkit.llama import ModelArgs, UnsupportedArchitecture, packed_gemm_available
 from labkit.models import load_model
 
 PROMPTS = ["Once upon a time, in a small village,", "The three primary colors are",
@@ -204,8 +204,9 @@ def test_bf16_engine_runs_and_mostly_agrees(engines, embedded):
 
 @pytest.fixture(scope="module")
 def compiled_pair(tiny):
-    """An eager engine and one compiled engine, shared by the compile tests: each compile takes seconds."""
-    return Engine.from_hf(tiny.model), Engine.from_hf(tiny.model, compile=True)
+    """An eager engine and one compiled engine, shared by the compile tests: each compile takes seconds. The
+    compiled one runs MKL's GEMM (gemm="plain"), so that its batched decode runs the compiled step too."""
+    return Engine.from_hf(tiny.model), Engine.from_hf(tiny.model, compile=True, gemm="plain")
 
 
 def test_compiled_decode_matches_eager(compiled_pair):
@@ -380,3 +381,18 @@ def test_compiled_ragged_batch_matches_eager(compiled_pair):
     prompts = [list(range(7, 30)), list(range(3, 8)), list(range(40, 41))]  # 3 rows: padded to a bucket of 4
     params = eager.sampling_params(max_new_tokens=10, ignore_eos=True)
     assert [g.tokens for g in compiled.generate(prompts, params)] == [g.tokens for g in eager.generate(prompts, params)]
+
+
+@pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
+def test_compiled_engine_leaves_few_row_decode_to_the_packed_eager_step(tiny, monkeypatch):
+    engine = Engine.from_hf(tiny.model, compile=True)
+    assert "gemm:packed" in engine.model.rewrites
+    static_rows = []
+    forward_static = engine._forward_static
+    monkeypatch.setattr(engine, "_forward_static",
+                        lambda spans: static_rows.append(len(spans)) or forward_static(spans))
+    params = engine.sampling_params(max_new_tokens=4, ignore_eos=True)
+    one = engine.generate([list(range(7, 30))], params)[0].tokens
+    two = engine.generate([list(range(7, 30)), list(range(3, 8))], params)
+    assert static_rows and set(static_rows) == {1}  # one row: compiled; two rows: eager over the packed weights
+    assert two[0].tokens == one
