@@ -438,7 +438,7 @@ class Engine:
         """Whether a decode step of `rows` rows runs faster static (compiled or from CUDA graphs) than eager.
         Always, but for a compiled CPU step over a model with oneDNN-packed weights (`use_packed_gemm`) at 2 to
         PACKED_MAX_ROWS rows: inductor cannot lower the packed linear, so the compiled step runs MKL's GEMM, and
-        there the eager packed step measured 2.2x faster at 4 rows (compile saves ~4 ms a step, the GEMM ~50)."""
+        there the eager packed step measured 2.1x faster at 4 rows (compile saves ~4 ms a step, the GEMM ~50)."""
         return self.config.cuda_graphs or not 1 < rows <= PACKED_MAX_ROWS or "gemm:packed" not in self.model.rewrites
 
     def _forward_static(self, spans: list[tuple]) -> torch.Tensor:
