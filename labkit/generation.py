@@ -190,7 +190,6 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
         self.compile_s: float | None = None
         self._compiled = None
-        self._has_packed: bool | None = None  # whether a Linear reads oneDNN-packed weights (see _static_pays)
         self._graphs = None  # labkit.cuda_graphs.DecodeGraphs, made on the first static step
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -440,9 +439,7 @@ class Engine:
         Always, but for a compiled CPU step over a model with oneDNN-packed weights (`use_packed_gemm`) at 2 to
         PACKED_MAX_ROWS rows: inductor cannot lower the packed linear, so the compiled step runs MKL's GEMM, and
         there the eager packed step measured 2.1x faster at 4 rows (compile saves ~4 ms a step, the GEMM ~50)."""
-        if self._has_packed is None:  # the modules, not model.rewrites: a quantized copy inherits the label
-            self._has_packed = any(isinstance(m, Linear) and m.packed is not None for m in self.model.modules())
-        return self.config.cuda_graphs or not 1 < rows <= PACKED_MAX_ROWS or not self._has_packed
+        return self.config.cuda_graphs or not 1 < rows <= PACKED_MAX_ROWS or "gemm:packed" not in self.model.rewrites
 
     def _forward_static(self, spans: list[tuple]) -> torch.Tensor:
         """A decode-only step with static shapes (compiled, or replayed from a CUDA graph): rows and block tables

@@ -232,6 +232,10 @@ class Transformer(nn.Module):
         inv_freq = args.inv_freq if args.inv_freq is not None else torch.ones(args.head_dim // 2)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
+    def __getstate__(self):
+        # copies and pickles drop oneDNN's packed weights (Linear.__getstate__): drop their rewrite label too
+        return {**self.__dict__, "rewrites": [r for r in self.rewrites if r != "gemm:packed"]}
+
     @property
     def num_kv_heads(self) -> int:
         """KV heads held by this model's attention layers (after any tensor-parallel sharding)."""

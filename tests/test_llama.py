@@ -62,6 +62,9 @@ def test_default_rewrites_pack_fp32_cpu_weights_once_and_plain_keeps_mkl():
     packed = use_packed_gemm(apply_rewrites(from_hf(lm.model)))  # packing twice is a no-op
     assert packed.rewrites == ["layout:kn", "gemm:packed"]
     assert all(m.packed is not None for m in packed.modules() if isinstance(m, Linear))
+    clone = copy.deepcopy(packed)  # a copy drops the packed weights, and their label with them
+    assert clone.rewrites == ["layout:kn"] and all(m.packed is None for m in clone.modules() if isinstance(m, Linear))
+    assert packed.rewrites == ["layout:kn", "gemm:packed"]
     plain = apply_rewrites(from_hf(lm.model), gemm="plain")
     assert plain.rewrites == ["layout:kn"] and all(m.packed is None for m in plain.modules() if isinstance(m, Linear))
     with pytest.raises(ValueError, match="unknown gemm 'fast'"):
