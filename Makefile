@@ -56,7 +56,7 @@ bench: setup
 # On a GPU machine, with no .venv and nothing installed but torch, transformers and triton: the tests marked gpu,
 # the kernel sweep and bench decode on dummy llama-1b/8b, each step time-boxed, in under 5 minutes, into data/gpu/.
 gpu-check:
-	PYTHONPATH=. $(PYTHON) -m labkit.gpu_check
+	PYTHONPATH=. $(PYTHON) -m labkit.bench.gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,28 +1,22 @@
 """labkit: the support library of the LLM Inference Lab.
 
-Modules (imported on first use, so `import labkit` stays cheap): device, models, llama, attention,
-block_manager, scheduler, sampling, text, generation, quant, bench, results, plots, runner, workloads,
-baseline, bench_decode, bench_batching, protocol, metrics, serve, client, loadgen, arguments, cli, kernels (the
-Triton kernels; needs Triton), cuda_graphs, bench_kernels, gpu_check, distributed, tp, launch, bench_tp,
-scaling, router, speculative,
-drafts, draft_training, bench_spec, quality.
+A small core (`device`, `model`, `kernels`, `engine`) under the lab bench (`lab`), one package per technique
+(`serving`, `speculative`, `quant`, `parallel`), the cross-technique measurements (`bench`) and the command line
+(`cli`). Packages are imported on first use, so `import labkit` stays cheap.
 """
 
 import importlib
 
 __version__ = "0.1.0"
-_MODULES = ("device", "models", "llama", "attention", "block_manager", "scheduler", "sampling", "text", "generation",
-            "quant", "bench", "results", "plots", "runner", "workloads", "baseline", "bench_decode", "bench_batching",
-            "protocol", "metrics", "serve", "client", "loadgen", "arguments", "cli", "kernels", "cuda_graphs",
-            "bench_kernels", "gpu_check", "distributed",
-            "tp", "launch", "bench_tp", "scaling", "router",
-            "speculative", "drafts", "draft_training", "bench_spec", "quality")
-__all__ = [*_MODULES, "Engine", "EngineConfig", "SamplingParams", "load_model"]
-_NAMES = {"Engine": "generation", "EngineConfig": "generation", "SamplingParams": "sampling", "load_model": "models"}
+_PACKAGES = ("device", "model", "kernels", "engine", "lab", "serving", "speculative", "quant", "parallel", "bench",
+             "cli")
+_NAMES = {"Engine": "engine", "EngineConfig": "engine", "SamplingParams": "model.sampling",
+          "load_model": "model.loader"}
+__all__ = [*_PACKAGES, *_NAMES]
 
 
 def __getattr__(name):
-    if name in _MODULES:
+    if name in _PACKAGES:
         return importlib.import_module(f"labkit.{name}")
     if name in _NAMES:
         return getattr(importlib.import_module(f"labkit.{_NAMES[name]}"), name)

@@ -107,9 +107,14 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def repo_root() -> Path:
+    """The folder that holds labkit/, notebooks/, data/ and figures/ (a checkout, or an editable install)."""
+    return Path(__file__).resolve().parent.parent
+
+
 @functools.lru_cache(maxsize=1)
 def _git_sha() -> str | None:
-    root = Path(__file__).resolve().parent.parent
+    root = repo_root()
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from labkit import cli
-from labkit.models import load_model
+from labkit.model.loader import load_model
 
 
 def pytest_collection_modifyitems(config, items):

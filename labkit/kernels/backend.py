@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from labkit.attention import AttentionMetadata
+from labkit.model.attention import AttentionMetadata
 from labkit.kernels.decode_attention import decode_attention
 from labkit.kernels.flash_attention import flash_attention_paged
 from labkit.kernels.rms_norm import rms_norm
@@ -16,7 +16,7 @@ from labkit.kernels.swiglu import swiglu
 
 
 class TritonKernels:
-    """The elementwise kernels of labkit.llama.TorchKernels, each one Triton launch."""
+    """The elementwise kernels of labkit.model.llama.TorchKernels, each one Triton launch."""
 
     name = "triton"
 

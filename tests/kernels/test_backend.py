@@ -4,9 +4,9 @@ same logits through chunked prefill, prefix-cache hits and ragged batches."""
 import pytest
 import torch
 
-from labkit.generation import Engine
-from labkit.models import load_model
-from labkit.sampling import SamplingParams
+from labkit.engine.engine import Engine
+from labkit.model.loader import load_model
+from labkit.model.sampling import SamplingParams
 
 
 def _engines(lm, **kwargs):

@@ -3,7 +3,7 @@ of 1 and 257 tokens, one split and several, blocks of 16 and of 5 tokens."""
 
 import pytest
 import torch
-from kernel_checks import assert_close, randn
+from tests.kernels.kernel_checks import assert_close, randn
 
 from labkit.kernels.common import scatter_to_blocks
 from labkit.kernels.decode_attention import (choose_num_splits, decode_attention, decode_attention_cost,

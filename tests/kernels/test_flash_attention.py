@@ -3,7 +3,7 @@ rows of 1 and 257 tokens, prefill chunks that attend to a cached context."""
 
 import pytest
 import torch
-from kernel_checks import DTYPES, assert_close, randn
+from tests.kernels.kernel_checks import DTYPES, assert_close, randn
 
 from labkit.kernels.common import scatter_to_blocks
 from labkit.kernels.flash_attention import (flash_attention, flash_attention_cost, flash_attention_paged,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_checks import DTYPES, assert_close, assert_stored_exactly, randn
+from tests.kernels.kernel_checks import DTYPES, assert_close, assert_stored_exactly, randn
 
 from labkit.kernels.rms_norm import rms_norm, rms_norm_cost, rms_norm_ref
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_checks import DTYPES, assert_close, randn
+from tests.kernels.kernel_checks import DTYPES, assert_close, randn
 
 from labkit.kernels.rope import rope, rope_cost, rope_ref
 

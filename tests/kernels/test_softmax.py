@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from kernel_checks import DTYPES, assert_close, randn
+from tests.kernels.kernel_checks import DTYPES, assert_close, randn
 
 from labkit.kernels.softmax import softmax, softmax_cost, softmax_ref
 

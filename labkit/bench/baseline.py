@@ -1,0 +1,225 @@
+"""`labkit baseline`: generate from one prompt and report load time, TTFT, decode tokens/s, latency and peak
+memory: one cold run reported apart, then the medians of warm runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+from labkit.cli import arguments
+from labkit.device import describe_environment, dtype_name, peak_memory_mb, reset_peak_memory, seed_everything
+from labkit.engine.engine import ENGINES, Generation, make_engine
+from labkit.model.loader import EMBEDDED_MODEL, load_model
+
+
+def generation_metrics(gen: Generation) -> dict:
+    """The per-generation metrics every notebook and benchmark reports (units in the names)."""
+    total_s = gen.token_times_s[-1] if gen.token_times_s else gen.ttft_s
+    return {
+        "num_prompt_tokens": len(gen.prompt_tokens),
+        "num_new_tokens": gen.num_tokens,
+        "ttft_ms": gen.ttft_s * 1e3,
+        "decode_tokens_per_s": gen.decode_tokens_per_s if gen.num_tokens > 1 else None,
+        "total_latency_ms": total_s * 1e3,
+        "finish_reason": gen.finish_reason,
+    }
+
+
+STORY = ("Once upon a time, in a small village at the edge of a great forest, there lived a curious girl who "
+         "loved to ask questions about the stars, the rivers and the old stories the elders told by the fire. ")
+
+
+def synthetic_prompt(engine, num_tokens: int) -> list[int]:
+    """A natural-text prompt of exactly num_tokens tokens (a story repeated and cut)."""
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    ids = engine.encode(STORY)
+    while len(ids) < num_tokens:
+        ids = ids + engine.encode(STORY)
+    return ids[:num_tokens]
+
+
+def measure_grid(engine, prompt_lengths=(16,), new_tokens=(16,), repeats: int = 2, **sampling) -> list[dict]:
+    """TTFT, decode tokens/s and latency for each (prompt length, new tokens), median over repeats.
+
+    Fixed output lengths (ignore_eos) so every cell does the same work; one warm-up run first.
+    """
+    from labkit.lab.stats import summarize
+
+    engine.generate([synthetic_prompt(engine, 8)], engine.sampling_params(max_new_tokens=4, ignore_eos=True))
+    described = engine.describe()
+    rows = []
+    for num_prompt in prompt_lengths:
+        prompt = synthetic_prompt(engine, num_prompt)
+        for num_new in new_tokens:
+            params = engine.sampling_params(max_new_tokens=num_new, ignore_eos=True, **sampling)
+            runs = [generation_metrics(engine.generate([prompt], params)[0]) for _ in range(repeats)]
+            row = {"engine": described["engine"], "model": described["model"], "device": described["device"],
+                   "dtype": described["dtype"], "prompt_tokens": num_prompt, "new_tokens": num_new, "repeats": repeats}
+            for key in ("ttft_ms", "decode_tokens_per_s", "total_latency_ms"):
+                values = [r[key] for r in runs if r[key] is not None]
+                row[key] = summarize(values).median_ms if values else None  # the median, whatever the unit
+            rows.append(row)
+    return rows
+
+
+SWEEP_PARAMS = ("engine", "model", "device", "dtype", "prompt_tokens", "new_tokens", "repeats")
+SWEEP_METRICS = ("ttft_ms", "decode_tokens_per_s", "total_latency_ms")
+
+
+def sweep_rows(grid_rows: Sequence[Mapping], env: Mapping | None = None) -> list[dict]:
+    """Results rows (technique "baseline-sweep") from `measure_grid` rows: params name the engine, model,
+    device, dtype, repeats and the cell's lengths; `env` defaults to the stamp of the rows' device."""
+    from labkit.lab.results import make_row
+
+    rows = list(grid_rows)
+    if env is None:
+        env = describe_environment(rows[0]["device"] if rows else None)
+    return [make_row("baseline-sweep", {k: r[k] for k in SWEEP_PARAMS}, {k: r[k] for k in SWEEP_METRICS}, env)
+            for r in rows]
+
+
+TIMED_METRICS = ("ttft_ms", "decode_tokens_per_s", "total_latency_ms")
+
+
+def run_baseline(prompt: str = "Hello, world!", max_tokens: int = 20, model: str = EMBEDDED_MODEL,
+                 engine: str = "hf", device: str = "auto", dtype: str = "fp32", temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, chat: bool = False, dummy: bool = False,
+                 compile: bool = False, repeats: int = 3, progress: bool = False) -> dict:
+    """Load a model, generate once cold, then `repeats` times warm; return a results row (technique "baseline").
+
+    The first generation of a process pays one-off costs (lazy initialisation, allocator growth, kernel
+    selection): it is reported apart as `cold_*`; `ttft_ms`, `decode_tokens_per_s` and `total_latency_ms` are
+    the medians of the warm runs (each run's values in `*_runs`).
+    """
+    from tqdm.auto import tqdm
+
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if not prompt:
+        raise ValueError("prompt must not be empty")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    seed_everything(seed)
+    loaded = load_model(model, device=device, dtype=dtype, dummy=dummy, seed=seed)  # a bad model fails in one line
+    reset_peak_memory(loaded.device)
+    start = time.perf_counter()
+    kwargs = {"compile": compile} if engine == "labkit" else {}
+    runner = make_engine(engine, loaded, **kwargs)
+    convert_s = time.perf_counter() - start
+    params = runner.sampling_params(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, seed=seed)
+    prompt_ids = runner.encode(prompt, chat=chat)
+    with tqdm(total=1 + repeats, desc="baseline", unit="run", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:
+        if compile:
+            bar.set_postfix_str("compiling")
+        compile_s = runner.warmup() if compile else None
+        runs = []
+        for i in range(1 + repeats):
+            bar.set_postfix_str("cold run" if i == 0 else f"warm run {i}/{repeats}")
+            gen = runner.generate([prompt_ids], params)[0]
+            runs.append(generation_metrics(gen))
+            bar.update()
+    cold, warm = runs[0], runs[1:]
+    params_out = {"prompt": prompt, "max_tokens": max_tokens, "model": loaded.name, "model_source": loaded.source,
+                  "engine": engine, "device": str(loaded.device), "dtype": dtype_name(loaded.dtype),
+                  "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "chat": chat,
+                  "compile": compile, "repeats": repeats}
+    metrics = {"load_s": loaded.load_s, "engine_setup_s": convert_s, "compile_s": compile_s, **warm[-1],
+               "num_warmup": 1, "num_repeats": repeats, "peak_memory_mb": peak_memory_mb(loaded.device)}
+    for key in TIMED_METRICS:
+        values = [run[key] for run in warm if run[key] is not None]
+        metrics[key] = statistics.median(values) if values else None
+        metrics[f"{key}_runs"] = [run[key] for run in warm]
+        metrics[f"cold_{key}"] = cold[key]
+    return {"technique": "baseline", "params": params_out, "metrics": metrics, "text": gen.text,
+            "env": describe_environment(loaded.device)}
+
+
+def format_row(row: dict) -> str:
+    m, p = row["metrics"], row["params"]
+    tps = m["decode_tokens_per_s"]
+    warm = f"median of {m['num_repeats']} warm runs" if m.get("num_repeats") else "one run"
+    cold_tps = m.get("cold_decode_tokens_per_s")
+    lines = [
+        f"model        {p['model']} ({p['model_source']}), engine {p['engine']}, {p['device']} {p['dtype']}",
+        f"load         {m['load_s']:.2f} s",
+        f"TTFT         {m['ttft_ms']:.1f} ms ({m['num_prompt_tokens']} prompt tokens; {warm}; "
+        f"cold first run {m.get('cold_ttft_ms', m['ttft_ms']):.1f} ms)",
+        (f"decode       {tps:.1f} tokens/s" + (f" (cold first run {cold_tps:.1f})" if cold_tps else ""))
+        if tps else "decode       n/a (one token)",
+        f"latency      {m['total_latency_ms']:.1f} ms for {m['num_new_tokens']} new tokens ({m['finish_reason']})",
+        f"peak memory  {m['peak_memory_mb']:.0f} MiB",
+        f"text         {row['text']!r}",
+    ]
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "baseline", help="generate once; report load time, TTFT, decode tokens/s, memory",
+        description="Generate once from a prompt and report model load time (separately), time to first token, "
+                    "decode tokens/s, total latency, tokens generated and peak memory. The first generation is "
+                    "reported apart as cold; the numbers are the medians of the warm runs after it. "
+                    "Greedy by default.")
+    p.add_argument("--prompt", type=arguments.utf8_text, default="Hello, world!", help="the prompt text (default: %(default)r)")
+    p.add_argument("--max-tokens", type=arguments.positive_int, default=20, help="new tokens to generate (default: 20)")
+    p.add_argument("--model", default=EMBEDDED_MODEL,
+                   help="embedded default, an HF hub id, a local directory, or with --dummy a preset")
+    p.add_argument("--dummy", action="store_true", help="random weights from a preset config (e.g. tiny-smollm2)")
+    p.add_argument("--engine", choices=ENGINES, default="hf", help="hf generate or the labkit engine (default: hf)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 or auto (default: fp32)")
+    p.add_argument("--temperature", type=arguments.non_negative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default)")
+    p.add_argument("--seed", type=arguments.seed, default=0, help="seed for sampling (default: 0)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
+                   help="wrap the prompt in the model's chat template (default: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the labkit decode step (timed apart)")
+    p.add_argument("--repeats", type=arguments.positive_int, default=3,
+                   help="timed warm runs after one cold run, reported apart; the medians are reported (default: 3)")
+    arguments.add_label_option(p)
+    p.add_argument("--json", action="store_true", help="print the result row as JSON on stdout; table on stderr")
+    p.add_argument("--no-save", action="store_true", help="do not append the row to data/results.jsonl")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_baseline)
+
+
+def cmd_baseline(args) -> int:
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.compile and args.engine != "labkit":
+        raise ValueError("--compile needs --engine labkit")
+    from labkit.lab.results import append_rows, check_store, stamp_rows
+
+    if not args.no_save:
+        check_store()  # before the model loads, not after the measurement
+    row = run_baseline(prompt=args.prompt, max_tokens=args.max_tokens, model=args.model, engine=args.engine,
+                       device=args.device, dtype=args.dtype, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, seed=args.seed, chat=args.chat, dummy=args.dummy, compile=args.compile,
+                       repeats=args.repeats, progress=not args.no_progress)
+    (row,) = stamp_rows([row], label=args.label)
+    if not args.no_save:
+        append_rows([row])
+    print(format_row(row), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps([row], indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from labkit.cli.main import main as cli_main  # the entry point, not a dependency: imported when run
+
+    return cli_main(["baseline", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

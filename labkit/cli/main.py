@@ -1,0 +1,82 @@
+"""`labkit` command line: baseline, run, results, bench decode|serve|batching|kernels|tp|spec, serve, ping,
+tp, router, spec train.
+
+Each command module registers its parser with `add_parser(subparsers)` and sets `func(args) -> int`.
+Bad input prints one line `labkit <command>: <message>` on stderr and exits 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from labkit.cli.arguments import Parser
+
+# command name -> module that registers it; imported only when needed, so `labkit --help` is fast
+COMMANDS = {
+    "baseline": "labkit.bench.baseline",
+    "run": "labkit.lab.runner",
+    "results": "labkit.lab.results",
+    "serve": "labkit.serving.server",
+    "ping": "labkit.serving.client",
+    "tp": "labkit.parallel.launch",
+    "router": "labkit.serving.router",
+    "spec": "labkit.speculative.training",
+}
+BENCH_COMMANDS = {
+    "decode": "labkit.bench.decode",
+    "serve": "labkit.serving.loadgen",
+    "batching": "labkit.bench.batching",
+    "kernels": "labkit.bench.kernels",
+    "tp": "labkit.parallel.bench",
+    "spec": "labkit.speculative.bench",
+    "quant": "labkit.quant.bench",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("labkit")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from labkit import __version__
+
+        return __version__
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="labkit", description="The LLM Inference Lab's command line.")
+    parser.add_argument("--version", action="version", version=f"labkit {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
+    bench = sub.add_parser("bench", help="benchmarks: decode, serving load, batching, kernels, TP, speculation, quantization",
+                           description="Benchmarks. Each writes result rows under data/ and accepts --json.")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    for module in BENCH_COMMANDS.values():
+        importlib.import_module(module).add_parser(bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    name = args.command if args.command != "bench" else f"bench {args.bench_command}"
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"labkit {name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"labkit {name}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): nothing left to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:  # a file or folder the user named: missing, unreadable, a full disk
+        print(f"labkit {name}: {exc}", file=sys.stderr)
+        return 1
+

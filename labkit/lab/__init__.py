@@ -1,0 +1,1 @@
+"""The lab bench: results store, plots, notebook runner, timing statistics."""

@@ -1,0 +1,384 @@
+"""`labkit run`: execute the numbered notebooks headless through papermill, with profiles and overrides.
+
+A run writes only under its run folder (`runs/<UTC time>/`: executed copies, `data/`, `figures/`), so the git
+tree stays clean; `--refresh-reference` sends results and figures to the committed `data/` and `figures/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import difflib
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from labkit.cli import arguments
+from labkit.device import repo_root
+
+NOTEBOOK_RE = re.compile(r"(\d{2})_[^/]+\.ipynb")
+PROFILES_FILE = "profiles.json"
+ALL_NOTEBOOKS = "*"  # profile key whose parameters apply to every notebook
+KERNEL_NAME = "python3"  # jupyter_client runs a "python" kernelspec with sys.executable, i.e. this venv
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised, timed out or lost its kernel; the message names the notebook, cell and kept copy."""
+
+
+def notebooks_dir() -> Path:
+    """Where the numbered notebooks live: `$LABKIT_NOTEBOOKS_DIR`, else `<repo>/notebooks`."""
+    return Path(os.environ.get("LABKIT_NOTEBOOKS_DIR") or repo_root() / "notebooks")
+
+
+def _numbered(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.ipynb") if NOTEBOOK_RE.fullmatch(p.name))
+
+
+def find_notebooks(selection: Sequence[str], folder: Path | None = None) -> list[Path]:
+    """Resolve selectors ("01", "1", "01_baseline", a path) to notebooks; none selects all, sorted."""
+    folder = Path(folder) if folder is not None else notebooks_dir()
+    available = _numbered(folder) if folder.is_dir() else []
+    if not selection:
+        return available
+    chosen: list[Path] = []
+    for selector in selection:
+        path = Path(selector)
+        if path.suffix == ".ipynb" and path.is_file():
+            matches = [path.resolve()]
+        elif selector.isdigit():
+            matches = [p for p in available if int(NOTEBOOK_RE.fullmatch(p.name).group(1)) == int(selector)]
+        else:
+            matches = [p for p in available if p.stem == selector.removesuffix(".ipynb")]
+        if len(matches) != 1:
+            names = ", ".join(p.stem for p in available) or f"none in {folder}"
+            problem = "ambiguous" if matches else "unknown"
+            raise ValueError(f"{problem} notebook {selector!r}; available: {names}")
+        if matches[0] not in chosen:
+            chosen.append(matches[0])
+    return chosen
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as papermill's `-p` reads it (bool, None, int, float), plus JSON lists/dicts."""
+    literals = {"True": True, "true": True, "False": False, "false": False, "None": None, "null": None}
+    if text in literals:
+        return literals[text]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def load_profiles(folder: Path | None = None) -> dict[str, dict]:
+    """The profiles in `notebooks/profiles.json` (keys starting with "_" are notes); "default" always exists."""
+    path = (Path(folder) if folder is not None else notebooks_dir()) / PROFILES_FILE
+    profiles: dict[str, dict] = {"default": {}}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        profiles.update({name: value for name, value in data.items() if not name.startswith("_")})
+    for name, profile in profiles.items():
+        if not isinstance(profile, dict) or not all(isinstance(v, dict) for v in profile.values()):
+            raise ValueError(f"{path}: profile {name!r} must map a notebook number or '*' to {{parameter: value}}")
+    return profiles
+
+
+def profile_parameters(profile: Mapping[str, Mapping], notebook: Path) -> dict:
+    """One notebook's parameters from a profile: the "*" entry, then its own number's entry."""
+    match = NOTEBOOK_RE.fullmatch(notebook.name)
+    own = profile.get(match.group(1), {}) if match else {}
+    return {**profile.get(ALL_NOTEBOOKS, {}), **own}
+
+
+_NOT_A_LITERAL = object()  # a parameter whose default is an expression: its type is not checked
+
+
+def notebook_parameters(notebook: Path) -> dict[str, Any]:
+    """The names and defaults assigned in a notebook's cell tagged `parameters` ({} without one)."""
+    try:
+        cells = json.loads(Path(notebook).read_text(encoding="utf-8"))["cells"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read notebook {notebook}: {_one_line(exc)}") from None
+    cell = next((c for c in cells if c.get("cell_type") == "code"
+                 and "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if cell is None:
+        return {}
+    source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise ValueError(f"{notebook.name}: the parameters cell does not parse (line {exc.lineno})") from None
+    found = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, ast.AnnAssign) and node.value is not None else []
+        for target in targets:
+            if isinstance(target, ast.Name):
+                try:
+                    found[target.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    found[target.id] = _NOT_A_LITERAL
+    return found
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+    """Why `value` cannot replace `default` (None when it can): numbers, booleans and lists keep their kind."""
+    if value is None or default is None or default is _NOT_A_LITERAL or isinstance(default, str):
+        return None
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "True or False"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, (list, tuple)):
+        ok, kind = isinstance(value, (list, tuple)), "a JSON list"
+    elif isinstance(default, dict):
+        ok, kind = isinstance(value, dict), "a JSON object"
+    else:
+        return None
+    return None if ok else f"expects {kind} (default {default!r}), got {value!r}"
+
+
+def resolve_parameters(notebooks: Sequence[Path], profile: Mapping[str, Mapping],
+                       overrides: Mapping[str, Any]) -> dict[Path, dict]:
+    """Each notebook's parameters: the profile's, then the overrides, checked against its parameters cell.
+
+    An override must be a parameter of at least one of the notebooks (a typo is an error naming the
+    parameters) and goes only to the notebooks that have it; so do the profile's "*" entries. A profile entry
+    for one notebook must name its parameters. Numbers, booleans and lists must keep their kind.
+    """
+    known = {nb: notebook_parameters(nb) for nb in notebooks}
+    for name in overrides:
+        if not any(name in params for params in known.values()):
+            every = sorted({p for params in known.values() for p in params})
+            close = difflib.get_close_matches(name, every, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            names = "; ".join(f"{nb.stem}: {', '.join(params) or 'none'}" for nb, params in known.items())
+            raise ValueError(f"unknown parameter {name!r}{hint}; the parameters are {names}")
+    resolved = {}
+    for nb, params in known.items():
+        match = NOTEBOOK_RE.fullmatch(nb.name)
+        own = profile.get(match.group(1), {}) if match else {}
+        unknown = [name for name in own if name not in params]
+        if unknown:
+            raise ValueError(f"profile entry {match.group(1)} sets {unknown[0]!r}, which {nb.stem} does not have; "
+                             f"its parameters: {', '.join(params) or 'none'}")
+        chosen = {name: value for name, value in {**profile.get(ALL_NOTEBOOKS, {}), **own, **overrides}.items()
+                  if name in params}
+        for name, value in chosen.items():
+            problem = _type_problem(value, params[name])
+            if problem:
+                raise ValueError(f"parameter {name!r}: {nb.stem} {problem}")
+        resolved[nb] = chosen
+    return resolved
+
+
+def output_environment(output_dir: Path, refresh_reference: bool = False, run_id: str | None = None,
+                       label: str | None = None) -> dict[str, str]:
+    """The variables the notebooks' kernels get: where results and figures go, the run id and the label.
+
+    By default results go to `<output_dir>/data` and figures to `<output_dir>/figures` (unless
+    $LABKIT_DATA_DIR / $LABKIT_FIGURES_DIR say otherwise); with `refresh_reference` to the committed
+    `<repo>/data` and `<repo>/figures`.
+    """
+    from labkit.lab.results import LABEL_ENV, RUN_ID_ENV, new_run_id, reference_data_dir
+
+    if refresh_reference:
+        data, figures = reference_data_dir(), repo_root() / "figures"
+    else:
+        data = os.environ.get("LABKIT_DATA_DIR") or output_dir / "data"
+        figures = os.environ.get("LABKIT_FIGURES_DIR") or output_dir / "figures"
+    env = {"LABKIT_DATA_DIR": str(data), "LABKIT_FIGURES_DIR": str(figures), RUN_ID_ENV: run_id or new_run_id()}
+    if label:
+        env[LABEL_ENV] = label
+    return env
+
+
+@contextlib.contextmanager
+def _environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """Set variables for the kernels started inside (papermill has no per-kernel env), then restore them."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _default_output_dir() -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = repo_root() / "runs" / stamp
+    suffix = 1
+    while path.exists():  # two runs started in the same second must not overwrite each other
+        path = path.with_name(f"{stamp}-{suffix}")
+        suffix += 1
+    return path
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _last_started_cell(output: Path) -> str:
+    """The cell a timeout or kernel death interrupted: the latest one papermill stamped with a start time."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(output, as_version=4).cells
+    except Exception:  # the copy may not exist if the kernel never started
+        return "a cell"
+    started = [(c.metadata.get("papermill", {}).get("start_time") or "", i, c.get("execution_count"))
+               for i, c in enumerate(cells) if c.cell_type == "code"]
+    start, index, count = max(started, default=("", None, None))
+    return f"cell [{count}] (index {index})" if start else "a cell"
+
+
+def _failure(notebook: Path, output: Path, exc: Exception, cell_timeout_s: float | None) -> NotebookFailed:
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        where = f"cell [{exc.exec_count}] (index {exc.cell_index})"
+        what = f"{exc.ename}: {_one_line(exc.evalue)}"
+    elif isinstance(exc, CellTimeoutError):
+        where, what = _last_started_cell(output), f"ran longer than the {cell_timeout_s:g} s cell timeout"
+    elif isinstance(exc, DeadKernelError):
+        where, what = _last_started_cell(output), "the kernel died (out of memory?)"
+    else:
+        where, what = "start-up or save", f"{type(exc).__name__}: {_one_line(exc)}"
+    kept = f" (executed copy kept at {output})" if output.exists() else ""
+    return NotebookFailed(f"{notebook.name} failed at {where}: {what}{kept}")
+
+
+def run_notebooks(paths: Sequence[Path], parameters: Mapping[str, Any] | None = None, profile: str = "default",
+                  output_dir: Path | str | None = None, cell_timeout_s: float | None = 600,
+                  progress: bool = True, refresh_reference: bool = False, label: str | None = None,
+                  run_id: str | None = None) -> list[Path]:
+    """Execute notebooks in order with papermill; return the executed copies; raise NotebookFailed on error.
+
+    Parameters are checked against each notebook's parameters cell before anything runs. Results and figures
+    go where `output_environment` says: under `output_dir` unless `refresh_reference`.
+    """
+    import papermill as pm
+    from tqdm.auto import tqdm
+
+    if cell_timeout_s is not None and not cell_timeout_s > 0:
+        raise ValueError(f"the cell timeout must be > 0 seconds, got {cell_timeout_s}")
+    paths = [Path(p) for p in paths]
+    profiles = load_profiles()
+    if profile not in profiles:
+        raise ValueError(f"unknown profile {profile!r}; available: {', '.join(sorted(profiles))}")
+    resolved = resolve_parameters(paths, profiles[profile], parameters or {})
+    output_dir = Path(output_dir) if output_dir is not None else _default_output_dir()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    variables = output_environment(output_dir, refresh_reference, run_id, label)
+    # papermill's per-cell bar only helps a person watching a terminal; in logs it is noise
+    show_cells = progress and sys.stderr.isatty()
+    outputs = []
+    bar = tqdm(paths, desc="labkit run", unit="notebook", disable=not progress)
+    for notebook in bar:
+        bar.set_postfix_str(notebook.name)
+        output = output_dir / notebook.name
+        try:
+            with _environment(variables):
+                pm.execute_notebook(
+                    str(notebook), str(output),
+                    parameters=resolved[notebook],
+                    kernel_name=KERNEL_NAME,
+                    cwd=str(notebook.parent),  # relative paths in a notebook mean the notebooks folder
+                    execution_timeout=cell_timeout_s,
+                    progress_bar=show_cells,
+                    log_output=False,
+                    # ipykernel warns on every start that its localhost TCP sockets are unencrypted: noise here
+                    extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                )
+        except Exception as exc:  # kernel start-up fails with plain RuntimeError/KeyError: report them all alike
+            bar.close()
+            raise _failure(notebook, output, exc, cell_timeout_s) from exc
+        outputs.append(output)
+    return outputs
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The `labkit run` command: 0 on success, else one `labkit run: ...` line on stderr and 1."""
+    from labkit.lab.results import new_run_id
+
+    output_dir = args.output_dir or _default_output_dir()
+    run_id = new_run_id()
+    where = output_environment(output_dir, args.refresh_reference, run_id, args.label)
+    try:
+        paths = find_notebooks(args.notebooks)
+        if not paths:
+            raise ValueError(f"no numbered notebooks (NN_name.ipynb) in {notebooks_dir()}")
+        parameters = {name: parse_value(value) for name, value in args.parameter or []}
+        outputs = run_notebooks(paths, parameters, profile=args.profile, output_dir=output_dir,
+                                cell_timeout_s=args.cell_timeout, progress=not args.no_progress,
+                                refresh_reference=args.refresh_reference, label=args.label, run_id=run_id)
+    except (NotebookFailed, ValueError) as exc:
+        print(f"labkit run: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    print(f"labkit run: {len(outputs)} notebook(s) executed, copies in {outputs[0].parent}; results in "
+          f"{where['LABKIT_DATA_DIR']} (run {run_id}), figures in {where['LABKIT_FIGURES_DIR']}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `labkit run` on the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "run",
+        help="execute notebooks headless through papermill",
+        description="Execute the numbered notebooks (notebooks/NN_name.ipynb) top to bottom with papermill,\n"
+                    "in order, stopping at the first failure. Parameters come from a profile in\n"
+                    "notebooks/profiles.json, then from -p overrides (which win), and are injected after\n"
+                    "the notebook's 'parameters' cell; a name no selected notebook has is an error. Executed\n"
+                    "copies, failed ones included, go to runs/<UTC time>/ (or --output-dir), and so do the\n"
+                    "results (data/) and figures (figures/) the notebooks write, so the git tree stays clean;\n"
+                    "--refresh-reference writes them to the committed data/ and figures/ instead.",
+        epilog="examples:\n"
+               "  labkit run                       # every notebook, default parameters\n"
+               "  labkit run 01 03_sampling        # two notebooks, by number or name\n"
+               "  labkit run 02 -p device cuda -p max_new_tokens 256\n"
+               "  labkit run --profile full        # the bigger settings for a GPU machine\n"
+               "  labkit run --refresh-reference   # rewrite the committed reference results",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
+                        help="number (01 or 1), name (01_baseline) or path of a notebook; default: all")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                        help="set a notebook parameter, overriding the profile; VALUE is read as "
+                             "int/float/True/False/None or a JSON list/dict when it parses, else a string "
+                             "(repeatable)")
+    parser.add_argument("--profile", default="default",
+                        help="parameter profile from notebooks/profiles.json (default: %(default)s)")
+    parser.add_argument("--output-dir", type=arguments.output_dir, metavar="DIR",
+                        help="where executed copies go, with data/ and figures/ (default: runs/<UTC time>/)")
+    parser.add_argument("--refresh-reference", action="store_true",
+                        help="write results and figures to the committed data/ and figures/ (the reference "
+                             "results) instead of the run folder")
+    arguments.add_label_option(parser)
+    parser.add_argument("--cell-timeout", type=arguments.positive_float, default=600, metavar="SECONDS",
+                        help="fail a cell that runs longer than this (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=cmd_run)
+    return parser

@@ -1,0 +1,1 @@
+"""The model: Llama-family architecture, attention and KV cache, sampling, loading, rewrites."""

@@ -1,0 +1,290 @@
+"""`labkit bench quant`: speed, memory and quality of each quantization scheme, side by side in one run.
+
+For fp32, bf16, int8, int4 (each group size), the GGUF file's own blocks, an int8 KV cache and llama.cpp on the
+same GGUF: decode tokens/s at each batch size (`labkit bench decode`'s runners, repeats interleaved), weight
+memory, sliding-window perplexity on an offline English text, and greedy agreement with the fp32 model. One row
+per (scheme, batch size) in the lab's result-row form (`params.scheme`, `metrics.tokens_per_s`,
+`metrics.perplexity`); `pareto_front` and `recommend` read them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from labkit.cli.arguments import add_run_output_options, comma_list, positive_int
+from labkit.lab.stats import weight_bytes_per_token
+from labkit.bench.decode import (DEFAULT_PROMPT, VARIANTS, Variant, _measure, llama_cpp_available,
+                                 llama_cpp_problem)
+from labkit.device import format_environment, seed_everything
+from labkit.engine.engine import Engine, EngineConfig
+from labkit.model.loader import EMBEDDED_MODEL, embedded_gguf_path, load_model
+from labkit.quant.quality import LogitsFunction, greedy_agreement, load_text, perplexity, sliding_windows
+
+SCHEMES = ("fp32", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128", "gguf", "kv-int8", "llama.cpp")
+# scheme -> (decode variant, eager or compiled); kv-int8 keeps fp32 weights so that only the cache changes
+_VARIANT = {"fp32": "labkit-fp32", "bf16": "labkit-bf16", "int8": "labkit-int8", "int4-g32": "labkit-int4-g32",
+            "int4-g64": "labkit-int4-g64", "int4-g128": "labkit-int4-g128", "gguf": "labkit-gguf",
+            "kv-int8": "labkit-fp32", "llama.cpp": "llama.cpp"}
+# perplexity prefills each window in chunks of this many tokens, so that every chunk after the first reads the
+# KV cache (an int8 cache changes nothing for a window read in one piece: its tokens attend to their own K, V)
+PPL_CHUNK = 32
+AGREEMENT_PROMPTS = ("The three primary colors are", "def fibonacci(n):", "The capital of France is",
+                     "Once upon a time, in a small village,")
+
+
+def scheme_variant(scheme: str, compile: bool) -> Variant:
+    """The `bench decode` variant that runs a scheme (its compiled step where `compile` and a step exists)."""
+    base = VARIANTS[_VARIANT[scheme]]
+    if compile and base.engine == "labkit":
+        base = VARIANTS[f"{base.name}-compile"] if f"{base.name}-compile" in VARIANTS else replace(base, compile=True)
+    if scheme == "kv-int8":
+        base = replace(base, name=f"{base.name}-kv-int8", kv_cache_dtype="int8")
+    return replace(base, name=f"quant:{scheme}")
+
+
+def run_quant_bench(schemes=SCHEMES, batch_sizes=(1, 8), max_tokens: int = 64, repeats: int = 3,
+                    compile: bool = True, text: str = "pydoc", ppl_tokens: int = 1024, context_len: int = 512,
+                    stride: int = 256, agreement_tokens: int = 32, num_agreement_prompts: int = 4,
+                    log: Callable[[str], object] | None = None, progress: bool = False) -> list[dict]:
+    """Measure every scheme on the embedded model on the CPU; return one row per (scheme, batch size).
+
+    llama.cpp is skipped with a note where llama-cpp-python is missing, unless named explicitly."""
+    from tqdm.auto import tqdm
+
+    schemes = tuple(dict.fromkeys(schemes))
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise ValueError(f"unknown quantization scheme {unknown[0]!r}: choose from {', '.join(SCHEMES)}")
+    sliding_windows(ppl_tokens, context_len, stride)  # bad window values fail before minutes of loading
+    if "llama.cpp" in schemes:
+        problem = llama_cpp_problem(EMBEDDED_MODEL, False, "cpu")
+        if problem and list(schemes) != list(SCHEMES):
+            raise ValueError(problem)
+        if problem:
+            schemes = tuple(s for s in schemes if s != "llama.cpp")
+            if log:
+                log(f"skipping llama.cpp: {problem}")
+    if "fp32" not in schemes:
+        schemes = ("fp32", *schemes)  # the reference for ratios, perplexity change and agreement
+    seed_everything(0)
+    loaded = load_model(EMBEDDED_MODEL, device="cpu", dtype="fp32")
+    eval_text = load_text(text)
+    ppl_ids = loaded.tokenizer(eval_text.text[: ppl_tokens * 8])["input_ids"][:ppl_tokens]
+    if len(ppl_ids) < ppl_tokens:
+        raise ValueError(f"--ppl-tokens {ppl_tokens}: the {text} text has only {len(ppl_ids)} tokens")
+    prompt_ids = loaded.tokenizer(DEFAULT_PROMPT)["input_ids"]
+    agreement_ids = [loaded.tokenizer(p)["input_ids"] for p in AGREEMENT_PROMPTS[:num_agreement_prompts]]
+    variants = {s: scheme_variant(s, compile) for s in schemes}
+    cells = {b: [variants[s].name for s in schemes if b == 1 or s != "llama.cpp"] for b in batch_sizes}
+    shared: dict = {}
+    total = 1 + len(schemes) * 2 + sum(len(names) * (1 + repeats) for names in cells.values())
+    with tqdm(total=total, desc="bench quant", unit="step", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:
+        by_name = {v.name: v for v in variants.values()}
+        # every engine's compiled step shares one code object, and each scheme's buffers are its own guards:
+        # up to (schemes x batch sizes x block-table widths) graphs, more than dynamo keeps by default
+        with torch._dynamo.config.patch(recompile_limit=max(64, 4 * len(schemes) * len(batch_sizes))):
+            speed = _measure(loaded, prompt_ids, list(by_name), cells, max_tokens, repeats, DEFAULT_PROMPT, log,
+                             bar, baseline=variants["fp32"].name, variants_by_name=by_name, shared=shared)
+        quality = {}
+        for scheme in schemes:
+            bar.set_postfix_str(f"quality of {scheme}")
+            start = time.perf_counter()
+            quality[scheme] = _quality(scheme, variants[scheme], shared, loaded, ppl_ids, context_len, stride,
+                                       agreement_ids, agreement_tokens, quality.get("fp32"))
+            if log:
+                q = quality[scheme]
+                log(f"{scheme:10s} perplexity {q['perplexity']:.3f}, teacher-forced agreement "
+                    f"{q['agreement_teacher_forced']:.3f} ({time.perf_counter() - start:.0f} s)")
+            bar.update(2)
+    return _rows(speed, variants, quality, eval_text, ppl_tokens, context_len, stride, compile)
+
+
+def _labkit_engine_for(variant: Variant, shared: dict, loaded, num_tokens: int) -> Engine:
+    config = EngineConfig(max_num_seqs=8, num_kv_blocks=8 * -(-num_tokens // EngineConfig.block_size) + 8,
+                          kv_cache_dtype=variant.kv_cache_dtype)
+    return Engine(shared[variant.model_key], loaded.tokenizer, name=loaded.name, config=config)
+
+
+def _quality(scheme, variant, shared, loaded, ppl_ids, context_len, stride, agreement_ids, agreement_tokens,
+             reference) -> dict:
+    """Perplexity, agreement with fp32 and memory of one scheme (engines without a compiled step: the same
+    weights, and prefill runs eager anyway)."""
+    if variant.engine == "llama.cpp":
+        return _llama_cpp_quality(ppl_ids, context_len, stride, agreement_ids, agreement_tokens, reference)
+    num_tokens = max(context_len, max(len(p) for p in agreement_ids) + agreement_tokens) + 1
+    engine = _labkit_engine_for(variant, shared, loaded, num_tokens)
+    result = {"perplexity": perplexity(engine, ppl_ids, context_len, stride, chunk_size=PPL_CHUNK).perplexity}
+    if reference is None:  # fp32 itself: its own greedy continuation is the reference
+        result.update(agreement_teacher_forced=1.0, agreement_free_running=1.0, _engine=engine)
+    else:
+        agreement = greedy_agreement(reference["_engine"], engine, agreement_ids, agreement_tokens)
+        result.update(agreement_teacher_forced=agreement.teacher_forced,
+                      agreement_free_running=agreement.free_running)
+    model = engine.model
+    seen, weight_bytes = set(), 0  # everything the model holds: the fp32 embedding table too
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            weight_bytes += t.numel() * t.element_size()
+    result.update(weight_bytes=weight_bytes, weight_bytes_per_token=weight_bytes_per_token(model),
+                  kv_bytes_per_token=engine.cache.nbytes // ((engine.cache.num_blocks + 1) * engine.cache.block_size))
+    return result
+
+
+def _llama_cpp_quality(ppl_ids, context_len, stride, agreement_ids, agreement_tokens, reference) -> dict:
+    """The same perplexity windows and teacher-forced agreement read from llama.cpp's logits."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=max(context_len, 256), n_batch=max(context_len, 256),
+                n_threads=torch.get_num_threads(), logits_all=True, verbose=False, seed=0)
+
+    def logits(ids: list[int]) -> torch.Tensor:
+        llm.reset()
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+    scored = perplexity(LogitsFunction(logits, llm.n_ctx(), llm.n_vocab()), ppl_ids, context_len, stride)
+    same = positions = diverged = 0
+    ref_engine = reference["_engine"]
+    for prompt in agreement_ids:
+        ref = ref_engine.generate([prompt], ref_engine.sampling_params(max_new_tokens=agreement_tokens,
+                                                                       ignore_eos=True))[0].tokens
+        teacher = prompt + ref[:-1]
+        rows = slice(len(prompt) - 1, len(teacher))
+        same += int((logits(teacher)[rows].argmax(-1) == ref_engine.prompt_logits(teacher)[rows].argmax(-1)).sum())
+        positions += len(ref)
+        llm.reset()
+        mine = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            mine.append(token)
+            if len(mine) == len(ref):
+                break
+        diverged += next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), len(ref))
+    size = embedded_gguf_path().stat().st_size
+    return {"perplexity": scored.perplexity, "agreement_teacher_forced": same / positions,
+            "agreement_free_running": diverged / positions, "weight_bytes": size, "weight_bytes_per_token": size,
+            "kv_bytes_per_token": None}
+
+
+def _rows(speed, variants, quality, eval_text, ppl_tokens, context_len, stride, compile) -> list[dict]:
+    by_variant = {v.name: s for s, v in variants.items()}
+    fp32_ppl = quality["fp32"]["perplexity"]
+    rows = []
+    for r in speed:
+        scheme = by_variant[r["params"]["variant"]]
+        q = {k: v for k, v in quality[scheme].items() if not k.startswith("_")}
+        base = next(x for x in speed if x["params"]["variant"] == variants["fp32"].name
+                    and x["params"]["batch_size"] == r["params"]["batch_size"])
+        llama = next((x for x in speed if by_variant[x["params"]["variant"]] == "llama.cpp"
+                      and x["params"]["batch_size"] == r["params"]["batch_size"]), None)
+        m = r["metrics"]
+        rows.append({
+            "technique": "quant",
+            "params": {**r["params"], "scheme": scheme, "variant": variants[scheme].name.split(":", 1)[1],
+                       "compile": variants[scheme].compile, "kv_cache_dtype": variants[scheme].kv_cache_dtype,
+                       "text": eval_text.name, "text_sha256": eval_text.sha256, "ppl_tokens": ppl_tokens,
+                       "context_len": context_len, "stride": stride},
+            "metrics": {"tokens_per_s": m["tokens_per_s"], "tokens_per_s_runs": m["tokens_per_s_runs"],
+                        "ratio_to_fp32": m["tokens_per_s"] / base["metrics"]["tokens_per_s"],
+                        "ratio_to_llama_cpp": m["tokens_per_s"] / llama["metrics"]["tokens_per_s"] if llama else None,
+                        "ttft_ms": m["ttft_ms"], "compile_s": m["compile_s"], **q,
+                        "perplexity_change_pct": 100 * (q["perplexity"] / fp32_ppl - 1),
+                        "roofline_fraction": m["roofline_fraction"], "bandwidth_gbps": m["bandwidth_gbps"]},
+            "env": r["env"],
+        })
+    return rows
+
+
+def pareto_front(rows: list[dict], batch_size: int = 1) -> list[str]:
+    """Schemes no other scheme beats on both decode speed (at batch_size) and perplexity, fastest first."""
+    cells = [r for r in rows if r["params"]["batch_size"] == batch_size]
+    front = [r for r in cells if not any(
+        o["metrics"]["tokens_per_s"] >= r["metrics"]["tokens_per_s"] and o["metrics"]["perplexity"]
+        <= r["metrics"]["perplexity"] and (o["metrics"]["tokens_per_s"], o["metrics"]["perplexity"])
+        != (r["metrics"]["tokens_per_s"], r["metrics"]["perplexity"]) for o in cells)]
+    return [r["params"]["scheme"] for r in sorted(front, key=lambda r: -r["metrics"]["tokens_per_s"])]
+
+
+def recommend(rows: list[dict], max_perplexity_change_pct: float = 2.0, batch_size: int = 1,
+              engine: str = "labkit") -> dict:
+    """The fastest scheme of `engine` at batch_size whose perplexity is within the budget of fp32's, with the
+    numbers that make the case (speed against fp32 and llama.cpp, perplexity change, memory)."""
+    cells = [r for r in rows if r["params"]["batch_size"] == batch_size and r["params"]["engine"] == engine
+             and r["metrics"]["perplexity_change_pct"] <= max_perplexity_change_pct]
+    if not cells:
+        raise ValueError(f"no {engine} scheme stays within +{max_perplexity_change_pct} % perplexity at batch "
+                         f"{batch_size}")
+    best = max(cells, key=lambda r: r["metrics"]["tokens_per_s"])
+    m = best["metrics"]
+    return {"scheme": best["params"]["scheme"], "tokens_per_s": m["tokens_per_s"], "ratio_to_fp32": m["ratio_to_fp32"],
+            "ratio_to_llama_cpp": m["ratio_to_llama_cpp"], "perplexity": m["perplexity"],
+            "perplexity_change_pct": m["perplexity_change_pct"], "weight_bytes": m["weight_bytes"],
+            "batch_size": batch_size, "budget_pct": max_perplexity_change_pct}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'scheme':10s} {'batch':>5s} {'tok/s':>7s} {'x fp32':>6s} {'x llama':>7s} {'ppl':>7s} {'Δppl':>6s} "
+            f"{'agree':>6s} {'weights MB':>10s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        p, m = r["params"], r["metrics"]
+        llama = f"{m['ratio_to_llama_cpp']:.2f}" if m["ratio_to_llama_cpp"] else "n/a"
+        lines.append(f"{p['scheme']:10s} {p['batch_size']:5d} {m['tokens_per_s']:7.1f} {m['ratio_to_fp32']:6.2f} "
+                     f"{llama:>7s} {m['perplexity']:7.3f} {m['perplexity_change_pct']:+5.1f}% "
+                     f"{m['agreement_teacher_forced']:6.3f} {m['weight_bytes'] / 1e6:10.1f}")
+    if rows:
+        p = rows[0]["params"]
+        lines.append(f"perplexity: {p['ppl_tokens']} tokens of {p['text']}, windows of {p['context_len']} by "
+                     f"{p['stride']}; agreement: teacher-forced top-1 against fp32")
+        lines.append(f"hardware: {format_environment(rows[0]['env']).split(' · python')[0]}")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quant", help="speed, memory, perplexity and agreement of fp32, bf16, int8, int4, GGUF blocks, int8 KV, llama.cpp",
+        description="Each quantization scheme of the embedded model side by side in one run on the CPU: decode "
+                    "tokens/s at each batch size, weight memory, sliding-window perplexity on an offline text and "
+                    "greedy agreement with fp32. Rows go to data/results.jsonl; the run to data/bench_quant.json.")
+    p.add_argument("--schemes", type=comma_list(str), default=SCHEMES,
+                   help=f"comma-separated from {', '.join(SCHEMES)} (default: all; llama.cpp where installed)")
+    p.add_argument("--batch-sizes", type=comma_list(positive_int), default=(1, 8), help="default: 1,8")
+    p.add_argument("--max-tokens", type=positive_int, default=64, help="new tokens per decode run (default: 64)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per cell (default: 3)")
+    p.add_argument("--no-compile", action="store_true", help="eager decode steps only (default: compiled steps)")
+    p.add_argument("--text", choices=("pydoc", "wikitext-2"), default="pydoc",
+                   help="perplexity text: pydoc (Python's own docs, offline) or wikitext-2 (needs `datasets`)")
+    p.add_argument("--ppl-tokens", type=positive_int, default=1024, help="tokens scored (default: 1024)")
+    p.add_argument("--context-len", type=positive_int, default=512, help="perplexity window (default: 512)")
+    p.add_argument("--stride", type=positive_int, default=256, help="perplexity window stride (default: 256)")
+    p.add_argument("--agreement-tokens", type=positive_int, default=32, help="greedy tokens per prompt (default: 32)")
+    add_run_output_options(p, "bench_quant.json")
+    p.set_defaults(func=cmd_quant)
+
+
+def cmd_quant(args) -> int:
+    from tqdm.auto import tqdm
+
+    from labkit.lab.results import check_store, report_rows
+
+    if args.stride > args.context_len:
+        raise ValueError(f"--stride {args.stride} must be <= --context-len {args.context_len}")
+    if not args.no_save:
+        check_store()
+    rows = run_quant_bench(schemes=args.schemes, batch_sizes=args.batch_sizes, max_tokens=args.max_tokens,
+                           repeats=args.repeats, compile=not args.no_compile, text=args.text,
+                           ppl_tokens=args.ppl_tokens, context_len=args.context_len, stride=args.stride,
+                           agreement_tokens=args.agreement_tokens, log=lambda msg: tqdm.write(msg, file=sys.stderr),
+                           progress=not args.no_progress)
+    return report_rows(rows, args, "bench_quant.json", format_table)
+
+
+__all__ = ["run_quant_bench", "SCHEMES", "scheme_variant", "pareto_front", "recommend", "format_table",
+           "llama_cpp_available"]

@@ -1,0 +1,583 @@
+"""OpenAI's completion and chat protocol, shared by `labkit serve` and its clients (`labkit ping`, `bench serve`).
+
+Server side: request bodies validated by pydantic models, then into token ids and SamplingParams (a 400 naming
+the field otherwise), response bodies and server-sent events, and OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
+Client side: parsing those events and error bodies. Nothing here imports torch, so clients stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from labkit.engine.text import encode_prompt
+
+if TYPE_CHECKING:
+    from labkit.model.sampling import SamplingParams
+
+API_KEY_ENV = "LABKIT_API_KEY"
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_CHAT_MAX_TOKENS = 512  # a chat request without max_tokens: a reply, not the rest of the context
+ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+DONE = object()  # the `data: [DONE]` event that ends an OpenAI stream
+DONE_EVENT = "data: [DONE]\n\n"
+MAX_JSON_DEPTH = 64  # OpenAI bodies nest a handful of levels; deeper ones only cost stack
+REPLICA_HEADER = "x-labkit-replica"  # the replica that answered, on every answer of `labkit router`
+
+# Parameters OpenAI defines that labkit accepts only at their no-op value: anything else is a named 400.
+NO_OP_PARAMS: dict[str, tuple] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "min_tokens": (None, 0),
+}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+# -- errors --------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered with OpenAI's error body and an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 naming the offending field."""
+    return APIError(400, message, param=param, code=code)
+
+
+class ServerError(RuntimeError):
+    """The server could not be reached, or answered with an error (its message is kept)."""
+
+
+def error_message(status: int, body: bytes) -> str:
+    """`HTTP 400: <message>` from an OpenAI error body, or from the raw text of any other body."""
+    try:
+        error = json.loads(body).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    if not message:
+        message = body.decode("utf-8", "replace").strip()[:200] or "(empty body)"
+    return f"HTTP {status}: {message}"
+
+
+# -- requests ------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationRequest:
+    """A validated completion or chat request."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    is_chat: bool
+    is_stream: bool
+    include_usage: bool
+    return_token_ids: bool
+
+
+def parse_json_object(body: bytes) -> dict:
+    """A request body as a JSON object; 400 (invalid_json) for anything else, or one nested deeper than
+    MAX_JSON_DEPTH (which would otherwise fail later, as a RecursionError, wherever it is walked)."""
+    too_deep = bad_request(f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise too_deep from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the body must be a JSON object", code="invalid_json")
+    depth, level = 1, [data]  # walked a level at a time, without recursion
+    while level:
+        if depth > MAX_JSON_DEPTH:
+            raise too_deep
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+        depth += 1
+    return data
+
+
+def _check_text(text: str, param: str) -> None:
+    """400 for text that is not Unicode the tokenizer can take: JSON's `\\ud800` escape decodes to a lone
+    surrogate, which no UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{param} is not valid Unicode: a lone surrogate at character {exc.start}",
+                          param=param) from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_no_op(value, no_ops: tuple) -> bool:
+    for no_op in no_ops:
+        if no_op is None or isinstance(no_op, bool):
+            if value is no_op:  # False must not match 0, nor None match a missing dict
+                return True
+        elif isinstance(no_op, (int, float)):
+            if _is_number(value) and value == no_op:
+                return True
+        elif value == no_op:
+            return True
+    return False
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class _Body(BaseModel):
+    """OpenAI's request bodies, checked as JSON gives them: no coercion ("3" is not 3, 1 is not true), no
+    unknown fields, no NaN or infinity."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str  # content parts are joined into one string on the way in: labkit takes text parts only
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, content):
+        if not isinstance(content, list):
+            return content
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   and set(p) == {"type", "text"} for p in content):
+            raise PydanticCustomError("unsupported_parameter", "only text parts are supported")
+        return "".join(p["text"] for p in content)
+
+
+class _GenerationBody(_Body):
+    """What completions and chat requests share."""
+
+    model: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 (vLLM's spelling) and 0 are "off"
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[NonEmptyStr] | None = None
+    ignore_eos: bool | None = None
+    return_token_ids: bool | None = None
+    user: str | None = None
+    # OpenAI's parameters labkit takes only at their no-op value (NO_OP_PARAMS)
+    n: Any = None
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    repetition_penalty: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    min_tokens: Any = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, stop):
+        return [stop] if isinstance(stop, str) else stop
+
+    @field_validator(*NO_OP_PARAMS)
+    @classmethod
+    def _only_no_ops(cls, value, info: ValidationInfo):
+        no_ops = NO_OP_PARAMS[info.field_name]
+        if not _is_no_op(value, no_ops):
+            raise PydanticCustomError(
+                "unsupported_parameter", "{name}={value} is not supported by labkit serve (accepted: {accepted})",
+                {"name": info.field_name, "value": json.dumps(value),
+                 "accepted": " or ".join(json.dumps(v) for v in no_ops)})
+        return value
+
+
+class CompletionRequest(_GenerationBody):
+    """A /v1/completions body. The prompt is checked against the tokenizer and vocabulary by the server."""
+
+    prompt: Any  # a string, token ids, or a list of one of those
+
+
+class ChatCompletionRequest(_GenerationBody):
+    """A /v1/chat/completions body."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def _param(loc: tuple) -> str | None:
+    """OpenAI's `param` for a pydantic error location: ("messages", 0, "role") -> "messages[0].role"."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or None
+
+
+def _api_error(exc: ValidationError) -> APIError:
+    """A 400 in OpenAI's shape for the first problem pydantic found, naming its field."""
+    error = exc.errors(include_url=False)[0]
+    param, kind = _param(error["loc"]), error["type"]
+    if kind == "extra_forbidden":  # OpenAI's own wording
+        return bad_request(f"Unrecognized request argument supplied: {param}", param=param,
+                           code="unsupported_parameter")
+    code = {"missing": "missing_required_parameter", "unsupported_parameter": "unsupported_parameter"}.get(kind)
+    got = "" if kind in ("missing", "unsupported_parameter") else f" (got {json.dumps(error.get('input'))[:80]})"
+    return bad_request(f"{param}: {error['msg']}{got}" if param else f"{error['msg']}{got}", param=param, code=code)
+
+
+def _completion_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
+    # OpenAI accepts a string, a list of one string, token ids, or a list of one token-id list
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise bad_request(f"a batch of {len(prompt)} prompts is not supported: send one prompt per request",
+                          param="prompt", code="unsupported_parameter")
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("prompt must not be empty", param="prompt")
+        _check_text(prompt, "prompt")
+        ids = encode_prompt(tokenizer, prompt)
+    elif isinstance(prompt, list):
+        if not prompt:
+            raise bad_request("prompt must not be empty", param="prompt")
+        if not all(_is_int(t) and 0 <= t < vocab_size for t in prompt):
+            raise bad_request(f"token-id prompts must hold integers in [0, {vocab_size})", param="prompt")
+        ids = list(prompt)
+    else:
+        raise bad_request("prompt must be a string, a list of token ids, or a list of one of those", param="prompt")
+    if not ids:
+        raise bad_request("prompt must not be empty (it encodes to no tokens)", param="prompt")
+    return ids
+
+
+def _chat_prompt(messages: Sequence[ChatMessage], tokenizer) -> list[int]:
+    from jinja2 import TemplateError
+
+    for i, message in enumerate(messages):
+        _check_text(message.content, f"messages[{i}].content")
+    plain = [{"role": CHAT_ROLES[m.role], "content": m.content} for m in messages]
+    try:
+        return encode_prompt(tokenizer, plain, chat=True)
+    except (TemplateError, ValueError) as exc:  # a template may reject an order of roles: the request's fault
+        raise bad_request(f"the chat template rejected these messages: {exc}", param="messages") from None
+
+
+def _max_tokens(request: _GenerationBody, num_prompt: int, max_seq_len: int, default: int, prompt_param: str) -> int:
+    """The request's token budget: its own (checked against the context), else the default clipped to the room."""
+    room = max_seq_len - num_prompt
+    if room < 1:
+        raise bad_request(f"the prompt has {num_prompt} tokens, which leaves no room in the model's context of "
+                          f"{max_seq_len} tokens", param=prompt_param, code="context_length_exceeded")
+    name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(request, name)
+    if max_tokens is None:
+        return min(default, room)
+    if max_tokens > room:
+        raise bad_request(f"the prompt ({num_prompt} tokens) + {name} ({max_tokens}) exceeds the model's context "
+                          f"of {max_seq_len} tokens", param=name, code="context_length_exceeded")
+    return max_tokens
+
+
+def validate_body(body: Mapping, is_chat: bool) -> CompletionRequest | ChatCompletionRequest:
+    """The body as a pydantic request model; APIError(400) naming the first bad field otherwise."""
+    for name in body:  # pydantic cannot even name a key that is not Unicode (a lone surrogate): no model has one
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(f"Unrecognized request argument supplied: {name!r}", param=name,
+                              code="unsupported_parameter") from None
+    try:
+        return (ChatCompletionRequest if is_chat else CompletionRequest).model_validate(body)
+    except ValidationError as exc:
+        raise _api_error(exc) from None
+
+
+def parse_generation_request(body: Mapping, *, is_chat: bool, tokenizer, eos_token_ids: Sequence[int],
+                             max_seq_len: int, vocab_size: int,
+                             default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS) -> GenerationRequest:
+    """Validate an OpenAI request body into token ids and SamplingParams; raise APIError(400) naming the field.
+
+    The body's shape and types are checked by the pydantic models above; what needs the model (the prompt's
+    tokens, the room left in the context) is checked here. Without max_tokens, a completion gets OpenAI's 16
+    tokens and a chat request default_max_tokens, each clipped to the room the prompt leaves in the context.
+    """
+    from labkit.model.sampling import SamplingParams
+
+    request = validate_body(body, is_chat)
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+    if request.user is not None:
+        _check_text(request.user, "user")
+    for i, stop in enumerate(request.stop or ()):
+        _check_text(stop, f"stop[{i}]")
+    if is_chat:
+        prompt_ids = _chat_prompt(request.messages, tokenizer)
+    else:
+        prompt_ids = _completion_prompt(request.prompt, tokenizer, vocab_size)
+    max_tokens = _max_tokens(request, len(prompt_ids), max_seq_len,
+                             default_max_tokens if is_chat else DEFAULT_COMPLETION_MAX_TOKENS,
+                             "messages" if is_chat else "prompt")
+    temperature = 1.0 if request.temperature is None else request.temperature
+    try:
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature),
+                                top_k=max(request.top_k or 0, 0), top_p=1.0 if request.top_p is None else request.top_p,
+                                seed=request.seed, stop=tuple(request.stop or ()),
+                                stop_token_ids=tuple(eos_token_ids), ignore_eos=bool(request.ignore_eos))
+    except ValueError as exc:  # the models above should make this unreachable; never a 500 for bad input
+        raise bad_request(str(exc)) from None
+    include_usage = request.stream_options is not None and request.stream_options.include_usage
+    return GenerationRequest(prompt_ids, params, is_chat, bool(request.stream), include_usage,
+                             bool(request.return_token_ids))
+
+
+# -- responses -----------------------------------------------------------------------------------------------
+def usage(num_prompt: int, num_completion: int) -> dict:
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
+            "total_tokens": num_prompt + num_completion}
+
+
+def sse(obj) -> str:
+    """One server-sent event carrying obj as compact JSON."""
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+@dataclass
+class Reply:
+    """The bodies of one request's answer: stream chunks and the whole response share its id, model and time."""
+
+    model: str
+    is_chat: bool
+    return_token_ids: bool = False
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = ""
+
+    def __post_init__(self):
+        if not self.id:
+            self.id = f"{'chatcmpl' if self.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.is_chat else "text_completion"
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _chunk(self, choices: list[dict], **extra) -> str:
+        obj = f"{self.object}.chunk" if self.is_chat else self.object
+        if self.include_usage:  # OpenAI: `usage: null` on every chunk but the last, when usage was asked for
+            extra.setdefault("usage", None)
+        return sse({**self._head(obj), "choices": choices, **extra})
+
+    def role_event(self) -> str:
+        """A chat stream's first event: the assistant's role, no content yet."""
+        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def delta_event(self, text: str, finish_reason: str | None, token_ids: Sequence[int]) -> str:
+        choice: dict = {"index": 0}
+        if self.is_chat:  # a chunk without new text (token ids held back, or the end) has an empty delta
+            choice["delta"] = {"content": text} if text else {}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=finish_reason)
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+        return self._chunk([choice])
+
+    def usage_event(self, num_prompt: int, num_completion: int) -> str:
+        return self._chunk([], usage=usage(num_prompt, num_completion))
+
+    def response(self, text: str, finish_reason: str, token_ids: Sequence[int], num_prompt: int) -> dict:
+        """The whole (non-streamed) response body."""
+        choice: dict = {"index": 0}
+        if self.is_chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=finish_reason)
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+        return {**self._head(self.object), "choices": [choice], "usage": usage(num_prompt, len(token_ids))}
+
+
+# -- the client side -----------------------------------------------------------------------------------------
+API_KEY_ENVS = (API_KEY_ENV, "OPENAI_API_KEY")  # where clients look for a key, in this order
+
+
+def _brief(value) -> str:
+    """A parsed JSON value as a short one-line excerpt for an error message."""
+    return json.dumps(value)[:100]
+
+
+def parse_sse_line(line: str):
+    """One line of an event stream -> its JSON object, DONE, or None (comments, blank lines, other fields).
+
+    ServerError for an event that is not a JSON object, and for an error event (with the server's message).
+    """
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return DONE
+    if not data:
+        return None
+    try:
+        event = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
+        raise ServerError(f"the server sent an event that is not JSON: {data[:100]!r}") from None
+    if not isinstance(event, dict):
+        raise ServerError(f"the server sent an event that is not a JSON object: {_brief(event)}")
+    if event.get("error") is not None:
+        error = event["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise ServerError(f"stream error: {message if isinstance(message, str) else _brief(message)}")
+    return event
+
+
+def chunk_text(event: dict, is_chat: bool) -> tuple[str, list[int] | None, str | None]:
+    """The text, token ids (vLLM's `return_token_ids`, when sent) and finish reason of a stream chunk;
+    ServerError naming the field when the chunk does not have OpenAI's shape."""
+    choices = event.get("choices")
+    if not choices:
+        return "", None, None
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise ServerError(f"the server sent `choices` that are not a list of objects: {_brief(choices)}")
+    choice = choices[0]
+    if is_chat:
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict):
+            raise ServerError(f"the server sent a `delta` that is not an object: {_brief(delta)}")
+        text, name = delta.get("content"), "delta.content"
+    else:
+        text, name = choice.get("text"), "text"
+    if not isinstance(text, str | None):
+        raise ServerError(f"the server sent a `{name}` that is not a string: {_brief(text)}")
+    ids = choice.get("token_ids")
+    if ids is not None and not (isinstance(ids, list) and all(_is_int(i) and i >= 0 for i in ids)):
+        raise ServerError(f"the server sent `token_ids` that are not a list of token ids: {_brief(ids)}")
+    reason = choice.get("finish_reason")
+    return text or "", ids, reason if isinstance(reason, str) else None
+
+
+def stream_usage(event: dict) -> dict | None:
+    """A chunk's `usage` as {"prompt_tokens", "completion_tokens"} (each a count or None), None without one;
+    ServerError when it is not an object of token counts."""
+    usage = event.get("usage")
+    if usage is None:
+        return None
+    if not isinstance(usage, dict):
+        raise ServerError(f"the server sent a `usage` that is not an object: {_brief(usage)}")
+    counts = {key: usage.get(key) for key in ("prompt_tokens", "completion_tokens")}
+    for key, value in counts.items():
+        if value is not None and not (_is_int(value) and value >= 0):
+            raise ServerError(f"the server sent a `usage.{key}` that is not a token count: {_brief(value)}")
+    return counts
+
+
+def model_ids(url: str, status: int, body: bytes) -> list[str]:
+    """The model ids of a `/v1/models` answer from `url`; ServerError naming `url` for an error status or a
+    body that is not OpenAI's {"data": [{"id": ...}, ...]}."""
+    if status != 200:
+        raise ServerError(f"{url}: {error_message(status, body)}")
+    try:
+        listing = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ServerError(f"{url}: the answer is not JSON: {body[:100]!r}") from None
+    if isinstance(listing, dict) and listing.get("data") is None:
+        return []
+    models = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
+        raise ServerError(f'{url}: expected {{"data": [{{"id": ...}}, ...]}}, got {_brief(listing)}')
+    return [m["id"] for m in models]
+
+
+def auth_headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def server_url(host: str, port: int) -> str:
+    """http://host:port, with an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def is_loopback(url: str) -> bool:
+    """Whether a URL's host is this machine (localhost or a loopback address); names are not resolved."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key_for(url: str, given: str | None = None, use_env_key: bool = False) -> tuple[str | None, str | None]:
+    """(key, note): the key to send to `url`, and why a key set in the environment is held back (else None).
+
+    `given` always goes; else the first key set among API_KEY_ENVS, to loopback hosts only unless use_env_key,
+    so a key exported for one provider never reaches whatever host a client is pointed at.
+    """
+    import os
+
+    if given:
+        return given, None
+    for name in API_KEY_ENVS:
+        if os.environ.get(name):
+            if use_env_key or is_loopback(url):
+                return os.environ[name], None
+            return None, (f"${name} is set but not sent to {url}, which is not a loopback address (pass "
+                          f"--api-key, or --use-env-key to send it)")
+    return None, None
+
+
+__all__ = ["API_KEY_ENV", "API_KEY_ENVS", "REPLICA_HEADER",
+           "DEFAULT_COMPLETION_MAX_TOKENS", "DEFAULT_CHAT_MAX_TOKENS", "ENDPOINTS",
+           "DONE", "DONE_EVENT", "NO_OP_PARAMS", "CHAT_ROLES", "StreamOptions", "ChatMessage",
+           "CompletionRequest", "ChatCompletionRequest", "validate_body",
+           "APIError", "bad_request", "ServerError", "error_message", "MAX_JSON_DEPTH", "parse_json_object",
+           "GenerationRequest", "parse_generation_request",
+           "usage", "sse", "Reply", "parse_sse_line", "chunk_text", "stream_usage", "model_ids", "auth_headers",
+           "server_url", "is_loopback", "api_key_for"]

@@ -1,0 +1,360 @@
+"""The results store: round trip, append, run ids and labels, corrupt and torn lines, killed and concurrent
+writers, JSON conversion; `labkit results` listing, tabulating and comparing runs."""
+
+import json
+import math
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from labkit.lab import results
+
+ENV = {"cpu": "test-cpu", "gpu": None, "torch": "x"}
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch):
+    path = tmp_path / "data"
+    monkeypatch.setenv("LABKIT_DATA_DIR", str(path))
+    return path
+
+
+def _row(i, technique="baseline"):
+    return results.make_row(technique, {"batch_size": i, "seed": 0}, {"tokens_per_s": 10.0 * i}, env=ENV)
+
+
+def test_data_dir_follows_env_and_is_created_on_demand(data_dir):
+    assert not data_dir.exists()
+    assert results.data_dir() == data_dir
+    assert data_dir.is_dir()
+
+
+def test_make_row_stamps_environment_time_and_seed():
+    row = results.make_row("kv_cache", {"seed": 7}, {"latency_ms": 1.5})
+    assert row["env"]["torch"] == torch.__version__
+    assert row["seed"] == 7
+    assert pd.Timestamp(row["timestamp"]).tzinfo is not None
+    with pytest.raises(ValueError):
+        results.make_row("", {}, {})
+
+
+def test_rows_round_trip_with_flattened_columns(data_dir):
+    path = results.append_rows([_row(1), _row(2)])
+    assert path == data_dir / "results.jsonl"
+    df = results.load_results()
+    assert list(df["technique"]) == ["baseline", "baseline"]
+    assert list(df["metrics.tokens_per_s"]) == [10.0, 20.0]
+    assert list(df["params.batch_size"]) == [1, 2]
+    assert (df["env.cpu"] == "test-cpu").all()
+    assert str(df["timestamp"].dt.tz) == "UTC"
+
+
+def test_append_keeps_old_rows_and_accepts_one_row():
+    results.append_rows([_row(1)])
+    results.append_rows(_row(2, "speculative"))
+    assert list(results.load_results()["technique"]) == ["baseline", "speculative"]
+
+
+def test_load_results_is_empty_without_a_file(data_dir):
+    assert results.load_results().empty
+    assert not data_dir.exists()  # reading creates nothing
+
+
+def test_values_are_made_json_safe():
+    metrics = {"np": np.float32(1.5), "t": torch.tensor(3), "nan": float("nan"), "inf": math.inf,
+               "arr": np.arange(3), "dtype": torch.bfloat16, "path": Path("/x/y")}
+    path = results.append_rows([results.make_row("t", {"n": np.int64(4)}, metrics, env=ENV)])
+    row = json.loads(path.read_text())
+    assert row["metrics"] == {"np": 1.5, "t": 3, "nan": None, "inf": None, "arr": [0, 1, 2],
+                              "dtype": "torch.bfloat16", "path": "/x/y"}
+    assert row["params"] == {"n": 4}
+
+
+def test_unserialisable_value_and_incomplete_row_are_rejected(data_dir):
+    with pytest.raises(TypeError, match="metrics.obj"):
+        results.append_rows([results.make_row("t", {}, {"obj": object()}, env=ENV)])
+    with pytest.raises(ValueError, match="env"):
+        results.append_rows([{"technique": "t", "params": {}, "metrics": {}, "timestamp": "now"}])
+    assert not (data_dir / "results.jsonl").exists()
+
+
+def test_row_without_timestamp_is_stamped_at_append():
+    results.append_rows([{"technique": "t", "params": {}, "metrics": {"x": 1}, "env": ENV}])
+    assert results.load_results()["timestamp"].notna().all()
+
+
+def test_rows_carry_a_run_id_a_timestamp_and_a_label(monkeypatch):
+    monkeypatch.delenv(results.RUN_ID_ENV, raising=False)
+    monkeypatch.delenv(results.LABEL_ENV, raising=False)
+    results.append_rows([_row(1), _row(2)])  # one call, one run
+    results.append_rows([_row(3)], label="after")
+    monkeypatch.setenv(results.RUN_ID_ENV, "lab-run-7")  # what `labkit run` gives its notebooks
+    monkeypatch.setenv(results.LABEL_ENV, "nightly")
+    results.append_rows([_row(4)])
+    rows = results.read_rows()
+    assert rows[0]["run_id"] == rows[1]["run_id"] != rows[2]["run_id"]
+    assert [r["label"] for r in rows] == [None, None, "after", "nightly"]
+    assert rows[3]["run_id"] == "lab-run-7"
+    assert all(r["timestamp"] for r in rows)
+    assert results.new_run_id() != results.new_run_id()
+
+
+def test_stamp_rows_keeps_what_a_row_already_has():
+    row = {**_row(1), "run_id": "mine", "label": "kept"}
+    (stamped,) = results.stamp_rows([row], run_id="other", label="other")
+    assert (stamped["run_id"], stamped["label"]) == ("mine", "kept")
+
+
+def test_a_run_that_completed_no_request_is_not_a_result(data_dir):
+    row = results.make_row("bench_serve", {}, {"num_completed": 0, "num_failed": 3}, env=ENV)
+    with pytest.raises(ValueError, match="completed no requests"):
+        results.append_rows([row])
+    assert not (data_dir / "results.jsonl").exists()
+
+
+def _warnings_of(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = fn()
+    return value, [str(w.message) for w in caught if issubclass(w.category, results.ResultsWarning)]
+
+
+def test_corrupt_and_non_utf8_lines_are_skipped_with_a_warning_naming_file_and_line(data_dir):
+    path = results.append_rows([_row(1), _row(2), _row(3), _row(4)])
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + b"\n"  # cut JSON
+    lines[2] = b'{"technique": "caf\xe9"}\n'  # Latin-1, not UTF-8
+    path.write_bytes(b"".join(lines) + b"[1, 2]\n" + b'{"no": "technique"}\n')
+    df, messages = _warnings_of(results.load_results)
+    assert list(df["params.batch_size"]) == [1, 4]
+    assert len(messages) == 4
+    assert f"{path}:2: corrupt results line" in messages[0]
+    assert f"{path}:3: not UTF-8 (byte 0xe9" in messages[1]
+    assert f"{path}:5: expected a JSON object" in messages[2] and f"{path}:6: not a results row" in messages[3]
+    seen = []
+    results.read_rows(path, on_error=seen.append)  # a caller may collect them instead
+    assert len(seen) == 4
+
+
+def test_a_torn_last_line_is_skipped_quietly_and_the_next_append_starts_a_line(data_dir):
+    path = results.append_rows([_row(1)])
+    with open(path, "ab") as f:
+        f.write(b'{"technique": "baseline", "par')  # a writer killed mid-row
+    rows, messages = _warnings_of(results.read_rows)
+    assert [r["params"]["batch_size"] for r in rows] == [1] and messages == []
+    results.append_rows([_row(2)])
+    rows, messages = _warnings_of(results.read_rows)
+    assert [r["params"]["batch_size"] for r in rows] == [1, 2]
+    assert len(messages) == 1 and f"{path}:2:" in messages[0]  # now an ordinary corrupt line
+
+
+def test_a_complete_last_row_without_newline_still_counts(data_dir):
+    path = results.append_rows([_row(1)])
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # edited by hand
+    assert len(results.read_rows()) == 1
+    results.append_rows([_row(2)])
+    assert [r["params"]["batch_size"] for r in results.read_rows()] == [1, 2]
+
+
+def test_append_writes_in_place_without_rewriting_or_temp_copies(data_dir, monkeypatch):
+    path = results.append_rows([_row(i) for i in range(50)])
+    before, inode = path.read_bytes(), path.stat().st_ino
+
+    def no_rewrites(*args):
+        raise AssertionError("append must not replace the file")
+
+    monkeypatch.setattr(results.os, "replace", no_rewrites)
+    results.append_rows([_row(50)])
+    assert path.stat().st_ino == inode and path.read_bytes().startswith(before)
+    assert sorted(p.name for p in data_dir.iterdir()) == ["results.jsonl", "results.jsonl.lock"]
+
+
+def test_failed_write_is_cut_back_off(data_dir, monkeypatch):
+    path = results.append_rows([_row(1)])
+    before = path.read_bytes()
+    real_write = os.write
+
+    def half_then_full_disk(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results.os, "write", half_then_full_disk)
+    with pytest.raises(OSError, match="No space"):
+        results.append_rows([_row(2)])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in data_dir.iterdir()) == ["results.jsonl", "results.jsonl.lock"]
+
+
+WRITER = """
+import sys
+from labkit.lab import results
+row = results.make_row("killed", {"pad": "x" * 20000}, {"x": 1.0}, env={"cpu": "t"})
+print("ready", flush=True)
+while True:
+    results.append_rows([row] * 20)
+"""
+
+
+def test_kill_9_leaves_no_temp_copies_and_a_readable_store(data_dir):
+    env = {**os.environ, "LABKIT_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER], env=env, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"ready\n"
+    deadline = time.monotonic() + 30
+    while not (data_dir / "results.jsonl").exists() or (data_dir / "results.jsonl").stat().st_size < 2_000_000:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    assert sorted(p.name for p in data_dir.iterdir()) == ["results.jsonl", "results.jsonl.lock"]
+    rows, messages = _warnings_of(results.read_rows)
+    assert len(rows) >= 80 and messages == []  # at most a torn last line, skipped quietly
+    results.append_rows([_row(1)])  # the store takes rows again after the crash
+    assert results.read_rows()[-1]["params"]["batch_size"] == 1
+
+
+def _append_many(worker: int, num_rows: int) -> None:
+    for i in range(num_rows):
+        # rows of different sizes, some far above a pipe buffer, so a torn or interleaved write would show
+        row = results.make_row("race", {"worker": worker, "i": i, "pad": "y" * (i * 997 % 9000)}, {"x": 1.0}, env=ENV)
+        results.append_rows([row])
+
+
+def test_concurrent_appends_from_several_processes_lose_and_interleave_nothing(data_dir):
+    ctx = multiprocessing.get_context("fork")  # fork: the children inherit LABKIT_DATA_DIR and skip re-imports
+    workers = [ctx.Process(target=_append_many, args=(w, 25)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    lines = (data_dir / "results.jsonl").read_bytes().splitlines()
+    assert len(lines) == 100 and all(json.loads(line)["technique"] == "race" for line in lines)
+    df = results.load_results()
+    assert set(zip(df["params.worker"], df["params.i"])) == {(w, i) for w in range(4) for i in range(25)}
+
+
+def test_write_json_atomic(tmp_path):
+    path = results.write_json_atomic(tmp_path / "bench" / "decode.json", {"tokens_per_s": np.float64(2.5),
+                                                                        "bad": float("nan")})
+    assert json.loads(path.read_text()) == {"tokens_per_s": 2.5, "bad": None}
+    assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+
+
+def test_check_writable_refuses_what_cannot_be_written(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert results.check_writable(tmp_path / "new" / "deeper" / "out.json") == tmp_path / "new" / "deeper" / "out.json"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        results.check_writable(tmp_path / "file" / "out.json")
+    with pytest.raises(ValueError, match="expected a file"):
+        results.check_writable(tmp_path)
+    with pytest.raises(ValueError, match="expected a folder"):
+        results.check_writable(tmp_path / "file", is_dir=True)
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="permission denied"):
+            results.check_writable(locked / "out.json")
+
+
+# -- listing, tabulating and comparing runs ------------------------------------------------------------------
+def _decode_row(variant, batch_size, tokens_per_s):
+    return results.make_row("decode", {"variant": variant, "engine": variant.split("-")[0], "batch_size": batch_size,
+                                       "repeats": 3}, {"tokens_per_s": tokens_per_s, "ttft_ms": 5.0}, env=ENV)
+
+
+@pytest.fixture
+def two_runs(data_dir):
+    before = [_decode_row(v, b, 10.0 * b) for v in ("hf-fp32", "labkit-fp32") for b in (1, 4)]
+    after = [_decode_row(v, b, 15.0 * b) for v in ("hf-fp32", "labkit-fp32") for b in (1, 4)]
+    results.append_rows(before, run_id="run-a", label="before")
+    results.append_rows(after, run_id="run-b", label="after")
+    return results.load_results()
+
+
+def test_list_runs_one_line_each(two_runs):
+    runs = results.list_runs(two_runs)
+    assert list(runs["run"]) == ["run-a", "run-b"] and list(runs["label"]) == ["before", "after"]
+    assert list(runs["rows"]) == [4, 4] and runs["engines"].iloc[0] == "hf-fp32, labkit-fp32"
+
+
+def test_compare_by_label_lines_cases_up_with_ratios(two_runs):
+    table = results.compare(two_runs, by="label", metric="tokens_per_s")
+    assert list(table.columns) == ["before", "after", "after / before"]
+    assert table.index.names == ["technique", "engine", "batch_size"]
+    assert table.loc[("decode", "labkit-fp32", 4), "after"] == 60.0
+    assert (table["after / before"] == 1.5).all()
+
+
+def test_compare_by_engine_and_select(two_runs):
+    table = results.compare(results.select(two_runs, labels=["after"]), by="engine")  # default: tokens_per_s
+    assert list(table.columns)[:2] == ["hf-fp32", "labkit-fp32"] and len(table) == 2
+    with pytest.raises(ValueError, match="two or more"):
+        results.compare(results.select(two_runs, runs=["run-a"]), by="label")
+    with pytest.raises(ValueError, match="unknown run 'zzz'"):
+        results.select(two_runs, runs=["zzz"])
+    with pytest.raises(ValueError, match="labels here: after, before"):
+        results.select(two_runs, labels=["nope"])
+    assert set(results.select(two_runs, runs=["last"])["run"]) == {"run-b"}
+
+
+def test_tabulate_shows_the_params_that_vary(two_runs):
+    table = results.tabulate(two_runs)
+    assert list(table.columns) == ["run", "label", "technique", "engine", "batch_size", "tokens_per_s", "ttft_ms"]
+
+
+def test_rows_before_run_ids_form_legacy_runs():
+    rows = [{"technique": "decode", "timestamp": f"2026-01-01T00:00:{s:02d}+00:00"} for s in (0, 30, 59)]
+    rows += [{"technique": "batching", "timestamp": "2026-01-01T00:01:05+00:00"},
+             {"technique": "batching", "timestamp": "2026-01-01T00:09:00+00:00"}, {"technique": "x", "run_id": "r"}]
+    keys = results.run_keys(rows)
+    assert keys[:3] == ["legacy-20260101T000000Z"] * 3
+    assert keys[3:] == ["legacy-20260101T000105Z", "legacy-20260101T000900Z", "r"]
+
+
+def test_shipped_reference_store_reads_cleanly():
+    path = results.reference_data_dir() / results.RESULTS_FILE
+    df, messages = _warnings_of(lambda: results.load_results(path))
+    assert messages == [] and not results.list_runs(df).empty
+
+
+def test_results_command_lists_compares_and_speaks_json(two_runs, run_cli):
+    code, out, _ = run_cli("results")
+    assert code == 0 and "run-a" in out and "before" in out
+    code, out, _ = run_cli("results", "--compare", "label", "--json")
+    records = json.loads(out)
+    assert code == 0 and {r["after / before"] for r in records} == {1.5}
+    code, out, _ = run_cli("results", "--rows", "--run", "run-b", "--json")
+    assert code == 0 and [r["run_id"] for r in json.loads(out)] == ["run-b"] * 4
+    code, out, _ = run_cli("results", "--rows", "--engine", "labkit-fp32")
+    assert code == 0 and "hf-fp32" not in out and out.count("labkit-fp32") == 4
+
+
+def test_results_command_errors_and_warnings_are_one_line(two_runs, data_dir, run_cli):
+    code, _, err = run_cli("results", "--run", "nope")
+    assert code == 2 and err.count("\n") == 1 and "unknown run 'nope'" in err
+    code, _, err = run_cli("results", "--compare", "label", "--metric", "joules")
+    assert code == 2 and "no metric 'joules'" in err and "tokens_per_s" in err
+    code, _, err = run_cli("results", "--compare", "colour")
+    assert code == 2 and err.count("\n") == 1
+    with open(data_dir / "results.jsonl", "ab") as f:
+        f.write(b"\xff\xfe garbage\n")
+    code, out, err = run_cli("results")
+    assert code == 0 and "run-b" in out
+    assert err.startswith("labkit results: warning: ") and "results.jsonl:9: not UTF-8" in err
+
+
+def test_results_command_on_an_empty_store(run_cli):
+    code, out, err = run_cli("results", "--json")
+    assert code == 0 and json.loads(out) == [] and "no results" in err

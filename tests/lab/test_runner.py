@@ -1,0 +1,191 @@
+"""`labkit run`: selectors, profiles, parameter parsing, and real papermill runs of tiny notebooks."""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from labkit.lab import runner
+
+
+def _write_notebook(path: Path, *cells: str) -> Path:
+    """Cell 0 is tagged `parameters`, as papermill expects."""
+    nb = new_notebook(cells=[new_code_cell(source) for source in cells])
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def notebooks(tmp_path, monkeypatch):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    monkeypatch.setenv("LABKIT_NOTEBOOKS_DIR", str(folder))
+    _write_notebook(
+        folder / "01_params.ipynb",
+        'x = 1  # overridden by -p\nlabel = "nb"  # set by the profile\nexpected_cwd = ""',
+        "import os\nassert x == 3, x\nassert label == 'from-profile', label\n"
+        "assert os.getcwd() == expected_cwd, os.getcwd()",
+    )
+    _write_notebook(folder / "02_fails.ipynb", "n = 1", "y = n + 1", "raise ValueError(f'boom {y}')")
+    (folder / "profiles.json").write_text(json.dumps({
+        "_doc": "notes are ignored",
+        "full": {"*": {"label": "from-profile", "x": 100}, "01": {"x": 2}},
+    }))
+    (folder / "scratch.ipynb").write_text("{}")  # not numbered: never selected
+    return folder
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser(prog="labkit")
+    runner.add_parser(parser.add_subparsers())
+    return parser.parse_args(argv)
+
+
+def test_selectors_resolve(notebooks):
+    first, second = notebooks / "01_params.ipynb", notebooks / "02_fails.ipynb"
+    assert runner.find_notebooks([]) == [first, second]
+    assert runner.find_notebooks(["2", "01"]) == [second, first]
+    assert runner.find_notebooks(["01_params", "02_fails.ipynb", "1"]) == [first, second]
+    assert runner.find_notebooks([str(second)]) == [second]
+
+
+def test_unknown_selector_names_it_and_lists_available(notebooks):
+    with pytest.raises(ValueError, match=r"'07'.*01_params, 02_fails"):
+        runner.find_notebooks(["07"])
+
+
+@pytest.mark.parametrize("text, value", [("3", 3), ("-2.5", -2.5), ("1e-3", 1e-3), ("True", True),
+                                         ("false", False), ("None", None), ("cuda", "cuda"),
+                                         ("[1, 2]", [1, 2]), ('{"a": 1}', {"a": 1}), ("[oops", "[oops")])
+def test_parse_value(text, value):
+    assert runner.parse_value(text) == value
+
+
+def test_profiles_merge_star_then_notebook(notebooks):
+    profiles = runner.load_profiles()
+    assert set(profiles) == {"default", "full"}
+    assert runner.profile_parameters(profiles["full"], notebooks / "01_params.ipynb") == \
+        {"label": "from-profile", "x": 2}
+    assert runner.profile_parameters(profiles["full"], notebooks / "02_fails.ipynb") == \
+        {"label": "from-profile", "x": 100}
+
+
+def test_shipped_profiles_file_is_valid():
+    profiles = runner.load_profiles(Path(runner.__file__).resolve().parent.parent / "notebooks")
+    assert {"default", "full"} <= set(profiles)
+
+
+def test_parameters_injected_with_overrides_winning(notebooks, tmp_path):
+    out = tmp_path / "run"
+    paths = runner.run_notebooks(runner.find_notebooks(["01"]), {"x": 3, "expected_cwd": str(notebooks)},
+                                 profile="full", output_dir=out, progress=False)
+    assert paths == [out / "01_params.ipynb"]
+    executed = nbformat.read(paths[0], as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1
+    assert "x = 3" in injected[0].source and 'label = "from-profile"' in injected[0].source
+
+
+def test_failing_notebook_raises_naming_notebook_and_cell(notebooks, tmp_path):
+    with pytest.raises(runner.NotebookFailed) as info:
+        runner.run_notebooks(runner.find_notebooks(["02"]), {}, output_dir=tmp_path / "run", progress=False)
+    message = str(info.value)
+    assert "02_fails.ipynb" in message and "cell [3]" in message and "ValueError: boom 2" in message
+    kept = tmp_path / "run" / "02_fails.ipynb"
+    assert str(kept) in message and kept.exists()
+
+
+def test_unknown_profile_fails_before_running(notebooks, tmp_path):
+    with pytest.raises(ValueError, match="unknown profile 'huge'.*default, full"):
+        runner.run_notebooks(runner.find_notebooks(["01"]), {}, profile="huge", output_dir=tmp_path / "run")
+
+
+def test_cli_run_succeeds(notebooks, tmp_path, capsys):
+    args = _cli(["run", "01", "-p", "x", "3", "-p", "expected_cwd", str(notebooks), "--profile", "full",
+                 "--output-dir", str(tmp_path / "cli"), "--no-progress", "--cell-timeout", "60"])
+    assert args.func(args) == 0
+    assert (tmp_path / "cli" / "01_params.ipynb").exists()
+
+
+def test_cli_reports_bad_selector_on_one_line(notebooks, capsys):
+    args = _cli(["run", "nope"])
+    assert args.func(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("labkit run: unknown notebook 'nope'") and err.count("\n") == 1
+
+
+def test_notebook_parameters_read_the_tagged_cell(notebooks):
+    assert runner.notebook_parameters(notebooks / "01_params.ipynb") == {"x": 1, "label": "nb", "expected_cwd": ""}
+    shipped = Path(runner.__file__).resolve().parent.parent / "notebooks" / "01_baseline.ipynb"
+    assert {"model", "device", "seed", "repeats"} <= set(runner.notebook_parameters(shipped))
+
+
+def test_a_mistyped_parameter_is_an_error_naming_the_parameters(notebooks):
+    paths = runner.find_notebooks(["01"])
+    with pytest.raises(ValueError, match=r"unknown parameter 'lable' \(did you mean 'label'\?\); the parameters "
+                                         r"are 01_params: x, label, expected_cwd"):
+        runner.resolve_parameters(paths, {}, {"lable": "a"})
+    with pytest.raises(ValueError, match=r"'x': 01_params expects an integer \(default 1\), got 'three'"):
+        runner.resolve_parameters(paths, {}, {"x": "three"})
+
+
+def test_parameters_go_only_to_the_notebooks_that_have_them(notebooks):
+    first, second = runner.find_notebooks([])
+    resolved = runner.resolve_parameters([first, second], runner.load_profiles()["full"], {"n": 5})
+    assert resolved == {first: {"label": "from-profile", "x": 2}, second: {"n": 5}}
+    with pytest.raises(ValueError, match="profile entry 02 sets 'x', which 02_fails does not have"):
+        runner.resolve_parameters([second], {"02": {"x": 1}}, {})
+
+
+def test_cli_refuses_a_typo_and_a_negative_timeout_in_one_line(notebooks, capsys):
+    from labkit import cli
+
+    assert cli.main(["run", "01", "-p", "xx", "3", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown parameter 'xx'" in err and "x, label, expected_cwd" in err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "01", "--cell-timeout", "-5"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "--cell-timeout" in err and "'-5'" in err
+    with pytest.raises(ValueError, match="cell timeout"):
+        runner.run_notebooks(runner.find_notebooks(["01"]), cell_timeout_s=-1)
+
+
+def test_cli_checks_the_output_folder_first(notebooks, tmp_path, capsys):
+    from labkit import cli
+
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "01", "--output-dir", str(tmp_path / "taken")])
+    assert info.value.code == 2 and "expected a folder" in capsys.readouterr().err
+
+
+def test_a_run_writes_results_and_figures_under_its_folder(notebooks, tmp_path, monkeypatch):
+    monkeypatch.delenv("LABKIT_DATA_DIR")
+    monkeypatch.delenv("LABKIT_FIGURES_DIR")
+    _write_notebook(
+        notebooks / "03_env.ipynb", "expected = ''",
+        "import os\nfrom labkit import results\n"
+        "assert os.environ['LABKIT_FIGURES_DIR'] == expected + '/figures', os.environ['LABKIT_FIGURES_DIR']\n"
+        "results.append_rows([results.make_row('t', {}, {'x': 1.0}, env={})])")
+    out = tmp_path / "run"
+    runner.run_notebooks(runner.find_notebooks(["03"]), {"expected": str(out)}, output_dir=out, progress=False,
+                         label="nightly", run_id="run-7")
+    (row,) = [json.loads(line) for line in (out / "data" / "results.jsonl").read_text().splitlines()]
+    assert (row["run_id"], row["label"]) == ("run-7", "nightly")
+    assert "LABKIT_DATA_DIR" not in os.environ and "LABKIT_RUN_ID" not in os.environ  # restored after the run
+
+
+def test_refresh_reference_targets_the_committed_folders(tmp_path, monkeypatch):
+    repo = Path(runner.__file__).resolve().parent.parent
+    env = runner.output_environment(tmp_path, refresh_reference=True, run_id="r")
+    assert env["LABKIT_DATA_DIR"] == str(repo / "data") and env["LABKIT_FIGURES_DIR"] == str(repo / "figures")
+    monkeypatch.setenv("LABKIT_DATA_DIR", "/elsewhere")  # an explicit choice wins over the run folder
+    env = runner.output_environment(tmp_path, label="x")
+    assert env["LABKIT_DATA_DIR"] == "/elsewhere" and env["LABKIT_LABEL"] == "x" and env["LABKIT_RUN_ID"]

@@ -1,0 +1,178 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from labkit.model import quantize as quant
+from labkit.engine.engine import Engine
+from labkit.model.llama import from_hf
+from labkit.model.loader import embedded_gguf_path
+from labkit.model.quantize import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, Q8_0Linear, dequantize_int4_ref,
+                          quantize_int4_ref, quantize_int8_ref)
+
+# the CPU kernels take bf16 activations and scales: their results carry bf16-sized errors
+BF16_TOL = dict(atol=0.05, rtol=0.02)
+
+
+def test_int8_reference_round_trip_error_is_bounded():
+    w = torch.randn(64, 96)
+    q, scale = quantize_int8_ref(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("group_size", quant.INT4_GROUP_SIZES)
+def test_int4_reference_round_trip_error_is_half_a_step(group_size):
+    w = torch.randn(48, 256) * torch.linspace(0.1, 3, 256)  # groups of very different ranges
+    q, scale, minimum = quantize_int4_ref(w, group_size)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == (48, 256 // group_size)
+    err = (dequantize_int4_ref(q, scale, minimum) - w).abs().reshape(48, -1, group_size)
+    assert (err <= scale[..., None] / 2 + 1e-5).all()
+
+
+def test_int4_kernel_layout_is_what_unpack_reads():
+    codes = torch.randint(0, 16, (128, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(quant.unpack_int4pack(packed, 128, 96).int(), codes)
+
+
+@pytest.mark.parametrize("group_size", quant.INT4_GROUP_SIZES)
+@pytest.mark.parametrize("shape", [(40, 96), (1, 32), (131, 200)])  # outputs and inputs the kernel needs padded
+def test_int4_linear_matches_its_dequantized_weight(shape, group_size):
+    out_features, in_features = shape
+    lin = torch.nn.Linear(in_features, out_features, bias=True)
+    qlin = Int4WeightOnlyLinear.from_linear(lin, group_size)
+    w = qlin.dequantize()
+    assert w.shape == (out_features, in_features)
+    step = (lin.weight.amax() - lin.weight.amin()) / 15
+    assert (w - lin.weight).abs().max() <= step / 2 * 1.05  # half a code step (bf16 scales: 5 % slack)
+    for rows in (1, 3, 70):  # decode rows and a prefill chunk, all through the packed kernel
+        x = torch.randn(rows, in_features)
+        torch.testing.assert_close(qlin(x), x @ w.t() + lin.bias, **BF16_TOL)
+    torch.testing.assert_close(qlin._dense(x), qlin._matmul(x).float(), **BF16_TOL)
+
+
+def test_int8_linear_matches_dequantized_reference():
+    lin = torch.nn.Linear(96, 40, bias=True)
+    qlin = Int8WeightOnlyLinear.from_linear(lin)
+    q, scale = quantize_int8_ref(lin.weight)
+    for rows in (5, quant.DENSE_MIN_ROWS):  # the packed kernel, then the dense GEMM of a long prefill chunk
+        x = torch.randn(1, rows, 96)
+        ref = x @ (q.float() * scale[:, None]).t() + lin.bias
+        torch.testing.assert_close(qlin(x), ref, **BF16_TOL)
+
+
+def _q8_0_blocks(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random Q8_0 rows as ggml lays them out, and their weights."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-128, 128, (rows, cols // 32, 32), generator=g).to(torch.int8)
+    d = (torch.rand(rows, cols // 32, generator=g) * 0.01).half()
+    blocks = torch.cat((d.view(torch.uint8).reshape(rows, -1, 2), q.view(torch.uint8)), dim=-1)
+    return blocks.reshape(rows, -1), (q.float() * d.float()[..., None]).reshape(rows, cols)
+
+
+def test_q8_0_linear_keeps_the_codes_and_multiplies_by_them():
+    blocks, w = _q8_0_blocks(64, 96)
+    torch.testing.assert_close(quant.dequantize_q8_0(blocks), w, atol=0, rtol=0)
+    lin = Q8_0Linear.from_blocks(blocks)
+    # hi/lo halves rebuild every code; only the scales are rounded to bf16
+    torch.testing.assert_close(lin.dequantize(), w, atol=1e-6, rtol=2**-8)
+    x = torch.randn(2, 96)
+    torch.testing.assert_close(lin(x), x @ w.t(), **BF16_TOL)
+
+
+@pytest.fixture(scope="module")
+def gguf_tensors():
+    return quant._gguf_tensors(embedded_gguf_path())
+
+
+def test_gguf_blocks_dequantize_exactly_as_the_gguf_package(gguf_tensors):
+    from gguf.quants import dequantize
+
+    for name in ("blk.0.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight"):
+        t = gguf_tensors[name]
+        rows = np.ascontiguousarray(t.data[:40])
+        ref = torch.from_numpy(dequantize(rows, t.tensor_type).astype(np.float32))
+        ours = (quant.dequantize_q4_1 if t.tensor_type.name == "Q4_1" else quant.dequantize_q8_0)(
+            torch.from_numpy(rows.copy()))
+        assert torch.equal(ours, ref), name
+
+
+@pytest.fixture(scope="module")
+def gguf_model(embedded):
+    return quant.quantize(from_hf(embedded.model), "gguf")
+
+
+def test_gguf_scheme_loads_the_files_codes_unchanged(embedded, gguf_model, gguf_tensors):
+    fp32 = from_hf(embedded.model)  # transformers dequantized the same file: it is the reference
+    layer = gguf_model.layers[3]
+    codes, _, _ = quant.unpack_q4_1(quant._rows(gguf_tensors["blk.3.ffn_down.weight"], (576, 1536)))
+    assert torch.equal(layer.mlp.w_down.codes()[:576, :1536], codes)
+    for mine, ref in [(layer.attn.wqkv, fp32.layers[3].attn.wqkv), (layer.mlp.w_gate_up, fp32.layers[3].mlp.w_gate_up),
+                      (gguf_model.lm_head, fp32.lm_head)]:
+        w = ref.weight.t() if ref.kn else ref.weight
+        # q and k rows come back from llama.cpp's RoPE permutation (a wrong row order would be ~100 % off);
+        # the only change is the scale and zero rounded to bf16 for the kernel
+        assert ((mine.dequantize() - w).norm() / w.norm()) < 2**-8
+    assert gguf_model.rewrites[-1] == "quant:gguf"
+
+
+def test_quantized_engines_keep_the_embedded_model_close(embedded, gguf_model):
+    fp32 = Engine.from_hf(embedded.model, embedded.tokenizer)
+    ids = fp32.encode("The three primary colors are red, yellow and")
+    ref = fp32.prompt_logits(ids)
+    for scheme, engine, min_cos in [("int8", Engine.from_hf(embedded.model, embedded.tokenizer, quantize="int8"), 0.98),
+                                    ("gguf", Engine(gguf_model, embedded.tokenizer), 0.999)]:
+        assert engine.describe()["quantize"] == scheme
+        logits = engine.prompt_logits(ids)
+        assert torch.nn.functional.cosine_similarity(ref, logits, dim=-1).min() > min_cos, scheme
+        assert (ref.argmax(-1) == logits.argmax(-1)).float().mean() > 0.8, scheme
+
+
+@pytest.mark.parametrize("method", [m for m in quant.QUANT_METHODS if m != "gguf"])
+def test_quantized_tiny_model_logits_stay_close_and_survive_save_and_load(tiny, method, tmp_path):
+    ids = torch.arange(1, 40) * 7
+    ref = Engine(from_hf(tiny.model), tiny.tokenizer).prompt_logits(ids.tolist())
+    model = quant.quantize(from_hf(tiny.model), method)
+    logits = Engine(model, tiny.tokenizer).prompt_logits(ids.tolist())
+    assert torch.nn.functional.cosine_similarity(ref, logits, dim=-1).min() > 0.97
+    path = quant.save_quantized(model, tmp_path / "model.pt")
+    again = quant.load_quantized(path)
+    assert again.rewrites == model.rewrites
+    assert torch.equal(Engine(again, tiny.tokenizer).prompt_logits(ids.tolist()), logits)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bad_quantization_requests_are_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        quant.quantize(from_hf(tiny.model), "int3")
+    model = quant.quantize(from_hf(tiny.model), "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quant.quantize(model, "int4-g32")
+    with pytest.raises(ValueError, match="not quantized"):
+        quant.save_quantized(from_hf(tiny.model), tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="group_size 16"):
+        Int4WeightOnlyLinear(64, 64, 16)
+    # the tiny model is not the GGUF file's model: a clear error, not a silent mismatch
+    with pytest.raises(ValueError, match="shape"):
+        quant.quantize(from_hf(tiny.model), "gguf")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", quant.BNB_METHODS)
+def test_bitsandbytes_linears_keep_a_tiny_model_close_on_cuda(tiny, method):
+    pytest.importorskip("bitsandbytes")
+    ids = (torch.arange(1, 40) * 7).tolist()
+    hf = copy.deepcopy(tiny.model).to("cuda")  # the session's tiny model stays on the CPU
+    ref = Engine(from_hf(hf), tiny.tokenizer).prompt_logits(ids)
+    quantized = quant.quantize(from_hf(hf), method)
+    assert any(isinstance(m, quant.BnbLinear) for m in quantized.modules())
+    logits = Engine(quantized, tiny.tokenizer).prompt_logits(ids)
+    assert torch.nn.functional.cosine_similarity(ref.float(), logits.float(), dim=-1).min() > 0.95
+
+
+def test_bitsandbytes_is_refused_off_cuda(tiny):
+    with pytest.raises(ValueError, match="bitsandbytes' CUDA kernels"):
+        quant.quantize(from_hf(tiny.model), "bnb-nf4")
