@@ -8,7 +8,7 @@ import math
 import statistics
 
 import pytest
-from test_client import BROKEN_MODELS, BROKEN_STREAMS, WORDS, broken_app, serving
+from tests.serving.test_client import BROKEN_MODELS, BROKEN_STREAMS, WORDS, broken_app, serving
 
 from labkit import cli
 
