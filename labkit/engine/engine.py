@@ -311,6 +311,15 @@ class Engine:
     def num_unfinished(self) -> int:
         return len(self._requests)
 
+    def queued_request_ids(self) -> list[str]:
+        """Requests waiting for their first step (preempted ones were admitted once and are not listed)."""
+        return [seq.request_id for seq in self.scheduler.waiting
+                if seq.first_scheduled_s is None and not seq.num_output_tokens]
+
+    def running_request_ids(self) -> list[str]:
+        """Requests that hold KV blocks and run in the next step."""
+        return [seq.request_id for seq in self.scheduler.running]
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; return an update for every request that got a token or finished."""
         batch = self.scheduler.schedule()

@@ -267,10 +267,10 @@ class EngineWorker:
         if self.max_queue_wait_s is None:
             return
         now = time.perf_counter()
-        for seq in list(self.engine.scheduler.waiting):
-            job = self._jobs.get(seq.request_id)
-            if job is None or seq.first_scheduled_s is not None or seq.num_output_tokens:
-                continue  # preempted requests were admitted once: they keep their place
+        for request_id in self.engine.queued_request_ids():  # preempted requests keep their place
+            job = self._jobs.get(request_id)
+            if job is None:
+                continue
             waited = now - job.accepted_s
             if waited > self.max_queue_wait_s:
                 retry_s = max(1, math.ceil(self.max_queue_wait_s))
@@ -288,8 +288,8 @@ class EngineWorker:
             return
         now = time.perf_counter()
         with self._cond:
-            for seq in self.engine.scheduler.running:
-                job = self._jobs.get(seq.request_id)
+            for request_id in self.engine.running_request_ids():
+                job = self._jobs.get(request_id)
                 if job is not None and job.admitted_s is None:
                     job.admitted_s = started
             for out in outputs:
@@ -339,7 +339,7 @@ class EngineWorker:
     def _fail_batch(self, exc: Exception) -> None:
         """A failed step: answer its requests 500 and abort them, so that no KV block stays held."""
         with self._cond:
-            ids = [seq.request_id for seq in self.engine.scheduler.running] or list(self._jobs)
+            ids = self.engine.running_request_ids() or list(self._jobs)
             logger.error("engine step failed, answering %d requests 500: %s", len(ids), exc, exc_info=exc)
             error = APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed")
             for request_id in ids:
