@@ -310,39 +310,51 @@ def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, l
                 samples[name].append(runners[name](batch_size))
                 bar.update()
         for name in names:
-            variant, runner = lookup[name], runners[name]
-            rates = [rate for rate, _ in samples[name]]
-            tokens_per_s = statistics.median(rates)
-            roofline = bandwidth * 1e9 / runner.bytes_per_step  # decode steps/s if weights stream at bandwidth
-            engine = getattr(runner, "engine", None)
-            rows.append({
-                "technique": "decode",
-                "params": {"variant": name, "engine": variant.engine, "dtype": variant.dtype,
-                           "compile": variant.compile, "quantize": variant.quantize,
-                           "cuda_graphs": variant.cuda_graphs, "kernels": variant.kernels,
-                           "attention": variant.attention, "kv_cache_dtype": variant.kv_cache_dtype,
-                           "linear_layout": getattr(engine, "linear_layout", None),
-                           "gemm": None if variant.engine != "labkit" else
-                           "packed" if "gemm:packed" in engine.model.rewrites else "plain",
-                           "batch_size": batch_size, "max_tokens": max_tokens, "prompt_tokens": len(prompt_ids),
-                           "repeats": repeats, "model": loaded.name, "device": str(loaded.device)},
-                "metrics": {"tokens_per_s": tokens_per_s, "tokens_per_s_runs": rates,
-                            "ttft_ms": statistics.median(t for _, t in samples[name]),
-                            "compile_s": compile_s.get(name) if variant.compile else None,
-                            "capture_s": getattr(engine, "capture_s", None),
-                            "weight_bytes_per_step": runner.bytes_per_step,
-                            "bandwidth_gbps": bandwidth, "roofline_tokens_per_s": roofline * batch_size,
-                            "roofline_fraction": tokens_per_s / batch_size / roofline},
-                "env": env,
-            })
+            rows.append(_decode_row(name, lookup[name], runners[name], samples[name], batch_size, loaded, prompt_ids,
+                                    max_tokens, repeats, bandwidth, compile_s.get(name), env))
             if log:
-                log(f"{name:22s} batch {batch_size}: {tokens_per_s:7.1f} tok/s")
-    for row in rows:  # ratios to the HF baseline at the same batch size, measured in this run
+                log(f"{name:22s} batch {batch_size}: {rows[-1]['metrics']['tokens_per_s']:7.1f} tok/s")
+    _add_ratios_to(rows, baseline)
+    return rows
+
+
+def _decode_row(name: str, variant: Variant, runner, samples: list[tuple[float, float]], batch_size: int, loaded,
+                prompt_ids, max_tokens: int, repeats: int, bandwidth: float, compile_s: float | None,
+                env: dict) -> dict:
+    """One variant's row at one batch size from its timed runs' (tokens/s, TTFT ms) samples."""
+    rates = [rate for rate, _ in samples]
+    tokens_per_s = statistics.median(rates)
+    roofline = bandwidth * 1e9 / runner.bytes_per_step  # decode steps/s if weights stream at bandwidth
+    engine = getattr(runner, "engine", None)
+    return {
+        "technique": "decode",
+        "params": {"variant": name, "engine": variant.engine, "dtype": variant.dtype,
+                   "compile": variant.compile, "quantize": variant.quantize,
+                   "cuda_graphs": variant.cuda_graphs, "kernels": variant.kernels,
+                   "attention": variant.attention, "kv_cache_dtype": variant.kv_cache_dtype,
+                   "linear_layout": getattr(engine, "linear_layout", None),
+                   "gemm": None if variant.engine != "labkit" else
+                   "packed" if "gemm:packed" in engine.model.rewrites else "plain",
+                   "batch_size": batch_size, "max_tokens": max_tokens, "prompt_tokens": len(prompt_ids),
+                   "repeats": repeats, "model": loaded.name, "device": str(loaded.device)},
+        "metrics": {"tokens_per_s": tokens_per_s, "tokens_per_s_runs": rates,
+                    "ttft_ms": statistics.median(t for _, t in samples),
+                    "compile_s": compile_s if variant.compile else None,
+                    "capture_s": getattr(engine, "capture_s", None),
+                    "weight_bytes_per_step": runner.bytes_per_step,
+                    "bandwidth_gbps": bandwidth, "roofline_tokens_per_s": roofline * batch_size,
+                    "roofline_fraction": tokens_per_s / batch_size / roofline},
+        "env": env,
+    }
+
+
+def _add_ratios_to(rows: list[dict], baseline: str) -> None:
+    """Each row's `ratio_to_hf`: its tokens/s over the baseline variant's at the same batch size, in this run."""
+    for row in rows:
         base = next((r for r in rows if r["params"]["variant"] == baseline
                      and r["params"]["batch_size"] == row["params"]["batch_size"]), None)
         row["metrics"]["ratio_to_hf"] = row["metrics"]["tokens_per_s"] / base["metrics"]["tokens_per_s"] \
             if base else None
-    return rows
 
 
 def format_table(rows: list[dict]) -> str:
