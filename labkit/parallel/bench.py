@@ -32,7 +32,8 @@ def add_predictions(rows: list[dict]) -> None:
 def cmd_bench_tp(args) -> int:
     from labkit.parallel.distributed import LaunchConfig
     from labkit.parallel.launch import LaunchError, action_options, check_split, format_rows, launch
-    from labkit.lab.results import check_store, report_rows
+    from labkit.cli.reporting import report_rows  # moved from labkit.lab.results
+    from labkit.lab.results import check_store
 
     sizes = sorted(set(args.world_sizes))
     for w in sizes:

@@ -272,7 +272,8 @@ def add_parser(subparsers) -> None:
 def cmd_quant(args) -> int:
     from tqdm.auto import tqdm
 
-    from labkit.lab.results import check_store, report_rows
+    from labkit.cli.reporting import report_rows  # moved from labkit.lab.results
+    from labkit.lab.results import check_store
 
     if args.stride > args.context_len:
         raise ValueError(f"--stride {args.stride} must be <= --context-len {args.context_len}")

@@ -354,7 +354,8 @@ def cmd_spec(args) -> int:
     from tqdm.auto import tqdm
 
     from labkit.speculative.training import SIZES
-    from labkit.lab.results import check_store, report_rows
+    from labkit.cli.reporting import report_rows  # moved from labkit.lab.results
+    from labkit.lab.results import check_store
 
     for name, given, allowed in (("draft", args.drafts, DRAFTS), ("workload", args.workloads, tuple(WORKLOADS)),
                                  ("training size", (args.train_size,), ("auto", *SIZES))):
