@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from labkit.engine.engine import Engine, EngineConfig, HFEngine, apply_rewrites
 from labkit.model.llama import Transformer, from_hf
-from labkit.serving.loadgen import BenchServeConfig, RequestOutcome, benchmark, compute_metrics, request_timing
+from labkit.serving.load_metrics import RequestOutcome, compute_metrics, request_timing
+from labkit.serving.loadgen import BenchServeConfig, benchmark
 from labkit.model.loader import LoadedModel
 from labkit.model.sampling import SamplingParams
 from labkit.serving.workloads import LengthDist, Trace, TraceConfig, make_trace
@@ -352,7 +353,7 @@ def run_server_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig = D
     concurrent run finished."""
     from labkit.device import describe_environment
     from labkit.lab.results import make_row
-    from labkit.serving.server import ServerThread, create_app  # FastAPI and uvicorn: only when asked for
+    from labkit.serving import ServerThread, create_app  # FastAPI and uvicorn: only when asked for
 
     hf = HFEngine(loaded.model, loaded.tokenizer, name=loaded.name)
     engine = _engine(apply_rewrites(from_hf(loaded.model)), loaded, config, "continuous", hf.eos_token_ids)

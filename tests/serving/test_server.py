@@ -20,7 +20,7 @@ import pytest
 
 from labkit import cli
 from labkit.engine.engine import Engine
-from labkit.serving.server import ServeConfig, ServerThread, create_app
+from labkit.serving import ServeConfig, ServerThread, create_app
 
 MODEL = "tiny"
 LONG = 1500  # tokens: seconds of decoding, so a generation that was not cancelled would be seen running
