@@ -5,8 +5,10 @@ import copy
 import pytest
 import torch
 
-from labkit.model.llama import (PACKED_MAX_ROWS, Linear, TorchKernels, from_hf, packed_gemm_available, use_kn_layout,
-                          use_packed_gemm, with_backends)
+from labkit.model.backends import TorchKernels
+from labkit.model.llama import Linear, from_hf
+from labkit.model.rewrites import (PACKED_MAX_ROWS, apply_rewrites, packed_gemm_available, use_kn_layout,
+                                   use_packed_gemm, with_backends)
 from labkit.model.loader import load_model
 
 
@@ -56,8 +58,6 @@ def test_packed_gemm_matches_the_plain_product_and_is_used_only_for_few_rows(lay
 
 @pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
 def test_default_rewrites_pack_fp32_cpu_weights_once_and_plain_keeps_mkl():
-    from labkit.engine.engine import apply_rewrites
-
     lm = load_model("tiny-llama", dummy=True, device="cpu")
     packed = use_packed_gemm(apply_rewrites(from_hf(lm.model)))  # packing twice is a no-op
     assert packed.rewrites == ["layout:kn", "gemm:packed"]
@@ -74,7 +74,7 @@ def test_default_rewrites_pack_fp32_cpu_weights_once_and_plain_keeps_mkl():
 @pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
 def test_packed_gemm_keeps_greedy_tokens_in_batches_and_verification(embedded):
     from labkit.speculative.proposers import NgramProposer
-    from labkit.engine.engine import Engine, apply_rewrites
+    from labkit.engine.engine import Engine
     from labkit.speculative.speculator import SpeculativeConfig, Speculator
 
     plain = Engine(apply_rewrites(from_hf(embedded.model), gemm="plain"), embedded.tokenizer)
