@@ -127,9 +127,9 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.active_seqs()), num_waiting=len(self.scheduler.queued_seqs()),
             num_kv_blocks=self.blocks.num_blocks, num_used_blocks=self.blocks.num_used_blocks,
-            num_tokens_in_cache=sum(s.num_computed_tokens for s in self.scheduler.running),
+            num_tokens_in_cache=sum(s.num_computed_tokens for s in self.scheduler.active_seqs()),
             num_preemptions=self.scheduler.num_preemptions, prefix_hit_rate=self.blocks.prefix_hit_rate,
             num_steps=self._num_steps, last_batch_size=self._last_rows, last_num_tokens=self._last_tokens,
             last_num_padding_rows=self._last_padding)
@@ -177,12 +177,12 @@ class Engine:
         return True
 
     @property
-    def has_unfinished(self) -> bool:
-        return bool(self._requests)
-
-    @property
     def num_unfinished(self) -> int:
         return len(self._requests)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.num_unfinished > 0
 
     def request_generator(self, request_id: str) -> torch.Generator | None:
         """The random stream a running request samples from (None: the global one), for drafts that sample."""
@@ -190,12 +190,12 @@ class Engine:
 
     def queued_request_ids(self) -> list[str]:
         """Requests waiting for their first step (preempted ones were admitted once and are not listed)."""
-        return [seq.request_id for seq in self.scheduler.waiting
+        return [seq.request_id for seq in self.scheduler.queued_seqs()
                 if seq.first_scheduled_s is None and not seq.num_output_tokens]
 
     def running_request_ids(self) -> list[str]:
         """Requests that hold KV blocks and run in the next step."""
-        return [seq.request_id for seq in self.scheduler.running]
+        return [seq.request_id for seq in self.scheduler.active_seqs()]
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; return an update for every request that got a token or finished."""
@@ -206,8 +206,9 @@ class Engine:
         step = self._lay_out(batch, drafts)
         with torch.inference_mode():
             tokens = self._run(step)
-        self.scheduler.update_from_output(batch, {r.seq.request_id: len(t) - 1 for r, t in zip(step.requests, tokens)
-                                                  if r.seq.request_id in drafts})
+        num_accepted = {r.seq.request_id: len(t) - 1 for r, t in zip(step.requests, tokens)
+                        if r.seq.request_id in drafts}
+        self.scheduler.update_from_output(batch, num_accepted)
         self._record_step(batch, step)
         outputs = [self._append_tokens(request, new) for request, new in zip(step.requests, tokens)]
         self.scheduler.cache_blocks([seq for seq in batch.seqs if seq.request_id in drafts])

@@ -125,6 +125,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def active_seqs(self) -> list[Sequence]:
+        """The running sequences, in admission order (a copy)."""
+        return list(self.running)
+
+    def queued_seqs(self) -> list[Sequence]:
+        """The queue, head first (a copy): preempted sequences go back to its head."""
+        return list(self.waiting)
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 

@@ -842,8 +842,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                          keep_alive_timeout_s=args.timeout_keep_alive,
                          shutdown_grace_s=args.timeout_graceful_shutdown, check_host=args.check_host)
-    engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                 kv_cache_mb=args.kv_cache_mb)
+    engine_config = EngineConfig.from_kwargs(max_num_seqs=args.max_num_seqs,
+                                             max_num_batched_tokens=args.max_num_batched_tokens,
+                                             kv_cache_mb=args.kv_cache_mb)
     sock = bind_socket(args.host, args.port)  # fail fast, before loading a model
     try:
         try:
@@ -859,7 +860,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(engine, config)
         host, port = sock.getsockname()[:2]
         print(f"labkit serve: {config.served_model_name or engine.name} on http://{host}:{port} "
-              f"(device {engine.device}, batch of up to {engine_config.max_num_seqs}, "
+              f"(device {engine.device}, batch of up to {engine_config.scheduler.max_num_seqs}, "
               f"{engine.blocks.num_blocks} KV blocks of {engine_config.block_size} tokens, "
               f"max queue {config.max_queue}, {'API key required' if api_key else 'no API key'})",
               file=sys.stderr, flush=True)
@@ -889,7 +890,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     from labkit.cli.arguments import non_negative_int, port, positive_float, positive_int
     from labkit.engine.engine import EngineConfig
 
-    engine_defaults = EngineConfig()
+    engine_defaults = EngineConfig().scheduler
     parser = subparsers.add_parser(
         "serve", help="an OpenAI-compatible HTTP server over the labkit engine",
         description="Serve a model over OpenAI's HTTP API: /v1/completions, /v1/chat/completions (streaming as\n"
