@@ -4,6 +4,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 import labkit
 from labkit.model.attention import math_core, sdpa_core
@@ -28,3 +29,10 @@ def test_kernels_import_nothing_from_the_model():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.startswith("labkit.model") for n in names), f"{path.name} imports {names}"
+
+
+def test_add_rms_norm_is_the_unfused_add_then_norm():
+    gen = torch.Generator().manual_seed(0)
+    x, r, w = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen), torch.randn(8, generator=gen)
+    out, total = TorchKernels.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(total, r + x) and torch.equal(out, TorchKernels.rms_norm(r + x, w, 1e-6))

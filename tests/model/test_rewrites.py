@@ -1,11 +1,10 @@
-"""The compact model's backends: swapping them shares the weights and keeps the outputs."""
+"""Rewrites over a built model: swapping backends shares the weights; the packed GEMM keeps the outputs."""
 
 import copy
 
 import pytest
 import torch
 
-from labkit.model.backends import TorchKernels
 from labkit.model.llama import Linear, from_hf
 from labkit.model.rewrites import (PACKED_MAX_ROWS, apply_rewrites, packed_gemm_available, use_kn_layout,
                                    use_packed_gemm, with_backends)
@@ -22,13 +21,6 @@ def test_with_backends_shares_weights_and_changes_only_backends():
     assert "x" not in model.rewrites
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         with_backends(model, kernels="cuda")
-
-
-def test_add_rms_norm_is_the_unfused_add_then_norm():
-    gen = torch.Generator().manual_seed(0)
-    x, r, w = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen), torch.randn(8, generator=gen)
-    out, total = TorchKernels.add_rms_norm(x, r, w, 1e-6)
-    assert torch.equal(total, r + x) and torch.equal(out, TorchKernels.rms_norm(r + x, w, 1e-6))
 
 
 @pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
