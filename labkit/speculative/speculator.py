@@ -11,7 +11,7 @@ tokens), and hands the target's logits back to `verify`, which keeps what the ta
   when all are kept draw a bonus token from p. The output then has the target's distribution exactly, for
   any draft q (a draft that proposes one token for sure has a one-hot q).
 
-The engine then rolls the paged cache back over the rejected tokens (`BlockManager.truncate`); stateful
+The scheduler then rolls the paged cache back over the rejected tokens (`Scheduler.update_from_output`); stateful
 drafts roll their own caches back when they next see the request's tokens. How many tokens to draft is
 either fixed (gamma) or adaptive: per request, the gamma that maximises the expected tokens per unit of time
 for its measured acceptance rate and the measured costs of drafting and verifying (Leviathan et al. 2023,
