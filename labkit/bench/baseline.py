@@ -9,7 +9,8 @@ import time
 from collections.abc import Mapping, Sequence
 
 from labkit.device import describe_environment, dtype_name, peak_memory_mb, reset_peak_memory, seed_everything
-from labkit.engine.engine import ENGINES, Generation, make_engine
+from labkit.bench.hf import ENGINES, make_engine
+from labkit.engine.outputs import Generation
 from labkit.model.loader import EMBEDDED_MODEL, load_model
 
 

@@ -19,10 +19,12 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
-from labkit.engine.engine import Engine, EngineConfig, HFEngine, apply_rewrites
+from labkit.bench.hf import HFEngine
+from labkit.engine import Engine, EngineConfig, SchedulerConfig
 from labkit.model.llama import Transformer, from_hf
+from labkit.model.rewrites import apply_rewrites
 from labkit.serving.load_metrics import RequestOutcome, compute_metrics, request_timing
 from labkit.serving.loadgen import BenchServeConfig, benchmark
 from labkit.model.loader import LoadedModel
@@ -39,7 +41,7 @@ ENGINE_POLICIES = POLICIES[1:]
 DEFAULT_TRACE = TraceConfig(num_requests=384, prompt_len=LengthDist("fixed", 16),
                             output_len=LengthDist("lognormal", 32, 2.0, max_len=128))
 # 64 rows: on 2 cores a decode step of 64 rows still yields ~1.4x the tokens/s of 32 rows (fp32 SmolLM2-135M)
-DEFAULT_ENGINE = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512)
+DEFAULT_ENGINE = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512))
 NUM_WARMUPS = 2  # untimed requests on each engine first (allocator, kernels), with other words than the trace's
 MAX_IDLE_SLEEP_S = 0.002  # while a dynamic batcher waits for a fuller batch, poll this often
 DTYPE = "fp32"  # the HF baseline's dtype too: greedy tokens can then be checked against it
@@ -187,7 +189,7 @@ def replay(engine: Engine, trace: Trace, on_tokens: Callable[[int], object] | No
             if on_tokens and out.new_token_ids:
                 on_tokens(len(out.new_token_ids))
     after = engine.stats()
-    return PolicyRun(engine.config.policy, origin, sorted(records.values(), key=lambda r: r.index), steps,
+    return PolicyRun(engine.config.scheduler.policy, origin, sorted(records.values(), key=lambda r: r.index), steps,
                      num_preemptions=after.num_preemptions - before.num_preemptions,
                      num_kv_blocks=after.num_kv_blocks)
 
@@ -282,7 +284,7 @@ def _warmup_trace(trace: Trace, tokenizer) -> Trace:
 
 def _engine(model, loaded: LoadedModel, config: EngineConfig, policy: str, eos_token_ids) -> Engine:
     return Engine(model, loaded.tokenizer, name=loaded.name, eos_token_ids=eos_token_ids,
-                  config=replace(config, policy=policy))
+                  config=replace(config, scheduler=replace(config.scheduler, policy=policy)))
 
 
 def run_batching_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig = DEFAULT_ENGINE,
@@ -337,7 +339,7 @@ def make_rows(runs: dict[str, PolicyRun], trace: Trace, config: EngineConfig, lo
     for name, m in metrics.items():
         m.update(speedup_vs_static=speedup(m, "static"), speedup_vs_hf=speedup(m, "hf-sequential"),
                  tokens_identical=tokens_identical)
-        engine = None if name == "hf-sequential" else {**asdict(replace(config, policy=name)),
+        engine = None if name == "hf-sequential" else {**config.to_dict(), "policy": name,
                                                        "num_kv_blocks": runs[name].num_kv_blocks}
         params = {"policy": name, "mode": "offline" if trace.is_offline else "online", "trace": trace.describe(),
                   "engine": engine, "model": loaded.name, "device": str(loaded.device), "dtype": DTYPE,
@@ -373,7 +375,7 @@ def run_server_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig = D
         m = {**result["metrics"], "output_tokens_per_s": result["metrics"]["output_throughput_tokens_per_s"],
              "speedup_vs_sequential": sequential_s / result["metrics"]["duration_s"], "errors": result["errors"]}
         params = {"policy": "server", "max_concurrency": concurrency, "trace": trace.describe(),
-                  "engine": {**asdict(replace(config, policy="continuous")), "num_kv_blocks": engine.blocks.num_blocks},
+                  "engine": {**config.to_dict(), "policy": "continuous", "num_kv_blocks": engine.blocks.num_blocks},
                   "model": loaded.name, "device": str(loaded.device), "dtype": DTYPE,
                   "seed": trace.source.get("seed")}
         rows.append(make_row("batching", params, m, env))

@@ -21,8 +21,11 @@ import torch
 from labkit.lab.stats import memory_bandwidth_gbps, weight_bytes_per_token
 from labkit.device import (describe_environment, dtype_name, format_environment, pick_device, pick_dtype,
                            seed_everything)
-from labkit.engine.engine import MIN_STATIC_CONTEXT, Engine, EngineConfig, HFEngine, apply_rewrites
-from labkit.model.llama import from_hf, with_backends
+from labkit.bench.hf import HFEngine
+from labkit.engine import Engine, EngineConfig, SchedulerConfig
+from labkit.engine.model_runner import MIN_STATIC_CONTEXT
+from labkit.model.llama import from_hf
+from labkit.model.rewrites import apply_rewrites, with_backends
 from labkit.model.loader import EMBEDDED_MODEL, embedded_gguf_path, load_model
 
 
@@ -234,7 +237,7 @@ def _engine_config(batch_sizes, num_tokens: int, variant: Variant) -> EngineConf
     """A cache just big enough for the largest batch at full length, so that engines side by side fit a GPU."""
     block_size = EngineConfig.block_size
     blocks = max(batch_sizes) * -(-(num_tokens + 8) // block_size) + 1
-    return EngineConfig(max_num_seqs=max(batch_sizes), num_kv_blocks=blocks, compile=variant.compile,
+    return EngineConfig(scheduler=SchedulerConfig(max_num_seqs=max(batch_sizes)), num_kv_blocks=blocks, compile=variant.compile,
                         cuda_graphs=variant.cuda_graphs, kv_cache_dtype=variant.kv_cache_dtype)
 
 

@@ -106,7 +106,7 @@ def softmax_case(M, N, dtype, device):
 
 def rope_case(T, H, HK, D, dtype, device):
     from labkit.kernels.rope import rope, rope_cost, rope_ref
-    from labkit.model.llama import TorchKernels
+    from labkit.model.backends import TorchKernels
 
     qkv = _randn(T, H + 2 * HK, D, dtype=dtype, device=device)
     angles = _randn(T, D // 2, dtype=torch.float32, device=device, seed=1) * 100

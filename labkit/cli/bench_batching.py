@@ -106,11 +106,11 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("the engines")
     g.add_argument("--policies", type=comma_list(str), default=POLICIES,
                    help=f"comma-separated, from {', '.join(POLICIES)} (default: all)")
-    g.add_argument("--max-num-seqs", type=positive_int, default=e.max_num_seqs,
+    g.add_argument("--max-num-seqs", type=positive_int, default=e.scheduler.max_num_seqs,
                    help="the batch limit of every policy (default: %(default)s)")
-    g.add_argument("--max-num-batched-tokens", type=positive_int, default=e.max_num_batched_tokens,
+    g.add_argument("--max-num-batched-tokens", type=positive_int, default=e.scheduler.max_num_batched_tokens,
                    help="continuous: new tokens per step, the prefill chunk (default: %(default)s)")
-    g.add_argument("--max-wait-s", type=non_negative_float, default=e.max_wait_s,
+    g.add_argument("--max-wait-s", type=non_negative_float, default=e.scheduler.max_wait_s,
                    help="dynamic: start a smaller batch after this wait (default: %(default)s)")
     g.add_argument("--block-size", type=positive_int, default=e.block_size, help="tokens per KV block (default: 16)")
     g.add_argument("--num-kv-blocks", type=positive_int, default=None,
@@ -139,10 +139,10 @@ def _trace_config(args) -> TraceConfig | None:
 def cmd_batching(args) -> int:
     if not args.no_save:
         check_store()  # before minutes of measurement, not after
-    config = replace(DEFAULT_ENGINE, max_num_seqs=args.max_num_seqs,
-                     max_num_batched_tokens=args.max_num_batched_tokens, max_wait_s=args.max_wait_s,
-                     block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                     enable_prefix_caching=not args.no_prefix_caching)
+    scheduler = replace(DEFAULT_ENGINE.scheduler, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_wait_s=args.max_wait_s)
+    config = replace(DEFAULT_ENGINE, scheduler=scheduler, block_size=args.block_size,
+                     num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching)
     slo, trace_config = parse_slo(args.slo), _trace_config(args)
     loaded = load_model(args.model, device=args.device, dtype=DTYPE, dummy=args.dummy)
     if loaded.tokenizer is None:

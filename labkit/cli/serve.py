@@ -17,7 +17,7 @@ from labkit.serving.protocol import DEFAULT_CHAT_MAX_TOKENS
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from labkit.engine.engine import Engine, EngineConfig
+    from labkit.engine import Engine, EngineConfig
     from labkit.model.llama import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture
     from labkit.serving.app import create_app
     from labkit.serving.server import bind_socket, make_server
@@ -29,7 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                          keep_alive_timeout_s=args.timeout_keep_alive,
                          shutdown_grace_s=args.timeout_graceful_shutdown, check_host=args.check_host)
-    engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    engine_config = EngineConfig.from_kwargs(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  kv_cache_mb=args.kv_cache_mb)
     sock = bind_socket(args.host, args.port)  # fail fast, before loading a model
     try:
@@ -46,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(engine, config)
         host, port = sock.getsockname()[:2]
         print(f"labkit serve: {config.served_model_name or engine.name} on http://{host}:{port} "
-              f"(device {engine.device}, batch of up to {engine_config.max_num_seqs}, "
+              f"(device {engine.device}, batch of up to {engine_config.scheduler.max_num_seqs}, "
               f"{engine.blocks.num_blocks} KV blocks of {engine_config.block_size} tokens, "
               f"max queue {config.max_queue}, {'API key required' if api_key else 'no API key'})",
               file=sys.stderr, flush=True)
@@ -73,9 +73,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit serve` on the CLI's subparsers."""
-    from labkit.engine.engine import EngineConfig
+    from labkit.engine import SchedulerConfig
 
-    engine_defaults = EngineConfig()
+    engine_defaults = SchedulerConfig()
     parser = subparsers.add_parser(
         "serve", help="an OpenAI-compatible HTTP server over the labkit engine",
         description="Serve a model over OpenAI's HTTP API: /v1/completions, /v1/chat/completions (streaming as\n"

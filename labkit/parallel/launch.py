@@ -100,8 +100,8 @@ def model_args(name: str, dummy: bool):
 # -- the workers -------------------------------------------------------------------------------------------------
 def _build(loaded, args, ctx):
     """The compact model with the rewrites in order: quantization or layout, then the split (when ctx is given)."""
-    from labkit.engine.engine import apply_rewrites
     from labkit.model.llama import from_hf
+    from labkit.model.rewrites import apply_rewrites
     from labkit.parallel.tp import tensor_parallel
 
     model = apply_rewrites(from_hf(loaded.model), linear_layout=args.linear_layout, quantize=args.quantize)
@@ -111,7 +111,8 @@ def _build(loaded, args, ctx):
 
 
 def _engine(model, loaded, ctx, compile: bool = False):
-    from labkit.engine.engine import Engine, EngineConfig, eos_token_ids_of
+    from labkit.engine import Engine, EngineConfig
+    from labkit.model.loader import eos_token_ids_of
     from labkit.parallel.tp import make_engine
 
     kwargs = dict(name=loaded.name, eos_token_ids=eos_token_ids_of(loaded.model, loaded.tokenizer),

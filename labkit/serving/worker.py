@@ -74,8 +74,8 @@ class EngineWorker:
         self.engine, self.metrics = engine, metrics
         self.max_queue, self.max_queue_wait_s = max_queue, max_queue_wait_s
         # a new request waits unless the continuous scheduler has a free row for it
-        is_continuous = engine.config.policy == "continuous"
-        self._max_rows = engine.config.max_num_seqs if is_continuous else 1
+        is_continuous = engine.config.scheduler.policy == "continuous"
+        self._max_rows = engine.config.scheduler.max_num_seqs if is_continuous else 1
         self._cond = threading.Condition()
         self._inbox: collections.deque[Job] = collections.deque()  # accepted, not yet in the engine
         self._cancels: list[Job] = []

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from labkit.model.attention import KVCache, build_metadata
+from labkit.model.attention import build_metadata
+from labkit.model.kv_cache import KVCache
 from labkit.speculative.proposers import (EagleDraft, EagleProposer, MedusaHeads, MedusaProposer, ModelProposer, frequency_vocab,
                            head_rows, small_draft, use_target_layout)
 from labkit.model.llama import Transformer
@@ -519,7 +520,7 @@ def add_parser(subparsers) -> None:
 def cmd_train(args) -> int:
     from tqdm.auto import tqdm
 
-    from labkit.engine.engine import apply_rewrites
+    from labkit.model.rewrites import apply_rewrites
     from labkit.model.llama import from_hf
     from labkit.model.loader import EMBEDDED_MODEL, load_model
 

@@ -805,7 +805,7 @@ def test_engine_metrics_and_health_agree(client, server, engine):
     assert _metric(server.url, "labkit_kv_cache_usage_ratio") == 0
     assert _metric(server.url, "labkit_requests_running") == _metric(server.url, "labkit_requests_waiting") == 0
     assert 0 < _metric(server.url, "labkit_prefix_cache_hit_rate") <= 1
-    assert 1 <= _metric(server.url, "labkit_batch_size") <= engine.config.max_num_seqs
+    assert 1 <= _metric(server.url, "labkit_batch_size") <= engine.config.scheduler.max_num_seqs
     steps = _metric(server.url, "labkit_step_rows_count")
     assert steps > 0 and _metric(server.url, "labkit_step_rows_sum") >= steps
     assert _metric(server.url, "labkit_step_rows_bucket", le="+Inf") == steps
