@@ -29,8 +29,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                          keep_alive_timeout_s=args.timeout_keep_alive,
                          shutdown_grace_s=args.timeout_graceful_shutdown, check_host=args.check_host)
-    engine_config = EngineConfig.from_kwargs(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                 kv_cache_mb=args.kv_cache_mb)
+    engine_config = EngineConfig.from_kwargs(max_num_seqs=args.max_num_seqs,
+                                             max_num_batched_tokens=args.max_num_batched_tokens,
+                                             kv_cache_mb=args.kv_cache_mb)
     sock = bind_socket(args.host, args.port)  # fail fast, before loading a model
     try:
         try:
