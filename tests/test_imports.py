@@ -140,10 +140,17 @@ def _layer(module: str) -> str | None:
     return parts[1] if len(parts) > 1 else None
 
 
+def _is_entry_point(module: str) -> bool:
+    """A `__main__` module is the program (`python -m labkit`), like the console script: above every layer."""
+    return module.rpartition(".")[2] == "__main__"
+
+
 def upward_edges(edges: list[Edge]) -> list[Edge]:
     """Edges to a higher layer, and edges from a technique package to serving's app or server."""
     bad = []
     for e in edges:
+        if _is_entry_point(e.source):
+            continue
         source, target = _layer(e.source), _layer(e.target)
         if source not in RANKS or target not in RANKS:
             bad.append(e)  # a package with no layer: give it one above
@@ -157,7 +164,7 @@ def upward_edges(edges: list[Edge]) -> list[Edge]:
 def cli_edges(edges: list[Edge]) -> list[Edge]:
     """Edges into labkit.cli from a module outside it."""
     inside = lambda name: name == CLI or name.startswith(CLI + ".")  # noqa: E731
-    return [e for e in edges if inside(e.target) and not inside(e.source)]
+    return [e for e in edges if inside(e.target) and not inside(e.source) and not _is_entry_point(e.source)]
 
 
 def _listing(edges: list[Edge]) -> str:
@@ -241,3 +248,13 @@ def test_same_layer_techniques_may_import_each_other(tmp_path):
         "speculative/bench.py": "from labkit.serving import loadgen\n", "serving/loadgen.py": "",
     })
     assert len(edges) == 2 and not upward_edges(edges) and not cycles(edges) and not cli_edges(edges)
+
+
+def test_an_entry_point_may_start_the_cli_but_a_library_module_may_not(tmp_path):
+    edges = _package(tmp_path, {
+        "__init__.py": "", "__main__.py": "from labkit.cli import main\n",
+        "cli/__init__.py": "from labkit.cli.main import main\n", "cli/main.py": "",
+        "serving/__init__.py": "", "serving/replicas.py": "CMD = ['-m', 'labkit.cli', 'serve']\n",
+    })
+    assert {e.source for e in upward_edges(edges)} == {"labkit.serving.replicas"}
+    assert [e.source for e in cli_edges(edges)] == ["labkit.serving.replicas"]

@@ -51,7 +51,7 @@ class ReplicaSet:
 
         for i in range(self.num_replicas):
             port = _free_port(self.host)
-            cmd = [sys.executable, "-m", "labkit.cli", "serve", "--host", self.host, "--port", str(port),
+            cmd = [sys.executable, "-m", "labkit", "serve", "--host", self.host, "--port", str(port),
                    "--device", self.device, *self.serve_args]
             log = tempfile.TemporaryFile("w+")
             self.logs.append(log)
