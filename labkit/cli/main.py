@@ -20,18 +20,18 @@ COMMANDS = {
     "results": "labkit.lab.results",
     "serve": "labkit.serving.server",
     "ping": "labkit.serving.client",
-    "tp": "labkit.parallel.launch",
+    "tp": "labkit.cli.tp",
     "router": "labkit.serving.router",
-    "spec": "labkit.speculative.training",
+    "spec": "labkit.cli.spec",
 }
 BENCH_COMMANDS = {
     "decode": "labkit.bench.decode",
     "serve": "labkit.serving.loadgen",
     "batching": "labkit.bench.batching",
     "kernels": "labkit.bench.kernels",
-    "tp": "labkit.parallel.bench",
-    "spec": "labkit.speculative.bench",
-    "quant": "labkit.quant.bench",
+    "tp": "labkit.cli.bench_tp",
+    "spec": "labkit.cli.bench_spec",
+    "quant": "labkit.cli.bench_quant",
 }
 
 
