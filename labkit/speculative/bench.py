@@ -176,6 +176,47 @@ def _timed_generate(engine: Engine, prompts, params, clock: str) -> tuple[float,
     return rate, [g.tokens for g in gens]
 
 
+def _warm_up(plain: Engine, engines: dict[str, Engine], prompts: dict[str, list[list[int]]], batch_size: int,
+             params) -> None:
+    """Untimed runs: every engine's first calls allocate and fill caches; a compiled draft compiles once per
+    context bucket, so each runs the longest prompt of every workload before timing."""
+    first = next(iter(prompts.values()))[0]
+    warm = plain.sampling_params(max_new_tokens=8, detokenize=False)
+    for engine in (plain, *engines.values()):
+        engine.generate([first] * batch_size, warm)
+    warmed = set()
+    for engine in engines.values():
+        proposer = engine.speculator.proposer
+        if proposer.describe().get("compile") and id(proposer) not in warmed:
+            warmed.add(id(proposer))
+            for workload_prompts in prompts.values():
+                engine.generate([max(workload_prompts, key=len)] * batch_size, params)
+
+
+def _time_workload(workload: str, plain: Engine, engines: dict[str, Engine], prompts: list[list[int]], repeats: int,
+                   batch_size: int, params, clock: str, bar) -> tuple[dict[str, list[float]], dict[str, bool]]:
+    """Each engine's tokens/s runs on one workload's prompts, repeats interleaved (so drift falls on every cell
+    alike), and whether each speculative engine's tokens were identical to the plain engine's."""
+    rates = {name: [] for name in ("plain", *engines)}
+    reference: dict[int, list[list[int]]] = {}
+    identical = {name: True for name in engines}
+    for engine in engines.values():
+        engine.speculator.reset_stats()
+    for repeat in range(repeats):
+        for name in ("plain", *engines):
+            bar.set_postfix_str(f"{workload}: {name}, run {repeat + 1}/{repeats}")
+            engine = plain if name == "plain" else engines[name]
+            for i, prompt in enumerate(prompts):
+                rate, tokens = _timed_generate(engine, [prompt] * batch_size, params, clock)
+                rates[name].append(rate)
+                if name == "plain":
+                    reference.setdefault(i, tokens)
+                elif tokens != reference[i]:
+                    identical[name] = False
+            bar.update()
+    return rates, identical
+
+
 # compiled self-drafts share the engine's one step code object: a graph per draft and context bucket
 @torch._dynamo.config.patch(recompile_limit=64)
 def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_tokens: int = 96,
@@ -218,38 +259,14 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
     configs = {v.name: v for v in variants}
     params = plain.sampling_params(max_new_tokens=max_tokens, detokenize=False)
     prompts = {w: [encode(loaded.tokenizer, p) for p in WORKLOADS[w]] for w in workloads}
-    warm = plain.sampling_params(max_new_tokens=8, detokenize=False)
-    for engine in (plain, *engines.values()):  # untimed warm-up: first calls allocate and fill caches
-        engine.generate([prompts[workloads[0]][0]] * batch_size, warm)
-    warmed = set()
-    for engine in engines.values():  # a compiled draft compiles once per context bucket: all before timing
-        proposer = engine.speculator.proposer
-        if proposer.describe().get("compile") and id(proposer) not in warmed:
-            warmed.add(id(proposer))
-            for workload in workloads:
-                engine.generate([max(prompts[workload], key=len)] * batch_size, params)
+    _warm_up(plain, engines, prompts, batch_size, params)
     rows = []
     total = len(workloads) * repeats * (1 + len(labels))
     with tqdm(total=total, desc="bench spec", unit="run", file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar:
         for workload in workloads:
-            rates = {name: [] for name in ("plain", *labels)}
-            reference: dict[int, list[list[int]]] = {}
-            identical = {name: True for name in labels}
-            for engine in engines.values():
-                engine.speculator.reset_stats()
-            for repeat in range(repeats):  # interleaved, so drift falls on every cell alike
-                for name in ("plain", *labels):
-                    bar.set_postfix_str(f"{workload}: {name}, run {repeat + 1}/{repeats}")
-                    engine = plain if name == "plain" else engines[name]
-                    for i, prompt in enumerate(prompts[workload]):
-                        rate, tokens = _timed_generate(engine, [prompt] * batch_size, params, clock)
-                        rates[name].append(rate)
-                        if name == "plain":
-                            reference.setdefault(i, tokens)
-                        elif tokens != reference[i]:
-                            identical[name] = False
-                    bar.update()
+            rates, identical = _time_workload(workload, plain, engines, prompts[workload], repeats, batch_size,
+                                              params, clock, bar)
             base = statistics.median(rates["plain"])
             rows.append(_row(Variant("plain", "plain", variants[0].config), workload, base, 1.0, None, True,
                              batch_size, max_tokens, len(prompts[workload]), repeats, train_size, loaded, env,
