@@ -9,24 +9,6 @@ from labkit.device import format_environment
 from labkit.quant.bench import SCHEMES
 
 
-def format_table(rows: list[dict]) -> str:
-    head = (f"{'scheme':10s} {'batch':>5s} {'tok/s':>7s} {'x fp32':>6s} {'x llama':>7s} {'ppl':>7s} {'Δppl':>6s} "
-            f"{'agree':>6s} {'weights MB':>10s}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        p, m = r["params"], r["metrics"]
-        llama = f"{m['ratio_to_llama_cpp']:.2f}" if m["ratio_to_llama_cpp"] else "n/a"
-        lines.append(f"{p['scheme']:10s} {p['batch_size']:5d} {m['tokens_per_s']:7.1f} {m['ratio_to_fp32']:6.2f} "
-                     f"{llama:>7s} {m['perplexity']:7.3f} {m['perplexity_change_pct']:+5.1f}% "
-                     f"{m['agreement_teacher_forced']:6.3f} {m['weight_bytes'] / 1e6:10.1f}")
-    if rows:
-        p = rows[0]["params"]
-        lines.append(f"perplexity: {p['ppl_tokens']} tokens of {p['text']}, windows of {p['context_len']} by "
-                     f"{p['stride']}; agreement: teacher-forced top-1 against fp32")
-        lines.append(f"hardware: {format_environment(rows[0]['env']).split(' · python')[0]}")
-    return "\n".join(lines)
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "quant", help="speed, memory, perplexity and agreement of fp32, bf16, int8, int4, GGUF blocks, int8 KV, llama.cpp",
@@ -65,6 +47,24 @@ def cmd_quant(args) -> int:
                            agreement_tokens=args.agreement_tokens, log=lambda msg: tqdm.write(msg, file=sys.stderr),
                            progress=not args.no_progress)
     return report_rows(rows, args, "bench_quant.json", format_table)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'scheme':10s} {'batch':>5s} {'tok/s':>7s} {'x fp32':>6s} {'x llama':>7s} {'ppl':>7s} {'Δppl':>6s} "
+            f"{'agree':>6s} {'weights MB':>10s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        p, m = r["params"], r["metrics"]
+        llama = f"{m['ratio_to_llama_cpp']:.2f}" if m["ratio_to_llama_cpp"] else "n/a"
+        lines.append(f"{p['scheme']:10s} {p['batch_size']:5d} {m['tokens_per_s']:7.1f} {m['ratio_to_fp32']:6.2f} "
+                     f"{llama:>7s} {m['perplexity']:7.3f} {m['perplexity_change_pct']:+5.1f}% "
+                     f"{m['agreement_teacher_forced']:6.3f} {m['weight_bytes'] / 1e6:10.1f}")
+    if rows:
+        p = rows[0]["params"]
+        lines.append(f"perplexity: {p['ppl_tokens']} tokens of {p['text']}, windows of {p['context_len']} by "
+                     f"{p['stride']}; agreement: teacher-forced top-1 against fp32")
+        lines.append(f"hardware: {format_environment(rows[0]['env']).split(' · python')[0]}")
+    return "\n".join(lines)
 
 
 __all__ = ["add_parser", "cmd_quant", "format_table"]

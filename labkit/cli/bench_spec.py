@@ -9,27 +9,6 @@ from labkit.model.loader import EMBEDDED_MODEL
 from labkit.speculative.bench import CLOCKS, CPU_ONLY_DRAFTS, DEFAULT_DRAFTS, DRAFTS, WORKLOADS, check_names
 
 
-def format_table(rows: list[dict]) -> str:
-    unit = "tok/cpu-s" if rows and rows[0]["params"].get("clock") == "cpu" else "tok/s"
-    head = (f"{'workload':10s} {'draft':16s} {unit:>9s} {'speedup':>7s} {'accepted':>8s} {'tok/step':>8s} "
-            f"{'draft ms':>8s} {'verify ms':>9s} {'by position':24s} same")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        p, m = r["params"], r["metrics"]
-        accepted = m.get("mean_accepted_tokens")
-        by_pos = " ".join(f"{a:.2f}" if a is not None else "-" for a in (m.get("acceptance_by_position") or [])[:6])
-        lines.append(f"{p['workload']:10s} {p['variant']:16s} {m['tokens_per_s']:9.1f} {m['speedup']:6.2f}x "
-                     f"{accepted if accepted is not None else 0:8.2f} {m.get('tokens_per_step') or 1:8.2f} "
-                     f"{m.get('draft_ms_per_step', 0):8.1f} {m.get('verify_ms_per_step', 0):9.1f} {by_pos:24s} "
-                     f"{'yes' if m['token_identical'] else 'NO'}")
-    if rows:
-        env = rows[0]["env"]
-        lines.append(f"hardware: {env['cpu']} ({env['num_cpus']} cpus, {env['cpu_capability']}), "
-                     f"{env['torch_threads']} torch threads; greedy, gamma {rows[0]['params']['gamma']} "
-                     f"({rows[0]['params']['gamma_policy']}), batch {rows[0]['params']['batch_size']}")
-    return "\n".join(lines)
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "spec", help="speculative decoding: every draft on every workload vs the plain engine",
@@ -88,6 +67,27 @@ def cmd_spec(args) -> int:
                           dummy=args.dummy, device=args.device, log=lambda m: tqdm.write(m, file=sys.stderr),
                           progress=not args.no_progress)
     return report_rows(rows, args, "bench_spec.json", format_table)
+
+
+def format_table(rows: list[dict]) -> str:
+    unit = "tok/cpu-s" if rows and rows[0]["params"].get("clock") == "cpu" else "tok/s"
+    head = (f"{'workload':10s} {'draft':16s} {unit:>9s} {'speedup':>7s} {'accepted':>8s} {'tok/step':>8s} "
+            f"{'draft ms':>8s} {'verify ms':>9s} {'by position':24s} same")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        p, m = r["params"], r["metrics"]
+        accepted = m.get("mean_accepted_tokens")
+        by_pos = " ".join(f"{a:.2f}" if a is not None else "-" for a in (m.get("acceptance_by_position") or [])[:6])
+        lines.append(f"{p['workload']:10s} {p['variant']:16s} {m['tokens_per_s']:9.1f} {m['speedup']:6.2f}x "
+                     f"{accepted if accepted is not None else 0:8.2f} {m.get('tokens_per_step') or 1:8.2f} "
+                     f"{m.get('draft_ms_per_step', 0):8.1f} {m.get('verify_ms_per_step', 0):9.1f} {by_pos:24s} "
+                     f"{'yes' if m['token_identical'] else 'NO'}")
+    if rows:
+        env = rows[0]["env"]
+        lines.append(f"hardware: {env['cpu']} ({env['num_cpus']} cpus, {env['cpu_capability']}), "
+                     f"{env['torch_threads']} torch threads; greedy, gamma {rows[0]['params']['gamma']} "
+                     f"({rows[0]['params']['gamma_policy']}), batch {rows[0]['params']['batch_size']}")
+    return "\n".join(lines)
 
 
 __all__ = ["add_parser", "cmd_spec", "format_table"]

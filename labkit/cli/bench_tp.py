@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from labkit.cli.arguments import add_run_output_options, comma_list, positive_int
+from labkit.cli.tp import add_decode_run_options
 from labkit.parallel.bench import DEFAULT_WORLD_SIZES
 from labkit.parallel.worker import QUANTIZE_CHOICES, BenchOptions
 
@@ -45,12 +46,7 @@ def add_parser(subparsers) -> None:
                     "and all-reduce latency by message size; compare with the alpha-beta model. Rows are appended "
                     "to data/results.jsonl and the run is saved as data/bench_tp.json.")
     p.add_argument("--world-sizes", type=comma_list(positive_int), default=DEFAULT_WORLD_SIZES, help="(default: 1,2)")
-    p.add_argument("--batch-sizes", type=comma_list(positive_int), default=BenchOptions.batch_sizes,
-                   help="rows per step (default: 1)")
-    p.add_argument("--max-tokens", type=positive_int, default=BenchOptions.max_tokens,
-                   help="new tokens per run (default: %(default)s)")
-    p.add_argument("--repeats", type=positive_int, default=BenchOptions.repeats,
-                   help="timed runs per cell (default: %(default)s)")
+    add_decode_run_options(p)
     p.add_argument("--model", default=BenchOptions.model, help="model (default: the embedded SmolLM2)")
     p.add_argument("--dummy", action="store_true", help="random weights of a preset")
     p.add_argument("--device", default=BenchOptions.device, help="auto, cpu, cuda")

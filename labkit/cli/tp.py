@@ -39,6 +39,17 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="weights of a dummy model and sampling (default: %(default)s)")
 
 
+def add_decode_run_options(p: argparse.ArgumentParser) -> None:
+    """--batch-sizes, --max-tokens and --repeats of a TP decode benchmark (`labkit tp bench`, `labkit bench tp`),
+    defaults from BenchOptions."""
+    p.add_argument("--batch-sizes", type=comma_list(positive_int), default=BenchOptions.batch_sizes,
+                   help="rows per step (default: 1)")
+    p.add_argument("--max-tokens", type=positive_int, default=BenchOptions.max_tokens,
+                   help="new tokens per run (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=BenchOptions.repeats,
+                   help="timed runs per cell (default: %(default)s)")
+
+
 def add_action_parsers(sub) -> None:
     """The `generate` and `bench` actions."""
     g = sub.add_parser("generate", help="generate from one prompt with the model split over the ranks",
@@ -59,12 +70,7 @@ def add_action_parsers(sub) -> None:
     _add_model_options(b)
     b.add_argument("--world-sizes", type=comma_list(positive_int), default=None,
                    help="e.g. 1,2 (default: 1 and --nproc); each at most the launched ranks")
-    b.add_argument("--batch-sizes", type=comma_list(positive_int), default=BenchOptions.batch_sizes,
-                   help="rows per step (default: 1)")
-    b.add_argument("--max-tokens", type=positive_int, default=BenchOptions.max_tokens,
-                   help="new tokens per run (default: %(default)s)")
-    b.add_argument("--repeats", type=positive_int, default=BenchOptions.repeats,
-                   help="timed runs per cell (default: %(default)s)")
+    add_decode_run_options(b)
     b.add_argument("--prompt", type=utf8_text, default=BenchOptions.prompt, help="the prompt (default: %(default)r)")
     b.add_argument("--same-cores", action="store_true",
                    help="on a CPU, give the smaller world sizes all the cores of the launch (default: every rank "
@@ -216,4 +222,4 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_tp)
 
 
-__all__ = ["add_parser", "cmd_tp", "add_action_parsers", "action_options", "options_from_args", "format_rows"]
+__all__ = ["add_parser", "cmd_tp", "add_action_parsers", "add_decode_run_options", "action_options", "options_from_args", "format_rows"]
