@@ -9,12 +9,16 @@ from labkit.device import format_environment
 from labkit.quant.bench import SCHEMES
 
 
+HELP = "speed, memory, perplexity and agreement of fp32, bf16, int8, int4, GGUF blocks, int8 KV, llama.cpp"
+DESCRIPTION = """\
+Each quantization scheme of the embedded model side by side in one run on the CPU: decode tokens/s at each batch
+size, weight memory, sliding-window perplexity on an offline text and greedy agreement with fp32. Rows go to
+data/results.jsonl; the run to data/bench_quant.json.
+"""  # argparse re-wraps it
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "quant", help="speed, memory, perplexity and agreement of fp32, bf16, int8, int4, GGUF blocks, int8 KV, llama.cpp",
-        description="Each quantization scheme of the embedded model side by side in one run on the CPU: decode "
-                    "tokens/s at each batch size, weight memory, sliding-window perplexity on an offline text and "
-                    "greedy agreement with fp32. Rows go to data/results.jsonl; the run to data/bench_quant.json.")
+    p = subparsers.add_parser("quant", help=HELP, description=DESCRIPTION)
     p.add_argument("--schemes", type=comma_list(str), default=SCHEMES,
                    help=f"comma-separated from {', '.join(SCHEMES)} (default: all; llama.cpp where installed)")
     p.add_argument("--batch-sizes", type=comma_list(positive_int), default=(1, 8), help="default: 1,8")

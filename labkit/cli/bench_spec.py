@@ -9,14 +9,17 @@ from labkit.model.loader import EMBEDDED_MODEL
 from labkit.speculative.bench import CLOCKS, CPU_ONLY_DRAFTS, DEFAULT_DRAFTS, DRAFTS, WORKLOADS, check_names
 
 
+HELP = "speculative decoding: every draft on every workload vs the plain engine"
+DESCRIPTION = """\
+Greedy speculative decoding with each draft (n-gram prompt lookup, quantized self-draft, distilled draft model,
+Medusa, EAGLE) on free generation, chat answers and input-grounded tasks, against the same engine without
+speculation, in one run: tokens/s, speedup, acceptance per draft position, mean accepted tokens, draft and verify
+time. Learned drafts are loaded from the cache, or trained first (see `labkit spec train`).
+"""  # argparse re-wraps it
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "spec", help="speculative decoding: every draft on every workload vs the plain engine",
-        description="Greedy speculative decoding with each draft (n-gram prompt lookup, quantized self-draft, "
-                    "distilled draft model, Medusa, EAGLE) on free generation, chat answers and input-grounded "
-                    "tasks, against the same engine without speculation, in one run: tokens/s, speedup, "
-                    "acceptance per draft position, mean accepted tokens, draft and verify time. Learned drafts "
-                    "are loaded from the cache, or trained first (see `labkit spec train`).")
+    p = subparsers.add_parser("spec", help=HELP, description=DESCRIPTION)
     p.add_argument("--drafts", type=comma_list(str), default=DEFAULT_DRAFTS,
                    help=f"comma-separated from {', '.join(DRAFTS)} (default: {','.join(DEFAULT_DRAFTS)})")
     p.add_argument("--workloads", type=comma_list(str), default=tuple(WORKLOADS),

@@ -5,13 +5,20 @@ from __future__ import annotations
 import sys
 
 from labkit.cli.arguments import add_run_output_options, comma_list, positive_int
-from labkit.cli.tp import add_decode_run_options
+from labkit.cli.tp import add_decode_run_options, format_rows
 from labkit.parallel.bench import DEFAULT_WORLD_SIZES
 from labkit.parallel.worker import QUANTIZE_CHOICES, BenchOptions
 
+HELP = "tensor-parallel decode at world sizes 1 and 2 side by side, compute vs communication"
+DESCRIPTION = """\
+Launch torchrun once with as many ranks as the largest world size; measure decode tokens/s at each world size
+(gloo on CPU, NCCL on CUDA), each rank's compute and all-reduce time per step, and all-reduce latency by message
+size; compare with the alpha-beta model. Rows are appended to data/results.jsonl and the run is saved as
+data/bench_tp.json.
+"""  # argparse re-wraps it
+
 
 def cmd_bench_tp(args) -> int:
-    from labkit.cli.tp import format_rows
     from labkit.lab.results import check_store, report_rows
     from labkit.parallel.bench import run_tp_bench
     from labkit.parallel.launch import LaunchError, check_split
@@ -39,12 +46,7 @@ def cmd_bench_tp(args) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "tp", help="tensor-parallel decode at world sizes 1 and 2 side by side, compute vs communication",
-        description="Launch torchrun once with as many ranks as the largest world size; measure decode tokens/s at "
-                    "each world size (gloo on CPU, NCCL on CUDA), each rank's compute and all-reduce time per step, "
-                    "and all-reduce latency by message size; compare with the alpha-beta model. Rows are appended "
-                    "to data/results.jsonl and the run is saved as data/bench_tp.json.")
+    p = subparsers.add_parser("tp", help=HELP, description=DESCRIPTION)
     p.add_argument("--world-sizes", type=comma_list(positive_int), default=DEFAULT_WORLD_SIZES, help="(default: 1,2)")
     add_decode_run_options(p)
     p.add_argument("--model", default=BenchOptions.model, help="model (default: the embedded SmolLM2)")
