@@ -4,7 +4,8 @@
   occurrence of the context's final n-gram. No model; strong wherever the output copies the input.
 - `ModelProposer` over a cheaper causal LM with its own paged KV cache, drafting token by token:
   `self_draft(target, "int8")`, a quantized copy of the target itself (Zhang et al. 2024 call such drafts
-  "self-speculative"), or `small_draft(...)`, a few-layer model distilled in the lab (`labkit.speculative.distillation`).
+  "self-speculative"), or `small_draft(...)`, a few-layer model distilled in the lab
+  (`labkit.speculative.distillation`).
 - `MedusaProposer`: K extra heads on the target's last hidden state, head i guessing the token i + 2 places
   ahead, all in one shot (Cai et al. 2024, "Medusa").
 - `EagleProposer`: one decoder layer that extrapolates the target's final features from (feature, next
