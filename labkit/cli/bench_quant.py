@@ -1,4 +1,4 @@
-"""`labkit bench quant`: speed, memory and quality of each quantization scheme (`labkit.quant.bench`)."""
+"""`labkit bench quant`: speed, memory and quality of each quantization scheme (`labkit.bench.quant`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 from labkit.cli.arguments import add_run_output_options, comma_list, positive_int
 from labkit.device import format_environment
-from labkit.quant.bench import SCHEMES
+from labkit.bench.quant import SCHEMES
 
 
 HELP = "speed, memory, perplexity and agreement of fp32, bf16, int8, int4, GGUF blocks, int8 KV, llama.cpp"
@@ -39,7 +39,7 @@ def cmd_quant(args) -> int:
     from tqdm.auto import tqdm
 
     from labkit.lab.results import check_store, report_rows
-    from labkit.quant.bench import run_quant_bench
+    from labkit.bench.quant import run_quant_bench
 
     if args.stride > args.context_len:
         raise ValueError(f"--stride {args.stride} must be <= --context-len {args.context_len}")

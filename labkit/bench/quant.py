@@ -4,7 +4,9 @@ For fp32, bf16, int8, int4 (each group size), the GGUF file's own blocks, an int
 same GGUF: decode tokens/s at each batch size (`labkit bench decode`'s runners, repeats interleaved), weight
 memory, sliding-window perplexity on an offline English text, and greedy agreement with the fp32 model. One row
 per (scheme, batch size) in the lab's result-row form (`params.scheme`, `metrics.tokens_per_s`,
-`metrics.perplexity`); `pareto_front` and `recommend` read them.
+`metrics.perplexity`); `pareto_front` and `recommend` read them. It sits in `labkit.bench`, above the
+technique packages, because its speed half is `labkit bench decode`'s runners; the quality half is
+`labkit.quant.quality`.
 """
 
 from __future__ import annotations
