@@ -3,16 +3,14 @@ memory: one cold run reported apart, then the medians of warm runs."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
 
-from labkit.cli import arguments
 from labkit.device import describe_environment, dtype_name, peak_memory_mb, reset_peak_memory, seed_everything
-from labkit.engine.engine import ENGINES, Generation, make_engine
+from labkit.bench.hf import ENGINES, make_engine
+from labkit.engine.outputs import Generation
 from labkit.model.loader import EMBEDDED_MODEL, load_model
 
 
@@ -139,87 +137,3 @@ def run_baseline(prompt: str = "Hello, world!", max_tokens: int = 20, model: str
         metrics[f"cold_{key}"] = cold[key]
     return {"technique": "baseline", "params": params_out, "metrics": metrics, "text": gen.text,
             "env": describe_environment(loaded.device)}
-
-
-def format_row(row: dict) -> str:
-    m, p = row["metrics"], row["params"]
-    tps = m["decode_tokens_per_s"]
-    warm = f"median of {m['num_repeats']} warm runs" if m.get("num_repeats") else "one run"
-    cold_tps = m.get("cold_decode_tokens_per_s")
-    lines = [
-        f"model        {p['model']} ({p['model_source']}), engine {p['engine']}, {p['device']} {p['dtype']}",
-        f"load         {m['load_s']:.2f} s",
-        f"TTFT         {m['ttft_ms']:.1f} ms ({m['num_prompt_tokens']} prompt tokens; {warm}; "
-        f"cold first run {m.get('cold_ttft_ms', m['ttft_ms']):.1f} ms)",
-        (f"decode       {tps:.1f} tokens/s" + (f" (cold first run {cold_tps:.1f})" if cold_tps else ""))
-        if tps else "decode       n/a (one token)",
-        f"latency      {m['total_latency_ms']:.1f} ms for {m['num_new_tokens']} new tokens ({m['finish_reason']})",
-        f"peak memory  {m['peak_memory_mb']:.0f} MiB",
-        f"text         {row['text']!r}",
-    ]
-    return "\n".join(lines)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "baseline", help="generate once; report load time, TTFT, decode tokens/s, memory",
-        description="Generate once from a prompt and report model load time (separately), time to first token, "
-                    "decode tokens/s, total latency, tokens generated and peak memory. The first generation is "
-                    "reported apart as cold; the numbers are the medians of the warm runs after it. "
-                    "Greedy by default.")
-    p.add_argument("--prompt", type=arguments.utf8_text, default="Hello, world!", help="the prompt text (default: %(default)r)")
-    p.add_argument("--max-tokens", type=arguments.positive_int, default=20, help="new tokens to generate (default: 20)")
-    p.add_argument("--model", default=EMBEDDED_MODEL,
-                   help="embedded default, an HF hub id, a local directory, or with --dummy a preset")
-    p.add_argument("--dummy", action="store_true", help="random weights from a preset config (e.g. tiny-smollm2)")
-    p.add_argument("--engine", choices=ENGINES, default="hf", help="hf generate or the labkit engine (default: hf)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 or auto (default: fp32)")
-    p.add_argument("--temperature", type=arguments.non_negative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default)")
-    p.add_argument("--seed", type=arguments.seed, default=0, help="seed for sampling (default: 0)")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
-                   help="wrap the prompt in the model's chat template (default: off)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the labkit decode step (timed apart)")
-    p.add_argument("--repeats", type=arguments.positive_int, default=3,
-                   help="timed warm runs after one cold run, reported apart; the medians are reported (default: 3)")
-    arguments.add_label_option(p)
-    p.add_argument("--json", action="store_true", help="print the result row as JSON on stdout; table on stderr")
-    p.add_argument("--no-save", action="store_true", help="do not append the row to data/results.jsonl")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_baseline)
-
-
-def cmd_baseline(args) -> int:
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.compile and args.engine != "labkit":
-        raise ValueError("--compile needs --engine labkit")
-    from labkit.lab.results import append_rows, check_store, stamp_rows
-
-    if not args.no_save:
-        check_store()  # before the model loads, not after the measurement
-    row = run_baseline(prompt=args.prompt, max_tokens=args.max_tokens, model=args.model, engine=args.engine,
-                       device=args.device, dtype=args.dtype, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, seed=args.seed, chat=args.chat, dummy=args.dummy, compile=args.compile,
-                       repeats=args.repeats, progress=not args.no_progress)
-    (row,) = stamp_rows([row], label=args.label)
-    if not args.no_save:
-        append_rows([row])
-    print(format_row(row), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps([row], indent=2))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from labkit.cli.main import main as cli_main  # the entry point, not a dependency: imported when run
-
-    return cli_main(["baseline", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

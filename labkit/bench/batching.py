@@ -1,4 +1,4 @@
-"""`labkit bench batching`: sequential HF generate, static, dynamic and continuous batching on one trace.
+"""Sequential HF generate, static, dynamic and continuous batching on one trace.
 
 Every policy serves the same trace (`labkit.serving.workloads`) with the same model weights: "hf-sequential" runs HF
 `generate` on one request at a time in arrival order; "static", "dynamic" and "continuous" replay the trace
@@ -8,7 +8,8 @@ t=0), steps the engine in between and sleeps while it is idle; it records when e
 TPOT, ITL, E2E and throughput come from `loadgen.compute_metrics`, the arithmetic of `bench serve`, with
 latencies counted from each request's arrival. Greedy outputs must be token-identical across policies (HF
 up to the first EOS, see `token_mismatches`): the run fails loudly when they are not. `--server` sends the
-same requests through `labkit serve` in-process instead: one at a time, then all at once.
+same requests through `labkit serve` in-process instead: one at a time, then all at once. The command is
+`labkit bench batching` (`labkit.cli.bench_batching`).
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
-from labkit.cli.arguments import add_label_option, comma_list, non_negative_float, non_negative_int, output_file, positive_int
-from labkit.engine.engine import Engine, EngineConfig, HFEngine, apply_rewrites
+from labkit.bench.hf import HFEngine
+from labkit.engine import Engine, EngineConfig, SchedulerConfig
 from labkit.model.llama import Transformer, from_hf
-from labkit.serving.loadgen import BenchServeConfig, RequestOutcome, benchmark, compute_metrics, parse_slo, request_timing
-from labkit.model.loader import EMBEDDED_MODEL, LoadedModel, load_model
+from labkit.model.rewrites import apply_rewrites
+from labkit.serving.load_metrics import RequestOutcome, compute_metrics, request_timing
+from labkit.serving.loadgen import BenchServeConfig, benchmark
+from labkit.model.loader import LoadedModel
 from labkit.model.sampling import SamplingParams
-from labkit.serving.workloads import LENGTH_KINDS, LengthDist, Trace, TraceConfig, load_trace, make_trace
+from labkit.serving.workloads import LengthDist, Trace, TraceConfig, make_trace
 
 SCHEMA = "labkit.bench.batching/1"
 POLICIES = ("hf-sequential", "static", "dynamic", "continuous")
@@ -38,7 +41,7 @@ ENGINE_POLICIES = POLICIES[1:]
 DEFAULT_TRACE = TraceConfig(num_requests=384, prompt_len=LengthDist("fixed", 16),
                             output_len=LengthDist("lognormal", 32, 2.0, max_len=128))
 # 64 rows: on 2 cores a decode step of 64 rows still yields ~1.4x the tokens/s of 32 rows (fp32 SmolLM2-135M)
-DEFAULT_ENGINE = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512)
+DEFAULT_ENGINE = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512))
 NUM_WARMUPS = 2  # untimed requests on each engine first (allocator, kernels), with other words than the trace's
 MAX_IDLE_SLEEP_S = 0.002  # while a dynamic batcher waits for a fuller batch, poll this often
 DTYPE = "fp32"  # the HF baseline's dtype too: greedy tokens can then be checked against it
@@ -186,7 +189,7 @@ def replay(engine: Engine, trace: Trace, on_tokens: Callable[[int], object] | No
             if on_tokens and out.new_token_ids:
                 on_tokens(len(out.new_token_ids))
     after = engine.stats()
-    return PolicyRun(engine.config.policy, origin, sorted(records.values(), key=lambda r: r.index), steps,
+    return PolicyRun(engine.config.scheduler.policy, origin, sorted(records.values(), key=lambda r: r.index), steps,
                      num_preemptions=after.num_preemptions - before.num_preemptions,
                      num_kv_blocks=after.num_kv_blocks)
 
@@ -281,7 +284,7 @@ def _warmup_trace(trace: Trace, tokenizer) -> Trace:
 
 def _engine(model, loaded: LoadedModel, config: EngineConfig, policy: str, eos_token_ids) -> Engine:
     return Engine(model, loaded.tokenizer, name=loaded.name, eos_token_ids=eos_token_ids,
-                  config=replace(config, policy=policy))
+                  config=replace(config, scheduler=replace(config.scheduler, policy=policy)))
 
 
 def run_batching_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig = DEFAULT_ENGINE,
@@ -336,7 +339,7 @@ def make_rows(runs: dict[str, PolicyRun], trace: Trace, config: EngineConfig, lo
     for name, m in metrics.items():
         m.update(speedup_vs_static=speedup(m, "static"), speedup_vs_hf=speedup(m, "hf-sequential"),
                  tokens_identical=tokens_identical)
-        engine = None if name == "hf-sequential" else {**asdict(replace(config, policy=name)),
+        engine = None if name == "hf-sequential" else {**config.to_dict(), "policy": name,
                                                        "num_kv_blocks": runs[name].num_kv_blocks}
         params = {"policy": name, "mode": "offline" if trace.is_offline else "online", "trace": trace.describe(),
                   "engine": engine, "model": loaded.name, "device": str(loaded.device), "dtype": DTYPE,
@@ -352,7 +355,7 @@ def run_server_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig = D
     concurrent run finished."""
     from labkit.device import describe_environment
     from labkit.lab.results import make_row
-    from labkit.serving.server import ServerThread, create_app  # FastAPI and uvicorn: only when asked for
+    from labkit.serving import ServerThread, create_app  # FastAPI and uvicorn: only when asked for
 
     hf = HFEngine(loaded.model, loaded.tokenizer, name=loaded.name)
     engine = _engine(apply_rewrites(from_hf(loaded.model)), loaded, config, "continuous", hf.eos_token_ids)
@@ -372,185 +375,12 @@ def run_server_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig = D
         m = {**result["metrics"], "output_tokens_per_s": result["metrics"]["output_throughput_tokens_per_s"],
              "speedup_vs_sequential": sequential_s / result["metrics"]["duration_s"], "errors": result["errors"]}
         params = {"policy": "server", "max_concurrency": concurrency, "trace": trace.describe(),
-                  "engine": {**asdict(replace(config, policy="continuous")), "num_kv_blocks": engine.blocks.num_blocks},
+                  "engine": {**config.to_dict(), "policy": "continuous", "num_kv_blocks": engine.blocks.num_blocks},
                   "model": loaded.name, "device": str(loaded.device), "dtype": DTYPE,
                   "seed": trace.source.get("seed")}
         rows.append(make_row("batching", params, m, env))
     return rows
 
 
-# -- reporting and the command line --------------------------------------------------------------------------
-def format_table(rows: list[dict]) -> str:
-    """A text table of the rows: throughput, ratios, latency percentiles, engine counters."""
-    def fmt(value, spec):
-        return format(value, spec) if value is not None else "n/a".rjust(int(spec.split(".")[0].rstrip("df%")))
-
-    is_server = bool(rows) and rows[0]["params"]["policy"] == "server"
-    base = "x 1-by-1" if is_server else "x static"  # server rows: how many times sooner than one at a time
-    head = (f"{'policy':14s} {'tok/s':>7s} {base:>8s} {'x HF':>6s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
-            f"{'TPOT p50':>9s} {'ITL p99':>8s} {'done s':>7s} {'preempt':>7s} {'peak blk':>8s} {'prefix':>6s}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        p, m = r["params"], r["metrics"]
-        name = f"server c={p['max_concurrency'] or 'all'}" if is_server else p["policy"]
-        ratio = m.get("speedup_vs_sequential") if is_server else m.get("speedup_vs_static")
-        lines.append(f"{name:14s} {m['output_tokens_per_s']:7.1f} {fmt(ratio, '8.2f')} "
-                     f"{fmt(m.get('speedup_vs_hf'), '6.2f')} {fmt(m['median_ttft_ms'], '9.0f')} "
-                     f"{fmt(m['p99_ttft_ms'], '9.0f')} {fmt(m['median_tpot_ms'], '9.1f')} "
-                     f"{fmt(m['p99_itl_ms'], '8.1f')} {m['duration_s']:7.1f} {fmt(m.get('num_preemptions'), '7d')} "
-                     f"{fmt(m.get('peak_kv_blocks'), '8d')} {fmt(m.get('prefix_hit_rate'), '6.0%')}")
-    if rows:
-        t, env = rows[0]["params"]["trace"], rows[0]["env"]
-        lines.append(f"trace: {t['num_requests']} requests ({'offline' if t['is_offline'] else 'online'}), "
-                     f"{t['total_prompt_tokens']} prompt / {t['total_output_tokens']} output tokens, longest output "
-                     f"{t['max_output_len']}")
-        lines.append(f"hardware: {env['cpu']} ({env['num_cpus']} cpus, {env['cpu_capability']}), "
-                     f"{env['torch_threads']} torch threads")
-    return "\n".join(lines)
-
-
-def _length_options(parser, name: str, default: LengthDist, what: str) -> None:
-    parser.add_argument(f"--{name}-dist", choices=LENGTH_KINDS, default=default.kind,
-                        help=f"distribution of {what} (default: %(default)s)")
-    parser.add_argument(f"--{name}-len", type=positive_int, default=default.mean,
-                        help=f"mean {what} in tokens, before clipping (default: %(default)s)")
-    parser.add_argument(f"--{name}-shape", type=non_negative_float, default=None,
-                        help="uniform: half-width / mean; lognormal: sigma; pareto: tail index alpha > 1 "
-                             f"(default: {default.shape} for {default.kind}, else the distribution's own)")
-    parser.add_argument(f"--{name}-max", type=positive_int, default=default.max_len,
-                        help=f"clip {what} to this many tokens (default: %(default)s)")
-
-
-def _length_dist(args, name: str) -> LengthDist:
-    kind, shape = getattr(args, f"{name}_dist"), getattr(args, f"{name}_shape")
-    default = getattr(DEFAULT_TRACE, f"{name}_len")
-    if shape is None and kind == default.kind:
-        shape = default.shape
-    return LengthDist(kind, getattr(args, f"{name}_len"), shape, max_len=getattr(args, f"{name}_max"))
-
-
-def add_parser(subparsers) -> None:
-    """Register `labkit bench batching` on the `labkit bench` subparsers."""
-    import argparse
-
-    d, e = DEFAULT_TRACE, DEFAULT_ENGINE
-    p = subparsers.add_parser(
-        "batching", help="HF generate vs static, dynamic and continuous batching on one trace",
-        description="Serve one request trace with sequential HF generate and with static, dynamic and continuous\n"
-                    "batching on the labkit engine (same batch limit, one shared model), side by side in one run.\n"
-                    "Reports throughput, speedups, TTFT/TPOT/ITL percentiles (bench serve's arithmetic), preemptions,\n"
-                    "peak KV blocks and prefix-cache hits; checks that every policy gives the same greedy tokens.\n"
-                    "Rows go to data/results.jsonl and the run to data/bench_batching.json.",
-        epilog="examples:\n"
-               "  labkit bench batching                                  # the default heavy-tailed offline trace\n"
-               "  labkit bench batching --request-rate 4 --policies static,continuous\n"
-               "  labkit bench batching --num-prefixes 4 --prefix-len 64 --prefix-fraction 0.8\n"
-               "  labkit bench batching --trace azure_conv.csv --max-requests 64 --time-scale 0.1\n"
-               "  labkit bench batching --server --num-requests 32 --output-dist fixed --output-len 32",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("the trace")
-    g.add_argument("--trace", default=None, metavar="FILE",
-                   help="replay a JSONL (arrival_s, prompt or prompt_len, output_len) or Azure CSV trace "
-                        "instead of a synthetic one")
-    g.add_argument("--time-scale", type=non_negative_float, default=1.0,
-                   help="multiply a replayed trace's arrival times (0: offline) (default: %(default)s)")
-    g.add_argument("--max-requests", type=positive_int, default=None, help="replay only the first N requests")
-    g.add_argument("--num-requests", type=positive_int, default=d.num_requests, help="(default: %(default)s)")
-    g.add_argument("--request-rate", type=float, default=math.inf,
-                   help="requests per second, or inf for offline: all at t=0 (default: %(default)s)")
-    g.add_argument("--burstiness", type=float, default=d.burstiness,
-                   help="gamma shape of inter-arrival times: 1 is Poisson, < 1 burstier (default: %(default)s)")
-    _length_options(g, "prompt", d.prompt_len, "prompt lengths (after any shared prefix)")
-    _length_options(g, "output", d.output_len, "output lengths")
-    g.add_argument("--num-prefixes", type=non_negative_int, default=0, help="shared system prompts (default: 0)")
-    g.add_argument("--prefix-len", type=non_negative_int, default=0, help="tokens in each (default: 0)")
-    g.add_argument("--prefix-fraction", type=non_negative_float, default=0.0,
-                   help="share of requests that start with one (default: 0)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the trace (default: %(default)s)")
-    g = p.add_argument_group("the engines")
-    g.add_argument("--policies", type=comma_list(str), default=POLICIES,
-                   help=f"comma-separated, from {', '.join(POLICIES)} (default: all)")
-    g.add_argument("--max-num-seqs", type=positive_int, default=e.max_num_seqs,
-                   help="the batch limit of every policy (default: %(default)s)")
-    g.add_argument("--max-num-batched-tokens", type=positive_int, default=e.max_num_batched_tokens,
-                   help="continuous: new tokens per step, the prefill chunk (default: %(default)s)")
-    g.add_argument("--max-wait-s", type=non_negative_float, default=e.max_wait_s,
-                   help="dynamic: start a smaller batch after this wait (default: %(default)s)")
-    g.add_argument("--block-size", type=positive_int, default=e.block_size, help="tokens per KV block (default: 16)")
-    g.add_argument("--num-kv-blocks", type=positive_int, default=None,
-                   help="KV cache size in blocks; small values force preemption (default: from 512 MiB)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
-    g.add_argument("--model", default=EMBEDDED_MODEL, help="model (default: the embedded SmolLM2)")
-    g.add_argument("--dummy", action="store_true", help="random weights from a preset (e.g. tiny-smollm2)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    g = p.add_argument_group("the run")
-    g.add_argument("--server", action="store_true",
-                   help="instead: the same requests through labkit serve, one at a time vs all at once")
-    g.add_argument("--slo", default=None, metavar="KEY=MS,...", help="goodput targets, e.g. ttft_ms=2000,tpot_ms=200")
-    g.add_argument("--output", type=output_file, default=None,
-                   help="JSON file for this run (default: data/bench_batching.json, with --server "
-                        "data/bench_batching_server.json)")
-    add_label_option(g)
-    g.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
-    g.add_argument("--no-save", action="store_true", help="write nothing under data/")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_batching)
-
-
-def _trace_config(args) -> TraceConfig | None:
-    """The synthetic trace the flags describe (None with --trace), validated before any model loads."""
-    if args.trace:
-        return None
-    return TraceConfig(num_requests=args.num_requests, request_rate=args.request_rate, burstiness=args.burstiness,
-                       prompt_len=_length_dist(args, "prompt"), output_len=_length_dist(args, "output"),
-                       num_prefixes=args.num_prefixes, prefix_len=args.prefix_len,
-                       prefix_fraction=args.prefix_fraction, seed=args.seed)
-
-
-def cmd_batching(args) -> int:
-    import json
-
-    from labkit.lab.results import append_rows, check_store, data_dir, stamp_rows, to_jsonable, write_json_atomic
-
-    if not args.no_save:
-        check_store()  # before minutes of measurement, not after
-    config = replace(DEFAULT_ENGINE, max_num_seqs=args.max_num_seqs,
-                     max_num_batched_tokens=args.max_num_batched_tokens, max_wait_s=args.max_wait_s,
-                     block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                     enable_prefix_caching=not args.no_prefix_caching)
-    slo, trace_config = parse_slo(args.slo), _trace_config(args)
-    loaded = load_model(args.model, device=args.device, dtype=DTYPE, dummy=args.dummy)
-    if loaded.tokenizer is None:
-        raise ValueError(f"model {args.model!r} has no tokenizer; use a preset with one (e.g. tiny-smollm2)")
-    if trace_config is None:
-        trace = load_trace(args.trace, loaded.tokenizer, time_scale=args.time_scale, max_requests=args.max_requests,
-                           seed=args.seed)
-    else:
-        trace = make_trace(trace_config, loaded.tokenizer)
-    mismatches = []
-    if args.server:
-        rows = run_server_bench(trace, loaded, config, slo)
-        document = {"schema": SCHEMA, "rows": rows, "trace": trace.describe()}
-    else:
-        result = run_batching_bench(trace, loaded, config, args.policies, slo, progress=not args.no_progress)
-        rows, mismatches, document = result.rows, result.mismatches, result.document()
-    rows = stamp_rows(rows, label=args.label)
-    print(format_table(rows), file=sys.stderr if args.json else sys.stdout)
-    if mismatches:  # a speedup that changes the answer is no speedup: say so, and keep it out of the results
-        print("labkit bench batching: greedy tokens differ between policies:\n  " + "\n  ".join(mismatches),
-              file=sys.stderr)
-        return 1
-    if not args.no_save:
-        append_rows(rows)
-        document["rows"] = rows
-        default = "bench_batching_server.json" if args.server else "bench_batching.json"
-        path = write_json_atomic(args.output or data_dir() / default, document)
-        print(f"labkit bench batching: wrote {path}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(to_jsonable(rows), indent=2, allow_nan=False))
-    return 0
-
-
 __all__ = ["POLICIES", "DEFAULT_TRACE", "DEFAULT_ENGINE", "RequestRecord", "PolicyRun", "BatchingResult", "replay",
-           "replay_hf", "token_mismatches", "run_batching_bench", "make_rows", "run_server_bench", "format_table",
-           "add_parser", "cmd_batching"]
+           "replay_hf", "token_mismatches", "run_batching_bench", "make_rows", "run_server_bench"]

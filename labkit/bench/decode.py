@@ -1,4 +1,4 @@
-"""`labkit bench decode`: decode throughput of the engines side by side in one run, as ratios to HF.
+"""Decode throughput of the engines side by side in one run, as ratios to HF.
 
 Engines: HF `generate` at the run's dtype (the baseline; fp32 by default), labkit eager, bf16, int8, compiled,
 with CUDA graphs or the Triton kernels, and llama.cpp (llama-cpp-python, when installed) on the same GGUF. Each
@@ -18,12 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.cli.arguments import add_run_output_options, comma_list, positive_int, utf8_text
 from labkit.lab.stats import memory_bandwidth_gbps, weight_bytes_per_token
 from labkit.device import (describe_environment, dtype_name, format_environment, pick_device, pick_dtype,
                            seed_everything)
-from labkit.engine.engine import MIN_STATIC_CONTEXT, Engine, EngineConfig, HFEngine, apply_rewrites
-from labkit.model.llama import from_hf, with_backends
+from labkit.bench.hf import HFEngine
+from labkit.engine import Engine, EngineConfig, SchedulerConfig
+from labkit.engine.model_runner import MIN_STATIC_CONTEXT
+from labkit.model.llama import from_hf
+from labkit.model.rewrites import apply_rewrites, with_backends
 from labkit.model.loader import EMBEDDED_MODEL, embedded_gguf_path, load_model
 
 
@@ -235,7 +237,7 @@ def _engine_config(batch_sizes, num_tokens: int, variant: Variant) -> EngineConf
     """A cache just big enough for the largest batch at full length, so that engines side by side fit a GPU."""
     block_size = EngineConfig.block_size
     blocks = max(batch_sizes) * -(-(num_tokens + 8) // block_size) + 1
-    return EngineConfig(max_num_seqs=max(batch_sizes), num_kv_blocks=blocks, compile=variant.compile,
+    return EngineConfig(scheduler=SchedulerConfig(max_num_seqs=max(batch_sizes)), num_kv_blocks=blocks, compile=variant.compile,
                         cuda_graphs=variant.cuda_graphs, kv_cache_dtype=variant.kv_cache_dtype)
 
 
@@ -311,39 +313,51 @@ def _measure(loaded, prompt_ids, variants, cells, max_tokens, repeats, prompt, l
                 samples[name].append(runners[name](batch_size))
                 bar.update()
         for name in names:
-            variant, runner = lookup[name], runners[name]
-            rates = [rate for rate, _ in samples[name]]
-            tokens_per_s = statistics.median(rates)
-            roofline = bandwidth * 1e9 / runner.bytes_per_step  # decode steps/s if weights stream at bandwidth
-            engine = getattr(runner, "engine", None)
-            rows.append({
-                "technique": "decode",
-                "params": {"variant": name, "engine": variant.engine, "dtype": variant.dtype,
-                           "compile": variant.compile, "quantize": variant.quantize,
-                           "cuda_graphs": variant.cuda_graphs, "kernels": variant.kernels,
-                           "attention": variant.attention, "kv_cache_dtype": variant.kv_cache_dtype,
-                           "linear_layout": getattr(engine, "linear_layout", None),
-                           "gemm": None if variant.engine != "labkit" else
-                           "packed" if "gemm:packed" in engine.model.rewrites else "plain",
-                           "batch_size": batch_size, "max_tokens": max_tokens, "prompt_tokens": len(prompt_ids),
-                           "repeats": repeats, "model": loaded.name, "device": str(loaded.device)},
-                "metrics": {"tokens_per_s": tokens_per_s, "tokens_per_s_runs": rates,
-                            "ttft_ms": statistics.median(t for _, t in samples[name]),
-                            "compile_s": compile_s.get(name) if variant.compile else None,
-                            "capture_s": getattr(engine, "capture_s", None),
-                            "weight_bytes_per_step": runner.bytes_per_step,
-                            "bandwidth_gbps": bandwidth, "roofline_tokens_per_s": roofline * batch_size,
-                            "roofline_fraction": tokens_per_s / batch_size / roofline},
-                "env": env,
-            })
+            rows.append(_decode_row(name, lookup[name], runners[name], samples[name], batch_size, loaded, prompt_ids,
+                                    max_tokens, repeats, bandwidth, compile_s.get(name), env))
             if log:
-                log(f"{name:22s} batch {batch_size}: {tokens_per_s:7.1f} tok/s")
-    for row in rows:  # ratios to the HF baseline at the same batch size, measured in this run
+                log(f"{name:22s} batch {batch_size}: {rows[-1]['metrics']['tokens_per_s']:7.1f} tok/s")
+    _add_ratios_to(rows, baseline)
+    return rows
+
+
+def _decode_row(name: str, variant: Variant, runner, samples: list[tuple[float, float]], batch_size: int, loaded,
+                prompt_ids, max_tokens: int, repeats: int, bandwidth: float, compile_s: float | None,
+                env: dict) -> dict:
+    """One variant's row at one batch size from its timed runs' (tokens/s, TTFT ms) samples."""
+    rates = [rate for rate, _ in samples]
+    tokens_per_s = statistics.median(rates)
+    roofline = bandwidth * 1e9 / runner.bytes_per_step  # decode steps/s if weights stream at bandwidth
+    engine = getattr(runner, "engine", None)
+    return {
+        "technique": "decode",
+        "params": {"variant": name, "engine": variant.engine, "dtype": variant.dtype,
+                   "compile": variant.compile, "quantize": variant.quantize,
+                   "cuda_graphs": variant.cuda_graphs, "kernels": variant.kernels,
+                   "attention": variant.attention, "kv_cache_dtype": variant.kv_cache_dtype,
+                   "linear_layout": getattr(engine, "linear_layout", None),
+                   "gemm": None if variant.engine != "labkit" else
+                   "packed" if "gemm:packed" in engine.model.rewrites else "plain",
+                   "batch_size": batch_size, "max_tokens": max_tokens, "prompt_tokens": len(prompt_ids),
+                   "repeats": repeats, "model": loaded.name, "device": str(loaded.device)},
+        "metrics": {"tokens_per_s": tokens_per_s, "tokens_per_s_runs": rates,
+                    "ttft_ms": statistics.median(t for _, t in samples),
+                    "compile_s": compile_s if variant.compile else None,
+                    "capture_s": getattr(engine, "capture_s", None),
+                    "weight_bytes_per_step": runner.bytes_per_step,
+                    "bandwidth_gbps": bandwidth, "roofline_tokens_per_s": roofline * batch_size,
+                    "roofline_fraction": tokens_per_s / batch_size / roofline},
+        "env": env,
+    }
+
+
+def _add_ratios_to(rows: list[dict], baseline: str) -> None:
+    """Each row's `ratio_to_hf`: its tokens/s over the baseline variant's at the same batch size, in this run."""
+    for row in rows:
         base = next((r for r in rows if r["params"]["variant"] == baseline
                      and r["params"]["batch_size"] == row["params"]["batch_size"]), None)
         row["metrics"]["ratio_to_hf"] = row["metrics"]["tokens_per_s"] / base["metrics"]["tokens_per_s"] \
             if base else None
-    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -359,49 +373,6 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"hardware: {format_environment(env).split(' · python')[0]}, {env['torch_threads']} torch "
                      f"threads; bandwidth {rows[0]['metrics']['bandwidth_gbps']:.1f} GB/s")
     return "\n".join(lines)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "decode", help="decode tokens/s of HF, labkit (fp32, bf16, int8, compiled, CUDA graphs, Triton) and llama.cpp",
-        description="Decode throughput of several engines on one model, measured one after another in one "
-                    "process after warm-up, reported as tokens/s, ratio to HF generate at --dtype and roofline "
-                    "fraction. Rows are appended to data/results.jsonl and the run is saved as JSON.")
-    p.add_argument("--engines", type=comma_list(str), default=None,
-                   help=f"comma-separated variants from {', '.join(VARIANTS)} (default on a CPU at fp32: "
-                        f"{','.join(DEFAULT_VARIANTS)}, llama.cpp only where llama-cpp-python is installed; on a GPU "
-                        f"or at another --dtype: HF, eager, compiled, CUDA graphs and Triton at that dtype)")
-    p.add_argument("--batch-sizes", type=comma_list(positive_int), default=(1, 4), help="e.g. 1,8 (default: 1,4)")
-    p.add_argument("--max-tokens", type=positive_int, default=64, help="new tokens per run (default: 64)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per cell (default: 3)")
-    p.add_argument("--prompt", type=utf8_text, default=DEFAULT_PROMPT, help="prompt text")
-    p.add_argument("--prompt-tokens", type=positive_int, default=None, metavar="N",
-                   help=f"a synthetic prompt of N seeded random token ids instead of --prompt (the default, "
-                        f"{DEFAULT_PROMPT_TOKENS}, for a model without a tokenizer, e.g. --dummy --model llama-1b)")
-    p.add_argument("--dtype", choices=("auto", *BENCH_DTYPES), default="auto",
-                   help="weights as loaded and the HF baseline's dtype (default auto: bf16 on a GPU, else fp32)")
-    p.add_argument("--model", default=EMBEDDED_MODEL, help="model (default: the embedded SmolLM2)")
-    p.add_argument("--dummy", action="store_true", help="random weights from a preset (e.g. llama-1b on a GPU)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    add_run_output_options(p, "bench_decode.json")
-    p.set_defaults(func=cmd_decode)
-
-
-def cmd_decode(args) -> int:
-    from tqdm.auto import tqdm
-
-    from labkit.lab.results import check_store, report_rows
-
-    if not args.prompt.strip():
-        raise ValueError("--prompt must not be empty")
-    pick_device(args.device)  # a bad or missing device fails before anything loads
-    if not args.no_save:
-        check_store()  # an unwritable store must not lose a measurement of minutes
-    rows = run_decode_bench(variants=args.engines, batch_sizes=args.batch_sizes, max_tokens=args.max_tokens,
-                            repeats=args.repeats, prompt=args.prompt, model=args.model, dummy=args.dummy,
-                            device=args.device, log=lambda msg: tqdm.write(msg, file=sys.stderr),
-                            progress=not args.no_progress, dtype=args.dtype, prompt_tokens=args.prompt_tokens)
-    return report_rows(rows, args, "bench_decode.json", format_table)
 
 
 __all__ = ["run_decode_bench", "VARIANTS", "DEFAULT_VARIANTS", "default_variants", "variant_problem",

@@ -1,4 +1,4 @@
-"""`labkit bench kernels`: each Triton kernel against torch eager and torch.compile, over a sweep of sizes.
+"""Each Triton kernel against torch eager and torch.compile, over a sweep of sizes.
 
 Per op and size, every provider runs the same inputs: `torch` (the eager code the model's torch backend runs,
 or SDPA's flash backend for attention), `compile` (torch.compile of that code) and `triton` (labkit.kernels).
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from labkit.cli.arguments import add_run_output_options, comma_list
 from labkit.device import describe_environment, dtype_name, format_environment, pick_device
 
 PROVIDERS = ("torch", "compile", "triton")
@@ -107,7 +106,7 @@ def softmax_case(M, N, dtype, device):
 
 def rope_case(T, H, HK, D, dtype, device):
     from labkit.kernels.rope import rope, rope_cost, rope_ref
-    from labkit.model.llama import TorchKernels
+    from labkit.model.backends import TorchKernels
 
     qkv = _randn(T, H + 2 * HK, D, dtype=dtype, device=device)
     angles = _randn(T, D // 2, dtype=torch.float32, device=device, seed=1) * 100
@@ -393,39 +392,6 @@ def format_table(rows: list[dict]) -> str:
     lines.append(f"hardware: {format_environment(rows[0]['env']).split(' · python')[0]}; measured peaks "
                  f"{m['peak_bandwidth_gbps']:.0f} GB/s, {m['peak_tflops']:.0f} TFLOP/s bf16")
     return "\n".join(lines)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "kernels", help="the Triton kernels against torch eager and torch.compile: GB/s, TFLOP/s, share of the peak",
-        description="Sweep each Triton kernel of labkit.kernels over sizes against torch eager and torch.compile "
-                    "on the same inputs, after checking it against its float32 reference; reports latency, GB/s "
-                    "(memory-bound ops) or TFLOP/s (flash attention) and the fraction of the peak measured in the "
-                    "same run. Without a GPU only the correctness check runs, under TRITON_INTERPRET=1. Rows are "
-                    "appended to data/results.jsonl and the run is saved as JSON.")
-    p.add_argument("--ops", type=comma_list(str), default=None, help=f"comma-separated, from {', '.join(OPS)}")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="input dtype (default: bf16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    add_run_output_options(p, "bench_kernels.json")
-    p.set_defaults(func=cmd_kernels)
-
-
-def cmd_kernels(args) -> int:
-    import os
-
-    from tqdm.auto import tqdm
-
-    from labkit.lab.results import check_store, report_rows
-
-    dev = pick_device(args.device)
-    if dev.type == "cpu" and "labkit.kernels.common" not in sys.modules:
-        # triton.jit reads TRITON_INTERPRET when a kernel module is imported, which has not happened yet
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    if not args.no_save:
-        check_store()
-    rows = run_kernel_bench(args.ops, args.dtype, args.device, log=lambda msg: tqdm.write(msg, file=sys.stderr),
-                            progress=not args.no_progress)
-    return report_rows(rows, args, "bench_kernels.json", format_table)
 
 
 __all__ = ["run_kernel_bench", "format_table", "fusion_traffic", "sweep_frame", "bandwidth_figure", "attention_figure",

@@ -22,7 +22,7 @@ from labkit.lab.stats import weight_bytes_per_token
 from labkit.bench.decode import (DEFAULT_PROMPT, VARIANTS, Variant, _measure, llama_cpp_available,
                                  llama_cpp_problem)
 from labkit.device import seed_everything
-from labkit.engine.engine import Engine, EngineConfig
+from labkit.engine import Engine, EngineConfig, SchedulerConfig
 from labkit.model.loader import EMBEDDED_MODEL, embedded_gguf_path, load_model
 from labkit.quant.quality import LogitsFunction, greedy_agreement, load_text, perplexity, sliding_windows
 
@@ -107,7 +107,7 @@ def run_quant_bench(schemes=SCHEMES, batch_sizes=(1, 8), max_tokens: int = 64, r
 
 
 def _labkit_engine_for(variant: Variant, shared: dict, loaded, num_tokens: int) -> Engine:
-    config = EngineConfig(max_num_seqs=8, num_kv_blocks=8 * -(-num_tokens // EngineConfig.block_size) + 8,
+    config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=8), num_kv_blocks=8 * -(-num_tokens // EngineConfig.block_size) + 8,
                           kv_cache_dtype=variant.kv_cache_dtype)
     return Engine(shared[variant.model_key], loaded.tokenizer, name=loaded.name, config=config)
 

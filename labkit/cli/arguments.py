@@ -18,24 +18,25 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message}\n")
 
 
-def positive_int(text: str) -> int:
+def _checked_number(text: str, kind: Callable[[str], int | float], is_valid: Callable, expected: str,
+                    unparsable: str | None = None) -> int | float:
+    """`kind(text)` if it parses and `is_valid`; else an argparse error `expected <...>, got '<text>'` (with
+    `unparsable` as the expectation when it does not parse, if given)."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {unparsable or expected}, got {text!r}") from None
+    if not is_valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _checked_number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _checked_number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes up to 64 bits; numpy folds it to 32
@@ -43,33 +44,15 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes up to 64 bits; numpy folds it to
 
 def seed(text: str) -> int:
     """A random seed: an integer in 0..2**63-1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected a seed in 0..{MAX_SEED}, got {text!r}")
-    return value
+    return _checked_number(text, int, lambda v: 0 <= v <= MAX_SEED, f"a seed in 0..{MAX_SEED}")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return _checked_number(text, float, lambda v: v >= 0, "a number >= 0", unparsable="a number")  # NaN fails
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+    return _checked_number(text, float, lambda v: 0 < v < float("inf"), "a finite number > 0", unparsable="a number")
 
 
 def port(text: str) -> int:
@@ -137,16 +120,51 @@ def add_label_option(parser: argparse.ArgumentParser) -> None:
                              "(default: $LABKIT_LABEL, else none); compare with `labkit results --compare label`")
 
 
-def add_run_output_options(parser: argparse.ArgumentParser, default_file: str, progress: bool = True) -> None:
-    """--output, --label, --json, --no-save and (with progress) --no-progress: what a benchmark does with its
-    rows (`results.report_rows` reads them back)."""
-    parser.add_argument("--output", type=output_file, default=None,
-                        help=f"JSON file for this run (default: data/{default_file})")
+def add_run_output_options(parser: argparse.ArgumentParser, default_file: str | None, progress: bool = True, *,
+                           output_help: str | None = None,
+                           json_help: str = "print the rows as JSON on stdout; table on stderr",
+                           no_save_help: str = "write nothing under data/",
+                           progress_help: str = "no progress bar") -> None:
+    """--output (unless `default_file` and `output_help` are both None), --label, --json, --no-save and (with
+    progress) --no-progress: what a benchmark does with its rows (`labkit.cli.reporting.report_rows` reads them)."""
+    if default_file is not None or output_help is not None:
+        parser.add_argument("--output", type=output_file, default=None,
+                            help=output_help or f"JSON file for this run (default: data/{default_file})")
     add_label_option(parser)
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout; table on stderr")
-    parser.add_argument("--no-save", action="store_true", help="write nothing under data/")
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument("--no-save", action="store_true", help=no_save_help)
     if progress:
-        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        parser.add_argument("--no-progress", action="store_true", help=progress_help)
+
+
+MODEL_HELP = "model (default: the embedded SmolLM2)"
+DUMMY_HELP = "random weights from a preset (e.g. tiny-smollm2)"
+DEVICE_HELP = "auto, cpu, cuda, mps"
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, model_help: str = MODEL_HELP, dummy_help: str = DUMMY_HELP,
+                      device_help: str | None = DEVICE_HELP) -> None:
+    """--model (default: the embedded model), --dummy and, unless device_help is None, --device (default auto)."""
+    from labkit.model.loader import EMBEDDED_MODEL
+
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help=model_help)
+    parser.add_argument("--dummy", action="store_true", help=dummy_help)
+    if device_help is not None:
+        add_device_option(parser, device_help)
+
+
+def add_device_option(parser: argparse.ArgumentParser, help: str = DEVICE_HELP) -> None:
+    """--device, default auto (`labkit.device.pick_device` reads it)."""
+    parser.add_argument("--device", default="auto", help=help)
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
+                description: str, *, help: str, **kwargs) -> argparse.ArgumentParser:
+    """Register the command `name`, run as `func(args) -> exit status`, with its description (a command module
+    passes its docstring), help line and any other `add_parser` keyword (e.g. epilog); returns its parser."""
+    parser = subparsers.add_parser(name, help=help, description=description, **kwargs)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def comma_list(kind: Callable[[str], object]) -> Callable[[str], tuple]:
@@ -168,4 +186,4 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
 
 __all__ = ["Parser", "positive_int", "non_negative_int", "non_negative_float", "positive_float", "seed", "port",
            "server_port", "output_file", "output_dir", "utf8_text", "label", "add_label_option", "comma_list",
-           "add_server_options"]
+           "add_server_options", "add_run_output_options", "add_model_options", "add_device_option", "add_command"]

@@ -38,7 +38,8 @@ def add_parser(subparsers) -> None:
 def cmd_quant(args) -> int:
     from tqdm.auto import tqdm
 
-    from labkit.lab.results import check_store, report_rows
+    from labkit.cli.reporting import report_rows
+    from labkit.lab.results import check_store
     from labkit.bench.quant import run_quant_bench
 
     if args.stride > args.context_len:

@@ -49,7 +49,8 @@ def cmd_spec(args) -> int:
     from tqdm.auto import tqdm
 
     from labkit.device import pick_device
-    from labkit.lab.results import check_store, report_rows
+    from labkit.cli.reporting import report_rows
+    from labkit.lab.results import check_store
     from labkit.speculative.bench import run_spec_bench
     from labkit.speculative.distillation import SIZES
 

@@ -19,7 +19,8 @@ data/bench_tp.json.
 
 
 def cmd_bench_tp(args) -> int:
-    from labkit.lab.results import check_store, report_rows
+    from labkit.cli.reporting import report_rows
+    from labkit.lab.results import check_store
     from labkit.parallel.bench import run_tp_bench
     from labkit.parallel.launch import LaunchError, check_split
 

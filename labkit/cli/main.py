@@ -15,20 +15,20 @@ from labkit.cli.arguments import Parser
 
 # command name -> module that registers it; imported only when needed, so `labkit --help` is fast
 COMMANDS = {
-    "baseline": "labkit.bench.baseline",
-    "run": "labkit.lab.runner",
-    "results": "labkit.lab.results",
-    "serve": "labkit.serving.server",
-    "ping": "labkit.serving.client",
+    "baseline": "labkit.cli.baseline",
+    "run": "labkit.cli.run",
+    "results": "labkit.cli.results",
+    "serve": "labkit.cli.serve",
+    "ping": "labkit.cli.ping",
     "tp": "labkit.cli.tp",
-    "router": "labkit.serving.router",
+    "router": "labkit.cli.router",
     "spec": "labkit.cli.spec",
 }
 BENCH_COMMANDS = {
-    "decode": "labkit.bench.decode",
-    "serve": "labkit.serving.loadgen",
-    "batching": "labkit.bench.batching",
-    "kernels": "labkit.bench.kernels",
+    "decode": "labkit.cli.bench_decode",
+    "serve": "labkit.cli.bench_serve",
+    "batching": "labkit.cli.bench_batching",
+    "kernels": "labkit.cli.bench_kernels",
     "tp": "labkit.cli.bench_tp",
     "spec": "labkit.cli.bench_spec",
     "quant": "labkit.cli.bench_quant",
@@ -52,7 +52,8 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
-    bench = sub.add_parser("bench", help="benchmarks: decode, serving load, batching, kernels, TP, speculation, quantization",
+    bench = sub.add_parser("bench", help="benchmarks: decode, serving load, batching, kernels, TP, speculation, "
+                                         "quantization",
                            description="Benchmarks. Each writes result rows under data/ and accepts --json.")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     for module in BENCH_COMMANDS.values():

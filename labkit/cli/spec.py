@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
 def cmd_train(args) -> int:
     from tqdm.auto import tqdm
 
-    from labkit.engine.engine import apply_rewrites
+    from labkit.model.rewrites import apply_rewrites
     from labkit.model.llama import from_hf
     from labkit.model.loader import EMBEDDED_MODEL, load_model
     from labkit.speculative.training import check_kinds, load_or_train

@@ -3,7 +3,7 @@
 Batch-1 decode of a small model is launch-bound: hundreds of kernels a step, each shorter than the CPU's time to
 launch it. A CUDA graph records the launches once and replays them in one call (vLLM's CUDAGraphRunner captures
 per batch size by hand, gpt-fast through `mode="reduce-overhead"`). Replay needs every address to stay put: the
-paged cache's per-layer tensors never move (`labkit.model.attention.KVCache`), padding rows write to its scratch block,
+paged cache's per-layer tensors never move (`labkit.model.kv_cache.KVCache`), padding rows write to its scratch block,
 and each graph owns one input buffer ([rows, 4 + width]: token, position, slot, context length, block table) that
 a step copies its inputs into before replaying. One graph per (rows, block-table width) bucket, all sharing one
 memory pool: graphs replay one at a time and each step's logits are copied out before the next replay.

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from labkit.checks import check_choice, check_ints, check_positive
 from labkit.engine.block_manager import BlockManager
 from labkit.model.sampling import SamplingParams
 
@@ -89,14 +90,9 @@ class SchedulerConfig:
     pad_batches: bool = True  # static and dynamic: compute padding as request-level batching does
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown scheduling policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.max_wait_s, (int, float)) or not 0 <= self.max_wait_s < math.inf:
-            raise ValueError(f"max_wait_s must be a number >= 0, got {self.max_wait_s!r}")
+        check_choice("scheduling policy", self.policy, POLICIES)
+        check_ints(self, ("max_num_seqs", "max_num_batched_tokens"))
+        check_positive("max_wait_s", self.max_wait_s, allow_zero=True)
 
 
 @dataclass
@@ -129,6 +125,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def active_seqs(self) -> list[Sequence]:
+        """The running sequences, in admission order (a copy)."""
+        return list(self.running)
+
+    def queued_seqs(self) -> list[Sequence]:
+        """The queue, head first (a copy): preempted sequences go back to its head."""
+        return list(self.waiting)
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -141,6 +145,30 @@ class Scheduler:
         if seq.request_id in self.blocks:
             self.blocks.free(seq.request_id)
         seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def reserve_draft_slots(self, seq: Sequence, num_draft_tokens: int) -> bool:
+        """Make room in the cache for num_draft_tokens tokens after a running sequence's own, without preempting
+        anyone; False when the blocks are not there (draft fewer)."""
+        return self.blocks.grow(seq.request_id, seq.num_tokens + num_draft_tokens)
+
+    def update_from_output(self, batch: ScheduledBatch, num_accepted: dict[str, int]) -> None:
+        """Account a step that ran: each row's computed tokens advance; a row that verified drafts keeps the
+        accepted ones (num_accepted[request id]) and gives the rejected ones' cache slots back. Full blocks of the
+        other rows are registered for prefix caching (a drafted row's once its tokens are appended:
+        `cache_blocks`)."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.request_id in num_accepted:
+                seq.num_computed_tokens += n + num_accepted[seq.request_id]
+                self.blocks.truncate(seq.request_id, seq.num_computed_tokens)
+            else:
+                seq.num_computed_tokens += n
+                self.blocks.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+
+    def cache_blocks(self, seqs: list[Sequence]) -> None:
+        """Register the full blocks of sequences still running for prefix caching (after their tokens grew)."""
+        for seq in seqs:
+            if seq.request_id in self.blocks:
+                self.blocks.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
 
     def is_batch_ready(self) -> bool:
         """Dynamic batching: is the queue full enough, or its head old enough, to start a batch?"""

@@ -1,13 +1,14 @@
 """The Triton kernels as the model's backends: kernel backend "triton" (norms, RoPE, SwiGLU) and attention
 backend "triton" (flash attention for prefill, split-K decode attention), both reading the engine's paged cache
-in place. Chosen by name: `from_hf(..., kernels="triton", attention="triton")` (see docs/engine.md).
+in place. Chosen by name: `from_hf(..., kernels="triton", attention="triton")` (see docs/engine.md). The model
+imports this module when it first asks for a "triton" backend (`labkit.model.backends`); nothing here imports
+the model.
 """
 
 from __future__ import annotations
 
 import torch
 
-from labkit.model.attention import AttentionMetadata
 from labkit.kernels.decode_attention import decode_attention
 from labkit.kernels.flash_attention import flash_attention_paged
 from labkit.kernels.rms_norm import rms_norm
@@ -16,7 +17,7 @@ from labkit.kernels.swiglu import swiglu
 
 
 class TritonKernels:
-    """The elementwise kernels of labkit.model.llama.TorchKernels, each one Triton launch."""
+    """The elementwise kernels of labkit.model.backends.TorchKernels, each one Triton launch."""
 
     name = "triton"
 
@@ -51,8 +52,9 @@ class TritonAttention:
 
     @staticmethod
     def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q [N, H, D] of the step's new tokens (their k, v already in the cache) -> [N, H, D]."""
+                        v_cache: torch.Tensor, meta, scale: float) -> torch.Tensor:
+        """q [N, H, D] of the step's new tokens (their k, v already in the cache) -> [N, H, D]. meta: the model's
+        AttentionMetadata (block_tables, context_lens, query_start, block_size, groups), passed in by the model."""
         if meta.groups is None or all(g.query_len == 1 for g in meta.groups):  # one new token per row
             return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.block_size, scale)
         max_query = max(g.query_len for g in meta.groups)

@@ -6,7 +6,6 @@ tree stays clean; `--refresh-reference` sends results and figures to the committ
 
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import difflib
@@ -19,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from labkit.cli import arguments
 from labkit.device import repo_root
 
 NOTEBOOK_RE = re.compile(r"(\d{2})_[^/]+\.ipynb")
@@ -114,7 +112,7 @@ def notebook_parameters(notebook: Path) -> dict[str, Any]:
     try:
         cells = json.loads(Path(notebook).read_text(encoding="utf-8"))["cells"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"cannot read notebook {notebook}: {_one_line(exc)}") from None
+        raise ValueError(f"cannot read notebook {notebook}: {one_line(exc)}") from None
     cell = next((c for c in cells if c.get("cell_type") == "code"
                  and "parameters" in c.get("metadata", {}).get("tags", [])), None)
     if cell is None:
@@ -226,7 +224,8 @@ def _environment(variables: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _default_output_dir() -> Path:
+def default_output_dir() -> Path:
+    """A new folder `runs/<UTC time>/` (suffixed -1, -2, ... if that second is taken); nothing is created."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = repo_root() / "runs" / stamp
     suffix = 1
@@ -236,7 +235,8 @@ def _default_output_dir() -> Path:
     return path
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """The text with its whitespace runs (newlines too) folded into single spaces."""
     return " ".join(str(text).split())
 
 
@@ -260,13 +260,13 @@ def _failure(notebook: Path, output: Path, exc: Exception, cell_timeout_s: float
 
     if isinstance(exc, PapermillExecutionError):
         where = f"cell [{exc.exec_count}] (index {exc.cell_index})"
-        what = f"{exc.ename}: {_one_line(exc.evalue)}"
+        what = f"{exc.ename}: {one_line(exc.evalue)}"
     elif isinstance(exc, CellTimeoutError):
         where, what = _last_started_cell(output), f"ran longer than the {cell_timeout_s:g} s cell timeout"
     elif isinstance(exc, DeadKernelError):
         where, what = _last_started_cell(output), "the kernel died (out of memory?)"
     else:
-        where, what = "start-up or save", f"{type(exc).__name__}: {_one_line(exc)}"
+        where, what = "start-up or save", f"{type(exc).__name__}: {one_line(exc)}"
     kept = f" (executed copy kept at {output})" if output.exists() else ""
     return NotebookFailed(f"{notebook.name} failed at {where}: {what}{kept}")
 
@@ -290,7 +290,7 @@ def run_notebooks(paths: Sequence[Path], parameters: Mapping[str, Any] | None = 
     if profile not in profiles:
         raise ValueError(f"unknown profile {profile!r}; available: {', '.join(sorted(profiles))}")
     resolved = resolve_parameters(paths, profiles[profile], parameters or {})
-    output_dir = Path(output_dir) if output_dir is not None else _default_output_dir()
+    output_dir = Path(output_dir) if output_dir is not None else default_output_dir()
     output_dir.mkdir(parents=True, exist_ok=True)
     variables = output_environment(output_dir, refresh_reference, run_id, label)
     # papermill's per-cell bar only helps a person watching a terminal; in logs it is noise
@@ -318,67 +318,3 @@ def run_notebooks(paths: Sequence[Path], parameters: Mapping[str, Any] | None = 
             raise _failure(notebook, output, exc, cell_timeout_s) from exc
         outputs.append(output)
     return outputs
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    """The `labkit run` command: 0 on success, else one `labkit run: ...` line on stderr and 1."""
-    from labkit.lab.results import new_run_id
-
-    output_dir = args.output_dir or _default_output_dir()
-    run_id = new_run_id()
-    where = output_environment(output_dir, args.refresh_reference, run_id, args.label)
-    try:
-        paths = find_notebooks(args.notebooks)
-        if not paths:
-            raise ValueError(f"no numbered notebooks (NN_name.ipynb) in {notebooks_dir()}")
-        parameters = {name: parse_value(value) for name, value in args.parameter or []}
-        outputs = run_notebooks(paths, parameters, profile=args.profile, output_dir=output_dir,
-                                cell_timeout_s=args.cell_timeout, progress=not args.no_progress,
-                                refresh_reference=args.refresh_reference, label=args.label, run_id=run_id)
-    except (NotebookFailed, ValueError) as exc:
-        print(f"labkit run: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    print(f"labkit run: {len(outputs)} notebook(s) executed, copies in {outputs[0].parent}; results in "
-          f"{where['LABKIT_DATA_DIR']} (run {run_id}), figures in {where['LABKIT_FIGURES_DIR']}")
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `labkit run` on the CLI's subparsers."""
-    parser = subparsers.add_parser(
-        "run",
-        help="execute notebooks headless through papermill",
-        description="Execute the numbered notebooks (notebooks/NN_name.ipynb) top to bottom with papermill,\n"
-                    "in order, stopping at the first failure. Parameters come from a profile in\n"
-                    "notebooks/profiles.json, then from -p overrides (which win), and are injected after\n"
-                    "the notebook's 'parameters' cell; a name no selected notebook has is an error. Executed\n"
-                    "copies, failed ones included, go to runs/<UTC time>/ (or --output-dir), and so do the\n"
-                    "results (data/) and figures (figures/) the notebooks write, so the git tree stays clean;\n"
-                    "--refresh-reference writes them to the committed data/ and figures/ instead.",
-        epilog="examples:\n"
-               "  labkit run                       # every notebook, default parameters\n"
-               "  labkit run 01 03_sampling        # two notebooks, by number or name\n"
-               "  labkit run 02 -p device cuda -p max_new_tokens 256\n"
-               "  labkit run --profile full        # the bigger settings for a GPU machine\n"
-               "  labkit run --refresh-reference   # rewrite the committed reference results",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
-                        help="number (01 or 1), name (01_baseline) or path of a notebook; default: all")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                        help="set a notebook parameter, overriding the profile; VALUE is read as "
-                             "int/float/True/False/None or a JSON list/dict when it parses, else a string "
-                             "(repeatable)")
-    parser.add_argument("--profile", default="default",
-                        help="parameter profile from notebooks/profiles.json (default: %(default)s)")
-    parser.add_argument("--output-dir", type=arguments.output_dir, metavar="DIR",
-                        help="where executed copies go, with data/ and figures/ (default: runs/<UTC time>/)")
-    parser.add_argument("--refresh-reference", action="store_true",
-                        help="write results and figures to the committed data/ and figures/ (the reference "
-                             "results) instead of the run folder")
-    arguments.add_label_option(parser)
-    parser.add_argument("--cell-timeout", type=arguments.positive_float, default=600, metavar="SECONDS",
-                        help="fail a cell that runs longer than this (default: %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(func=cmd_run)
-    return parser

@@ -1,1 +1,3 @@
-"""The model: Llama-family architecture, attention and KV cache, sampling, loading, rewrites."""
+"""The model: the Llama-family architecture (llama), attention over the paged KV cache (attention, kv_cache), the
+backends chosen by name (backends), sampling, loading (loader, gguf), and rewrites over a built model (rewrites,
+quantize)."""

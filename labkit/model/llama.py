@@ -9,15 +9,15 @@ a built model. gpt-fast's model.py and nano-vllm's models/qwen3.py are the patte
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.model.attention import (ATTENTION_BACKENDS, AttentionMetadata, KVCache, paged_attention, resolve_backend,
-                              write_kv)
+from labkit.model.attention import AttentionMetadata, paged_attention
+from labkit.model.backends import attention_backend, check_backends, kernel_backend
+from labkit.model.kv_cache import KVCache, write_kv
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -103,40 +103,6 @@ def rope_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(factor)
 
 
-class TorchKernels:
-    """The elementwise kernels in plain torch; the Triton backend (labkit.kernels.backend) has the same methods."""
-
-    name = "torch"
-
-    @staticmethod
-    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # one fused op; in fp32 bit-identical to HF's LlamaRMSNorm formula
-        return F.rms_norm(x, (x.shape[-1],), weight if weight.dtype == x.dtype else weight.to(x.dtype), eps)
-
-    @staticmethod
-    def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rms_norm(residual + x), residual + x): a sublayer's output joins the residual stream, then the norm."""
-        total = residual + x
-        return TorchKernels.rms_norm(total, weight, eps), total
-
-    @staticmethod
-    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate-half RoPE on x [N, H, D]; cos [N, 1, D], sin [N, 1, D] with its first half negated.
-
-        rotate_half(x) * sin == roll(x, D/2) * [-sin1, sin2], bit for bit, in one op fewer.
-        """
-        return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
-
-    @staticmethod
-    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-
-KERNEL_BACKENDS = {"torch": TorchKernels, "triton": "labkit.kernels.backend:TritonKernels"}  # see resolve_backend
-
-
 class Linear(nn.Linear):
     """nn.Linear whose weight may be stored in another dtype (bf16 storage, fp32 activations) or transposed.
 
@@ -144,14 +110,11 @@ class Linear(nn.Linear):
     """
 
     kn: bool = False
-    packed: torch.Tensor | None = None  # oneDNN's blocked copy of the weight, for products of several rows
+    packed: torch.Tensor | None = None  # oneDNN's blocked copy of the weight (labkit.model.rewrites.use_packed_gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         xw = x if x.dtype == w.dtype else x.to(w.dtype)  # a no-op .to still costs microseconds per call
-        if self.packed is not None and xw.dim() == 2 and 1 < xw.shape[0] <= PACKED_MAX_ROWS \
-                and not torch.compiler.is_compiling():
-            return _packed_linear(self, xw, x.dtype)
         y = torch.matmul(xw, w) if self.kn else F.linear(xw, w)
         if self.bias is not None:
             y = y + self.bias
@@ -206,21 +169,17 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """The model: token ids and attention metadata in, final hidden states out; `logits` applies the LM head.
 
-    attention: a name from ATTENTION_BACKENDS; kernels: a name from KERNEL_BACKENDS; act_dtype: activations
+    attention, kernels: backend names (labkit.model.backends); act_dtype: activations
     and KV cache (weights may be stored narrower).
     """
 
     def __init__(self, args: ModelArgs, attention: str = "sdpa", kernels: str = "torch",
                  act_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
-        if kernels not in KERNEL_BACKENDS:
-            raise ValueError(f"unknown kernel backend {kernels!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
+        check_backends(attention, kernels)
         self.args = args
         self.attention, self.kernel_backend = attention, kernels
-        self.core = resolve_backend(ATTENTION_BACKENDS[attention])
-        self.kernels = resolve_backend(KERNEL_BACKENDS[kernels])
+        self.core, self.kernels = attention_backend(attention), kernel_backend(kernels)
         self.act_dtype = act_dtype
         self.rewrites: list[str] = []  # what rewrite functions did to this model, in order (for describe())
         self.embed = nn.Embedding(args.vocab_size, args.dim)
@@ -267,76 +226,6 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """LM head over hidden [N, dim] at the rows in `index` (all when None) -> [len(index), vocab]."""
         return self.lm_head(hidden if index is None else hidden[index])
-
-
-def with_backends(model: Transformer, attention: str | None = None, kernels: str | None = None) -> Transformer:
-    """The same model with other attention and kernel backends, sharing its weights (no copy): engines that
-    compare backends side by side then hold one set of weights (llama-8b in bf16 is 16 GB)."""
-    attention, kernels = attention or model.attention, kernels or model.kernel_backend
-    if attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
-    if kernels not in KERNEL_BACKENDS:
-        raise ValueError(f"unknown kernel backend {kernels!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
-    other = copy.copy(model)  # a new module object over the same parameter and submodule dicts
-    other.attention, other.kernel_backend = attention, kernels
-    other.core = resolve_backend(ATTENTION_BACKENDS[attention])
-    other.kernels = resolve_backend(KERNEL_BACKENDS[kernels])
-    other.rewrites = list(model.rewrites)
-    return other
-
-
-def use_kn_layout(model: Transformer) -> Transformer:
-    """Rewrite: store every Linear's weight as [in, out]; returns the model.
-
-    Measured with `labkit bench decode`: on CPUs where MKL's fp32 matrix-vector path for [out, in] is slow
-    (the lab's AVX2 EPYC), `x @ W_kn` streams the weight about 1.3x faster. bf16 and GPU kernels want [out, in].
-    """
-    for module in model.modules():
-        if isinstance(module, Linear) and not module.kn:
-            module.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
-            module.kn = True  # a tied head gets its own transposed copy; the embedding keeps [vocab, dim]
-    model.rewrites.append("layout:kn")
-    return model
-
-
-# products of more rows than this (long prefill chunks) run MKL's GEMM. Measured, all 7 linears of SmolLM2-135M,
-# 2 threads: on the EPYC (AVX-512) oneDNN's packed GEMM took 0.31x MKL's time at 4 rows, 0.41x at 32, 0.59x at
-# 64 and 0.70x at 1024; on the Xeon (AMX) it won to 32 rows and matched MKL beyond.
-PACKED_MAX_ROWS = 1024
-
-
-def _packed_linear(linear: Linear, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    y = torch.ops.mkldnn._linear_pointwise(x, linear.packed, linear.bias, "none", [], "")
-    return y if y.dtype == out_dtype else y.to(out_dtype)
-
-
-def packed_gemm_available() -> bool:
-    """Whether this torch has oneDNN's prepacked fp32 linear (x86 CPU builds do)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
-def use_packed_gemm(model: Transformer, rows_hint: int = 64) -> Transformer:
-    """Rewrite: give every fp32 CPU Linear a oneDNN-prepacked copy of its weight for products of 2 to
-    PACKED_MAX_ROWS rows. Apply it after the rewrites that change weights (a tensor-parallel split drops it).
-
-    MKL runs a one-row product as a matrix-vector product that streams the weight at memory speed, but a
-    product of a few rows as a GEMM that repacks the weight on every call: measured on the lab's Xeon, a
-    5-row forward cost 1.6-1.8x a 1-row one. oneDNN's prepacked GEMM grows much more slowly with the rows and
-    beats MKL from 2 rows on, so one-row decode keeps MKL, and products of 2 to PACKED_MAX_ROWS rows
-    (speculative verification, batched decode, prefill chunks) read the packed copy. Costs a second copy of the
-    linear weights. Compiled steps keep the plain path (inductor cannot lower the packed op).
-    """
-    if not packed_gemm_available():
-        raise ValueError("use_packed_gemm needs a torch built with oneDNN (mkldnn) on an x86 CPU")
-    if "gemm:packed" in model.rewrites:
-        return model
-    for module in model.modules():
-        if isinstance(module, Linear) and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
-            w = module.weight.detach()
-            module.packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if module.kn else w,
-                                                                    rows_hint)
-    model.rewrites.append("gemm:packed")
-    return model
 
 
 def from_hf(hf_model, device=None, dtype=None, act_dtype=None, attention: str = "sdpa",

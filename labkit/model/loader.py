@@ -231,3 +231,14 @@ def load_model(name: str = EMBEDDED_MODEL, device: str | torch.device = "auto", 
     load_s = time.perf_counter() - start
     return LoadedModel(model=model, tokenizer=tokenizer, name=label, source=source, device=dev, dtype=dt,
                        load_s=load_s)
+
+
+def eos_token_ids_of(hf_model, tokenizer) -> tuple[int, ...]:
+    """The stop tokens of an HF model: its generation config's, its config's and its tokenizer's EOS ids."""
+    ids = set()
+    for source in (getattr(hf_model, "generation_config", None), hf_model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is None:
+            continue
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return tuple(sorted(ids))

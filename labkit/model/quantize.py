@@ -9,9 +9,10 @@ Schemes (`QUANT_METHODS`), all applied by `quantize(model, method)` to every lab
   their codes unchanged (group 32, d → scale, m → minimum), and the Q8_0 LM head keeps its int8 codes, split
   into two 4-bit halves so the same int4 kernel runs it (see `Q8_0Linear`). No dequantize-requantize round trip.
 
-The CPU kernels take bf16 activations and bf16 scales (their fp32 path measured 10-20x slower), so a scale is
-rounded to bf16 once at load; codes are exact. The int4 kernel runs every row count; the int8 kernel is a decode
-kernel, so an int8 call of 64+ rows (a prefill chunk) casts the weight and runs a dense GEMM instead.
+The CPU kernels take bf16 activations and bf16 scales (their fp32 path is much slower: docs/quantization.md),
+so a scale is rounded to bf16 once at load; codes are exact. The int4 kernel runs every row count; the int8
+kernel is a decode kernel, so an int8 call of 64+ rows (a prefill chunk) casts the weight and runs a dense GEMM
+instead.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.model.gguf import gguf_rows, read_gguf_tensors, unpack_q4_1, unpack_q8_0
 from labkit.model.llama import Linear
 
 QUANT_METHODS = ("int8", "int4-g32", "int4-g64", "int4-g128", "gguf")
 BNB_METHODS = ("bnb-int8", "bnb-nf4")  # bitsandbytes' LLM.int8() and NF4 linears: CUDA only
 INT4_GROUP_SIZES = (32, 64, 128)
 # rows at or above which the int8 linear casts its weight and runs a dense GEMM instead of the packed kernel
-# (measured: the packed int8 kernel falls behind from ~64 rows; the int4 kernel stays ahead of dequantizing)
+# (the packed int8 kernel falls behind there; the int4 kernel stays ahead of dequantizing: docs/quantization.md)
 DENSE_MIN_ROWS = 64
 SAVE_FORMAT = "labkit-quantized-v1"
 
@@ -72,28 +74,7 @@ def dequantize_int4_ref(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Ten
     return w.reshape(N, K)
 
 
-# ---- GGUF blocks (ggml's layouts; `gguf.quants.dequantize` is the reference the tests compare with) ----
-
-def unpack_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_1 rows of blocks [N, K // 32 * 20] uint8 -> (codes uint8 [N, K], d fp32 [N, K // 32], m fp32 [N, K // 32]).
-
-    A block is d (fp16), m (fp16), then 16 bytes: byte j holds element j in its low nibble and j + 16 in its high.
-    """
-    b = blocks.reshape(blocks.shape[0], -1, 20)  # [N, G, 20]
-    d = b[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
-    m = b[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
-    qs = b[..., 4:]
-    codes = torch.cat((qs & 0xF, qs >> 4), dim=-1)  # [N, G, 32]
-    return codes.reshape(b.shape[0], -1), d, m
-
-
-def unpack_q8_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 rows of blocks [N, K // 32 * 34] uint8 -> (codes int8 [N, K], d fp32 [N, K // 32]): w = d · q."""
-    b = blocks.reshape(blocks.shape[0], -1, 34)
-    d = b[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
-    q = b[..., 2:].contiguous().view(torch.int8)
-    return q.reshape(b.shape[0], -1), d
-
+# ---- GGUF blocks dequantized (layouts in labkit.model.gguf; `gguf.quants.dequantize` is the reference) ----
 
 def dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     codes, d, m = unpack_q4_1(blocks)
@@ -380,25 +361,6 @@ def _quantize_linear(linear: Linear, method: str) -> nn.Module:
     return Int4WeightOnlyLinear.from_linear(linear, int(method.split("-g")[1]))
 
 
-def _gguf_tensors(path: Path) -> dict:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    return {t.name: t for t in reader.tensors}
-
-
-def _rows(tensor, expected: tuple[int, int], permute_heads: int | None = None) -> torch.Tensor:
-    """A GGUF tensor's block rows as uint8 [N, bytes]; q and k rows back from llama.cpp's RoPE permutation."""
-    N, K = expected
-    if tuple(int(n) for n in tensor.shape) != (K, N):  # ggml lists the input dimension first
-        raise ValueError(f"GGUF tensor {tensor.name} has shape {list(tensor.shape)}; the model expects [{K}, {N}]")
-    rows = torch.from_numpy(tensor.data.copy()).reshape(N, -1)
-    if permute_heads:  # undo convert_hf_to_gguf's permute (rows only: each row's blocks stay whole)
-        half = N // permute_heads // 2
-        rows = rows.reshape(permute_heads, half, 2, -1).transpose(1, 2).reshape(N, -1)
-    return rows
-
-
 def _load_gguf_linears(model: nn.Module, gguf_path: str | Path | None) -> None:
     """Swap the model's linears for the GGUF file's blocks. The converted modules are cached next to the
     converted fp32 weights (keyed by the file's name, size and mtime): parsing the file's tokenizer fields alone
@@ -437,7 +399,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _convert_gguf_linears(model: nn.Module, path: Path) -> dict[str, nn.Module]:
-    tensors = _gguf_tensors(path)
+    tensors = read_gguf_tensors(path)
     args = model.args
     D, H, Hkv, hd = args.dim, args.num_heads, args.num_kv_heads, args.head_dim
 
@@ -450,7 +412,7 @@ def _convert_gguf_linears(model: nn.Module, path: Path) -> dict[str, nn.Module]:
                 raise ValueError(f"{path.name} has no tensor {name}: it does not hold this model's weights")
             if t.tensor_type.name != "Q4_1":
                 raise ValueError(f"GGUF tensor {name} is {t.tensor_type.name}; the gguf scheme reads Q4_1 linears")
-            rows.append(_rows(t, (n, linear.in_features), heads))
+            rows.append(gguf_rows(t, (n, linear.in_features), heads))
         codes, d, m = unpack_q4_1(torch.cat(rows))
         return Int4WeightOnlyLinear.from_codes(codes, d, m, 32, linear.bias)
 
@@ -467,7 +429,7 @@ def _convert_gguf_linears(model: nn.Module, path: Path) -> dict[str, nn.Module]:
     head = tensors.get("output.weight") or tensors["token_embd.weight"]  # tied models store the embedding only
     if head.tensor_type.name != "Q8_0":
         raise ValueError(f"GGUF tensor {head.name} is {head.tensor_type.name}; the gguf scheme reads a Q8_0 head")
-    converted["lm_head"] = Q8_0Linear.from_blocks(_rows(head, (args.vocab_size, D)))
+    converted["lm_head"] = Q8_0Linear.from_blocks(gguf_rows(head, (args.vocab_size, D)))
     for name, module in converted.items():
         _set_submodule(model, name, module)
     return converted

@@ -257,7 +257,7 @@ def make_engine(model: Transformer, tokenizer, ctx: DistContext, config=None, **
     from labkit.engine.engine import Engine, EngineConfig
 
     config = config or EngineConfig()
-    if config.policy == "dynamic":
+    if config.scheduler.policy == "dynamic":
         raise ValueError("the dynamic policy waits on each rank's clock, so ranks could batch differently: use "
                          "continuous or static under tensor parallelism")
     engine = Engine(model, tokenizer, config=config, **engine_kwargs)

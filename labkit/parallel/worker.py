@@ -104,7 +104,7 @@ def from_json(payload: dict) -> ActionOptions:
 # -- the rank's work ------------------------------------------------------------------------------------------------
 def _build(loaded, args, ctx):
     """The compact model with the rewrites in order: quantization or layout, then the split (when ctx is given)."""
-    from labkit.engine.engine import apply_rewrites
+    from labkit.model.rewrites import apply_rewrites
     from labkit.model.llama import from_hf
     from labkit.parallel.tp import tensor_parallel
 
@@ -115,7 +115,8 @@ def _build(loaded, args, ctx):
 
 
 def _engine(model, loaded, ctx, compile: bool = False):
-    from labkit.engine.engine import Engine, EngineConfig, eos_token_ids_of
+    from labkit.engine import Engine, EngineConfig
+    from labkit.model.loader import eos_token_ids_of
     from labkit.parallel.tp import make_engine
 
     kwargs = dict(name=loaded.name, eos_token_ids=eos_token_ids_of(loaded.model, loaded.tokenizer),

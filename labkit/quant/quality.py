@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from labkit.engine.engine import Engine, HFEngine
+from labkit.engine.engine import Engine
 from labkit.model.llama import Transformer
 from labkit.model.sampling import SamplingParams
 
@@ -184,8 +184,13 @@ def _limits(engine) -> tuple[int, int]:
         return engine.max_seq_len, engine.model.args.vocab_size
     if isinstance(engine, LogitsFunction):
         return engine.max_seq_len, engine.vocab_size
-    config = (engine.model if isinstance(engine, HFEngine) else engine).config
+    config = _hf_model(engine).config
     return config.max_position_embeddings, config.vocab_size
+
+
+def _hf_model(engine) -> torch.nn.Module:
+    """An HF causal LM, or the one a baseline engine (labkit.bench.hf.HFEngine) wraps."""
+    return engine if isinstance(engine, torch.nn.Module) else engine.model
 
 
 def _window_logits(engine, ids: list[int], chunk_size: int | None) -> torch.Tensor:
@@ -194,7 +199,7 @@ def _window_logits(engine, ids: list[int], chunk_size: int | None) -> torch.Tens
         return engine.prompt_logits(ids, chunk_size=chunk_size)
     if isinstance(engine, LogitsFunction):
         return engine.fn(ids)
-    model = engine.model if isinstance(engine, HFEngine) else engine
+    model = _hf_model(engine)
     device = next(model.parameters()).device
     with torch.inference_mode():
         return model(torch.tensor([ids], device=device)).logits[0]

@@ -1,5 +1,5 @@
-"""Talk to an OpenAI-compatible server: `labkit ping` (the event parsing it shares with the load generator is in
-`labkit.serving.protocol`).
+"""Talk to an OpenAI-compatible server: one timed streamed request (`labkit ping`), and the errors every client
+reports (the event reading it shares with the load generator and the router is `labkit.serving.events`).
 
 Plain httpx, no retries and no proxies from the environment: a benchmark or a health check must see each
 failure once, and lab traffic stays on the address it was given.
@@ -7,14 +7,14 @@ failure once, and lab traffic stays on the address it was given.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from labkit.serving.protocol import (API_KEY_ENVS, DONE, ENDPOINTS, ServerError, api_key_for, auth_headers, chunk_text,
-                             error_message, model_ids, parse_sse_line, server_url, stream_usage)
+from labkit.checks import check_choice
+from labkit.serving.addresses import auth_headers, server_url
+from labkit.serving.events import DONE, chunk_text, read_events, stream_usage
+from labkit.serving.protocol import ENDPOINTS, ServerError, error_message, model_ids
 
 
 def transport_error(url: str, exc: Exception) -> ServerError:
@@ -59,15 +59,12 @@ class PingResult:
         return asdict(self)
 
 
-def _read_stream(lines, is_chat: bool) -> tuple[list[str], str | None, dict, float | None]:
+def _read_stream(chunks: Iterable[bytes], is_chat: bool) -> tuple[list[str], str | None, dict, float | None]:
     """The text pieces, finish reason, usage counts and first-text time of a stream, up to `data: [DONE]`."""
     parts, finish, usage, first = [], None, {}, None
-    for line in lines:
-        event = parse_sse_line(line)
+    for event in read_events(chunks):
         if event is DONE:
             return parts, finish, usage, first
-        if event is None:
-            continue
         text, _, reason = chunk_text(event, is_chat)
         if text and first is None:
             first = time.perf_counter()
@@ -87,8 +84,7 @@ def ping(host: str = "127.0.0.1", port: int = 8000, model: str | None = None, pr
     """
     import httpx
 
-    if endpoint not in ENDPOINTS:
-        raise ValueError(f"unknown endpoint {endpoint!r}: choose one of {', '.join(ENDPOINTS)}")
+    check_choice("endpoint", endpoint, ENDPOINTS)
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     base = server_url(host, port)
@@ -105,7 +101,7 @@ def ping(host: str = "127.0.0.1", port: int = 8000, model: str | None = None, pr
             if response.status_code != 200:
                 raise ServerError(f"{url}: {error_message(response.status_code, response.read())}")
             try:
-                parts, finish, usage, first = _read_stream(response.iter_lines(), is_chat)
+                parts, finish, usage, first = _read_stream(response.iter_bytes(), is_chat)
             except ServerError as exc:
                 raise ServerError(f"{url}: {exc}") from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -116,61 +112,4 @@ def ping(host: str = "127.0.0.1", port: int = 8000, model: str | None = None, pr
                       prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"))
 
 
-def cmd_ping(args: argparse.Namespace) -> int:
-    api_key, note = api_key_for(server_url(args.host, args.port), args.api_key, args.use_env_key)
-    if note:
-        print(f"labkit ping: {note}", file=sys.stderr)
-    try:
-        result = ping(args.host, args.port, args.model, args.prompt, args.max_tokens, args.endpoint, api_key,
-                      timeout_s=args.timeout)
-    except ServerError as exc:
-        print(f"labkit ping: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result.to_dict()))
-        return 0
-    print(result.text)
-    counts = ("no usage sent" if result.completion_tokens is None else
-              f"{result.prompt_tokens} prompt + {result.completion_tokens} completion tokens")
-    print(f"{result.model} at {result.url}: {result.latency_ms:.0f} ms (first text after {result.ttft_ms:.0f} ms, "
-          f"{counts}, finish {result.finish_reason})")
-    return 0
-
-
-def add_api_key_options(parser: argparse.ArgumentParser) -> None:
-    """--api-key and --use-env-key: a key from the environment goes to loopback hosts only unless asked."""
-    envs = " or ".join(f"${name}" for name in API_KEY_ENVS)
-    parser.add_argument("--api-key", default=None,
-                        help=f"bearer key to send (default: {envs} when the server is on a loopback address, "
-                             "else none)")
-    parser.add_argument("--use-env-key", action="store_true",
-                        help=f"also send {envs} to a server that is not on a loopback address")
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `labkit ping` on the CLI's subparsers."""
-    from labkit.cli.arguments import add_server_options, positive_float, positive_int
-
-    parser = subparsers.add_parser(
-        "ping", help="send one request to an OpenAI-compatible server and time it",
-        description="Stream one greedy request to a server (labkit serve, vLLM, llama.cpp, ...) and print the\n"
-                    "text and its latency. Exit status 1, with one line naming the URL, when the server is\n"
-                    "unreachable, answers an error, or sends a reply that is not OpenAI's stream.",
-        epilog="examples:\n"
-               "  labkit ping\n"
-               "  labkit ping --port 8001 --endpoint completions --prompt 'Once upon a time' --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_options(parser)
-    parser.add_argument("--prompt", default="Say hello.", help="the prompt (default: %(default)r)")
-    parser.add_argument("--max-tokens", type=positive_int, default=16, help="tokens to generate (default: %(default)s)")
-    parser.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="chat",
-                        help="chat (with the model's chat template) or completions (default: %(default)s)")
-    add_api_key_options(parser)
-    parser.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
-                        help="give up after this long (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.set_defaults(func=cmd_ping)
-    return parser
-
-
-__all__ = ["PingResult", "transport_error", "first_model", "ping", "cmd_ping", "add_api_key_options", "add_parser"]
+__all__ = ["PingResult", "transport_error", "first_model", "ping"]

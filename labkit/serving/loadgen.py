@@ -1,41 +1,37 @@
-"""`labkit bench serve`: a load generator for any OpenAI-compatible server (labkit serve, vLLM, TGI, llama.cpp).
+"""A load generator for any OpenAI-compatible server (labkit serve, vLLM, TGI, llama.cpp): `labkit bench serve`.
 
-Metrics follow vLLM's `benchmark_serving.py`: TTFT (request sent -> first token), TPOT ((E2E - TTFT) / (output
-tokens - 1)), ITL (the gaps between token arrivals; a chunk that brings k tokens after a gap g counts as k gaps
-of g/k), E2E latency, request and token throughput, and goodput (requests per second that meet every SLO).
-Token counts come from the server's `usage`; a server that sends none (llama.cpp's) has its output re-tokenized
-after the run, as vLLM's benchmark does, and the result says which way each request was counted. Arrivals are
-Poisson (burstiness 1) or gamma-distributed; there are no client retries, so every failure is counted once, and
-a malformed reply fails its request, not the run. vLLM's flag names are accepted and its result keys written.
+Metrics follow vLLM's `benchmark_serving.py` (the arithmetic is `labkit.serving.load_metrics`): TTFT, TPOT,
+ITL, E2E latency, request and token throughput, and goodput. `measure_replicas` runs the same load through
+the router to one replica and to several. Token counts come from the server's `usage`; a server that sends
+none (llama.cpp's) has its output re-tokenized after the run, as vLLM's benchmark does, and the result says
+which way each request was counted. Arrivals are Poisson (burstiness 1) or gamma-distributed; there are no
+client retries, so every failure is counted once, and a malformed reply fails its request, not the run.
+vLLM's result keys are written too.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
-import json
 import math
-import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from labkit.lab.stats import percentile
-from labkit.serving.client import add_api_key_options, transport_error
-from labkit.model.loader import EMBEDDED_MODEL
-from labkit.serving.protocol import (DONE, ENDPOINTS, REPLICA_HEADER, ServerError, api_key_for, auth_headers, chunk_text,
-                             error_message, model_ids, parse_sse_line, server_url, stream_usage)
+from labkit.checks import check_choice, check_int, check_optional_int
+from labkit.serving.addresses import auth_headers
+from labkit.serving.client import transport_error
+from labkit.serving.events import DONE, aread_events, chunk_text, stream_usage
+from labkit.serving.load_metrics import (METRICS, RequestOutcome, compute_metrics, percentile_key, replica_load,
+                                         request_timing)
+from labkit.serving.protocol import ENDPOINTS, REPLICA_HEADER, ServerError, error_message, model_ids
 from labkit.serving.workloads import PromptSpec, arrival_offsets, make_prompts
 
 SCHEMA = "labkit.bench_serve/1"
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2el_ms")
-METRICS = ("ttft", "tpot", "itl", "e2el")  # each reported as mean/median/std/p90/p99 in ms
-PERCENTILES = (90.0, 99.0)  # always in the lab's metrics; --metric-percentiles adds more
-TOKEN_COUNT_SOURCES = ("usage", "tokenizer")  # the server's usage, or the text re-tokenized on the client
 
 
 # -- configuration -------------------------------------------------------------------------------------------
@@ -78,22 +74,17 @@ class BenchServeConfig:
             raise ValueError(f"base_url {self.base_url!r} is not a URL with a port in 1..65535") from None
         if not parts.hostname or port == 0:
             raise ValueError(f"base_url {self.base_url!r} needs a host and a port in 1..65535")
-        if self.endpoint not in ENDPOINTS:
-            raise ValueError(f"unknown endpoint {self.endpoint!r}: choose one of {', '.join(ENDPOINTS)}")
+        check_choice("endpoint", self.endpoint, ENDPOINTS)
         for name in ("num_prompts", "input_len", "output_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name))
         if not 0 <= self.range_ratio < 1:
             raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio!r}")
         if not self.request_rate > 0:
             raise ValueError(f"request_rate must be > 0 (or inf), got {self.request_rate!r}")
         if not 0 < self.burstiness < math.inf:
             raise ValueError(f"burstiness must be a finite number > 0, got {self.burstiness!r}")
-        if self.max_concurrency is not None and (not isinstance(self.max_concurrency, int) or self.max_concurrency < 1):
-            raise ValueError(f"max_concurrency must be an integer >= 1, got {self.max_concurrency!r}")
-        if not isinstance(self.num_warmups, int) or self.num_warmups < 0:
-            raise ValueError(f"num_warmups must be an integer >= 0, got {self.num_warmups!r}")
+        check_optional_int("max_concurrency", self.max_concurrency)
+        check_int("num_warmups", self.num_warmups, minimum=0)
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not self.timeout_s > 0:
@@ -154,155 +145,7 @@ def parse_goodput(pairs: Sequence[str] | None) -> dict:
     return slo
 
 
-def percentile_key(p: float) -> str:
-    """p99 for 99, p99.9 for 99.9: vLLM's spelling in result keys."""
-    return f"p{int(p)}" if p == int(p) else f"p{p}"
-
-
-# -- the metric arithmetic (pure functions, unit-tested on scripted streams) -----------------------------------
-def tokens_per_chunk(chunk_tokens: Sequence[int | None], num_output_tokens: int | None) -> list[int]:
-    """Tokens each content chunk brought: the server's per-chunk count where it sent one; the rest of the
-    `usage` total is shared evenly among the chunks without a count (each had text, so at least one token)."""
-    counts = [k if k is not None else 0 for k in chunk_tokens]
-    unknown = [i for i, k in enumerate(chunk_tokens) if k is None]
-    if unknown:
-        left = len(unknown) if num_output_tokens is None else num_output_tokens - sum(counts)
-        share, extra = divmod(max(left, len(unknown)), len(unknown))
-        for j, i in enumerate(unknown):
-            counts[i] = share + (1 if j < extra else 0)
-    return counts
-
-
-@dataclass
-class RequestTiming:
-    """One streamed request's latencies in seconds (vLLM's definitions)."""
-
-    ttft_s: float
-    tpot_s: float | None  # None with fewer than 2 output tokens
-    itl_s: list[float]
-    e2el_s: float
-    num_output_tokens: int
-
-
-def request_timing(start_s: float, chunk_times_s: Sequence[float], chunk_tokens: Sequence[int | None],
-                   end_s: float, num_output_tokens: int | None) -> RequestTiming:
-    """Latencies of one request from when it was sent, when each content chunk arrived, and when it ended.
-
-    TTFT: to the first chunk that brought a token. ITL: for each later chunk that brought k tokens after a
-    gap g since the previous one, k samples of g/k (tokens that came with the first one have no ITL: their
-    time is in TTFT). E2E: to the end of the stream. TPOT: (E2E - TTFT) / (output tokens - 1).
-    """
-    if len(chunk_times_s) != len(chunk_tokens):
-        raise ValueError("chunk_times_s and chunk_tokens must have the same length")
-    counts = tokens_per_chunk(chunk_tokens, num_output_tokens)
-    arrivals = [(t, k) for t, k in zip(chunk_times_s, counts) if k > 0]
-    if not arrivals:
-        raise ValueError("the stream brought no tokens")
-    ttft = arrivals[0][0] - start_s
-    itl: list[float] = []
-    for (previous, _), (t, k) in zip(arrivals, arrivals[1:]):
-        itl.extend([(t - previous) / k] * k)
-    e2el = end_s - start_s
-    n = num_output_tokens if num_output_tokens is not None else sum(counts)
-    tpot = (e2el - ttft) / (n - 1) if n > 1 else None
-    return RequestTiming(ttft_s=ttft, tpot_s=tpot, itl_s=itl, e2el_s=e2el, num_output_tokens=n)
-
-
-def _stats(name: str, values_s: Sequence[float], percentiles: Sequence[float]) -> dict:
-    values = [v * 1e3 for v in values_s]
-    stats = {f"mean_{name}_ms": statistics.fmean(values) if values else None,
-             f"median_{name}_ms": statistics.median(values) if values else None,
-             f"std_{name}_ms": statistics.pstdev(values) if values else None}
-    for p in percentiles:
-        stats[f"{percentile_key(p)}_{name}_ms"] = percentile(values, p) if values else None
-    return stats
-
-
-def compute_metrics(outcomes: Sequence["RequestOutcome"], duration_s: float, slo: dict | None = None,
-                    percentiles: Sequence[float] = PERCENTILES) -> dict:
-    """The flat metrics of a run: counts, throughputs, goodput, and mean/median/std and percentiles (p90, p99
-    and any others asked for) of each latency."""
-    if not duration_s > 0:
-        raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
-    percentiles = sorted({*PERCENTILES, *percentiles})
-    done = [o for o in outcomes if o.success]
-    total_in = sum(o.input_tokens for o in done)
-    total_out = sum(o.output_tokens for o in done)
-    timings = [o.timing for o in done]
-    metrics = {
-        "duration_s": duration_s,
-        "num_completed": len(done),
-        "num_failed": len(outcomes) - len(done),
-        "total_input_tokens": total_in,
-        "total_output_tokens": total_out,
-        "request_throughput_req_per_s": len(done) / duration_s,
-        "output_throughput_tokens_per_s": total_out / duration_s,
-        "total_token_throughput_tokens_per_s": (total_in + total_out) / duration_s,
-        "request_goodput_req_per_s": None,
-    }
-    if slo:
-        # like vLLM, a one-token request has TPOT 0 for the SLO check
-        good = [t for t in timings if t.ttft_s * 1e3 <= slo.get("ttft_ms", math.inf)
-                and (t.tpot_s or 0.0) * 1e3 <= slo.get("tpot_ms", math.inf)
-                and t.e2el_s * 1e3 <= slo.get("e2el_ms", math.inf)]
-        metrics["request_goodput_req_per_s"] = len(good) / duration_s
-    metrics.update(_stats("ttft", [t.ttft_s for t in timings], percentiles))
-    metrics.update(_stats("tpot", [t.tpot_s for t in timings if t.tpot_s is not None], percentiles))
-    metrics.update(_stats("itl", [x for t in timings for x in t.itl_s], percentiles))
-    metrics.update(_stats("e2el", [t.e2el_s for t in timings], percentiles))
-    return metrics
-
-
-def replica_load(outcomes: Sequence["RequestOutcome"], duration_s: float) -> dict:
-    """Per replica (as a router names it in x-labkit-replica): requests answered, completed and failed, output
-    tokens and their rate over the run; {} when no answer named a replica."""
-    load: dict[str, dict] = {}
-    for o in outcomes:
-        if o.replica is None:
-            continue
-        r = load.setdefault(o.replica, {"num_requests": 0, "num_completed": 0, "num_failed": 0, "output_tokens": 0})
-        r["num_requests"] += 1
-        r["num_completed" if o.success else "num_failed"] += 1
-        r["output_tokens"] += o.output_tokens if o.success else 0
-    for r in load.values():
-        r["output_throughput_tokens_per_s"] = r["output_tokens"] / duration_s
-    return dict(sorted(load.items()))
-
-
 # -- sending requests ----------------------------------------------------------------------------------------
-@dataclass
-class RequestOutcome:
-    """What one request brought back; times are perf_counter seconds."""
-
-    index: int
-    success: bool
-    error: str | None = None
-    start_s: float = 0.0
-    end_s: float = 0.0
-    input_tokens: int = 0  # usage.prompt_tokens, else the prompt re-tokenized
-    output_tokens: int = 0  # usage.completion_tokens, else the text re-tokenized
-    expected_output_tokens: int = 0
-    chunk_times_s: list[float] = field(default_factory=list)
-    chunk_tokens: list[int | None] = field(default_factory=list)
-    timing: RequestTiming | None = None
-    text: str = ""  # the generated text (kept for counting, not written out)
-    usage: dict | None = None  # the server's counts ({"prompt_tokens", "completion_tokens"}), None if it sent none
-    token_count_source: str | None = None  # where output_tokens came from: one of TOKEN_COUNT_SOURCES
-    replica: str | None = None  # the replica that answered, when a router says (its x-labkit-replica header)
-
-    def to_dict(self, origin_s: float) -> dict:
-        """A JSON row: times in ms, from `origin_s` (the run's start) for the send time."""
-        row = {"index": self.index, "success": self.success, "error": self.error,
-               "sent_at_ms": (self.start_s - origin_s) * 1e3, "input_tokens": self.input_tokens,
-               "output_tokens": self.output_tokens, "expected_output_tokens": self.expected_output_tokens,
-               "token_count_source": self.token_count_source, "num_chunks": len(self.chunk_times_s),
-               "replica": self.replica}
-        t = self.timing
-        row.update(ttft_ms=t.ttft_s * 1e3 if t else None, tpot_ms=t.tpot_s * 1e3 if t and t.tpot_s is not None
-                   else None, e2el_ms=t.e2el_s * 1e3 if t else None, itl_ms=[x * 1e3 for x in t.itl_s] if t else [])
-        return row
-
-
 def request_body(config: BenchServeConfig, model: str, spec: PromptSpec) -> dict:
     body = {"model": model, "max_tokens": spec.output_len, "temperature": config.temperature, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -334,20 +177,18 @@ async def send_request(client, url: str, body: dict, headers: dict, index: int =
                 out.error = error_message(response.status_code, await response.aread())
                 out.end_s = time.perf_counter()
                 return out
-            async for line in response.aiter_lines():
-                event = parse_sse_line(line)
-                if event is None:
-                    continue
-                if event is DONE:
-                    is_done = True
-                    break
-                now = time.perf_counter()
-                text, token_ids, _ = chunk_text(event, is_chat)
-                if text or token_ids:
-                    out.chunk_times_s.append(now)
-                    out.chunk_tokens.append(len(token_ids) if token_ids is not None else None)
-                    parts.append(text)
-                out.usage = stream_usage(event) or out.usage
+            async with aclosing(aread_events(response.aiter_bytes())) as events:
+                async for event in events:
+                    if event is DONE:
+                        is_done = True
+                        break
+                    now = time.perf_counter()
+                    text, token_ids, _ = chunk_text(event, is_chat)
+                    if text or token_ids:
+                        out.chunk_times_s.append(now)
+                        out.chunk_tokens.append(len(token_ids) if token_ids is not None else None)
+                        parts.append(text)
+                    out.usage = stream_usage(event) or out.usage
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         out.error = f"{type(exc).__name__}: {exc}"
     except ServerError as exc:
@@ -471,6 +312,7 @@ async def run_benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] 
         if o.error:
             errors[o.error] = errors.get(o.error, 0) + 1
     from labkit.device import describe_environment
+    from labkit.model.loader import EMBEDDED_MODEL
 
     metrics = compute_metrics(outcomes, duration, config.slo, config.metric_percentiles)
     replicas = replica_load(outcomes, duration)
@@ -533,46 +375,30 @@ def benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] | None = N
     return asyncio.run(run_benchmark(config, prompts, tokenizer))
 
 
-# -- reporting -----------------------------------------------------------------------------------------------
-def format_table(result: dict) -> str:
-    """vLLM-style text summary of a result document."""
-    m, c = result["metrics"], result["config"]
+# -- data-parallel replicas ---------------------------------------------------------------------------------
+def measure_replicas(serve_args: Sequence[str], num_replicas: int, bench_config, policy: str = "least_outstanding",
+                     threads_per_replica: int | None = None) -> dict:
+    """The same `labkit bench serve` load through the router to one replica, then to num_replicas replicas, each
+    with the same cores (on one CPU, a core's share each: one device per replica, as on GPUs):
+    {"one": result, "replicas": result}."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
 
-    def fmt(value, digits=2):
-        return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    from labkit.serving.replicas import ReplicaSet
+    from labkit.serving.router import Router, RouterConfig
+    from labkit.serving.router_app import create_router_app
+    from labkit.serving.server import ServerThread
 
-    rate = "inf" if c["request_rate"] is None else c["request_rate"]
-    counted = {"usage": "the server's usage", "tokenizer": f"re-tokenized with {result.get('tokenizer_id')}",
-               "mixed": f"usage, else re-tokenized with {result.get('tokenizer_id')}"}
-    lines = [f"{' Serving benchmark ':=^56}",
-             f"{'Model / endpoint:':<40}{result['server']['model']} {c['endpoint']}",
-             f"{'Request rate / burstiness:':<40}{rate} / {c['burstiness']}",
-             f"{'Max concurrency:':<40}{c['max_concurrency'] or 'none'}",
-             f"{'Successful / failed requests:':<40}{m['num_completed']} / {m['num_failed']}",
-             f"{'Duration (s):':<40}{fmt(m['duration_s'])}",
-             f"{'Total input / output tokens:':<40}{m['total_input_tokens']} / {m['total_output_tokens']}",
-             f"{'Token counts from:':<40}{counted.get(result.get('token_count_source'), 'n/a')}",
-             f"{'Request throughput (req/s):':<40}{fmt(m['request_throughput_req_per_s'])}",
-             f"{'Output token throughput (tok/s):':<40}{fmt(m['output_throughput_tokens_per_s'])}",
-             f"{'Total token throughput (tok/s):':<40}{fmt(m['total_token_throughput_tokens_per_s'])}"]
-    if m["request_goodput_req_per_s"] is not None:
-        lines.append(f"{'Goodput (req/s):':<40}{fmt(m['request_goodput_req_per_s'])}")
-    titles = {"ttft": "Time to first token", "tpot": "Time per output token (excl. 1st)",
-              "itl": "Inter-token latency", "e2el": "End-to-end latency"}
-    stats = ["mean", "median", *map(percentile_key, sorted({*PERCENTILES, *c.get("metric_percentiles", ())}))]
-    for name in METRICS:
-        lines.append(f"{' ' + titles[name] + ' ':-^56}")
-        for stat in stats:
-            lines.append(f"{f'{stat.capitalize()} {name.upper()} (ms):':<40}{fmt(m[f'{stat}_{name}_ms'])}")
-    for replica, r in (result.get("replicas") or {}).items():
-        lines.append(f"{f'Replica {replica} (req ok/failed, tok/s):':<40}{r['num_completed']} / {r['num_failed']}, "
-                     f"{r['output_throughput_tokens_per_s']:.1f}")
-    lines.append("=" * 56)
-    for error, count in result["errors"].items():
-        lines.append(f"{count} × {error}")
-    return "\n".join(lines)
+    def bench(urls: list[str]) -> dict:
+        with ServerThread(create_router_app(Router(urls, RouterConfig(policy=policy)))) as front, \
+                ThreadPoolExecutor(1) as pool:  # a thread of its own: a notebook's event loop is already running
+            return pool.submit(benchmark, dataclasses.replace(bench_config, base_url=front.url)).result()
+
+    with ReplicaSet(num_replicas, serve_args, threads_per_replica=threads_per_replica) as urls:
+        return {"one": bench(urls[:1]), "replicas": bench(urls)}
 
 
+# -- the result ---------------------------------------------------------------------------------------------
 def default_result_name() -> str:
     return f"bench_serve_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}.json"
 
@@ -590,147 +416,6 @@ def save_result(result: dict, result_file: str | Path | None = None) -> Path:
     return path
 
 
-def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from labkit.lab.results import data_dir, to_jsonable
-
-    result_file = args.result_file
-    if args.result_dir is not None or args.result_filename is not None:
-        if result_file is not None:
-            raise ValueError("give --result-file (a whole path) or --result-dir/--result-filename, not both")
-        result_file = Path(args.result_dir or data_dir() / "bench_serve") / (args.result_filename
-                                                                            or default_result_name())
-    base_url = args.base_url or server_url(args.host, args.port)
-    api_key, note = api_key_for(base_url, args.api_key, args.use_env_key)
-    config = BenchServeConfig(
-        base_url=base_url, model=args.model, endpoint=args.endpoint, num_prompts=args.num_prompts,
-        input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
-        request_rate=args.request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
-        num_warmups=args.num_warmups, seed=args.seed, temperature=args.temperature, ignore_eos=args.ignore_eos,
-        return_token_ids=args.return_token_ids, slo={**parse_slo(args.slo), **parse_goodput(args.goodput)},
-        timeout_s=args.timeout, api_key=api_key, tokenizer=args.tokenizer,
-        percentile_metrics=args.percentile_metrics, metric_percentiles=args.metric_percentiles)
-    if note:
-        print(f"labkit bench serve: {note}", file=sys.stderr)
-    try:
-        result = benchmark(config)
-    except ServerError as exc:
-        print(f"labkit bench serve: {exc}", file=sys.stderr)
-        return 1
-    path = save_result(result, result_file)
-    print(format_table(result), file=sys.stderr)
-    print(f"labkit bench serve: wrote {path}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(to_jsonable(result), allow_nan=False))
-    return 0 if result["metrics"]["num_completed"] else 1
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected requests per second or inf, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a rate > 0 or inf, got {text!r}")
-    return value
-
-
-def _endpoint(text: str) -> str:
-    """chat or completions, or vLLM's spelling: the path."""
-    return {path: name for name, path in ENDPOINTS.items()}.get(text.rstrip("/"), text)
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
-def _percentiles(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(item) for item in _names(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected percentiles like 50,90,99, got {text!r}") from None
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `labkit bench serve` on the `labkit bench` subparsers."""
-    from labkit.cli.arguments import (add_server_options, non_negative_float, non_negative_int, positive_float,
-                                  positive_int)
-
-    parser = subparsers.add_parser(
-        "serve", help="load-test an OpenAI-compatible server (TTFT, TPOT, ITL, throughput, goodput)",
-        description="Send a seeded workload of random-word prompts to an OpenAI-compatible server (labkit\n"
-                    "serve, vLLM, TGI, llama.cpp) and measure it as vLLM's benchmark_serving does. Writes one\n"
-                    "JSON result (docs/bench_serve_schema.md; it also carries vLLM's result keys) and a row in\n"
-                    "the results store. The table goes to stderr; --json prints the result to stdout.\n"
-                    "vLLM's `vllm bench serve` flag names work too (--random-input-len, --goodput, ...).\n"
-                    "A key in $LABKIT_API_KEY or $OPENAI_API_KEY is sent only to a loopback address\n"
-                    "(127.0.0.1, ::1, localhost) unless --use-env-key; --api-key is always sent.",
-        epilog="examples:\n"
-               "  labkit bench serve --num-prompts 20 --request-rate 2 --slo ttft_ms=500,tpot_ms=100\n"
-               "  labkit bench serve --base-url http://127.0.0.1:8001 --endpoint chat --max-concurrency 4 --json\n"
-               "  labkit bench serve --no-ignore-eos --no-return-token-ids   # a server without vLLM's extensions\n"
-               "  labkit bench serve --dataset-name random --random-input-len 128 --random-output-len 32 \\\n"
-               "      --goodput ttft:500 tpot:50 --metric-percentiles 50,90,99 --result-dir results --save-result",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_options(parser)
-    parser.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000 (overrides --host/--port)")
-    parser.add_argument("--endpoint", type=_endpoint, choices=tuple(ENDPOINTS), default="completions",
-                        help="which API to load: completions or chat, or vLLM's /v1/completions or "
-                             "/v1/chat/completions (default: %(default)s)")
-    parser.add_argument("--dataset-name", choices=("random",), default="random",
-                        help="vLLM's workload name: random (random-word prompts) is the one supported")
-    parser.add_argument("--num-prompts", type=positive_int, default=50, help="timed requests (default: %(default)s)")
-    parser.add_argument("--input-len", "--random-input-len", dest="input_len", type=positive_int, default=64,
-                        help="words per prompt, about one token each (default: %(default)s)")
-    parser.add_argument("--output-len", "--random-output-len", dest="output_len", type=positive_int, default=32,
-                        help="max_tokens per request (default: %(default)s)")
-    parser.add_argument("--range-ratio", "--random-range-ratio", dest="range_ratio", type=non_negative_float,
-                        default=0.0, help="lengths uniform in len*(1±r), r in [0, 1) (default: %(default)s)")
-    parser.add_argument("--request-rate", type=_rate, default=math.inf,
-                        help="requests per second, or inf to send all at once (default: %(default)s)")
-    parser.add_argument("--burstiness", type=float, default=1.0,
-                        help="gamma shape of inter-arrival times: 1 is Poisson, < 1 burstier (default: %(default)s)")
-    parser.add_argument("--max-concurrency", type=positive_int, default=None,
-                        help="cap on requests in flight (default: no cap)")
-    parser.add_argument("--num-warmups", type=non_negative_int, default=1,
-                        help="untimed requests first (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the prompts and arrivals (default: %(default)s)")
-    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="(default: %(default)s)")
-    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                        help="send vLLM's ignore_eos so outputs have exactly --output-len tokens (default: on)")
-    parser.add_argument("--return-token-ids", action=argparse.BooleanOptionalAction, default=True,
-                        help="ask for vLLM's per-chunk token_ids so ITL splits multi-token chunks exactly; "
-                             "without them the usage total is shared among chunks (default: on)")
-    parser.add_argument("--slo", default=None, metavar="KEY=MS,...",
-                        help=f"goodput targets among {', '.join(SLO_KEYS)}, e.g. ttft_ms=500,tpot_ms=50")
-    parser.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
-                        help="vLLM's spelling of --slo: ttft:500 tpot:50 e2el:2000")
-    parser.add_argument("--percentile-metrics", type=_names, default=("ttft", "tpot", "itl"), metavar="NAMES",
-                        help=f"metrics whose vLLM keys go into the result, among {','.join(METRICS)} "
-                             "(default: ttft,tpot,itl)")
-    parser.add_argument("--metric-percentiles", type=_percentiles, default=(99.0,), metavar="PERCENTILES",
-                        help="percentiles of those metrics, e.g. 50,90,99 (default: 99; the lab's own metrics "
-                             "always have p90 and p99)")
-    parser.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
-                        help="counts tokens when the server sends no usage (llama.cpp): an HF id or a local "
-                             "directory (default: the embedded model's tokenizer)")
-    parser.add_argument("--timeout", type=positive_float, default=300.0, metavar="SECONDS",
-                        help="per-request timeout (default: %(default)s)")
-    add_api_key_options(parser)
-    parser.add_argument("--result-file", type=Path, default=None,
-                        help="where the JSON goes (default: data/bench_serve/bench_serve_<UTC>.json)")
-    parser.add_argument("--result-dir", type=Path, default=None,
-                        help="vLLM's spelling: the folder for the JSON (default: data/bench_serve)")
-    parser.add_argument("--result-filename", default=None,
-                        help="vLLM's spelling: the JSON's file name in --result-dir (default: bench_serve_<UTC>.json)")
-    parser.add_argument("--save-result", action="store_true",
-                        help="accepted for vLLM's command lines: the result is always saved")
-    parser.add_argument("--json", action="store_true", help="print the result JSON to stdout")
-    parser.set_defaults(func=cmd_bench_serve)
-    return parser
-
-
-__all__ = ["BenchServeConfig", "PromptSpec", "RequestOutcome", "RequestTiming", "parse_slo", "parse_goodput",
-           "percentile_key", "replica_load", "make_prompts", "arrival_offsets", "tokens_per_chunk", "request_timing",
-           "compute_metrics", "request_body", "send_request", "count_tokens", "settle", "load_tokenizer",
-           "run_benchmark", "benchmark", "vllm_keys", "format_table", "default_result_name", "save_result",
-           "cmd_bench_serve", "add_parser"]
+__all__ = ["SCHEMA", "SLO_KEYS", "BenchServeConfig", "PromptSpec", "parse_slo", "parse_goodput", "make_prompts",
+           "arrival_offsets", "request_body", "send_request", "count_tokens", "settle", "load_tokenizer",
+           "run_benchmark", "benchmark", "vllm_keys", "measure_replicas", "default_result_name", "save_result"]

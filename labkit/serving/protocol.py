@@ -1,33 +1,29 @@
 """OpenAI's completion and chat protocol, shared by `labkit serve` and its clients (`labkit ping`, `bench serve`).
 
 Server side: request bodies validated by pydantic models, then into token ids and SamplingParams (a 400 naming
-the field otherwise), response bodies and server-sent events, and OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
-Client side: parsing those events and error bodies. Nothing here imports torch, so clients stay light.
+the field otherwise), and OpenAI's error body `{"error": {"message", "type", "param", "code"}}`. Client side:
+reading error bodies and the model list. Stream events are in `labkit.serving.events`, response bodies in
+`labkit.serving.responses`. Importing this module does not import torch, so clients stay light.
 """
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from labkit.engine.text import encode_prompt
+from labkit.checks import is_int, is_number
 
 if TYPE_CHECKING:
     from labkit.model.sampling import SamplingParams
 
-API_KEY_ENV = "LABKIT_API_KEY"
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512  # a chat request without max_tokens: a reply, not the rest of the context
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-DONE = object()  # the `data: [DONE]` event that ends an OpenAI stream
-DONE_EVENT = "data: [DONE]\n\n"
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest a handful of levels; deeper ones only cost stack
 REPLICA_HEADER = "x-labkit-replica"  # the replica that answered, on every answer of `labkit router`
 
@@ -132,21 +128,13 @@ def _check_text(text: str, param: str) -> None:
                           param=param) from None
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_no_op(value, no_ops: tuple) -> bool:
     for no_op in no_ops:
         if no_op is None or isinstance(no_op, bool):
             if value is no_op:  # False must not match 0, nor None match a missing dict
                 return True
         elif isinstance(no_op, (int, float)):
-            if _is_number(value) and value == no_op:
+            if is_number(value) and value == no_op:
                 return True
         elif value == no_op:
             return True
@@ -265,6 +253,8 @@ def _api_error(exc: ValidationError) -> APIError:
 
 
 def _completion_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
+    from labkit.engine.text import encode_prompt  # the engine package brings torch: only the server needs it
+
     # OpenAI accepts a string, a list of one string, token ids, or a list of one token-id list
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -279,7 +269,7 @@ def _completion_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
     elif isinstance(prompt, list):
         if not prompt:
             raise bad_request("prompt must not be empty", param="prompt")
-        if not all(_is_int(t) and 0 <= t < vocab_size for t in prompt):
+        if not all(is_int(t) and 0 <= t < vocab_size for t in prompt):
             raise bad_request(f"token-id prompts must hold integers in [0, {vocab_size})", param="prompt")
         ids = list(prompt)
     else:
@@ -291,6 +281,8 @@ def _completion_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
 
 def _chat_prompt(messages: Sequence[ChatMessage], tokenizer) -> list[int]:
     from jinja2 import TemplateError
+
+    from labkit.engine.text import encode_prompt
 
     for i, message in enumerate(messages):
         _check_text(message.content, f"messages[{i}].content")
@@ -369,149 +361,9 @@ def parse_generation_request(body: Mapping, *, is_chat: bool, tokenizer, eos_tok
                              bool(request.return_token_ids))
 
 
-# -- responses -----------------------------------------------------------------------------------------------
-def usage(num_prompt: int, num_completion: int) -> dict:
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
-            "total_tokens": num_prompt + num_completion}
-
-
-def sse(obj) -> str:
-    """One server-sent event carrying obj as compact JSON."""
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-@dataclass
-class Reply:
-    """The bodies of one request's answer: stream chunks and the whole response share its id, model and time."""
-
-    model: str
-    is_chat: bool
-    return_token_ids: bool = False
-    include_usage: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))
-    id: str = ""
-
-    def __post_init__(self):
-        if not self.id:
-            self.id = f"{'chatcmpl' if self.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
-
-    @property
-    def object(self) -> str:
-        return "chat.completion" if self.is_chat else "text_completion"
-
-    def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def _chunk(self, choices: list[dict], **extra) -> str:
-        obj = f"{self.object}.chunk" if self.is_chat else self.object
-        if self.include_usage:  # OpenAI: `usage: null` on every chunk but the last, when usage was asked for
-            extra.setdefault("usage", None)
-        return sse({**self._head(obj), "choices": choices, **extra})
-
-    def role_event(self) -> str:
-        """A chat stream's first event: the assistant's role, no content yet."""
-        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}])
-
-    def delta_event(self, text: str, finish_reason: str | None, token_ids: Sequence[int]) -> str:
-        choice: dict = {"index": 0}
-        if self.is_chat:  # a chunk without new text (token ids held back, or the end) has an empty delta
-            choice["delta"] = {"content": text} if text else {}
-        else:
-            choice["text"] = text
-        choice.update(logprobs=None, finish_reason=finish_reason)
-        if self.return_token_ids:
-            choice["token_ids"] = list(token_ids)
-        return self._chunk([choice])
-
-    def usage_event(self, num_prompt: int, num_completion: int) -> str:
-        return self._chunk([], usage=usage(num_prompt, num_completion))
-
-    def response(self, text: str, finish_reason: str, token_ids: Sequence[int], num_prompt: int) -> dict:
-        """The whole (non-streamed) response body."""
-        choice: dict = {"index": 0}
-        if self.is_chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        choice.update(logprobs=None, finish_reason=finish_reason)
-        if self.return_token_ids:
-            choice["token_ids"] = list(token_ids)
-        return {**self._head(self.object), "choices": [choice], "usage": usage(num_prompt, len(token_ids))}
-
-
-# -- the client side -----------------------------------------------------------------------------------------
-API_KEY_ENVS = (API_KEY_ENV, "OPENAI_API_KEY")  # where clients look for a key, in this order
-
-
-def _brief(value) -> str:
+def json_excerpt(value) -> str:
     """A parsed JSON value as a short one-line excerpt for an error message."""
     return json.dumps(value)[:100]
-
-
-def parse_sse_line(line: str):
-    """One line of an event stream -> its JSON object, DONE, or None (comments, blank lines, other fields).
-
-    ServerError for an event that is not a JSON object, and for an error event (with the server's message).
-    """
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if data == "[DONE]":
-        return DONE
-    if not data:
-        return None
-    try:
-        event = json.loads(data)
-    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
-        raise ServerError(f"the server sent an event that is not JSON: {data[:100]!r}") from None
-    if not isinstance(event, dict):
-        raise ServerError(f"the server sent an event that is not a JSON object: {_brief(event)}")
-    if event.get("error") is not None:
-        error = event["error"]
-        message = error.get("message") if isinstance(error, dict) else error
-        raise ServerError(f"stream error: {message if isinstance(message, str) else _brief(message)}")
-    return event
-
-
-def chunk_text(event: dict, is_chat: bool) -> tuple[str, list[int] | None, str | None]:
-    """The text, token ids (vLLM's `return_token_ids`, when sent) and finish reason of a stream chunk;
-    ServerError naming the field when the chunk does not have OpenAI's shape."""
-    choices = event.get("choices")
-    if not choices:
-        return "", None, None
-    if not isinstance(choices, list) or not isinstance(choices[0], dict):
-        raise ServerError(f"the server sent `choices` that are not a list of objects: {_brief(choices)}")
-    choice = choices[0]
-    if is_chat:
-        delta = choice.get("delta") or {}
-        if not isinstance(delta, dict):
-            raise ServerError(f"the server sent a `delta` that is not an object: {_brief(delta)}")
-        text, name = delta.get("content"), "delta.content"
-    else:
-        text, name = choice.get("text"), "text"
-    if not isinstance(text, str | None):
-        raise ServerError(f"the server sent a `{name}` that is not a string: {_brief(text)}")
-    ids = choice.get("token_ids")
-    if ids is not None and not (isinstance(ids, list) and all(_is_int(i) and i >= 0 for i in ids)):
-        raise ServerError(f"the server sent `token_ids` that are not a list of token ids: {_brief(ids)}")
-    reason = choice.get("finish_reason")
-    return text or "", ids, reason if isinstance(reason, str) else None
-
-
-def stream_usage(event: dict) -> dict | None:
-    """A chunk's `usage` as {"prompt_tokens", "completion_tokens"} (each a count or None), None without one;
-    ServerError when it is not an object of token counts."""
-    usage = event.get("usage")
-    if usage is None:
-        return None
-    if not isinstance(usage, dict):
-        raise ServerError(f"the server sent a `usage` that is not an object: {_brief(usage)}")
-    counts = {key: usage.get(key) for key in ("prompt_tokens", "completion_tokens")}
-    for key, value in counts.items():
-        if value is not None and not (_is_int(value) and value >= 0):
-            raise ServerError(f"the server sent a `usage.{key}` that is not a token count: {_brief(value)}")
-    return counts
 
 
 def model_ids(url: str, status: int, body: bytes) -> list[str]:
@@ -527,57 +379,11 @@ def model_ids(url: str, status: int, body: bytes) -> list[str]:
         return []
     models = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
-        raise ServerError(f'{url}: expected {{"data": [{{"id": ...}}, ...]}}, got {_brief(listing)}')
+        raise ServerError(f'{url}: expected {{"data": [{{"id": ...}}, ...]}}, got {json_excerpt(listing)}')
     return [m["id"] for m in models]
 
 
-def auth_headers(api_key: str | None) -> dict:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def server_url(host: str, port: int) -> str:
-    """http://host:port, with an IPv6 address in brackets."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def is_loopback(url: str) -> bool:
-    """Whether a URL's host is this machine (localhost or a loopback address); names are not resolved."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def api_key_for(url: str, given: str | None = None, use_env_key: bool = False) -> tuple[str | None, str | None]:
-    """(key, note): the key to send to `url`, and why a key set in the environment is held back (else None).
-
-    `given` always goes; else the first key set among API_KEY_ENVS, to loopback hosts only unless use_env_key,
-    so a key exported for one provider never reaches whatever host a client is pointed at.
-    """
-    import os
-
-    if given:
-        return given, None
-    for name in API_KEY_ENVS:
-        if os.environ.get(name):
-            if use_env_key or is_loopback(url):
-                return os.environ[name], None
-            return None, (f"${name} is set but not sent to {url}, which is not a loopback address (pass "
-                          f"--api-key, or --use-env-key to send it)")
-    return None, None
-
-
-__all__ = ["API_KEY_ENV", "API_KEY_ENVS", "REPLICA_HEADER",
-           "DEFAULT_COMPLETION_MAX_TOKENS", "DEFAULT_CHAT_MAX_TOKENS", "ENDPOINTS",
-           "DONE", "DONE_EVENT", "NO_OP_PARAMS", "CHAT_ROLES", "StreamOptions", "ChatMessage",
-           "CompletionRequest", "ChatCompletionRequest", "validate_body",
-           "APIError", "bad_request", "ServerError", "error_message", "MAX_JSON_DEPTH", "parse_json_object",
-           "GenerationRequest", "parse_generation_request",
-           "usage", "sse", "Reply", "parse_sse_line", "chunk_text", "stream_usage", "model_ids", "auth_headers",
-           "server_url", "is_loopback", "api_key_for"]
+__all__ = ["REPLICA_HEADER", "DEFAULT_COMPLETION_MAX_TOKENS", "DEFAULT_CHAT_MAX_TOKENS", "ENDPOINTS",
+           "NO_OP_PARAMS", "CHAT_ROLES", "StreamOptions", "ChatMessage", "CompletionRequest", "ChatCompletionRequest",
+           "validate_body", "APIError", "bad_request", "ServerError", "error_message", "MAX_JSON_DEPTH",
+           "parse_json_object", "GenerationRequest", "parse_generation_request", "json_excerpt", "model_ids"]

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from labkit.checks import check_choice, check_int, check_ints, is_int
+
 # Short, common English words: most tokenizers spend about one token on each (with its leading space), so a
 # prompt of n words is about n tokens. The exact count is the server's `usage.prompt_tokens`.
 WORDS = tuple("""the of and to in is you that it he was for on are as with his they at be this have from or one
@@ -38,7 +40,7 @@ AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 
 def _is_count(value, minimum: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    return is_int(value) and value >= minimum
 
 
 # -- length distributions ------------------------------------------------------------------------------------
@@ -58,14 +60,12 @@ class LengthDist:
     max_len: int | None = None
 
     def __post_init__(self):
-        if self.kind not in LENGTH_KINDS:
-            raise ValueError(f"unknown length distribution {self.kind!r}: choose one of {', '.join(LENGTH_KINDS)}")
+        check_choice("length distribution", self.kind, LENGTH_KINDS)
         if self.shape is None:
             self.shape = DEFAULT_SHAPES[self.kind]
         if not _is_count(self.mean):
             raise ValueError(f"mean length must be an integer >= 1, got {self.mean!r}")
-        if not _is_count(self.min_len):
-            raise ValueError(f"min_len must be an integer >= 1, got {self.min_len!r}")
+        check_int("min_len", self.min_len)
         if self.max_len is not None and not (_is_count(self.max_len) and self.max_len >= self.mean >= self.min_len):
             raise ValueError(f"max_len must be an integer >= the mean ({self.mean}), got {self.max_len!r}")
         if self.mean < self.min_len:
@@ -162,15 +162,12 @@ class TraceConfig:
                 setattr(self, name, LengthDist(**value))
             elif not isinstance(value, LengthDist):
                 raise ValueError(f"{name} must be a LengthDist or a dict of its fields, got {value!r}")
-        if not _is_count(self.num_requests):
-            raise ValueError(f"num_requests must be an integer >= 1, got {self.num_requests!r}")
+        check_int("num_requests", self.num_requests)
         if not isinstance(self.request_rate, (int, float)) or not self.request_rate > 0:
             raise ValueError(f"request_rate must be > 0 (or inf for offline), got {self.request_rate!r}")
         if not isinstance(self.burstiness, (int, float)) or not 0 < self.burstiness < math.inf:
             raise ValueError(f"burstiness must be a finite number > 0, got {self.burstiness!r}")
-        for name in ("num_prefixes", "prefix_len"):
-            if not _is_count(getattr(self, name), 0):
-                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        check_ints(self, ("num_prefixes", "prefix_len"), minimum=0)
         if not isinstance(self.prefix_fraction, (int, float)) or not 0 <= self.prefix_fraction <= 1:
             raise ValueError(f"prefix_fraction must be in [0, 1], got {self.prefix_fraction!r}")
         if self.prefix_fraction > 0 and not (self.num_prefixes and self.prefix_len):

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from labkit.device import describe_environment, seed_everything, synchronize
-from labkit.engine.engine import Engine, apply_rewrites, eos_token_ids_of
+from labkit.engine.engine import Engine
+from labkit.engine.model_runner import RowSpan
 from labkit.model.llama import Transformer, from_hf
-from labkit.model.loader import EMBEDDED_MODEL, load_model
+from labkit.model.loader import EMBEDDED_MODEL, eos_token_ids_of, load_model
+from labkit.model.rewrites import apply_rewrites
 from labkit.speculative.speculator import SpeculativeConfig, Speculator
 
 DRAFTS = ("ngram", "self-int8", "self-int4-g32", "self-bf16", "draft", "medusa", "eagle")
@@ -87,12 +89,12 @@ def verify_cost_ms(engine: Engine, context_len: int, num_tokens, repeats: int = 
     try:
         with torch.inference_mode():
             for n in num_tokens:
-                span = [(key, ids, context_len, context_len + n)]
-                engine._forward(span, [0])  # warm-up
+                rows = [RowSpan(key, ids, context_len, n)]
+                engine.runner.forward(rows, [0])  # warm-up
                 times = []
                 for _ in range(repeats):
                     start = time.perf_counter()
-                    engine._forward(span, [0], [n])
+                    engine.runner.forward(rows, [0], [n])
                     synchronize(engine.device)
                     times.append((time.perf_counter() - start) * 1e3)
                 costs[n] = statistics.median(times)

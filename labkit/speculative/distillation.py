@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from labkit.checks import check_int, check_positive
-from labkit.model.attention import KVCache, build_metadata
+from labkit.model.attention import build_metadata
+from labkit.model.kv_cache import KVCache
 from labkit.model.llama import Transformer
 from labkit.speculative.proposers import EagleDraft, MedusaHeads, head_rows, small_draft
 from labkit.speculative.speculator import Proposer, Speculator

@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.model.llama import Linear, Transformer, use_kn_layout
+from labkit.engine.config import EngineConfig, SchedulerConfig
+from labkit.engine.model_runner import ModelRunner, RowSpan
+from labkit.model.llama import Linear, Transformer
+from labkit.model.rewrites import use_kn_layout
 from labkit.model.sampling import sample
 from labkit.speculative.speculator import Draft, DraftRequest, Proposer
 
@@ -110,33 +113,11 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
     return i
 
 
-class _Runner:
-    """A draft network's own paged KV cache and model runner: an Engine used only for its `_forward`."""
-
-    def __init__(self, model: Transformer, max_num_seqs: int, kv_cache_mb: float | None, compile: bool = False):
-        from labkit.engine.engine import Engine  # the engine imports nothing from here; import on use
-
-        self.engine = Engine(model, config=_runner_config(max_num_seqs, kv_cache_mb, compile))
-        self.blocks = self.engine.blocks
-
-    def reserve(self, request_id: str, num_tokens: int, keep: int) -> bool:
-        """Keep the first `keep` cached tokens of a request and make room for num_tokens; False if full."""
-        blocks = self.blocks
-        if request_id not in blocks:
-            return blocks.allocate(request_id, [], [], num_tokens)
-        blocks.truncate(request_id, keep)
-        return blocks.grow(request_id, num_tokens)
-
-    def release(self, request_id: str) -> None:
-        if request_id in self.blocks:
-            self.blocks.free(request_id)
-
-
-def _runner_config(max_num_seqs: int, kv_cache_mb: float | None, compile: bool = False):
-    from labkit.engine.engine import EngineConfig
-
-    return EngineConfig(max_num_seqs=max_num_seqs, enable_prefix_caching=False, kv_cache_mb=kv_cache_mb,
-                        compile=compile)
+def _runner(model: Transformer, max_num_seqs: int, kv_cache_mb: float | None, compile: bool = False) -> ModelRunner:
+    """A draft network's own paged KV cache and model runner."""
+    config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=max_num_seqs), enable_prefix_caching=False,
+                          kv_cache_mb=kv_cache_mb, compile=compile)
+    return ModelRunner(model, config)
 
 
 class ModelProposer(Proposer):
@@ -153,7 +134,7 @@ class ModelProposer(Proposer):
         self.model, self.name = model, name
         self.vocab = None if vocab is None else vocab.to(model.embed.weight.device)
         self.target_vocab_size = target_vocab_size or model.args.vocab_size
-        self.runner = _Runner(model, max_num_seqs, kv_cache_mb, compile)
+        self.runner = _runner(model, max_num_seqs, kv_cache_mb, compile)
         # per request: the tokens whose K/V the draft cache holds, and how many of them are the request's own
         # (the rest are drafts, which the target may have rejected)
         self._cached: dict[str, tuple[list[int], int]] = {}
@@ -161,10 +142,10 @@ class ModelProposer(Proposer):
     def describe(self) -> dict:
         args = self.model.args
         return {"draft": self.name, "draft_layers": args.num_layers, "draft_vocab": args.vocab_size,
-                "rewrites": list(self.model.rewrites), "compile": self.runner.engine.config.compile}
+                "rewrites": list(self.model.rewrites), "compile": self.runner.config.compile}
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        live, spans = [], []
+        live, rows = [], []
         for r in requests:
             ids, L, k = r.token_ids, len(r.token_ids), r.num_draft_tokens
             old, own = self._cached.get(r.request_id, ([], 0))
@@ -174,23 +155,22 @@ class ModelProposer(Proposer):
                 self.runner.release(r.request_id)
                 continue
             live.append(r)
-            spans.append((r.request_id, list(ids), keep, L))
+            rows.append(RowSpan(r.request_id, list(ids), keep, L - keep))
         drafts: dict[str, tuple[list[int], list]] = {r.request_id: ([], []) for r in live}
-        engine = self.runner.engine
         with torch.inference_mode():
             while live:
-                logits = engine._forward(spans, list(range(len(spans))))
+                logits = self.runner.forward(rows, list(range(len(rows)))).logits
                 tokens, probs = _pick(logits, live, self.vocab, self.target_vocab_size)
-                next_live, next_spans = [], []
-                for r, span, t, q in zip(live, spans, tokens, probs):
+                next_live, next_rows = [], []
+                for r, row, t, q in zip(live, rows, tokens, probs):
                     got, qs = drafts[r.request_id]
                     got.append(t)
                     qs.append(q)
                     if len(got) < r.num_draft_tokens:
-                        ids = span[1] + [t]
+                        ids = row.token_ids + [t]
                         next_live.append(r)
-                        next_spans.append((r.request_id, ids, len(ids) - 1, len(ids)))
-                live, spans = next_live, next_spans
+                        next_rows.append(RowSpan(r.request_id, ids, len(ids) - 1, 1))
+                live, rows = next_live, next_rows
         out = []
         for r in requests:
             got, qs = drafts.get(r.request_id, ([], []))
@@ -384,7 +364,7 @@ class EagleProposer(Proposer):
     def __init__(self, draft: EagleDraft, target_vocab_size: int, max_num_seqs: int = 16,
                  kv_cache_mb: float | None = 64):
         self.draft, self.target_vocab_size = draft, target_vocab_size
-        self.runner = _Runner(draft.body, max_num_seqs, kv_cache_mb)
+        self.runner = _runner(draft.body, max_num_seqs, kv_cache_mb)
         # per request: offset (first position with a feature), entries cached from the target's features,
         # and the target features waiting to be cached (positions offset + done onwards)
         self._state: dict[str, list] = {}
@@ -402,7 +382,7 @@ class EagleProposer(Proposer):
         state[2].append(hidden.detach())
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        live, spans, feats = [], [], []
+        live, rows, feats = [], [], []
         for r in requests:
             state = self._state.get(r.request_id)
             if state is None:
@@ -416,29 +396,29 @@ class EagleProposer(Proposer):
             if not self.runner.reserve(r.request_id, entries + k - 1, done):
                 continue
             live.append(r)
-            spans.append((r.request_id, r.token_ids[offset + 1:], done, entries))
+            rows.append(RowSpan(r.request_id, r.token_ids[offset + 1:], done, entries - done))
             feats.append(torch.cat(pending) if pending else None)
             state[1], state[2] = entries, []
         drafts: dict[str, tuple[list[int], list]] = {r.request_id: ([], []) for r in live}
-        engine, draft = self.runner.engine, self.draft
+        draft = self.draft
         with torch.inference_mode():
             while live:
-                ids = torch.tensor([t for _, toks, s, e in spans for t in toks[s:e]], device=feats[0].device)
+                ids = torch.tensor([t for row in rows for t in row.new_token_ids], device=feats[0].device)
                 x = draft.inputs(ids, torch.cat(feats))
-                logits, hidden = engine._forward(spans, list(range(len(spans))), return_hidden=True, embeds=x)
-                tokens, probs = _pick(logits, live, draft.vocab, self.target_vocab_size)
-                ends = torch.tensor([0, *(e - s for _, _, s, e in spans)]).cumsum(0)
-                next_live, next_spans, next_feats = [], [], []
-                for i, (r, span, t, q) in enumerate(zip(live, spans, tokens, probs)):
+                out = self.runner.forward(rows, list(range(len(rows))), return_hidden=True, embeds=x)
+                tokens, probs = _pick(out.logits, live, draft.vocab, self.target_vocab_size)
+                ends = torch.tensor([0, *(row.length for row in rows)]).cumsum(0)
+                next_live, next_rows, next_feats = [], [], []
+                for i, (r, row, t, q) in enumerate(zip(live, rows, tokens, probs)):
                     got, qs = drafts[r.request_id]
                     got.append(t)
                     qs.append(q)
                     if len(got) < r.num_draft_tokens:  # next entry: the predicted feature and the drafted token
-                        toks = span[1] + [t]
+                        toks = row.token_ids + [t]
                         next_live.append(r)
-                        next_spans.append((r.request_id, toks, len(toks) - 1, len(toks)))
-                        next_feats.append(hidden[int(ends[i + 1]) - 1: int(ends[i + 1])])
-                live, spans, feats = next_live, next_spans, next_feats
+                        next_rows.append(RowSpan(r.request_id, toks, len(toks) - 1, 1))
+                        next_feats.append(out.hidden[int(ends[i + 1]) - 1: int(ends[i + 1])])
+                live, rows, feats = next_live, next_rows, next_feats
         return [_draft(*drafts.get(r.request_id, ([], []))) for r in requests]
 
     def release(self, request_id: str) -> None:

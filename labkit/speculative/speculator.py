@@ -11,7 +11,7 @@ tokens), and hands the target's logits back to `verify`, which keeps what the ta
   when all are kept draw a bonus token from p. The output then has the target's distribution exactly, for
   any draft q (a draft that proposes one token for sure has a one-hot q).
 
-The engine then rolls the paged cache back over the rejected tokens (`BlockManager.truncate`); stateful
+The scheduler then rolls the paged cache back over the rejected tokens (`Scheduler.update_from_output`); stateful
 drafts roll their own caches back when they next see the request's tokens. How many tokens to draft is
 either fixed (gamma) or adaptive: per request, the gamma that maximises the expected tokens per unit of time
 for its measured acceptance rate and the measured costs of drafting and verifying (Leviathan et al. 2023,
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from labkit.engine.model_runner import RowSpan
 from labkit.model.sampling import SamplingParams, sample
 
 GAMMA_POLICIES = ("fixed", "adaptive")
@@ -284,20 +285,21 @@ class Speculator:
     def propose(self, batch, engine) -> dict[str, Draft]:
         """Drafts for the batch's decode rows, each within its remaining length and the free KV blocks."""
         start = time.perf_counter()
-        asks = []
+        asks, seqs = [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
                 continue  # a prefill chunk: nothing to draft after yet
-            request = engine._requests[seq.request_id]
             room = seq.params.max_new_tokens - seq.num_output_tokens - 1  # the step adds accepted + 1 tokens
             k = min(self.gamma(seq.request_id), room, engine.max_seq_len - seq.num_tokens)
             if k > 0:
-                asks.append(DraftRequest(seq.request_id, seq.token_ids, k, seq.params, request.generator))
+                asks.append(DraftRequest(seq.request_id, seq.token_ids, k, seq.params,
+                                         engine.request_generator(seq.request_id)))
+                seqs.append(seq)
         self._drafts, self._kept = {}, {}
         if asks:
-            for ask, draft in zip(asks, self.proposer.propose(asks)):
+            for ask, seq, draft in zip(asks, seqs, self.proposer.propose(asks)):
                 k = len(draft.tokens)
-                while k and not engine.blocks.grow(ask.request_id, len(ask.token_ids) + k):
+                while k and not engine.scheduler.reserve_draft_slots(seq, k):
                     k -= 1  # the cache is full: draft fewer tokens rather than preempt anyone
                 if k:
                     self._drafts[ask.request_id] = Draft(draft.tokens[:k],
@@ -355,15 +357,16 @@ class Speculator:
         old = self._acceptance.get(request_id)
         self._acceptance[request_id] = rate if old is None else decay * old + (1 - decay) * rate
 
-    def observe(self, spans: list[tuple], hidden: torch.Tensor) -> None:
-        """Pass the target's hidden states [N, dim] of this step's kept tokens to the proposer."""
+    def observe(self, rows: list[RowSpan], hidden: torch.Tensor) -> None:
+        """Pass the target's hidden states [N, dim] of this step's kept tokens (rows as the forward ran them) to
+        the proposer."""
         offset = 0
-        for key, ids, start, end in spans:
-            n = end - start
-            if key is not None:
-                keep = 1 + self._kept[key] if key in self._drafts else n
-                self.proposer.observe(key, ids[: start + keep], start, hidden[offset: offset + keep])
-            offset += n
+        for row in rows:
+            rid = row.request_id
+            if rid is not None:
+                keep = 1 + self._kept[rid] if rid in self._drafts else row.length
+                self.proposer.observe(rid, row.token_ids[: row.start + keep], row.start, hidden[offset: offset + keep])
+            offset += row.length
 
     def release(self, request_id: str) -> None:
         self._acceptance.pop(request_id, None)

@@ -65,7 +65,7 @@ def test_unknown_hub_model_names_the_embedded_default(run_cli, monkeypatch):
 
 def test_python_dash_m_entry_point(tmp_path):
     env = {**os.environ, "LABKIT_DATA_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "labkit.bench.baseline", "--model", "tiny-smollm2", "--dummy",
+    out = subprocess.run([sys.executable, "-m", "labkit.cli", "baseline", "--model", "tiny-smollm2", "--dummy",
                           "--max-tokens", "3", "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)[0]["metrics"]["num_new_tokens"] == 3

@@ -8,10 +8,11 @@ import pytest
 from labkit.bench import batching as bb
 from labkit import cli
 from labkit.lab import results
-from labkit.engine.engine import Engine, EngineConfig, HFEngine
+from labkit.bench.hf import HFEngine
+from labkit.engine import Engine, EngineConfig, SchedulerConfig
 from labkit.serving.workloads import LengthDist, TraceConfig, make_trace
 
-ENGINE = EngineConfig(max_num_seqs=3, max_num_batched_tokens=64, max_wait_s=0.01)
+ENGINE = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=64, max_wait_s=0.01))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_policies_give_identical_greedy_tokens(result, trace):
 
 
 def test_a_prebuilt_model_serves_the_same_tokens(result, trace, tiny):
-    from labkit.engine.engine import apply_rewrites
+    from labkit.model.rewrites import apply_rewrites
     from labkit.model.llama import from_hf
 
     again = bb.run_batching_bench(trace, tiny, ENGINE, policies=("continuous",), progress=False,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from labkit.bench import gpu_check
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MISSING_THERE = ("gguf", "plotly", "kaleido", "papermill", "fastapi", "uvicorn", "nbval", "openai")
 
 

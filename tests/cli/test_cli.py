@@ -110,8 +110,8 @@ def test_a_bad_output_path_fails_before_the_work(command, run_cli, tmp_path, mon
 @pytest.mark.parametrize("command", [["baseline"], ["bench", "decode"], ["bench", "batching"]], ids=" ".join)
 def test_an_unwritable_results_store_fails_before_the_work(command, run_cli, tmp_path, monkeypatch):
     from labkit.bench import baseline
-    from labkit.bench import batching as bench_batching
     from labkit.bench import decode as bench_decode
+    from labkit.cli import bench_batching
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model must not load before the store is checked")

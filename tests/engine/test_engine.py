@@ -7,8 +7,10 @@ on `varied`, a tiny model whose greedy tokens change from step to step, so token
 import pytest
 import torch
 
-from labkit.engine.engine import Engine, HFEngine, make_engine
-from labkit.model.llama import ModelArgs, UnsupportedArchitecture, packed_gemm_available
+from labkit.bench.hf import HFEngine, make_engine
+from labkit.engine.engine import Engine
+from labkit.model.llama import ModelArgs, UnsupportedArchitecture
+from labkit.model.rewrites import packed_gemm_available
 from labkit.model.loader import load_model
 
 PROMPTS = ["Once upon a time, in a small village,", "The three primary colors are",
@@ -249,7 +251,7 @@ def _run_all(engine, prompts, params, on_step=None):
         for out in engine.step():
             got[out.request_id].extend(out.new_token_ids)
         engine.blocks.check()
-        assert engine.stats().num_running <= engine.config.max_num_seqs
+        assert engine.stats().num_running <= engine.config.scheduler.max_num_seqs
         steps += 1
         if on_step:
             on_step(steps, ids)
@@ -259,7 +261,7 @@ def _run_all(engine, prompts, params, on_step=None):
 @pytest.fixture(scope="module")
 def policy_setup(varied):
     """One compact model, the requests' params and their solo greedy tokens, shared by the three policies."""
-    from labkit.engine.engine import apply_rewrites
+    from labkit.model.rewrites import apply_rewrites
     from labkit.model.llama import from_hf
 
     model = apply_rewrites(from_hf(varied.model))
@@ -388,8 +390,8 @@ def test_compiled_engine_leaves_few_row_decode_to_the_packed_eager_step(tiny, mo
     engine = Engine.from_hf(tiny.model, compile=True)
     assert "gemm:packed" in engine.model.rewrites
     static_rows = []
-    forward_static = engine._forward_static
-    monkeypatch.setattr(engine, "_forward_static",
+    forward_static = engine.runner.forward_static
+    monkeypatch.setattr(engine.runner, "forward_static",
                         lambda spans: static_rows.append(len(spans)) or forward_static(spans))
     params = engine.sampling_params(max_new_tokens=4, ignore_eos=True)
     one = engine.generate([list(range(7, 30))], params)[0].tokens

@@ -42,7 +42,7 @@ def run(scheduler: Scheduler, seqs, arrivals=None, clock=None, max_steps=10_000)
             clock.now += 0.01
         if batch is None:
             continue
-        assert len(batch.seqs) <= config.max_num_seqs and len(scheduler.running) <= config.max_num_seqs
+        assert len(batch.seqs) <= config.max_num_seqs and len(scheduler.active_seqs()) <= config.max_num_seqs
         if config.policy == "continuous":
             assert batch.num_tokens <= config.max_num_batched_tokens
         assert blocks.num_used_blocks <= blocks.num_blocks
@@ -165,7 +165,7 @@ def test_preempted_requests_go_back_to_the_head_of_the_queue():
         s.token_ids.append(1)
     batch = scheduler.schedule()  # each needs a third block; only 0 free: the newest go back
     assert batch.preempted and batch.preempted[0] is c
-    assert list(scheduler.waiting)[0] is batch.preempted[-1]
+    assert scheduler.queued_seqs()[0] is batch.preempted[-1]
     assert c.status is Status.WAITING and c.num_computed_tokens == 0 and c.output_ids == [1]
 
 

@@ -50,7 +50,7 @@ def test_static_decode_step_matches_the_planned_one(device):
     planned = Engine.from_hf(lm.model, kernels="triton", attention="triton", num_kv_blocks=16)
     static = Engine.from_hf(lm.model, kernels="triton", attention="triton", num_kv_blocks=16)
     static.config.compile = True  # decode steps take the static path ...
-    static._compiled = static._static_step  # ... uncompiled: the interpreter cannot be traced
+    static.runner.compiled_step = static.runner.static_step  # ... uncompiled: the interpreter cannot be traced
     prompts = [list(range(3, 12)), list(range(40, 43)), [5]]  # 3 rows: padded to a bucket of 4
     params = SamplingParams(max_new_tokens=3, ignore_eos=True, detokenize=False)  # a prefill, two static steps
     assert [g.tokens for g in static.generate(prompts, params)] == [g.tokens for g in planned.generate(prompts, params)]

@@ -1,5 +1,6 @@
 """The results store: round trip, append, run ids and labels, corrupt and torn lines, killed and concurrent
-writers, JSON conversion; `labkit results` listing, tabulating and comparing runs."""
+writers, JSON conversion. Listing, tabulating and comparing runs: test_analysis.py; `labkit results`:
+tests/cli/test_results.py."""
 
 import json
 import math
@@ -9,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from labkit.lab import results
+from tests.lab.results_rows import warnings_of
 
 ENV = {"cpu": "test-cpu", "gpu": None, "torch": "x"}
 
@@ -122,20 +123,13 @@ def test_a_run_that_completed_no_request_is_not_a_result(data_dir):
     assert not (data_dir / "results.jsonl").exists()
 
 
-def _warnings_of(fn):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        value = fn()
-    return value, [str(w.message) for w in caught if issubclass(w.category, results.ResultsWarning)]
-
-
 def test_corrupt_and_non_utf8_lines_are_skipped_with_a_warning_naming_file_and_line(data_dir):
     path = results.append_rows([_row(1), _row(2), _row(3), _row(4)])
     lines = path.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1][:20] + b"\n"  # cut JSON
     lines[2] = b'{"technique": "caf\xe9"}\n'  # Latin-1, not UTF-8
     path.write_bytes(b"".join(lines) + b"[1, 2]\n" + b'{"no": "technique"}\n')
-    df, messages = _warnings_of(results.load_results)
+    df, messages = warnings_of(results.load_results)
     assert list(df["params.batch_size"]) == [1, 4]
     assert len(messages) == 4
     assert f"{path}:2: corrupt results line" in messages[0]
@@ -150,10 +144,10 @@ def test_a_torn_last_line_is_skipped_quietly_and_the_next_append_starts_a_line(d
     path = results.append_rows([_row(1)])
     with open(path, "ab") as f:
         f.write(b'{"technique": "baseline", "par')  # a writer killed mid-row
-    rows, messages = _warnings_of(results.read_rows)
+    rows, messages = warnings_of(results.read_rows)
     assert [r["params"]["batch_size"] for r in rows] == [1] and messages == []
     results.append_rows([_row(2)])
-    rows, messages = _warnings_of(results.read_rows)
+    rows, messages = warnings_of(results.read_rows)
     assert [r["params"]["batch_size"] for r in rows] == [1, 2]
     assert len(messages) == 1 and f"{path}:2:" in messages[0]  # now an ordinary corrupt line
 
@@ -217,7 +211,7 @@ def test_kill_9_leaves_no_temp_copies_and_a_readable_store(data_dir):
     proc.wait(timeout=30)
     proc.stdout.close()
     assert sorted(p.name for p in data_dir.iterdir()) == ["results.jsonl", "results.jsonl.lock"]
-    rows, messages = _warnings_of(results.read_rows)
+    rows, messages = warnings_of(results.read_rows)
     assert len(rows) >= 80 and messages == []  # at most a torn last line, skipped quietly
     results.append_rows([_row(1)])  # the store takes rows again after the crash
     assert results.read_rows()[-1]["params"]["batch_size"] == 1
@@ -266,95 +260,3 @@ def test_check_writable_refuses_what_cannot_be_written(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(ValueError, match="permission denied"):
             results.check_writable(locked / "out.json")
-
-
-# -- listing, tabulating and comparing runs ------------------------------------------------------------------
-def _decode_row(variant, batch_size, tokens_per_s):
-    return results.make_row("decode", {"variant": variant, "engine": variant.split("-")[0], "batch_size": batch_size,
-                                       "repeats": 3}, {"tokens_per_s": tokens_per_s, "ttft_ms": 5.0}, env=ENV)
-
-
-@pytest.fixture
-def two_runs(data_dir):
-    before = [_decode_row(v, b, 10.0 * b) for v in ("hf-fp32", "labkit-fp32") for b in (1, 4)]
-    after = [_decode_row(v, b, 15.0 * b) for v in ("hf-fp32", "labkit-fp32") for b in (1, 4)]
-    results.append_rows(before, run_id="run-a", label="before")
-    results.append_rows(after, run_id="run-b", label="after")
-    return results.load_results()
-
-
-def test_list_runs_one_line_each(two_runs):
-    runs = results.list_runs(two_runs)
-    assert list(runs["run"]) == ["run-a", "run-b"] and list(runs["label"]) == ["before", "after"]
-    assert list(runs["rows"]) == [4, 4] and runs["engines"].iloc[0] == "hf-fp32, labkit-fp32"
-
-
-def test_compare_by_label_lines_cases_up_with_ratios(two_runs):
-    table = results.compare(two_runs, by="label", metric="tokens_per_s")
-    assert list(table.columns) == ["before", "after", "after / before"]
-    assert table.index.names == ["technique", "engine", "batch_size"]
-    assert table.loc[("decode", "labkit-fp32", 4), "after"] == 60.0
-    assert (table["after / before"] == 1.5).all()
-
-
-def test_compare_by_engine_and_select(two_runs):
-    table = results.compare(results.select(two_runs, labels=["after"]), by="engine")  # default: tokens_per_s
-    assert list(table.columns)[:2] == ["hf-fp32", "labkit-fp32"] and len(table) == 2
-    with pytest.raises(ValueError, match="two or more"):
-        results.compare(results.select(two_runs, runs=["run-a"]), by="label")
-    with pytest.raises(ValueError, match="unknown run 'zzz'"):
-        results.select(two_runs, runs=["zzz"])
-    with pytest.raises(ValueError, match="labels here: after, before"):
-        results.select(two_runs, labels=["nope"])
-    assert set(results.select(two_runs, runs=["last"])["run"]) == {"run-b"}
-
-
-def test_tabulate_shows_the_params_that_vary(two_runs):
-    table = results.tabulate(two_runs)
-    assert list(table.columns) == ["run", "label", "technique", "engine", "batch_size", "tokens_per_s", "ttft_ms"]
-
-
-def test_rows_before_run_ids_form_legacy_runs():
-    rows = [{"technique": "decode", "timestamp": f"2026-01-01T00:00:{s:02d}+00:00"} for s in (0, 30, 59)]
-    rows += [{"technique": "batching", "timestamp": "2026-01-01T00:01:05+00:00"},
-             {"technique": "batching", "timestamp": "2026-01-01T00:09:00+00:00"}, {"technique": "x", "run_id": "r"}]
-    keys = results.run_keys(rows)
-    assert keys[:3] == ["legacy-20260101T000000Z"] * 3
-    assert keys[3:] == ["legacy-20260101T000105Z", "legacy-20260101T000900Z", "r"]
-
-
-def test_shipped_reference_store_reads_cleanly():
-    path = results.reference_data_dir() / results.RESULTS_FILE
-    df, messages = _warnings_of(lambda: results.load_results(path))
-    assert messages == [] and not results.list_runs(df).empty
-
-
-def test_results_command_lists_compares_and_speaks_json(two_runs, run_cli):
-    code, out, _ = run_cli("results")
-    assert code == 0 and "run-a" in out and "before" in out
-    code, out, _ = run_cli("results", "--compare", "label", "--json")
-    records = json.loads(out)
-    assert code == 0 and {r["after / before"] for r in records} == {1.5}
-    code, out, _ = run_cli("results", "--rows", "--run", "run-b", "--json")
-    assert code == 0 and [r["run_id"] for r in json.loads(out)] == ["run-b"] * 4
-    code, out, _ = run_cli("results", "--rows", "--engine", "labkit-fp32")
-    assert code == 0 and "hf-fp32" not in out and out.count("labkit-fp32") == 4
-
-
-def test_results_command_errors_and_warnings_are_one_line(two_runs, data_dir, run_cli):
-    code, _, err = run_cli("results", "--run", "nope")
-    assert code == 2 and err.count("\n") == 1 and "unknown run 'nope'" in err
-    code, _, err = run_cli("results", "--compare", "label", "--metric", "joules")
-    assert code == 2 and "no metric 'joules'" in err and "tokens_per_s" in err
-    code, _, err = run_cli("results", "--compare", "colour")
-    assert code == 2 and err.count("\n") == 1
-    with open(data_dir / "results.jsonl", "ab") as f:
-        f.write(b"\xff\xfe garbage\n")
-    code, out, err = run_cli("results")
-    assert code == 0 and "run-b" in out
-    assert err.startswith("labkit results: warning: ") and "results.jsonl:9: not UTF-8" in err
-
-
-def test_results_command_on_an_empty_store(run_cli):
-    code, out, err = run_cli("results", "--json")
-    assert code == 0 and json.loads(out) == [] and "no results" in err

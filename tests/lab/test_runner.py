@@ -9,6 +9,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
+from labkit.cli import run as run_command
 from labkit.lab import runner
 
 
@@ -43,7 +44,7 @@ def notebooks(tmp_path, monkeypatch):
 
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="labkit")
-    runner.add_parser(parser.add_subparsers())
+    run_command.add_parser(parser.add_subparsers())
     return parser.parse_args(argv)
 
 
@@ -77,7 +78,7 @@ def test_profiles_merge_star_then_notebook(notebooks):
 
 
 def test_shipped_profiles_file_is_valid():
-    profiles = runner.load_profiles(Path(runner.__file__).resolve().parent.parent / "notebooks")
+    profiles = runner.load_profiles(Path(runner.__file__).resolve().parents[2] / "notebooks")
     assert {"default", "full"} <= set(profiles)
 
 
@@ -122,7 +123,7 @@ def test_cli_reports_bad_selector_on_one_line(notebooks, capsys):
 
 def test_notebook_parameters_read_the_tagged_cell(notebooks):
     assert runner.notebook_parameters(notebooks / "01_params.ipynb") == {"x": 1, "label": "nb", "expected_cwd": ""}
-    shipped = Path(runner.__file__).resolve().parent.parent / "notebooks" / "01_baseline.ipynb"
+    shipped = Path(runner.__file__).resolve().parents[2] / "notebooks" / "01_baseline.ipynb"
     assert {"model", "device", "seed", "repeats"} <= set(runner.notebook_parameters(shipped))
 
 
@@ -171,7 +172,7 @@ def test_a_run_writes_results_and_figures_under_its_folder(notebooks, tmp_path, 
     monkeypatch.delenv("LABKIT_FIGURES_DIR")
     _write_notebook(
         notebooks / "03_env.ipynb", "expected = ''",
-        "import os\nfrom labkit import results\n"
+        "import os\nfrom labkit.lab import results\n"
         "assert os.environ['LABKIT_FIGURES_DIR'] == expected + '/figures', os.environ['LABKIT_FIGURES_DIR']\n"
         "results.append_rows([results.make_row('t', {}, {'x': 1.0}, env={})])")
     out = tmp_path / "run"
@@ -183,7 +184,7 @@ def test_a_run_writes_results_and_figures_under_its_folder(notebooks, tmp_path, 
 
 
 def test_refresh_reference_targets_the_committed_folders(tmp_path, monkeypatch):
-    repo = Path(runner.__file__).resolve().parent.parent
+    repo = Path(runner.__file__).resolve().parents[2]
     env = runner.output_environment(tmp_path, refresh_reference=True, run_id="r")
     assert env["LABKIT_DATA_DIR"] == str(repo / "data") and env["LABKIT_FIGURES_DIR"] == str(repo / "figures")
     monkeypatch.setenv("LABKIT_DATA_DIR", "/elsewhere")  # an explicit choice wins over the run folder

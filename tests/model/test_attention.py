@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
-from labkit.model.attention import (ATTENTION_BACKENDS, AttentionMetadata, KVCache, build_metadata, paged_attention,
-                              resolve_backend, write_kv)
+from labkit.model.attention import AttentionMetadata, build_metadata, paged_attention
+from labkit.model.backends import ATTENTION_BACKENDS, attention_backend
+from labkit.model.kv_cache import KVCache, write_kv
 
 H, HKV, D, BS = 6, 2, 8, 4
 
@@ -18,7 +19,7 @@ def backend_core(name):
 
         if not can_run_on("cpu"):
             pytest.skip(f"the triton backend on the CPU: {INTERPRETER_HINT}")
-    return resolve_backend(ATTENTION_BACKENDS[name])
+    return attention_backend(name)
 
 
 def dense_reference(q, k, v):

@@ -7,14 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labkit.model.attention import (ATTENTION_BACKENDS, AttentionMetadata, Int8KV, KVCache, build_metadata,
-                              dequantize_kv, paged_attention, quantize_kv, write_kv)
-from labkit.engine.engine import Engine, EngineConfig, apply_rewrites
+from labkit.engine import Engine, EngineConfig
+from labkit.model.attention import AttentionMetadata, build_metadata, paged_attention
+from labkit.model.backends import attention_backend
+from labkit.model.kv_cache import Int8KV, KVCache, dequantize_kv, quantize_kv, write_kv
+from labkit.model.rewrites import apply_rewrites
 from labkit.model.llama import from_hf
 from labkit.model.sampling import SamplingParams
 
 H, HKV, D, BS = 6, 2, 64, 4
-CORES = {name: ATTENTION_BACKENDS[name] for name in ("sdpa", "math")}
+CORES = {name: attention_backend(name) for name in ("sdpa", "math")}
 # Unit-normal q, k, v with D = 64: each cached element is off by at most absmax / 254 (absmax ~3, so ~0.012);
 # a score q.k moves by about 0.012 * |q| / sqrt(D) ~ 0.01 and the softmax-weighted values by as much again.
 ATTENTION_ATOL = 0.03

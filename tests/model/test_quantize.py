@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from labkit.model import gguf
 from labkit.model import quantize as quant
 from labkit.engine.engine import Engine
 from labkit.model.llama import from_hf
@@ -85,7 +86,7 @@ def test_q8_0_linear_keeps_the_codes_and_multiplies_by_them():
 
 @pytest.fixture(scope="module")
 def gguf_tensors():
-    return quant._gguf_tensors(embedded_gguf_path())
+    return gguf.read_gguf_tensors(embedded_gguf_path())
 
 
 def test_gguf_blocks_dequantize_exactly_as_the_gguf_package(gguf_tensors):
@@ -108,7 +109,7 @@ def gguf_model(embedded):
 def test_gguf_scheme_loads_the_files_codes_unchanged(embedded, gguf_model, gguf_tensors):
     fp32 = from_hf(embedded.model)  # transformers dequantized the same file: it is the reference
     layer = gguf_model.layers[3]
-    codes, _, _ = quant.unpack_q4_1(quant._rows(gguf_tensors["blk.3.ffn_down.weight"], (576, 1536)))
+    codes, _, _ = gguf.unpack_q4_1(gguf.gguf_rows(gguf_tensors["blk.3.ffn_down.weight"], (576, 1536)))
     assert torch.equal(layer.mlp.w_down.codes()[:576, :1536], codes)
     for mine, ref in [(layer.attn.wqkv, fp32.layers[3].attn.wqkv), (layer.mlp.w_gate_up, fp32.layers[3].mlp.w_gate_up),
                       (gguf_model.lm_head, fp32.lm_head)]:

@@ -11,7 +11,8 @@ import time
 import torch
 
 from labkit.parallel.distributed import all_gather_objects, init_distributed
-from labkit.engine.engine import Engine, EngineConfig, apply_rewrites
+from labkit.engine import Engine, EngineConfig
+from labkit.model.rewrites import apply_rewrites
 from labkit.parallel.worker import run_bench, worker_options
 from labkit.model.llama import from_hf
 from labkit.model.loader import DUMMY_CONFIGS, load_model

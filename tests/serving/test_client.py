@@ -15,10 +15,11 @@ import time
 import pytest
 
 from labkit import cli
-
+from labkit.cli import ping as ping_cli
 from labkit.serving import client
-from labkit.serving.protocol import (DONE, ServerError, api_key_for, chunk_text, is_loopback, model_ids, parse_sse_line,
-                             stream_usage)
+from labkit.serving.addresses import api_key_for, is_loopback
+from labkit.serving.events import DONE, SSEReader, chunk_text, parse_event, read_events, stream_usage
+from labkit.serving.protocol import ServerError, model_ids
 from labkit.serving.server import bind_socket
 
 WORDS = [" hello", " world", " again"]
@@ -143,15 +144,17 @@ def _one_line(capsys) -> str:
 
 
 # -- the parsing functions -----------------------------------------------------------------------------------
-def test_parse_sse_line_rejects_what_is_not_an_event_object():
-    assert parse_sse_line('data: {"a": 1}') == {"a": 1}
-    assert parse_sse_line("data: [DONE]") is DONE
-    assert parse_sse_line(": keep-alive") is None and parse_sse_line("data:") is None
-    assert parse_sse_line('data: {"error": null, "choices": []}') == {"error": None, "choices": []}
+def test_parse_event_rejects_what_is_not_an_event_object():
+    assert parse_event('{"a": 1}') == {"a": 1}
+    assert parse_event("[DONE]") is DONE
+    assert SSEReader().feed(": keep-alive\n\n") == [] and parse_event("") is None
+    assert list(read_events([": keep-alive\n\n", "data:\n\n", 'data: {"a": 1}\n\n', "data: [DONE]\n\n"])) == \
+        [{"a": 1}, DONE]
+    assert parse_event('{"error": null, "choices": []}') == {"error": None, "choices": []}
     for case in ("string-event", "number-event", "error-string", "error-object", "not-json", "deep"):
         events, fragment = BROKEN_STREAMS[case]
         with pytest.raises(ServerError) as caught:
-            parse_sse_line(f"data: {events[0]}")
+            parse_event(events[0])
         assert fragment in str(caught.value) and "\n" not in str(caught.value) and len(str(caught.value)) < 200
 
 
@@ -220,7 +223,7 @@ def test_ping_sends_an_environment_key_only_where_allowed(monkeypatch, capsys):
     assert cli.main(["ping", "--host", "10.1.2.3", "--api-key", "given"]) == 1
     assert sent == [None, "sk-secret", "sk-secret", "given"]
     assert "not sent" not in capsys.readouterr().err  # no note when a key is given or allowed
-    help_text = client.add_parser(argparse.ArgumentParser().add_subparsers()).format_help()
+    help_text = ping_cli.add_parser(argparse.ArgumentParser().add_subparsers()).format_help()
     assert "loopback" in help_text and "--use-env-key" in help_text
 
 

@@ -12,15 +12,16 @@ from tests.serving.test_client import BROKEN_MODELS, BROKEN_STREAMS, WORDS, brok
 
 from labkit import cli
 
+from labkit.cli import bench_serve as bench_serve_cli
 from labkit.serving import loadgen
 
 from labkit.lab import results
 from labkit.engine.engine import Engine
-from labkit.serving.loadgen import (BenchServeConfig, RequestOutcome, compute_metrics, count_tokens, request_timing, settle,
-                            tokens_per_chunk)
+from labkit.serving.load_metrics import RequestOutcome, compute_metrics, request_timing, tokens_per_chunk
+from labkit.serving.loadgen import BenchServeConfig, count_tokens, settle
 from labkit.model.loader import EMBEDDED_MODEL, convert_embedded
 from labkit.serving.protocol import ServerError
-from labkit.serving.server import ServerThread, create_app
+from labkit.serving import ServerThread, create_app
 
 METRIC_KEYS = ["duration_s", "num_completed", "num_failed", "total_input_tokens", "total_output_tokens",
                "request_throughput_req_per_s", "output_throughput_tokens_per_s",
@@ -270,7 +271,7 @@ def test_bench_serve_counts_with_the_tokenizer_when_the_server_sends_no_usage(br
     assert [r["input_tokens"] for r in requests] == [count_tokens(embedded_tokenizer, p.prompt) for p in prompts]
     assert {r["token_count_source"] for r in requests} == {"tokenizer"}
     assert all(len(r["itl_ms"]) == n_out - 1 for r in requests)  # the count shared among the 3 chunks
-    assert "re-tokenized with smollm2" in loadgen.format_table(result)
+    assert "re-tokenized with smollm2" in bench_serve_cli.format_table(result)
     # a server with usage, through the same fake: counted from usage
     result = loadgen.benchmark(BenchServeConfig(base_url=broken_server.url, model="good", num_prompts=2,
                                                 num_warmups=0), tokenizer=embedded_tokenizer)
@@ -361,7 +362,7 @@ def test_bench_serve_sends_an_environment_key_to_loopback_only(monkeypatch, caps
     assert cli.main(["bench", "serve", "--base-url", "https://api.example.com", "--api-key", "given"]) == 1
     assert sent == [None, "sk-secret", "sk-secret", "given"]
     assert "not sent" not in capsys.readouterr().err  # no note when a key is given or allowed
-    help_text = loadgen.add_parser(argparse.ArgumentParser().add_subparsers()).format_help()
+    help_text = bench_serve_cli.add_parser(argparse.ArgumentParser().add_subparsers()).format_help()
     assert "loopback" in help_text and "--use-env-key" in help_text
 
 

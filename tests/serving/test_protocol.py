@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from labkit.serving.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, DONE, MAX_JSON_DEPTH, APIError, Reply, chunk_text,
-                             error_message, parse_generation_request, parse_json_object, parse_sse_line,
-                             validate_body)
+from labkit.serving.events import DONE, chunk_text, read_events
+from labkit.serving.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, MAX_JSON_DEPTH, APIError, error_message,
+                                     parse_generation_request, parse_json_object, validate_body)
+from labkit.serving.responses import Reply
 
 CONTEXT = 2048  # tiny-smollm2's
 
@@ -87,7 +88,7 @@ def test_events_parse_back_on_the_client_side(is_chat):
     events = ([reply.role_event()] if is_chat else []) + [reply.delta_event("Hel", None, [1]),
                                                           reply.delta_event("lo", "stop", [2, 3]),
                                                           reply.usage_event(4, 3), "data: [DONE]\n\n"]
-    parsed = [parse_sse_line(e.strip()) for e in events]
+    parsed = list(read_events(events))
     assert parsed[-1] is DONE
     chunks = [chunk_text(p, is_chat) for p in parsed[:-1]]
     assert "".join(text for text, _, _ in chunks) == "Hello"

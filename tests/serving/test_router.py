@@ -10,13 +10,16 @@ import pytest
 
 from labkit import cli
 
+from labkit.cli import bench_serve as bench_serve_cli
 from labkit.serving import loadgen
 from labkit.engine.engine import Engine
 from labkit.serving.protocol import REPLICA_HEADER
-from labkit.serving.router import (LeastOutstanding, PrefixAffinity, Replica, ReplicaSet, RoundRobin, Router, RouterConfig,
-                           create_app, prefix_key)
+from labkit.serving.app import create_app as create_server
+from labkit.serving.replicas import ReplicaSet
+from labkit.serving.router import (LeastOutstanding, PrefixAffinity, Replica, RoundRobin, Router, RouterConfig,
+                                   prefix_key)
+from labkit.serving.router_app import create_router_app
 from labkit.serving.server import ServerThread
-from labkit.serving.server import create_app as create_server
 
 
 def _replicas(n, loads=()):
@@ -92,7 +95,7 @@ def servers(tiny):
 @pytest.fixture
 def routed(servers):
     router = Router([s.url for s in servers], RouterConfig(policy="round_robin"))
-    with ServerThread(create_app(router)) as front:
+    with ServerThread(create_router_app(router)) as front:
         yield router, front
 
 
@@ -136,12 +139,12 @@ def test_bench_serve_reports_per_replica_load(routed, tmp_path):
     assert result["metrics"]["num_completed"] == 6 and result["metrics"]["num_replicas"] == 2
     assert {k: v["num_completed"] for k, v in result["replicas"].items()} == {"0": 3, "1": 3}
     assert {r["replica"] for r in result["requests"]} == {"0", "1"}
-    assert "Replica 0" in loadgen.format_table(result)
+    assert "Replica 0" in bench_serve_cli.format_table(result)
 
 
 def test_no_replica_left_is_a_503_with_an_openai_body():
     router = Router(["http://127.0.0.1:9"], RouterConfig(connect_timeout_s=1.0))  # nothing listens on port 9
-    with ServerThread(create_app(router)) as front:
+    with ServerThread(create_router_app(router)) as front:
         r = httpx.post(f"{front.url}/v1/completions", json={"prompt": "x"}, trust_env=False)
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_replica"
         assert httpx.get(f"{front.url}/health", trust_env=False).status_code == 503
@@ -169,7 +172,7 @@ def test_every_request_is_answered_once_when_a_replica_dies():
     urls = pool.start()
     try:
         router = Router(urls, RouterConfig(policy="round_robin", health_interval_s=0.2))
-        with ServerThread(create_app(router)) as front:
+        with ServerThread(create_router_app(router)) as front:
             async def run():
                 async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
                     first = [asyncio.create_task(_stream(client, front.url, i)) for i in range(12)]

@@ -20,7 +20,7 @@ import pytest
 
 from labkit import cli
 from labkit.engine.engine import Engine
-from labkit.serving.server import ServeConfig, ServerThread, create_app
+from labkit.serving import ServeConfig, ServerThread, create_app
 
 MODEL = "tiny"
 LONG = 1500  # tokens: seconds of decoding, so a generation that was not cancelled would be seen running
@@ -805,7 +805,7 @@ def test_engine_metrics_and_health_agree(client, server, engine):
     assert _metric(server.url, "labkit_kv_cache_usage_ratio") == 0
     assert _metric(server.url, "labkit_requests_running") == _metric(server.url, "labkit_requests_waiting") == 0
     assert 0 < _metric(server.url, "labkit_prefix_cache_hit_rate") <= 1
-    assert 1 <= _metric(server.url, "labkit_batch_size") <= engine.config.max_num_seqs
+    assert 1 <= _metric(server.url, "labkit_batch_size") <= engine.config.scheduler.max_num_seqs
     steps = _metric(server.url, "labkit_step_rows_count")
     assert steps > 0 and _metric(server.url, "labkit_step_rows_sum") >= steps
     assert _metric(server.url, "labkit_step_rows_bucket", le="+Inf") == steps

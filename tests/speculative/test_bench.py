@@ -9,7 +9,7 @@ from labkit.speculative import bench as bench_spec
 from labkit import cli
 from labkit.cli.bench_spec import format_table
 from labkit.speculative.training import load_or_train
-from labkit.engine.engine import apply_rewrites
+from labkit.model.rewrites import apply_rewrites
 from labkit.model.llama import from_hf
 
 

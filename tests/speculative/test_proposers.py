@@ -8,7 +8,8 @@ import torch
 
 from labkit.speculative import proposers as drafts
 from labkit.speculative.training import TRAIN_SIZES, load_or_train
-from labkit.engine.engine import Engine, apply_rewrites
+from labkit.engine.engine import Engine
+from labkit.model.rewrites import apply_rewrites
 from labkit.model.llama import from_hf
 from labkit.model.sampling import SamplingParams
 from labkit.speculative.speculator import SpeculativeConfig, Speculator
@@ -93,5 +94,5 @@ def test_compiled_int4_self_draft_is_token_identical(tiny):
     assert proposer.describe()["compile"] and "quant:int4-g32" in proposer.model.rewrites
     engine = Engine(target, tiny.tokenizer, speculator=Speculator(proposer, SpeculativeConfig(num_draft_tokens=3)))
     assert [g.tokens for g in engine.generate(prompts, params)] == reference
-    assert proposer.runner.engine._compiled is not None  # the draft's one-token steps did run compiled
+    assert proposer.runner.compiled_step is not None  # the draft's one-token steps did run compiled
     assert engine.blocks.num_used_blocks == 0

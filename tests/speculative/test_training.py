@@ -10,6 +10,7 @@ from labkit import cli
 from labkit.speculative import distillation
 from labkit.speculative import training as dt
 from labkit.engine.engine import Engine
+from labkit.engine.model_runner import RowSpan
 from labkit.model.llama import from_hf
 from labkit.speculative.speculator import DraftRequest
 from labkit.model.sampling import SamplingParams
@@ -37,7 +38,7 @@ def test_the_training_forward_is_the_engines_forward(tiny):
     key = "x"
     engine.blocks.allocate(key, tokens.tolist(), [], len(tokens))
     with torch.inference_mode():
-        _, hidden = engine._forward([(key, tokens.tolist(), 0, len(tokens))], [0], return_hidden=True)
+        hidden = engine.runner.forward([RowSpan(key, tokens.tolist(), 0, len(tokens))], [0], return_hidden=True).hidden
         dense = distillation.dense_forward(target, tokens[None])[0]
     torch.testing.assert_close(dense, hidden, atol=1e-5, rtol=1e-5)
 

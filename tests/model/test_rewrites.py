@@ -1,12 +1,13 @@
-"""The compact model's backends: swapping them shares the weights and keeps the outputs."""
+"""Rewrites over a built model: swapping backends shares the weights; the packed GEMM keeps the outputs."""
 
 import copy
 
 import pytest
 import torch
 
-from labkit.model.llama import (PACKED_MAX_ROWS, Linear, TorchKernels, from_hf, packed_gemm_available, use_kn_layout,
-                          use_packed_gemm, with_backends)
+from labkit.model.llama import Linear, from_hf
+from labkit.model.rewrites import (PACKED_MAX_ROWS, apply_rewrites, packed_gemm_available, use_kn_layout,
+                                   use_packed_gemm, with_backends)
 from labkit.model.loader import load_model
 
 
@@ -20,13 +21,6 @@ def test_with_backends_shares_weights_and_changes_only_backends():
     assert "x" not in model.rewrites
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         with_backends(model, kernels="cuda")
-
-
-def test_add_rms_norm_is_the_unfused_add_then_norm():
-    gen = torch.Generator().manual_seed(0)
-    x, r, w = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen), torch.randn(8, generator=gen)
-    out, total = TorchKernels.add_rms_norm(x, r, w, 1e-6)
-    assert torch.equal(total, r + x) and torch.equal(out, TorchKernels.rms_norm(r + x, w, 1e-6))
 
 
 @pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
@@ -56,8 +50,6 @@ def test_packed_gemm_matches_the_plain_product_and_is_used_only_for_few_rows(lay
 
 @pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
 def test_default_rewrites_pack_fp32_cpu_weights_once_and_plain_keeps_mkl():
-    from labkit.engine.engine import apply_rewrites
-
     lm = load_model("tiny-llama", dummy=True, device="cpu")
     packed = use_packed_gemm(apply_rewrites(from_hf(lm.model)))  # packing twice is a no-op
     assert packed.rewrites == ["layout:kn", "gemm:packed"]
@@ -74,7 +66,7 @@ def test_default_rewrites_pack_fp32_cpu_weights_once_and_plain_keeps_mkl():
 @pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
 def test_packed_gemm_keeps_greedy_tokens_in_batches_and_verification(embedded):
     from labkit.speculative.proposers import NgramProposer
-    from labkit.engine.engine import Engine, apply_rewrites
+    from labkit.engine.engine import Engine
     from labkit.speculative.speculator import SpeculativeConfig, Speculator
 
     plain = Engine(apply_rewrites(from_hf(embedded.model), gemm="plain"), embedded.tokenizer)
