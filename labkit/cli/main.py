@@ -20,18 +20,18 @@ COMMANDS = {
     "results": "labkit.cli.results",
     "serve": "labkit.cli.serve",
     "ping": "labkit.cli.ping",
-    "tp": "labkit.parallel.launch",
+    "tp": "labkit.cli.tp",
     "router": "labkit.cli.router",
-    "spec": "labkit.speculative.training",
+    "spec": "labkit.cli.spec",
 }
 BENCH_COMMANDS = {
     "decode": "labkit.cli.bench_decode",
     "serve": "labkit.cli.bench_serve",
     "batching": "labkit.cli.bench_batching",
     "kernels": "labkit.cli.bench_kernels",
-    "tp": "labkit.parallel.bench",
-    "spec": "labkit.speculative.bench",
-    "quant": "labkit.quant.bench",
+    "tp": "labkit.cli.bench_tp",
+    "spec": "labkit.cli.bench_spec",
+    "quant": "labkit.cli.bench_quant",
 }
 
 

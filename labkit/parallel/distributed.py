@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from labkit.checks import check_ints, check_optional_int, is_int
 from labkit.device import pick_device, synchronize
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -187,19 +188,15 @@ class LaunchConfig:
     threads_per_rank: int | None = None  # torch threads in each rank (default: this node's cores / nproc)
 
     def __post_init__(self):
-        for name in ("nproc", "nnodes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_ints(self, ("nproc", "nnodes"))
         if self.nnodes > 1 and not (self.rdzv_endpoint or self.master_addr):
             raise ValueError(f"nnodes={self.nnodes} needs a rendezvous: --rdzv-endpoint HOST:PORT (or --master-addr "
                              "with --node-rank)")
         if self.master_addr and self.nnodes > 1 and self.node_rank is None:
             raise ValueError("--master-addr with several nodes needs --node-rank")
-        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
+        if self.node_rank is not None and not (is_int(self.node_rank) and 0 <= self.node_rank < self.nnodes):
             raise ValueError(f"node_rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
-        if self.threads_per_rank is not None and self.threads_per_rank < 1:
-            raise ValueError(f"threads_per_rank must be >= 1, got {self.threads_per_rank}")
+        check_optional_int("threads_per_rank", self.threads_per_rank)
 
     @property
     def world_size(self) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from labkit.checks import check_choice
 from labkit.model.loader import DUMMY_CONFIGS
 
 
@@ -157,8 +158,7 @@ def config_cost(name: str, config: dict, device: Device, dtype_bytes: int = 2, b
 
 def preset_cost(preset: str, device: Device, **kwargs) -> DecodeCost:
     """config_cost of a labkit.model.loader preset (llama-1b, llama-8b, smollm2-135m, ...)."""
-    if preset not in DUMMY_CONFIGS:
-        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(DUMMY_CONFIGS)}")
+    check_choice("preset", preset, DUMMY_CONFIGS)
     return config_cost(preset, DUMMY_CONFIGS[preset], device, **kwargs)
 
 

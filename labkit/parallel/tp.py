@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from labkit.checks import check_int
 from labkit.device import synchronize
 from labkit.parallel.distributed import DistContext
 from labkit.model.llama import Linear, ModelArgs, Transformer
@@ -97,8 +98,7 @@ def plan_tensor_parallel(args: ModelArgs, world_size: int, allow_uneven: bool = 
                          name: str = "the model") -> TPPlan:
     """The split of a model's heads and MLP over `world_size` ranks; TensorParallelError naming the sizes that
     work when there is none."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise TensorParallelError(f"world size must be an integer >= 1, got {world_size!r}")
+    check_int("world size", world_size, error=TensorParallelError)
     H, Hkv, F = args.num_heads, args.num_kv_heads, args.hidden_dim
     plan = _try_plan(H, Hkv, F, world_size, allow_uneven)
     if plan is not None and (allow_uneven or plan.is_even):

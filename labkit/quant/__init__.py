@@ -1,1 +1,2 @@
-"""Quantization quality and benchmarks (notebook 07); the quantizing rewrites live in labkit.model.quantize."""
+"""Quantization quality (notebook 07); the quantizing rewrites live in labkit.model.quantize and the benchmark
+in labkit.bench.quant."""

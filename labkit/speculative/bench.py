@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.cli.arguments import add_run_output_options, comma_list, positive_int
-from labkit.device import describe_environment, pick_device, seed_everything, synchronize
+from labkit.device import describe_environment, seed_everything, synchronize
 from labkit.engine.engine import Engine
 from labkit.engine.model_runner import RowSpan
 from labkit.model.llama import Transformer, from_hf
@@ -64,6 +63,13 @@ WORKLOADS: dict[str, tuple[Prompt, ...]] = {
                          + _CODE2 + "```", prefix="```python\n")),
 }
 GROUNDED = ("copy", "summarise", "code-edit")
+
+
+def check_names(kind: str, given, allowed) -> None:
+    """ValueError naming the first of `given` that is not in `allowed`: `unknown <kind> 'x': choose from ...`."""
+    bad = [g for g in given if g not in allowed]
+    if bad:
+        raise ValueError(f"unknown {kind} {bad[0]!r}: choose from {', '.join(allowed)}")
 
 
 def encode(tokenizer, prompt: Prompt) -> list[int]:
@@ -112,9 +118,7 @@ def make_proposers(names, target: Transformer, tokenizer, train_size: str = "def
     compile_drafts: the self-drafts' one-token steps run compiled (their fast path, as in `bench quant`)."""
     from labkit.speculative import proposers as drafts
 
-    unknown = [n for n in names if n not in DRAFTS]
-    if unknown:
-        raise ValueError(f"unknown draft {unknown[0]!r}: choose from {', '.join(DRAFTS)}")
+    check_names("draft", names, DRAFTS)
     learned = [LEARNED[n] for n in names if n in LEARNED and (trained is None or LEARNED[n] not in trained)]
     if learned:
         from labkit.speculative.training import load_or_train
@@ -174,6 +178,47 @@ def _timed_generate(engine: Engine, prompts, params, clock: str) -> tuple[float,
     return rate, [g.tokens for g in gens]
 
 
+def _warm_up(plain: Engine, engines: dict[str, Engine], prompts: dict[str, list[list[int]]], batch_size: int,
+             params) -> None:
+    """Untimed runs: every engine's first calls allocate and fill caches; a compiled draft compiles once per
+    context bucket, so each runs the longest prompt of every workload before timing."""
+    first = next(iter(prompts.values()))[0]
+    warm = plain.sampling_params(max_new_tokens=8, detokenize=False)
+    for engine in (plain, *engines.values()):
+        engine.generate([first] * batch_size, warm)
+    warmed = set()
+    for engine in engines.values():
+        proposer = engine.speculator.proposer
+        if proposer.describe().get("compile") and id(proposer) not in warmed:
+            warmed.add(id(proposer))
+            for workload_prompts in prompts.values():
+                engine.generate([max(workload_prompts, key=len)] * batch_size, params)
+
+
+def _time_workload(workload: str, plain: Engine, engines: dict[str, Engine], prompts: list[list[int]], repeats: int,
+                   batch_size: int, params, clock: str, bar) -> tuple[dict[str, list[float]], dict[str, bool]]:
+    """Each engine's tokens/s runs on one workload's prompts, repeats interleaved (so drift falls on every cell
+    alike), and whether each speculative engine's tokens were identical to the plain engine's."""
+    rates = {name: [] for name in ("plain", *engines)}
+    reference: dict[int, list[list[int]]] = {}
+    identical = {name: True for name in engines}
+    for engine in engines.values():
+        engine.speculator.reset_stats()
+    for repeat in range(repeats):
+        for name in ("plain", *engines):
+            bar.set_postfix_str(f"{workload}: {name}, run {repeat + 1}/{repeats}")
+            engine = plain if name == "plain" else engines[name]
+            for i, prompt in enumerate(prompts):
+                rate, tokens = _timed_generate(engine, [prompt] * batch_size, params, clock)
+                rates[name].append(rate)
+                if name == "plain":
+                    reference.setdefault(i, tokens)
+                elif tokens != reference[i]:
+                    identical[name] = False
+            bar.update()
+    return rates, identical
+
+
 # compiled self-drafts share the engine's one step code object: a graph per draft and context bucket
 @torch._dynamo.config.patch(recompile_limit=64)
 def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_tokens: int = 96,
@@ -190,11 +235,8 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
     """
     from tqdm.auto import tqdm
 
-    bad = [w for w in workloads if w not in WORKLOADS]
-    if bad:
-        raise ValueError(f"unknown workload {bad[0]!r}: choose from {', '.join(WORKLOADS)}")
-    if clock not in CLOCKS:
-        raise ValueError(f"unknown clock {clock!r}: choose from {', '.join(CLOCKS)}")
+    check_names("workload", workloads, tuple(WORKLOADS))
+    check_names("clock", (clock,), CLOCKS)
     variants = variants or variants_for(draft_names, num_draft_tokens, gamma_policy)
     draft_names = tuple(dict.fromkeys(v.draft for v in variants))
     labels = [v.name for v in variants]
@@ -219,38 +261,14 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
     configs = {v.name: v for v in variants}
     params = plain.sampling_params(max_new_tokens=max_tokens, detokenize=False)
     prompts = {w: [encode(loaded.tokenizer, p) for p in WORKLOADS[w]] for w in workloads}
-    warm = plain.sampling_params(max_new_tokens=8, detokenize=False)
-    for engine in (plain, *engines.values()):  # untimed warm-up: first calls allocate and fill caches
-        engine.generate([prompts[workloads[0]][0]] * batch_size, warm)
-    warmed = set()
-    for engine in engines.values():  # a compiled draft compiles once per context bucket: all before timing
-        proposer = engine.speculator.proposer
-        if proposer.describe().get("compile") and id(proposer) not in warmed:
-            warmed.add(id(proposer))
-            for workload in workloads:
-                engine.generate([max(prompts[workload], key=len)] * batch_size, params)
+    _warm_up(plain, engines, prompts, batch_size, params)
     rows = []
     total = len(workloads) * repeats * (1 + len(labels))
     with tqdm(total=total, desc="bench spec", unit="run", file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar:
         for workload in workloads:
-            rates = {name: [] for name in ("plain", *labels)}
-            reference: dict[int, list[list[int]]] = {}
-            identical = {name: True for name in labels}
-            for engine in engines.values():
-                engine.speculator.reset_stats()
-            for repeat in range(repeats):  # interleaved, so drift falls on every cell alike
-                for name in ("plain", *labels):
-                    bar.set_postfix_str(f"{workload}: {name}, run {repeat + 1}/{repeats}")
-                    engine = plain if name == "plain" else engines[name]
-                    for i, prompt in enumerate(prompts[workload]):
-                        rate, tokens = _timed_generate(engine, [prompt] * batch_size, params, clock)
-                        rates[name].append(rate)
-                        if name == "plain":
-                            reference.setdefault(i, tokens)
-                        elif tokens != reference[i]:
-                            identical[name] = False
-                    bar.update()
+            rates, identical = _time_workload(workload, plain, engines, prompts[workload], repeats, batch_size,
+                                              params, clock, bar)
             base = statistics.median(rates["plain"])
             rows.append(_row(Variant("plain", "plain", variants[0].config), workload, base, 1.0, None, True,
                              batch_size, max_tokens, len(prompts[workload]), repeats, train_size, loaded, env,
@@ -298,88 +316,6 @@ def _row(variant, workload, tokens_per_s, speedup, spec, identical, batch_size, 
     }
 
 
-def format_table(rows: list[dict]) -> str:
-    unit = "tok/cpu-s" if rows and rows[0]["params"].get("clock") == "cpu" else "tok/s"
-    head = (f"{'workload':10s} {'draft':16s} {unit:>9s} {'speedup':>7s} {'accepted':>8s} {'tok/step':>8s} "
-            f"{'draft ms':>8s} {'verify ms':>9s} {'by position':24s} same")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        p, m = r["params"], r["metrics"]
-        accepted = m.get("mean_accepted_tokens")
-        by_pos = " ".join(f"{a:.2f}" if a is not None else "-" for a in (m.get("acceptance_by_position") or [])[:6])
-        lines.append(f"{p['workload']:10s} {p['variant']:16s} {m['tokens_per_s']:9.1f} {m['speedup']:6.2f}x "
-                     f"{accepted if accepted is not None else 0:8.2f} {m.get('tokens_per_step') or 1:8.2f} "
-                     f"{m.get('draft_ms_per_step', 0):8.1f} {m.get('verify_ms_per_step', 0):9.1f} {by_pos:24s} "
-                     f"{'yes' if m['token_identical'] else 'NO'}")
-    if rows:
-        env = rows[0]["env"]
-        lines.append(f"hardware: {env['cpu']} ({env['num_cpus']} cpus, {env['cpu_capability']}), "
-                     f"{env['torch_threads']} torch threads; greedy, gamma {rows[0]['params']['gamma']} "
-                     f"({rows[0]['params']['gamma_policy']}), batch {rows[0]['params']['batch_size']}")
-    return "\n".join(lines)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "spec", help="speculative decoding: every draft on every workload vs the plain engine",
-        description="Greedy speculative decoding with each draft (n-gram prompt lookup, quantized self-draft, "
-                    "distilled draft model, Medusa, EAGLE) on free generation, chat answers and input-grounded "
-                    "tasks, against the same engine without speculation, in one run: tokens/s, speedup, "
-                    "acceptance per draft position, mean accepted tokens, draft and verify time. Learned drafts "
-                    "are loaded from the cache, or trained first (see `labkit spec train`).")
-    p.add_argument("--drafts", type=comma_list(str), default=DEFAULT_DRAFTS,
-                   help=f"comma-separated from {', '.join(DRAFTS)} (default: {','.join(DEFAULT_DRAFTS)})")
-    p.add_argument("--workloads", type=comma_list(str), default=tuple(WORKLOADS),
-                   help=f"comma-separated from {', '.join(WORKLOADS)} (default: all)")
-    p.add_argument("--gamma", type=positive_int, default=4, help="draft tokens per step (default: 4)")
-    p.add_argument("--gamma-policy", choices=("fixed", "adaptive", "both"), default="fixed",
-                   help="fixed gamma, adaptive per request (starting at --gamma, at most 16), or both side by side")
-    p.add_argument("--max-tokens", type=positive_int, default=96, help="new tokens per request (default: 96)")
-    p.add_argument("--repeats", type=positive_int, default=2, help="timed runs per cell (default: 2)")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="copies of each prompt decoded together")
-    p.add_argument("--eager-drafts", action="store_true",
-                   help="run the self-drafts eagerly (default: their one-token steps compiled)")
-    p.add_argument("--clock", choices=CLOCKS, default="wall",
-                   help="wall: decode tokens/s (default); cpu: tokens per CPU second of the process, prefill "
-                        "included, for a machine shared with other work (set OMP_NUM_THREADS=1)")
-    p.add_argument("--train-size", default="default",
-                   help="learned drafts: smoke, small, default (the default), large, or auto (the largest cached, "
-                        "else smoke); loaded from the cache, or trained first")
-    p.add_argument("--model", default=EMBEDDED_MODEL, help="model (default: the embedded SmolLM2)")
-    p.add_argument("--dummy", action="store_true", help="random weights from a preset (e.g. tiny-smollm2)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps, auto")
-    add_run_output_options(p, "bench_spec.json")
-    p.set_defaults(func=cmd_spec)
-
-
-def cmd_spec(args) -> int:
-    from tqdm.auto import tqdm
-
-    from labkit.speculative.training import SIZES
-    from labkit.cli.reporting import report_rows  # moved from labkit.lab.results
-    from labkit.lab.results import check_store
-
-    for name, given, allowed in (("draft", args.drafts, DRAFTS), ("workload", args.workloads, tuple(WORKLOADS)),
-                                 ("training size", (args.train_size,), ("auto", *SIZES))):
-        bad = [g for g in given if g not in allowed]
-        if bad:
-            raise ValueError(f"unknown {name} {bad[0]!r}: choose from {', '.join(allowed)}")
-    device = pick_device(args.device)
-    names = tuple(dict.fromkeys(args.drafts))
-    if args.drafts is DEFAULT_DRAFTS and device.type != "cpu":  # torch's int4 kernel here is the CPU one
-        names = tuple(n for n in names if n not in CPU_ONLY_DRAFTS)
-    if not args.no_save:
-        check_store()
-    rows = run_spec_bench(draft_names=names, workloads=tuple(dict.fromkeys(args.workloads)),
-                          max_tokens=args.max_tokens, num_draft_tokens=args.gamma,
-                          gamma_policy=args.gamma_policy, repeats=args.repeats,
-                          batch_size=args.batch_size, train_size=args.train_size, model=args.model, clock=args.clock,
-                          compile_drafts=not args.eager_drafts,
-                          dummy=args.dummy, device=args.device, log=lambda m: tqdm.write(m, file=sys.stderr),
-                          progress=not args.no_progress)
-    return report_rows(rows, args, "bench_spec.json", format_table)
-
-
 __all__ = ["build_target", "run_spec_bench", "make_proposers", "verify_cost_ms", "Variant", "variants_for",
-           "format_table", "WORKLOADS", "GROUNDED", "DRAFTS", "DEFAULT_DRAFTS",
+           "check_names", "WORKLOADS", "GROUNDED", "DRAFTS", "DEFAULT_DRAFTS", "CPU_ONLY_DRAFTS", "CLOCKS",
            "Prompt", "encode"]

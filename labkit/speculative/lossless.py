@@ -3,7 +3,8 @@
 On a model with a vocabulary small enough to enumerate, the exact distribution of the second and third
 generated tokens of plain sampling is a sum over every earlier token; thousands of seeded speculative runs
 are then compared with it by a chi-square test. The rejection rule passes it; a wrong rule (e.g. resampling
-from p instead of the residual after a rejection) fails it.
+from p instead of the residual after a rejection: `speculative_engine(..., residual=resample_from_target)`)
+fails it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,24 @@ def small_vocab_model(seed: int, sharpness: float = 8.0):
     return from_hf(hf)
 
 
+def resample_from_target(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A deliberately wrong rule, the check's negative control: after a rejection, resample from the target's p
+    itself instead of the residual norm(max(0, p - q)), which biases the output toward the draft's tokens."""
+    return p
+
+
+def speculative_engine(target, draft, num_draft_tokens: int = 3, residual=None):
+    """An engine over `target` that drafts with the model `draft`, wide enough to run thousands of seeded
+    requests at once; `residual` replaces the rejection rule's residual (e.g. `resample_from_target`)."""
+    from labkit.engine.engine import Engine
+    from labkit.speculative.proposers import ModelProposer
+    from labkit.speculative.speculator import SpeculativeConfig, Speculator
+
+    proposer = ModelProposer(draft, max_num_seqs=512, kv_cache_mb=16)
+    speculator = Speculator(proposer, SpeculativeConfig(num_draft_tokens=num_draft_tokens), residual=residual)
+    return Engine(target, speculator=speculator, max_num_seqs=512, max_num_batched_tokens=4096)
+
+
 def exact_marginals(engine, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """P(second token), P(third token) [V] of plain sampling at temperature 1, summed over every earlier token."""
     V = engine.model.args.vocab_size
@@ -73,5 +92,5 @@ def sampling_pvalues(engine, prompt: list[int], num_samples: int, exact=None) ->
     return chi_square_pvalue(c2, p2), chi_square_pvalue(c3, p3)
 
 
-__all__ = ["SMALL_VOCAB_CONFIG", "chi_square_pvalue", "small_vocab_model", "exact_marginals", "sampled_counts",
-           "sampling_pvalues"]
+__all__ = ["SMALL_VOCAB_CONFIG", "chi_square_pvalue", "small_vocab_model", "resample_from_target",
+           "speculative_engine", "exact_marginals", "sampled_counts", "sampling_pvalues"]

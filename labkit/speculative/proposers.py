@@ -4,7 +4,8 @@
   occurrence of the context's final n-gram. No model; strong wherever the output copies the input.
 - `ModelProposer` over a cheaper causal LM with its own paged KV cache, drafting token by token:
   `self_draft(target, "int8")`, a quantized copy of the target itself (Zhang et al. 2024 call such drafts
-  "self-speculative"), or `small_draft(...)`, a few-layer model distilled in the lab (`labkit.speculative.training`).
+  "self-speculative"), or `small_draft(...)`, a few-layer model distilled in the lab
+  (`labkit.speculative.distillation`).
 - `MedusaProposer`: K extra heads on the target's last hidden state, head i guessing the token i + 2 places
   ahead, all in one shot (Cai et al. 2024, "Medusa").
 - `EagleProposer`: one decoder layer that extrapolates the target's final features from (feature, next
@@ -201,11 +202,11 @@ def self_draft(target: Transformer, scheme: str = "int8") -> Transformer:
 
     Any method of `labkit.model.quantize.quantize` is accepted too (int4-g32, gguf, ...).
     """
+    from labkit.checks import check_choice
     from labkit.model.quantize import QUANT_METHODS, quantize
 
     schemes = (*SELF_DRAFT_SCHEMES, *(m for m in QUANT_METHODS if m not in SELF_DRAFT_SCHEMES))
-    if scheme not in schemes:
-        raise ValueError(f"unknown self-draft scheme {scheme!r}: choose one of {', '.join(schemes)}")
+    check_choice("self-draft scheme", scheme, schemes)
     draft = copy.deepcopy(target)
     if scheme == "bf16":
         for module in draft.modules():

@@ -21,7 +21,7 @@ Sec. 3.4). The drafts themselves live in `labkit.speculative.proposers`.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -184,11 +184,13 @@ def verify_greedy(draft: Draft, target: list[int]) -> list[int]:
     return draft.tokens[:n] + [target[n]]
 
 
-def verify_sampled(p: torch.Tensor, draft: Draft, generator: torch.Generator | None, bonus: int) -> list[int]:
+def verify_sampled(p: torch.Tensor, draft: Draft, generator: torch.Generator | None, bonus: int,
+                   residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[int]:
     """Sampled rows: the rejection rule (Leviathan et al. 2023, Alg. 1; Chen et al. 2023).
 
     p [k + 1, V]: the target's distributions after the row's last token and after each draft; bonus: a token
-    already drawn from p[k], kept when every draft is accepted.
+    already drawn from p[k], kept when every draft is accepted. residual(p, q): where a rejected draft resamples
+    from (default `residual_distribution`; another rule is for checking that the lossless test catches it).
     """
     k = len(draft.tokens)
     drafts = torch.tensor(draft.tokens, device=p.device)
@@ -200,7 +202,7 @@ def verify_sampled(p: torch.Tensor, draft: Draft, generator: torch.Generator | N
     if n == k:
         return draft.tokens + [bonus]
     q_n = draft.probs[n] if draft.probs is not None else torch.nn.functional.one_hot(drafts[n], p.shape[-1]).to(p)
-    return draft.tokens[:n] + [_draw(residual_distribution(p[n : n + 1], q_n[None])[0], generator)]
+    return draft.tokens[:n] + [_draw((residual or residual_distribution)(p[n : n + 1], q_n[None])[0], generator)]
 
 
 class StepCosts:
@@ -240,8 +242,10 @@ class StepCosts:
 class Speculator:
     """Plugs a proposer into `Engine.step()`: chooses gamma per row, collects drafts, verifies, keeps stats."""
 
-    def __init__(self, proposer: Proposer, config: SpeculativeConfig | None = None):
+    def __init__(self, proposer: Proposer, config: SpeculativeConfig | None = None, residual=None):
+        """residual: `verify_sampled`'s rule after a rejection (default the residual; `lossless` checks others)."""
         self.proposer, self.config = proposer, config or SpeculativeConfig()
+        self.residual = residual
         c = self.config
         self.stats = SpecStats(max(c.num_draft_tokens, c.max_draft_tokens if c.gamma_policy == "adaptive" else 0))
         self.costs = StepCosts()
@@ -324,7 +328,8 @@ class Speculator:
                 tokens.append([drawn[offset]])
             else:
                 kept = (verify_greedy(draft, drawn[offset:offset + n]) if seq.params.is_greedy else
-                        verify_sampled(out.probs[offset:offset + n], draft, gen, drawn[offset + n - 1]))
+                        verify_sampled(out.probs[offset:offset + n], draft, gen, drawn[offset + n - 1],
+                                       self.residual))
                 tokens.append(kept)
                 self._record(seq.request_id, len(draft.tokens), len(kept) - 1)
             offset += n

@@ -13,7 +13,8 @@ import torch
 
 from labkit import cli
 from labkit.parallel.distributed import AllReduceTiming, LaunchConfig, backend_for, fit_alpha_beta, torchrun_command
-from labkit.parallel.launch import action_options, format_rows, launch
+from labkit.cli.tp import action_options, format_rows
+from labkit.parallel.launch import launch
 from labkit.lab.results import stamp_rows
 from labkit.model.llama import ModelArgs
 from labkit.parallel.tp import TensorParallelError, plan_tensor_parallel

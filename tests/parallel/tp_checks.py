@@ -1,8 +1,8 @@
 """Tensor-parallel checks run by tests/parallel/test_tp.py on 2 ranks (gloo, CPU) through `labkit.parallel.launch.launch`, the
 parent `labkit tp` uses: one process group, one start-up, every case. Each rank compares its split model with
-the whole model it also builds, then runs the `bench` action it was handed (`launch.run_bench`, the worker's
+the whole model it also builds, then runs the `bench` action it was handed (`worker.run_bench`, the worker's
 own code); rank 0 writes what was measured (logit differences, tokens, head counts, the bench rows) to the
-result file, and the tests assert on it. The command line is `launch.worker_options`'.
+result file, and the tests assert on it. The command line is `worker.worker_options`'.
 """
 
 import sys
@@ -13,7 +13,7 @@ import torch
 from labkit.parallel.distributed import all_gather_objects, init_distributed
 from labkit.engine import Engine, EngineConfig
 from labkit.model.rewrites import apply_rewrites
-from labkit.parallel.launch import run_bench, worker_options
+from labkit.parallel.worker import run_bench, worker_options
 from labkit.model.llama import from_hf
 from labkit.model.loader import DUMMY_CONFIGS, load_model
 from labkit.lab.results import write_json_atomic

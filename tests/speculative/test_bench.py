@@ -7,6 +7,7 @@ import pytest
 from labkit.speculative import bench as bench_spec
 
 from labkit import cli
+from labkit.cli.bench_spec import format_table
 from labkit.speculative.training import load_or_train
 from labkit.model.rewrites import apply_rewrites
 from labkit.model.llama import from_hf
@@ -27,7 +28,7 @@ def test_every_draft_on_every_workload_is_lossless_and_has_its_speedup(tiny):
         assert p["grounded"] == (p["workload"] in bench_spec.GROUNDED)
         if p["draft"] != "plain":
             assert len(m["acceptance_by_position"]) == 4 and m["verify_ms_per_step"] > 0
-    assert "speedup" in bench_spec.format_table(rows)
+    assert "speedup" in format_table(rows)
 
 
 def test_cli_json_holds_only_rows(capsys):

@@ -9,7 +9,8 @@ from labkit.speculative.proposers import ModelProposer, NgramProposer
 from labkit.engine.engine import Engine
 from labkit.model.llama import from_hf
 from labkit.model.sampling import SamplingParams
-from labkit.speculative.lossless import chi_square_pvalue, exact_marginals, sampling_pvalues, small_vocab_model
+from labkit.speculative.lossless import (chi_square_pvalue, exact_marginals, resample_from_target, sampling_pvalues,
+                                         small_vocab_model, speculative_engine)
 from labkit.speculative.speculator import (Draft, SpeculativeConfig, Speculator, StepCosts, expected_tokens, optimal_gamma,
                                 verify_greedy, verify_sampled)
 
@@ -20,14 +21,14 @@ def test_greedy_keeps_the_longest_matching_prefix_then_the_targets_token():
     assert verify_greedy(Draft([5]), [4, 3]) == [4]
 
 
-def _first_tokens(p, q, n, seed=0):
+def _first_tokens(p, q, n, seed=0, residual=None):
     """The first token verify_sampled keeps, over n seeded trials with drafts drawn from q."""
     gen = torch.Generator().manual_seed(seed)
     drafts = torch.multinomial(q, n, replacement=True, generator=gen).t().tolist()  # [n, k]
     bonuses = torch.multinomial(p[-1], n, replacement=True, generator=gen).tolist()
     counts = torch.zeros(p.shape[-1])
     for tokens, bonus in zip(drafts, bonuses):
-        counts[verify_sampled(p, Draft(tokens, q), gen, bonus)[0]] += 1
+        counts[verify_sampled(p, Draft(tokens, q), gen, bonus, residual)[0]] += 1
     return counts
 
 
@@ -38,6 +39,13 @@ def test_rejection_rule_gives_the_target_distribution_and_a_wrong_rule_does_not(
     # a deliberately wrong rule: on rejection, resample from p itself (biased toward the draft's tokens)
     monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
     assert chi_square_pvalue(_first_tokens(p, q, 4000), p[0]) < 1e-6
+
+
+def test_the_wrong_rule_passed_as_the_residual_fails_without_patching():
+    p = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05, 0.0], [0.2] * 5 + [0.0], [1 / 6] * 6])
+    q = torch.tensor([[0.05, 0.05, 0.1, 0.3, 0.3, 0.2], [0.1, 0.1, 0.2, 0.2, 0.2, 0.2]])
+    assert chi_square_pvalue(_first_tokens(p, q, 4000, residual=resample_from_target), p[0]) < 1e-6
+    assert chi_square_pvalue(_first_tokens(p, q, 4000), p[0]) > 1e-3  # the default is still the residual
 
 
 def test_a_sure_draft_has_a_one_hot_q():
@@ -55,8 +63,7 @@ def sampling_setup():
 
 
 def _spec_engine(target, draft) -> Engine:
-    spec = Speculator(ModelProposer(draft, max_num_seqs=512, kv_cache_mb=16), SpeculativeConfig(num_draft_tokens=3))
-    return Engine(target, speculator=spec, max_num_seqs=512, max_num_batched_tokens=4096)
+    return speculative_engine(target, draft, num_draft_tokens=3)
 
 
 def test_speculative_sampling_cannot_be_told_from_target_sampling(sampling_setup):
@@ -74,6 +81,14 @@ def test_a_wrong_acceptance_rule_fails_the_same_test(sampling_setup, monkeypatch
     target, draft, prompt, (p2, p3) = sampling_setup
     monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
     assert min(sampling_pvalues(_spec_engine(target, draft), prompt, 2000, (p2, p3))) < 1e-4
+
+
+def test_a_wrong_rule_given_to_the_engine_fails_the_same_test(sampling_setup):
+    """The notebook's negative control, without patching: the engine's speculator takes the wrong rule."""
+    target, draft, prompt, (p2, p3) = sampling_setup
+    engine = speculative_engine(target, draft, residual=resample_from_target)
+    assert min(sampling_pvalues(engine, prompt, 2000, (p2, p3))) < 1e-4
+    assert engine.blocks.num_used_blocks == 0
 
 
 def test_seeded_speculative_sampling_repeats_itself(sampling_setup):

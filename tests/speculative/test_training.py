@@ -7,6 +7,7 @@ import torch
 
 from labkit import cli
 
+from labkit.speculative import distillation
 from labkit.speculative import training as dt
 from labkit.engine.engine import Engine
 from labkit.engine.model_runner import RowSpan
@@ -24,10 +25,10 @@ def spec_cache(tmp_path, monkeypatch):
 
 def test_config_errors_name_the_value():
     with pytest.raises(ValueError, match="num_steps must be an integer >= 1, got 0"):
-        dt.TrainConfig(num_steps=0)
+        distillation.TrainConfig(num_steps=0)
     with pytest.raises(ValueError, match="temperature must be a number > 0"):
-        dt.TrainConfig(temperature=0)
-    assert dt.TrainConfig().key() != dt.TrainConfig(num_steps=7).key()
+        distillation.TrainConfig(temperature=0)
+    assert distillation.TrainConfig().key() != distillation.TrainConfig(num_steps=7).key()
 
 
 def test_the_training_forward_is_the_engines_forward(tiny):
@@ -38,29 +39,29 @@ def test_the_training_forward_is_the_engines_forward(tiny):
     engine.blocks.allocate(key, tokens.tolist(), [], len(tokens))
     with torch.inference_mode():
         hidden = engine.runner.forward([RowSpan(key, tokens.tolist(), 0, len(tokens))], [0], return_hidden=True).hidden
-        dense = dt.dense_forward(target, tokens[None])[0]
+        dense = distillation.dense_forward(target, tokens[None])[0]
     torch.testing.assert_close(dense, hidden, atol=1e-5, rtol=1e-5)
 
 
 def test_the_corpus_records_a_feature_for_every_token_but_the_last(tiny):
     target = from_hf(tiny.model)
-    config = dt.TRAIN_SIZES["smoke"]
-    corpus = dt.generate_corpus(target, tiny.tokenizer, config)
+    config = distillation.TRAIN_SIZES["smoke"]
+    corpus = distillation.generate_corpus(target, tiny.tokenizer, config)
     assert corpus.features.shape == (corpus.num_tokens, target.args.dim)
     assert len(corpus.outputs) == config.num_sequences
-    prompt = dt.corpus_prompts(tiny.tokenizer, 1, config.seed)[0]
+    prompt = distillation.corpus_prompts(tiny.tokenizer, 1, config.seed)[0]
     with torch.inference_mode():  # the first answer's features are the prefill's hidden states
-        ref = dt.dense_forward(target, torch.tensor(prompt + corpus.outputs[0])[None])[0]
+        ref = distillation.dense_forward(target, torch.tensor(prompt + corpus.outputs[0])[None])[0]
     n = len(prompt) + len(corpus.outputs[0]) - 1
     torch.testing.assert_close(corpus.features[:n], ref[:n], atol=1e-4, rtol=1e-4)
 
 
 def test_trained_drafts_are_saved_with_their_config_and_loaded_instead_of_retrained(tiny, spec_cache):
     target = from_hf(tiny.model)
-    first = dt.load_or_train(dt.KINDS, target, tiny.tokenizer, size="smoke")
+    first = dt.load_or_train(distillation.KINDS, target, tiny.tokenizer, size="smoke")
     assert not any(t.loaded for t in first.values())
-    assert sorted(p.name.split("-")[0] for p in spec_cache.iterdir()) == sorted(dt.KINDS)
-    again = dt.load_or_train(dt.KINDS, target, tiny.tokenizer, size="smoke")
+    assert sorted(p.name.split("-")[0] for p in spec_cache.iterdir()) == sorted(distillation.KINDS)
+    again = dt.load_or_train(distillation.KINDS, target, tiny.tokenizer, size="smoke")
     assert all(t.loaded for t in again.values())
     ids = tiny.tokenizer("the cat sat on the mat and the cat")["input_ids"]
     for kind in ("draft", "eagle"):
@@ -75,7 +76,7 @@ def test_trained_drafts_are_saved_with_their_config_and_loaded_instead_of_retrai
 
 def test_a_cache_file_that_does_not_load_is_retrained(tiny, spec_cache):
     target = from_hf(tiny.model)
-    path = dt.cache_path("medusa", "smoke", dt.TRAIN_SIZES["smoke"], target)
+    path = dt.cache_path("medusa", "smoke", distillation.TRAIN_SIZES["smoke"], target)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"torn")
     messages = []
@@ -87,7 +88,7 @@ def test_a_cache_file_that_does_not_load_is_retrained(tiny, spec_cache):
 def test_auto_size_picks_the_largest_cached_one(tiny, spec_cache):
     target = from_hf(tiny.model)
     assert dt.resolve_size("eagle", "auto", target) == "smoke"
-    path = dt.cache_path("eagle", "default", dt.TRAIN_SIZES["default"], target)
+    path = dt.cache_path("eagle", "default", distillation.TRAIN_SIZES["default"], target)
     path.parent.mkdir(parents=True)
     path.touch()
     assert dt.resolve_size("eagle", "auto", target) == "default"

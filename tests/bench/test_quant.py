@@ -1,6 +1,6 @@
 import pytest
 
-from labkit.quant import bench as bench_quant
+from labkit.bench import quant as bench_quant
 
 from labkit import cli
 

@@ -4,7 +4,9 @@ For fp32, bf16, int8, int4 (each group size), the GGUF file's own blocks, an int
 same GGUF: decode tokens/s at each batch size (`labkit bench decode`'s runners, repeats interleaved), weight
 memory, sliding-window perplexity on an offline English text, and greedy agreement with the fp32 model. One row
 per (scheme, batch size) in the lab's result-row form (`params.scheme`, `metrics.tokens_per_s`,
-`metrics.perplexity`); `pareto_front` and `recommend` read them.
+`metrics.perplexity`); `pareto_front` and `recommend` read them. It sits in `labkit.bench`, above the
+technique packages, because its speed half is `labkit bench decode`'s runners; the quality half is
+`labkit.quant.quality`.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from dataclasses import replace
 
 import torch
 
-from labkit.cli.arguments import add_run_output_options, comma_list, positive_int
 from labkit.lab.stats import weight_bytes_per_token
 from labkit.bench.decode import (DEFAULT_PROMPT, VARIANTS, Variant, _measure, llama_cpp_available,
                                  llama_cpp_problem)
-from labkit.device import format_environment, seed_everything
+from labkit.device import seed_everything
 from labkit.engine import Engine, EngineConfig, SchedulerConfig
 from labkit.model.loader import EMBEDDED_MODEL, embedded_gguf_path, load_model
 from labkit.quant.quality import LogitsFunction, greedy_agreement, load_text, perplexity, sliding_windows
@@ -229,63 +230,4 @@ def recommend(rows: list[dict], max_perplexity_change_pct: float = 2.0, batch_si
             "batch_size": batch_size, "budget_pct": max_perplexity_change_pct}
 
 
-def format_table(rows: list[dict]) -> str:
-    head = (f"{'scheme':10s} {'batch':>5s} {'tok/s':>7s} {'x fp32':>6s} {'x llama':>7s} {'ppl':>7s} {'Δppl':>6s} "
-            f"{'agree':>6s} {'weights MB':>10s}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        p, m = r["params"], r["metrics"]
-        llama = f"{m['ratio_to_llama_cpp']:.2f}" if m["ratio_to_llama_cpp"] else "n/a"
-        lines.append(f"{p['scheme']:10s} {p['batch_size']:5d} {m['tokens_per_s']:7.1f} {m['ratio_to_fp32']:6.2f} "
-                     f"{llama:>7s} {m['perplexity']:7.3f} {m['perplexity_change_pct']:+5.1f}% "
-                     f"{m['agreement_teacher_forced']:6.3f} {m['weight_bytes'] / 1e6:10.1f}")
-    if rows:
-        p = rows[0]["params"]
-        lines.append(f"perplexity: {p['ppl_tokens']} tokens of {p['text']}, windows of {p['context_len']} by "
-                     f"{p['stride']}; agreement: teacher-forced top-1 against fp32")
-        lines.append(f"hardware: {format_environment(rows[0]['env']).split(' · python')[0]}")
-    return "\n".join(lines)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "quant", help="speed, memory, perplexity and agreement of fp32, bf16, int8, int4, GGUF blocks, int8 KV, llama.cpp",
-        description="Each quantization scheme of the embedded model side by side in one run on the CPU: decode "
-                    "tokens/s at each batch size, weight memory, sliding-window perplexity on an offline text and "
-                    "greedy agreement with fp32. Rows go to data/results.jsonl; the run to data/bench_quant.json.")
-    p.add_argument("--schemes", type=comma_list(str), default=SCHEMES,
-                   help=f"comma-separated from {', '.join(SCHEMES)} (default: all; llama.cpp where installed)")
-    p.add_argument("--batch-sizes", type=comma_list(positive_int), default=(1, 8), help="default: 1,8")
-    p.add_argument("--max-tokens", type=positive_int, default=64, help="new tokens per decode run (default: 64)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per cell (default: 3)")
-    p.add_argument("--no-compile", action="store_true", help="eager decode steps only (default: compiled steps)")
-    p.add_argument("--text", choices=("pydoc", "wikitext-2"), default="pydoc",
-                   help="perplexity text: pydoc (Python's own docs, offline) or wikitext-2 (needs `datasets`)")
-    p.add_argument("--ppl-tokens", type=positive_int, default=1024, help="tokens scored (default: 1024)")
-    p.add_argument("--context-len", type=positive_int, default=512, help="perplexity window (default: 512)")
-    p.add_argument("--stride", type=positive_int, default=256, help="perplexity window stride (default: 256)")
-    p.add_argument("--agreement-tokens", type=positive_int, default=32, help="greedy tokens per prompt (default: 32)")
-    add_run_output_options(p, "bench_quant.json")
-    p.set_defaults(func=cmd_quant)
-
-
-def cmd_quant(args) -> int:
-    from tqdm.auto import tqdm
-
-    from labkit.cli.reporting import report_rows  # moved from labkit.lab.results
-    from labkit.lab.results import check_store
-
-    if args.stride > args.context_len:
-        raise ValueError(f"--stride {args.stride} must be <= --context-len {args.context_len}")
-    if not args.no_save:
-        check_store()
-    rows = run_quant_bench(schemes=args.schemes, batch_sizes=args.batch_sizes, max_tokens=args.max_tokens,
-                           repeats=args.repeats, compile=not args.no_compile, text=args.text,
-                           ppl_tokens=args.ppl_tokens, context_len=args.context_len, stride=args.stride,
-                           agreement_tokens=args.agreement_tokens, log=lambda msg: tqdm.write(msg, file=sys.stderr),
-                           progress=not args.no_progress)
-    return report_rows(rows, args, "bench_quant.json", format_table)
-
-
-__all__ = ["run_quant_bench", "SCHEMES", "scheme_variant", "pareto_front", "recommend", "format_table",
-           "llama_cpp_available"]
+__all__ = ["run_quant_bench", "SCHEMES", "scheme_variant", "pareto_front", "recommend", "llama_cpp_available"]
