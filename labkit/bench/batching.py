@@ -323,9 +323,18 @@ def run_batching_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig =
     return BatchingResult(trace, runs, rows, mismatches)
 
 
+def measures_prefix_cache(trace: Trace, prefix_caching: bool | None) -> bool:
+    """Whether a run of this trace measures the prefix cache on purpose: caching on, and prompts that start with
+    one of the trace's shared prefixes (`--num-prefixes`), which later requests find cached."""
+    return bool(prefix_caching) and any(r.prefix_index is not None for r in trace.requests)
+
+
 def make_rows(runs: dict[str, PolicyRun], trace: Trace, config: EngineConfig, loaded: LoadedModel,
               slo: dict | None = None, env: dict | None = None, tokens_identical: bool | None = None) -> list[dict]:
-    """Result rows (technique "batching"), one per policy, with speedups over static and HF from this run."""
+    """Result rows (technique "batching"), one per policy, with speedups over static and HF from this run.
+
+    `params.prefix_caching` says whether the engine's prefix cache was on (None: HF), and
+    `params.measures_prefix_cache` whether the trace's shared prefixes let it serve prompts on purpose."""
     from labkit.device import describe_environment
     from labkit.lab.results import make_row
 
@@ -341,9 +350,11 @@ def make_rows(runs: dict[str, PolicyRun], trace: Trace, config: EngineConfig, lo
                  tokens_identical=tokens_identical)
         engine = None if name == "hf-sequential" else {**config.to_dict(), "policy": name,
                                                        "num_kv_blocks": runs[name].num_kv_blocks}
+        caching = None if engine is None else config.enable_prefix_caching
         params = {"policy": name, "mode": "offline" if trace.is_offline else "online", "trace": trace.describe(),
                   "engine": engine, "model": loaded.name, "device": str(loaded.device), "dtype": DTYPE,
-                  "seed": trace.source.get("seed")}
+                  "seed": trace.source.get("seed"), "prefix_caching": caching,
+                  "measures_prefix_cache": measures_prefix_cache(trace, caching)}
         rows.append(make_row("batching", params, m, env))
     return rows
 
@@ -358,16 +369,21 @@ def run_server_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig = D
     from labkit.serving import ServerThread, create_app  # FastAPI and uvicorn: only when asked for
 
     hf = HFEngine(loaded.model, loaded.tokenizer, name=loaded.name)
-    engine = _engine(apply_rewrites(from_hf(loaded.model)), loaded, config, "continuous", hf.eos_token_ids)
+    model = apply_rewrites(from_hf(loaded.model))
     prompts = trace.prompt_specs()
     results = {}
-    with ServerThread(create_app(engine, max_queue=max(64, len(prompts)))) as server:
-        for concurrency in (1, None):
+    for concurrency in (1, None):
+        # a server (and KV cache) of its own per run: both runs send the same prompts, which the first run
+        # would leave in the prefix cache for the second, so the second would time the cache
+        engine = _engine(model, loaded, config, "continuous", hf.eos_token_ids)
+        with ServerThread(create_app(engine, max_queue=max(64, len(prompts)))) as server:
             bench = BenchServeConfig(
                 base_url=server.url, num_prompts=len(prompts), input_len=max(p.input_words for p in prompts),
                 output_len=max(p.output_len for p in prompts), max_concurrency=concurrency,
                 num_warmups=num_warmups, seed=int(trace.source.get("seed") or 0), slo=slo or {})
             results[concurrency] = benchmark(bench, prompts)
+        num_kv_blocks = engine.blocks.num_blocks
+        del engine  # its KV cache goes before the next one is allocated
     env = env or describe_environment(loaded.device)
     sequential_s = results[1]["metrics"]["duration_s"]
     rows = []
@@ -375,12 +391,14 @@ def run_server_bench(trace: Trace, loaded: LoadedModel, config: EngineConfig = D
         m = {**result["metrics"], "output_tokens_per_s": result["metrics"]["output_throughput_tokens_per_s"],
              "speedup_vs_sequential": sequential_s / result["metrics"]["duration_s"], "errors": result["errors"]}
         params = {"policy": "server", "max_concurrency": concurrency, "trace": trace.describe(),
-                  "engine": {**config.to_dict(), "policy": "continuous", "num_kv_blocks": engine.blocks.num_blocks},
+                  "engine": {**config.to_dict(), "policy": "continuous", "num_kv_blocks": num_kv_blocks},
                   "model": loaded.name, "device": str(loaded.device), "dtype": DTYPE,
-                  "seed": trace.source.get("seed")}
+                  "seed": trace.source.get("seed"), "prefix_caching": config.enable_prefix_caching,
+                  "measures_prefix_cache": measures_prefix_cache(trace, config.enable_prefix_caching)}
         rows.append(make_row("batching", params, m, env))
     return rows
 
 
 __all__ = ["POLICIES", "DEFAULT_TRACE", "DEFAULT_ENGINE", "RequestRecord", "PolicyRun", "BatchingResult", "replay",
-           "replay_hf", "token_mismatches", "run_batching_bench", "make_rows", "run_server_bench"]
+           "replay_hf", "token_mismatches", "run_batching_bench", "make_rows", "measures_prefix_cache",
+           "run_server_bench"]

@@ -148,6 +148,9 @@ class _LlamaCppRunner:
         self.llm.create_completion(self.prompt, max_tokens=8, temperature=0.0)
 
     def __call__(self, batch_size):
+        # llama-cpp-python keeps the last prompt's KV and skips the prefix a new prompt shares with it: every
+        # timed run sends the same prompt, so forget it, or TTFT would time that reuse (as a prefix cache would)
+        self.llm.reset()
         stamps, start = [], time.perf_counter()
         for _chunk in self.llm.create_completion(self.prompt, max_tokens=self.max_tokens, temperature=0.0,
                                                  stream=True, logit_bias=self.logit_bias):
@@ -234,11 +237,15 @@ def run_decode_bench(variants=None, batch_sizes=(1, 4), max_tokens: int = 64, re
 
 
 def _engine_config(batch_sizes, num_tokens: int, variant: Variant) -> EngineConfig:
-    """A cache just big enough for the largest batch at full length, so that engines side by side fit a GPU."""
+    """A cache just big enough for the largest batch at full length, so that engines side by side fit a GPU.
+
+    No prefix caching: every run (and every row of a batch) sends the same prompt, which the cache would
+    answer from the warm-up's blocks, so the rows' TTFT would time the cache and not the prefill."""
     block_size = EngineConfig.block_size
     blocks = max(batch_sizes) * -(-(num_tokens + 8) // block_size) + 1
-    return EngineConfig(scheduler=SchedulerConfig(max_num_seqs=max(batch_sizes)), num_kv_blocks=blocks, compile=variant.compile,
-                        cuda_graphs=variant.cuda_graphs, kv_cache_dtype=variant.kv_cache_dtype)
+    return EngineConfig(scheduler=SchedulerConfig(max_num_seqs=max(batch_sizes)), num_kv_blocks=blocks,
+                        compile=variant.compile, cuda_graphs=variant.cuda_graphs,
+                        kv_cache_dtype=variant.kv_cache_dtype, enable_prefix_caching=False)
 
 
 def _prepare(engine: Engine, batch_sizes, first: int, last: int) -> None:
@@ -339,7 +346,9 @@ def _decode_row(name: str, variant: Variant, runner, samples: list[tuple[float, 
                    "gemm": None if variant.engine != "labkit" else
                    "packed" if "gemm:packed" in engine.model.rewrites else "plain",
                    "batch_size": batch_size, "max_tokens": max_tokens, "prompt_tokens": len(prompt_ids),
-                   "repeats": repeats, "model": loaded.name, "device": str(loaded.device)},
+                   "repeats": repeats, "model": loaded.name, "device": str(loaded.device),
+                   # None: HF has no prefix cache; llama.cpp's prompt reuse is reset before every run
+                   "prefix_caching": None if engine is None else engine.describe().get("prefix_caching")},
         "metrics": {"tokens_per_s": tokens_per_s, "tokens_per_s_runs": rates,
                     "ttft_ms": statistics.median(t for _, t in samples),
                     "compile_s": compile_s if variant.compile else None,

@@ -380,7 +380,8 @@ def measure_replicas(serve_args: Sequence[str], num_replicas: int, bench_config,
                      threads_per_replica: int | None = None) -> dict:
     """The same `labkit bench serve` load through the router to one replica, then to num_replicas replicas, each
     with the same cores (on one CPU, a core's share each: one device per replica, as on GPUs):
-    {"one": result, "replicas": result}."""
+    {"one": result, "replicas": result}. The second run draws its prompts with seed + 1 (same lengths, other
+    words), so the first replica's prefix cache holds none of them."""
     import dataclasses
     from concurrent.futures import ThreadPoolExecutor
 
@@ -389,13 +390,17 @@ def measure_replicas(serve_args: Sequence[str], num_replicas: int, bench_config,
     from labkit.serving.router_app import create_router_app
     from labkit.serving.server import ServerThread
 
-    def bench(urls: list[str]) -> dict:
+    def bench(urls: list[str], seed: int = bench_config.seed) -> dict:
         with ServerThread(create_router_app(Router(urls, RouterConfig(policy=policy)))) as front, \
                 ThreadPoolExecutor(1) as pool:  # a thread of its own: a notebook's event loop is already running
-            return pool.submit(benchmark, dataclasses.replace(bench_config, base_url=front.url)).result()
+            config = dataclasses.replace(bench_config, base_url=front.url, seed=seed)
+            return pool.submit(benchmark, config).result()
 
     with ReplicaSet(num_replicas, serve_args, threads_per_replica=threads_per_replica) as urls:
-        return {"one": bench(urls[:1]), "replicas": bench(urls)}
+        one = bench(urls[:1])
+        # other prompts (seed + 1) for the second run: its first replica served the first run, and its prefix
+        # cache would answer the same prompts again, so "replicas" would time that cache and not the work
+        return {"one": one, "replicas": bench(urls, seed=bench_config.seed + 1)}
 
 
 # -- the result ---------------------------------------------------------------------------------------------

@@ -252,8 +252,10 @@ def run_spec_bench(draft_names=DEFAULT_DRAFTS, workloads=tuple(WORKLOADS), max_t
                                                                        train_size, progress, log,
                                                                        compile_drafts=compile_drafts)
     env = env or describe_environment(loaded.device)
-    # answers end at the model's EOS (<|im_end|> for SmolLM2), as they would in a server
-    common = dict(name=loaded.name, max_num_seqs=max(16, batch_size),
+    # answers end at the model's EOS (<|im_end|> for SmolLM2), as they would in a server. No prefix caching:
+    # every repeat (and every row of a batch) sends a workload's same prompts, which a warm cache would answer,
+    # so the cpu clock (prefill included) would time the cache, and plain and speculative engines alike.
+    common = dict(name=loaded.name, max_num_seqs=max(16, batch_size), enable_prefix_caching=False,
                   eos_token_ids=eos_token_ids_of(loaded.model, loaded.tokenizer))
     plain = Engine(target, loaded.tokenizer, **common)
     engines = {v.name: Engine(target, loaded.tokenizer, **common,
@@ -309,7 +311,7 @@ def _row(variant, workload, tokens_per_s, speedup, spec, identical, batch_size, 
                    "gamma": config.num_draft_tokens, "gamma_policy": config.gamma_policy,
                    "batch_size": batch_size, "max_tokens": max_tokens, "num_prompts": num_prompts,
                    "repeats": repeats, "train_size": train_size, "greedy": True, "clock": clock,
-                   "torch_threads": torch.get_num_threads(), "model": loaded.name,
+                   "torch_threads": torch.get_num_threads(), "model": loaded.name, "prefix_caching": False,
                    "device": str(loaded.device), "speculative": spec.describe() if spec is not None else None},
         "metrics": metrics,
         "env": env,

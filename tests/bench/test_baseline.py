@@ -112,3 +112,86 @@ def test_sweep_rows_record_model_device_and_repeats(tiny):
         assert {k: row["params"][k] for k in ("model", "device", "repeats", "engine")} == \
             {"model": tiny.name, "device": "cpu", "repeats": 1, "engine": "labkit"}
         assert row["env"]["device"] == "cpu" and row["metrics"]["ttft_ms"] > 0
+
+
+# -- a timed repeat does the work it claims: no prompt served from the prefix cache --------------------------
+class _SpyEngine:
+    """Wraps an engine and records the prompts of its generate calls (everything else passes through)."""
+
+    def __init__(self, engine):
+        self.engine, self.prompts = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, prompts, params):
+        self.prompts += [list(p) for p in prompts]
+        return self.engine.generate(prompts, params)
+
+
+def test_measure_grid_gives_every_timed_run_its_own_prompt(tiny):
+    import random
+
+    from labkit.bench.baseline import measure_grid, prefix_hit_tokens
+    from labkit.engine.engine import Engine
+
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer, name=tiny.name)
+    assert engine.describe()["prefix_caching"] is True  # the default the trap needs
+    spy, rng = _SpyEngine(engine), random.Random(0)
+    # 40 tokens: two full 16-token blocks that a repeated prompt would find cached
+    rows = [r for _ in range(2) for r in measure_grid(spy, prompt_lengths=(40,), new_tokens=(2,), repeats=3, rng=rng)]
+    timed = [p for p in spy.prompts if len(p) == 40]  # the warm-up prompts are 8 tokens
+    assert len(timed) == 6 and len({tuple(p) for p in timed}) == 6
+    assert prefix_hit_tokens(engine) == 0  # nothing came from the cache
+    assert all(r["prefix_caching"] is True for r in rows)
+
+
+def test_fresh_prompts_are_seeded_and_exact_in_length(tiny):
+    import random
+
+    from labkit.bench.baseline import fresh_prompt
+    from labkit.engine.engine import Engine
+
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer, name=tiny.name)
+    a = [fresh_prompt(engine, n, random.Random(5)) for n in (1, 17, 64)]
+    b = [fresh_prompt(engine, n, random.Random(5)) for n in (1, 17, 64)]
+    assert a == b and [len(p) for p in a] == [1, 17, 64]
+    with pytest.raises(ValueError, match="num_tokens.*0"):
+        fresh_prompt(engine, 0, random.Random(5))
+
+
+def test_measure_grid_refuses_timed_runs_the_prefix_cache_served(tiny):
+    from labkit.bench.baseline import CachedPromptError, measure_grid
+    from labkit.engine.engine import Engine
+
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer, name=tiny.name)
+    measure_grid(engine, prompt_lengths=(40,), new_tokens=(2,), repeats=1, rng=7)
+    with pytest.raises(CachedPromptError, match="prefix cache served 32 prompt tokens"):
+        measure_grid(engine, prompt_lengths=(40,), new_tokens=(2,), repeats=1, rng=7)  # the same seed again
+    # without a prefix cache the same prompts are fine: every run computes its whole prompt
+    off = Engine.from_hf(tiny.model, tiny.tokenizer, name=tiny.name, enable_prefix_caching=False)
+    rows = [measure_grid(off, prompt_lengths=(40,), new_tokens=(2,), repeats=1, rng=7)[0] for _ in range(2)]
+    assert [r["prefix_caching"] for r in rows] == [False, False]
+
+
+def test_sweep_rows_record_prefix_caching(tiny):
+    from labkit.bench.baseline import measure_grid, sweep_rows
+    from labkit.bench.hf import HFEngine
+    from labkit.engine.engine import Engine
+
+    engines = [HFEngine(tiny.model, tiny.tokenizer, name=tiny.name),
+               Engine.from_hf(tiny.model, tiny.tokenizer, name=tiny.name)]
+    rows = sweep_rows([r for e in engines for r in measure_grid(e, prompt_lengths=(4,), new_tokens=(2,), repeats=1)])
+    assert {r["params"]["engine"]: r["params"]["prefix_caching"] for r in rows} == {"hf": None, "labkit": True}
+
+
+@pytest.mark.parametrize("engine, caching", [("labkit", False), ("hf", None)])
+def test_run_baseline_times_its_repeated_prompt_without_the_prefix_cache(tiny, engine, caching):
+    from labkit.bench.baseline import run_baseline
+
+    # 40 prompt tokens: the cold run would leave two full blocks for the warm runs to reuse
+    prompt = " ".join(["the village"] * 20)
+    row = run_baseline(prompt=prompt, max_tokens=2, model="tiny-smollm2", dummy=True, device="cpu", repeats=2,
+                       engine=engine)
+    assert row["metrics"]["num_prompt_tokens"] >= 33
+    assert row["params"]["prefix_caching"] is caching

@@ -228,3 +228,30 @@ def test_cli_replays_a_trace_file(tmp_path, capsys):
     assert row["params"]["mode"] == "online" and row["metrics"]["total_output_tokens"] == 5
     assert cli.main([*BASE_ARGS, "--trace", str(tmp_path / "nope.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == f"labkit bench batching: {tmp_path / 'nope.jsonl'}: no such trace file"
+
+
+def test_rows_say_whether_they_measure_the_prefix_cache(result, trace, tiny):
+    rows = {r["params"]["policy"]: r["params"] for r in result.rows}
+    assert rows["hf-sequential"]["prefix_caching"] is None and not rows["hf-sequential"]["measures_prefix_cache"]
+    for policy in bb.ENGINE_POLICIES:  # the trace's shared prefixes meet a cache that is on: on purpose
+        assert rows[policy]["prefix_caching"] is True and rows[policy]["measures_prefix_cache"] is True
+    plain = make_trace(TraceConfig(num_requests=2, prompt_len=LengthDist("fixed", 8),
+                                   output_len=LengthDist("fixed", 2)), tiny.tokenizer)
+    assert not bb.measures_prefix_cache(plain, True) and not bb.measures_prefix_cache(trace, False)
+
+
+def test_server_runs_get_an_engine_each_so_the_second_finds_nothing_cached(tiny, monkeypatch):
+    engines = []
+    real = bb._engine
+
+    def spy(*args, **kwargs):
+        engines.append(real(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(bb, "_engine", spy)
+    # 40-token prompts, no shared prefix: two full blocks each, which a second run on one engine would reuse
+    trace = make_trace(TraceConfig(num_requests=3, prompt_len=LengthDist("fixed", 40),
+                                   output_len=LengthDist("fixed", 2)), tiny.tokenizer)
+    rows = bb.run_server_bench(trace, tiny, ENGINE, num_warmups=0)
+    assert len(engines) == 2 and all(e.blocks.num_hit_tokens == 0 for e in engines)
+    assert [(r["params"]["prefix_caching"], r["params"]["measures_prefix_cache"]) for r in rows] == [(True, False)] * 2

@@ -411,3 +411,35 @@ def test_vllm_keys_and_percentiles_arithmetic():
         with pytest.raises(ValueError):
             BenchServeConfig(**bad)
     assert math.isinf(BenchServeConfig().request_rate)
+
+
+def test_replicas_run_sends_other_prompts_than_the_one_replica_run(monkeypatch):
+    import contextlib
+
+    from labkit.serving import replicas, router_app, server
+
+    seen = []
+
+    class FakeServer:
+        def __init__(self, app):
+            self.url = "http://127.0.0.1:9"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    @contextlib.contextmanager
+    def fake_replicas(num_replicas, serve_args, threads_per_replica=None):
+        yield [f"http://127.0.0.1:{8000 + i}" for i in range(num_replicas)]
+
+    monkeypatch.setattr(replicas, "ReplicaSet", fake_replicas)
+    monkeypatch.setattr(server, "ServerThread", FakeServer)
+    monkeypatch.setattr(router_app, "create_router_app", lambda router: None)
+    monkeypatch.setattr(loadgen, "benchmark", lambda config: seen.append(config) or {"seed": config.seed})
+    config = loadgen.BenchServeConfig(num_prompts=4, seed=5)
+    out = loadgen.measure_replicas([], 2, config)
+    assert [c.seed for c in seen] == [5, 6] and out == {"one": {"seed": 5}, "replicas": {"seed": 6}}
+    first, second = (loadgen.make_prompts(4, config.input_len, config.output_len, seed=s) for s in (5, 6))
+    assert not {p.prompt for p in first} & {p.prompt for p in second}

@@ -50,3 +50,30 @@ def test_cli_json_holds_only_rows(capsys):
 def test_cli_errors_name_the_bad_value(capsys, argv, message):
     assert cli.main(["bench", "spec", *argv]) == 2
     assert capsys.readouterr().err.startswith(f"labkit bench spec: {message}")
+
+
+def test_spec_bench_repeats_its_prompts_without_the_prefix_cache(tiny, monkeypatch):
+    from labkit.engine.engine import Engine
+
+    engines = []
+
+    class SpyEngine(Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    monkeypatch.setattr(bench_spec, "Engine", SpyEngine)
+    rows = bench_spec.run_spec_bench(["ngram"], ["copy"], max_tokens=4, repeats=2, loaded=tiny)
+    assert engines and all(e.describe()["prefix_caching"] is False for e in engines)
+    assert all(e.blocks.num_hit_tokens == 0 for e in engines)  # every repeat computed its whole prompt
+    assert [r["params"]["prefix_caching"] for r in rows] == [False, False]
+
+
+def test_learned_drafts_never_train_on_the_benchmark_prompts():
+    from labkit.speculative.distillation import TEMPLATES, TOPICS
+
+    corpus = [template.format(topic) for template, _ in TEMPLATES for topic in TOPICS]
+    for prompts in bench_spec.WORKLOADS.values():
+        for prompt in prompts:
+            sentences = [s.strip() for s in prompt.text.replace("\n", ". ").split(".") if len(s.strip()) > 20]
+            assert not any(s in text for text in corpus for s in sentences), prompt.text[:40]
