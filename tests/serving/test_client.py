@@ -266,5 +266,6 @@ def test_ping_rejects_bad_values_in_one_line(capsys):
         with pytest.raises(SystemExit) as caught:
             cli.main(["ping", *argv])
         assert caught.value.code == 2 and _one_line(capsys).startswith("labkit ping: ")
-    assert cli.main(["ping", "--host", "bad host", "--model", "m"]) == 1
-    assert _one_line(capsys).startswith("labkit ping: cannot reach http://bad host:8000")
+    assert cli.main(["ping", "--host", "bad host", "--model", "m"]) == 2
+    assert _one_line(capsys) == ("labkit ping: --host 'bad host': expected a host name, an IP address or a URL "
+                                 "like http://127.0.0.1:8000")
