@@ -139,10 +139,8 @@ def add_run_output_options(parser: argparse.ArgumentParser, default_file: str | 
         parser.add_argument("--no-progress", action="store_true", help=progress_help)
 
 
-STORE_HELP = "results go to the untracked store runs/store/ (or $LABKIT_DATA_DIR)"
-
-
-def add_store_options(parser: argparse.ArgumentParser, no_save_help: str = "write nothing to the results store") -> None:
+def add_store_options(parser: argparse.ArgumentParser,
+                      no_save_help: str = "write nothing to the results store") -> None:
     """--no-save and --refresh-reference: where a command's rows go. By default to the untracked store
     (`results.data_dir()`: $LABKIT_DATA_DIR, else runs/store/); only --refresh-reference writes the committed
     data/ (`labkit.cli.main` applies it before the command runs)."""
@@ -201,4 +199,5 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
 
 __all__ = ["Parser", "positive_int", "non_negative_int", "non_negative_float", "positive_float", "seed", "port",
            "server_port", "output_file", "output_dir", "utf8_text", "label", "add_label_option", "comma_list",
-           "add_server_options", "add_run_output_options", "add_store_options", "add_model_options", "add_device_option", "add_command"]
+           "add_server_options", "add_run_output_options", "add_store_options", "add_model_options",
+           "add_device_option", "add_command"]

@@ -265,7 +265,7 @@ def test_check_writable_refuses_what_cannot_be_written(tmp_path):
 def test_the_default_store_is_untracked_and_never_the_committed_reference(monkeypatch):
     monkeypatch.delenv("LABKIT_DATA_DIR", raising=False)
     repo = results.reference_data_dir().parent
-    assert results.local_data_dir() == repo / "runs" / "store" and results.store_path().parent == repo / "runs" / "store"
+    assert results.local_data_dir() == repo / "runs" / "store" == results.store_path().parent
     assert results.reference_data_dir() == repo / "data"
     ignored = subprocess.run(["git", "check-ignore", "-q", str(results.store_path())], cwd=repo)
     assert ignored.returncode == 0, "runs/store/ must be ignored by git"
