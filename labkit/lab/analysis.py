@@ -113,15 +113,22 @@ def select(df: pd.DataFrame, runs: Sequence[str] | None = None, labels: Sequence
 
 
 def hardware_column(df: pd.DataFrame) -> pd.Series:
-    """Each row's hardware: `env.gpu` where a GPU ran it, else `env.cpu` with its `env.num_cpus`; None unknown."""
+    """Each row's hardware: `env.gpu` where a GPU ran it, else `env.cpu` with its `env.num_cpus` and
+    `env.cpu_capability` (two CPUs of one name may differ in vector extensions); None where unknown."""
     import pandas as pd
 
     def column(name: str) -> pd.Series:
         return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
 
+    def details(cpus, capability) -> str:
+        parts = [f"{cpus:g} cpus" if isinstance(cpus, (int, float)) and cpus == cpus else None,
+                 capability if isinstance(capability, str) and capability else None]
+        return f" ({', '.join(p for p in parts if p)})" if any(parts) else ""
+
     cpu = column("env.cpu").astype(object)
-    cpus = column("env.num_cpus").map(lambda n: f" ({n:g} cpus)" if isinstance(n, (int, float)) and n == n else "")
-    cpu = cpu.where(cpu.isna(), cpu.astype(str) + cpus)
+    extra = pd.Series([details(n, c) for n, c in zip(column("env.num_cpus"), column("env.cpu_capability"))],
+                      index=df.index, dtype=object)
+    cpu = cpu.where(cpu.isna(), cpu.astype(str) + extra)
     gpu = column("env.gpu").astype(object)
     return gpu.where(gpu.notna(), cpu)
 

@@ -91,3 +91,11 @@ def test_compare_names_each_sides_hardware_and_warns_when_they_differ():
     warnings = analysis.hardware_warnings(table.attrs["hardware"])
     assert len(warnings) == 2 and "'b' mixes rows from Intel Xeon (2 cpus) and NVIDIA H100" in warnings[0]
     assert "AMD EPYC (2 cpus)" in warnings[1] and "Intel Xeon (2 cpus)" in warnings[1] and "'b / a'" in warnings[1]
+
+
+def test_one_cpu_name_with_different_vector_extensions_is_different_hardware():
+    rows = [_serve_row("a", 1, 1.0, cpu="AMD EPYC"), _serve_row("b", 2, 2.0, cpu="AMD EPYC")]
+    rows = [{**row, "env": {**row["env"], "cpu_capability": cap}} for row, cap in zip(rows, ("AVX2", "AVX512"))]
+    hardware = analysis.compare(analysis.rows_frame(rows), by="label").attrs["hardware"]
+    assert hardware == {"a": ["AMD EPYC (2 cpus, AVX2)"], "b": ["AMD EPYC (2 cpus, AVX512)"]}
+    assert len(analysis.hardware_warnings(hardware)) == 1
