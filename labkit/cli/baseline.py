@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="timed warm runs after one cold run, reported apart; the medians are reported (default: 3)")
     add_run_output_options(p, None, json_help="print the result row as JSON on stdout; table on stderr",
-                           no_save_help="do not append the row to data/results.jsonl")
+                           no_save_help="do not append the row to the results store")
 
 
 def cmd_baseline(args) -> int:

@@ -2,7 +2,7 @@
 batching on the labkit engine (same batch limit, one shared model), side by side in one run.
 Reports throughput, speedups, TTFT/TPOT/ITL percentiles (bench serve's arithmetic), preemptions,
 peak KV blocks and prefix-cache hits; checks that every policy gives the same greedy tokens.
-Rows go to data/results.jsonl and the run to data/bench_batching.json.
+Rows go to the results store (runs/store/results.jsonl) and the run to bench_batching.json beside them.
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--server", action="store_true",
                    help="instead: the same requests through labkit serve, one at a time vs all at once")
     g.add_argument("--slo", default=None, metavar="KEY=MS,...", help="goodput targets, e.g. ttft_ms=2000,tpot_ms=200")
-    add_run_output_options(g, None, output_help="JSON file for this run (default: data/bench_batching.json, with "
-                                                "--server data/bench_batching_server.json)",
+    add_run_output_options(g, None, output_help="JSON file for this run (default: bench_batching.json, with "
+                                                "--server bench_batching_server.json, in the results store)",
                            progress_help="no progress bars")
 
 

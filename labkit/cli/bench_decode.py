@@ -1,6 +1,6 @@
 """Decode throughput of several engines on one model, measured one after another in one process after warm-up,
 reported as tokens/s, ratio to HF generate at --dtype and roofline fraction. Rows are appended to
-data/results.jsonl and the run is saved as JSON.
+the results store (runs/store/results.jsonl) and the run is saved as JSON beside them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Sweep each Triton kernel of labkit.kernels over sizes against torch eager and torch.compile on the same inputs,
 after checking it against its float32 reference; reports latency, GB/s (memory-bound ops) or TFLOP/s (flash
 attention) and the fraction of the peak measured in the same run. Without a GPU only the correctness check runs,
-under TRITON_INTERPRET=1. Rows are appended to data/results.jsonl and the run is saved as JSON.
+under TRITON_INTERPRET=1. Rows are appended to the results store and the run is saved as JSON.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ HELP = "speed, memory, perplexity and agreement of fp32, bf16, int8, int4, GGUF 
 DESCRIPTION = """\
 Each quantization scheme of the embedded model side by side in one run on the CPU: decode tokens/s at each batch
 size, weight memory, sliding-window perplexity on an offline text and greedy agreement with fp32. Rows go to
-data/results.jsonl; the run to data/bench_quant.json.
+the results store; the run to bench_quant.json beside them.
 """  # argparse re-wraps it
 
 

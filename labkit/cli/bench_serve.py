@@ -55,15 +55,32 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from labkit.lab.results import data_dir, to_jsonable
+def _result_file(args: argparse.Namespace) -> Path | None:
+    """Where the result JSON goes (None: the store's bench_serve/ folder), checked before any request is sent:
+    a --result-file's folder must already exist (a typo must not create folders), and the store must be
+    writable, so a long load test cannot end unsaved."""
+    from labkit.lab.results import check_store, check_writable, store_path
 
+    store = store_path().parent  # not data_dir(): checking creates nothing
     result_file = args.result_file
     if args.result_dir is not None or args.result_filename is not None:
         if result_file is not None:
             raise ValueError("give --result-file (a whole path) or --result-dir/--result-filename, not both")
-        result_file = Path(args.result_dir or data_dir() / "bench_serve") / (args.result_filename
-                                                                            or loadgen.default_result_name())
+        result_file = Path(args.result_dir or store / "bench_serve") / (args.result_filename
+                                                                       or loadgen.default_result_name())
+    elif result_file is not None:
+        folder = result_file.expanduser().absolute().parent
+        if not folder.is_dir():
+            raise ValueError(f"--result-file {args.result_file}: the folder {folder} does not exist")
+    check_writable(result_file or store / "bench_serve" / loadgen.default_result_name())
+    check_store()
+    return result_file
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from labkit.lab.results import to_jsonable
+
+    result_file = _result_file(args)
     base_url = args.base_url or server_url(args.host, args.port)
     api_key, note = api_key_for(base_url, args.api_key, args.use_env_key)
     config = BenchServeConfig(
@@ -179,14 +196,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="per-request timeout (default: %(default)s)")
     add_api_key_options(parser)
     parser.add_argument("--result-file", type=Path, default=None,
-                        help="where the JSON goes (default: data/bench_serve/bench_serve_<UTC>.json)")
+                        help="where the JSON goes, in an existing folder (default: bench_serve/bench_serve_<UTC>.json "
+                             "in the results store, runs/store/ or $LABKIT_DATA_DIR)")
     parser.add_argument("--result-dir", type=Path, default=None,
-                        help="vLLM's spelling: the folder for the JSON (default: data/bench_serve)")
+                        help="vLLM's spelling: the folder for the JSON (default: bench_serve/ in the results store)")
     parser.add_argument("--result-filename", default=None,
                         help="vLLM's spelling: the JSON's file name in --result-dir (default: bench_serve_<UTC>.json)")
     parser.add_argument("--save-result", action="store_true",
                         help="accepted for vLLM's command lines: the result is always saved")
     parser.add_argument("--json", action="store_true", help="print the result JSON to stdout")
+    parser.add_argument("--refresh-reference", action="store_true",
+                        help="write the row and the default result file to the committed reference data/ instead "
+                             "of the untracked store runs/store/ (or $LABKIT_DATA_DIR)")
     parser.set_defaults(func=cmd_bench_serve)
     return parser
 

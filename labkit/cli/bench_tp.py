@@ -13,8 +13,8 @@ HELP = "tensor-parallel decode at world sizes 1 and 2 side by side, compute vs c
 DESCRIPTION = """\
 Launch torchrun once with as many ranks as the largest world size; measure decode tokens/s at each world size
 (gloo on CPU, NCCL on CUDA), each rank's compute and all-reduce time per step, and all-reduce latency by message
-size; compare with the alpha-beta model. Rows are appended to data/results.jsonl and the run is saved as
-data/bench_tp.json.
+size; compare with the alpha-beta model. Rows are appended to the results store and the run is saved as
+bench_tp.json beside them.
 """  # argparse re-wraps it
 
 

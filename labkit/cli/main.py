@@ -7,9 +7,11 @@ Bad input prints one line `labkit <command>: <message>` on stderr and exits 2, n
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 
 from labkit.cli.arguments import Parser
 
@@ -54,11 +56,36 @@ def build_parser() -> Parser:
         importlib.import_module(module).add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks: decode, serving load, batching, kernels, TP, speculation, "
                                          "quantization",
-                           description="Benchmarks. Each writes result rows under data/ and accepts --json.")
+                           description="Benchmarks. Each appends result rows to the untracked store runs/store/ (or "
+                                       "$LABKIT_DATA_DIR; --refresh-reference: the committed data/) and accepts "
+                                       "--json.")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     for module in BENCH_COMMANDS.values():
         importlib.import_module(module).add_parser(bench_sub)
     return parser
+
+
+@contextlib.contextmanager
+def _results_folder(args) -> Iterator[None]:
+    """With --refresh-reference (a benchmark's, not `labkit run`'s, which sets its notebooks' environment
+    itself), every writer of this command (rows, run JSON, bench serve's result) goes to the committed data/:
+    $LABKIT_DATA_DIR points there while the command runs, then is restored."""
+    if not getattr(args, "refresh_reference", False) or args.command == "run":
+        yield
+        return
+    from labkit.lab.results import DATA_DIR_ENV, reference_data_dir
+
+    if getattr(args, "no_save", False):
+        raise ValueError("--refresh-reference writes the reference results; --no-save writes nothing: choose one")
+    saved = os.environ.get(DATA_DIR_ENV)
+    os.environ[DATA_DIR_ENV] = str(reference_data_dir())
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(DATA_DIR_ENV, None)
+        else:
+            os.environ[DATA_DIR_ENV] = saved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     name = args.command if args.command != "bench" else f"bench {args.bench_command}"
     try:
-        return int(args.func(args) or 0)
+        with _results_folder(args):
+            return int(args.func(args) or 0)
     except ValueError as exc:
         print(f"labkit {name}: {exc}", file=sys.stderr)
         return 2

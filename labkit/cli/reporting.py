@@ -14,18 +14,21 @@ Table = str | Callable[[list[dict]], str]
 
 def report_rows(rows: list[dict], args: argparse.Namespace, default_file: str | None, table: Table) -> int:
     """Stamp the rows with the run id and --label, append them to the store and, unless `default_file` is None,
-    write the run's JSON to --output or data/<default_file> (nothing with --no-save); then print the table, or
-    with --json the rows on stdout and the table on stderr. The options come from
-    `arguments.add_run_output_options`. Returns the exit status, 0."""
+    write the run's JSON to --output or <store>/<default_file> (nothing with --no-save); then print the table, or
+    with --json the rows on stdout and the table on stderr, and one line on stderr saying where the rows went.
+    The options come from `arguments.add_run_output_options`. Returns the exit status, 0."""
     rows = stamp_rows(rows, label=args.label)
+    written = []
     if not args.no_save:
-        append_rows(rows)
+        written.append(append_rows(rows))
         if default_file is not None:
-            write_json_atomic(args.output or data_dir() / default_file, rows)
+            written.append(write_json_atomic(args.output or data_dir() / default_file, rows))
     text = table(rows) if callable(table) else table
     print(text, file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(rows, indent=2))
+    if written:
+        print(f"results: {', '.join(map(str, written))} (run {rows[0]['run_id'] if rows else '-'})", file=sys.stderr)
     return 0
 
 

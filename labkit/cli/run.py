@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from labkit.cli.arguments import add_command, add_label_option, output_dir, positive_float
-from labkit.lab.results import new_run_id
+from labkit.lab.results import check_writable, new_run_id
 from labkit.lab.runner import (NotebookFailed, default_output_dir, find_notebooks, notebooks_dir, one_line,
                                output_environment, parse_value, run_notebooks)
 
@@ -24,6 +24,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = new_run_id()
     where = output_environment(folder, args.refresh_reference, run_id, args.label)
     try:
+        for name in ("LABKIT_DATA_DIR", "LABKIT_FIGURES_DIR"):  # before minutes of notebooks, not after
+            check_writable(where[name], is_dir=True)
         paths = find_notebooks(args.notebooks)
         if not paths:
             raise ValueError(f"no numbered notebooks (NN_name.ipynb) in {notebooks_dir()}")
@@ -45,8 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          help="execute notebooks headless through papermill",
                          epilog="examples:\n"
                                 "  labkit run                       # every notebook, default parameters\n"
-                                "  labkit run 01 03_sampling        # two notebooks, by number or name\n"
-                                "  labkit run 02 -p device cuda -p max_new_tokens 256\n"
+                                "  labkit run 01 05_batching        # two notebooks, by number or name\n"
+                                "  labkit run 02 -p device cuda -p num_prompts 50\n"
                                 "  labkit run --profile full        # the bigger settings for a GPU machine\n"
                                 "  labkit run --refresh-reference   # rewrite the committed reference results",
                          formatter_class=argparse.RawDescriptionHelpFormatter)

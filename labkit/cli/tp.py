@@ -12,8 +12,8 @@ import json
 import sys
 from dataclasses import fields
 
-from labkit.cli.arguments import (Parser, add_label_option, comma_list, non_negative_int, positive_int, seed,
-                                  server_port, utf8_text)
+from labkit.cli.arguments import (Parser, add_label_option, add_store_options, comma_list, non_negative_int,
+                                  positive_int, seed, server_port, utf8_text)
 from labkit.parallel.distributed import LaunchConfig
 from labkit.parallel.worker import (ACTIONS, LINEAR_LAYOUTS, QUANTIZE_CHOICES, ActionOptions, BenchOptions,
                                     GenerateOptions)
@@ -203,7 +203,8 @@ def add_parser(subparsers) -> None:
         "tp", help="tensor-parallel generation and decode benchmark over torchrun (gloo on CPU, NCCL on CUDA)",
         description="Split the model over ranks started by torchrun (Megatron-style tensor parallelism: heads and "
                     "MLP\nfeatures split, one all-reduce per block half) and generate or benchmark. Rows come back "
-                    "from rank 0\nstamped with the environment; bench rows go to data/results.jsonl.",
+                    "from rank 0\nstamped with the environment; bench rows go to the results store (runs/store/, or "
+                    "$LABKIT_DATA_DIR).",
         epilog="examples:\n"
                "  labkit tp --nproc 2 generate --prompt 'The capital of France is' --max-tokens 16\n"
                "  labkit tp --nproc 2 bench --max-tokens 32 --json\n"
@@ -218,7 +219,7 @@ def add_parser(subparsers) -> None:
     add_action_parsers(sub)
     for action in sub.choices.values():
         add_label_option(action)
-        action.add_argument("--no-save", action="store_true", help="write nothing under data/")
+        add_store_options(action)
     p.set_defaults(func=cmd_tp)
 
 

@@ -56,7 +56,9 @@ ENGINE_KEYS = ("variant", "policy", "engine")  # a row's engine: the first of th
 HEADLINE_METRICS = ("tokens_per_s", "output_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "median_ttft_ms",
                     "median_tpot_ms", "total_latency_ms", "duration_s")
 COMPARE_BY = {"label": "label", "run": "run", "technique": "technique", "engine": "engine"}
-PER_RUN_PARAMS = ("params.result_file",)  # differ on every run by design: never a key to line runs up on
+# differ on every run by design (a server's random port, where a file went): never a key to line runs up on
+PER_RUN_PARAMS = tuple(f"params.{key}" for key in ("result_file", "result_dir", "result_filename", "output",
+                                                   "base_url", "host", "port"))
 _ENGINE_PARAMS = tuple(f"params.{key}" for key in ENGINE_KEYS)  # shown as the engine column
 
 
@@ -110,14 +112,36 @@ def select(df: pd.DataFrame, runs: Sequence[str] | None = None, labels: Sequence
     return df
 
 
+def hardware_column(df: pd.DataFrame) -> pd.Series:
+    """Each row's hardware: `env.gpu` where a GPU ran it, else `env.cpu` with its `env.num_cpus` and
+    `env.cpu_capability` (two CPUs of one name may differ in vector extensions); None where unknown."""
+    import pandas as pd
+
+    def column(name: str) -> pd.Series:
+        return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
+
+    def details(cpus, capability) -> str:
+        parts = [f"{cpus:g} cpus" if isinstance(cpus, (int, float)) and cpus == cpus else None,
+                 capability if isinstance(capability, str) and capability else None]
+        return f" ({', '.join(p for p in parts if p)})" if any(parts) else ""
+
+    cpu = column("env.cpu").astype(object)
+    extra = pd.Series([details(n, c) for n, c in zip(column("env.num_cpus"), column("env.cpu_capability"))],
+                      index=df.index, dtype=object)
+    cpu = cpu.where(cpu.isna(), cpu.astype(str) + extra)
+    gpu = column("env.gpu").astype(object)
+    return gpu.where(gpu.notna(), cpu)
+
+
 def list_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """One line per run, oldest first: start time, label, techniques, engines, rows, hardware, git SHA."""
+    """One line per run, oldest first (runs without a timestamp last): start time, label, techniques, engines,
+    rows, hardware, git SHA."""
     import pandas as pd
 
     df = _frame(df)
-    hardware = df["env.gpu"].fillna(df["env.cpu"]) if "env.gpu" in df and "env.cpu" in df else \
-        df.get("env.cpu", pd.Series([None] * len(df), index=df.index))
-    df = df.assign(hardware=hardware, git=df.get("env.git_sha"))
+    if "timestamp" not in df:  # rows written by hand or by another tool may lack it
+        df["timestamp"] = pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns, UTC]")
+    df = df.assign(hardware=hardware_column(df), git=df.get("env.git_sha"))
 
     def joined(values: pd.Series) -> str:
         return ", ".join(dict.fromkeys(str(v) for v in values.dropna())) or "-"
@@ -125,7 +149,7 @@ def list_runs(df: pd.DataFrame) -> pd.DataFrame:
     runs = df.groupby("run", sort=False).agg(
         start=("timestamp", "min"), label=("label", joined), techniques=("technique", joined),
         engines=("engine", joined), rows=("technique", "size"), hardware=("hardware", joined), git=("git", joined))
-    return runs.sort_values("start").reset_index()
+    return runs.sort_values("start", na_position="last", kind="stable").reset_index()
 
 
 def headline_metrics(df: pd.DataFrame) -> list[str]:
@@ -198,4 +222,27 @@ def compare(df: pd.DataFrame, by: str = "label", metric: str | None = None,
     for group in groups[1:]:
         table[f"{group} / {groups[0]}"] = table[group] / table[groups[0]]
     table.columns.name = f"{metric} by {by}"
+    table.attrs["hardware"] = group_hardware(df, by)
     return table.rename_axis(index=[k.removeprefix("params.") for k in keys] if keys else None)
+
+
+def group_hardware(df: pd.DataFrame, by: str) -> dict[str, list[str]]:
+    """The hardware each group of `by` ran on, groups in order of appearance ("unknown" for rows without a stamp)."""
+    hardware = hardware_column(df).fillna("unknown").astype(str)
+    keys = df[by].fillna("(none)").astype(str)
+    return {group: list(dict.fromkeys(hardware[keys == group])) for group in dict.fromkeys(keys)}
+
+
+def hardware_warnings(hardware: Mapping[str, Sequence[str]]) -> list[str]:
+    """One line per group whose ratio to the first group compares different hardware (`compare`'s
+    `table.attrs["hardware"]`), naming both; [] when every group ran on the same hardware."""
+    groups = list(hardware)
+    if not groups:
+        return []
+    first = groups[0]
+    mixed = [f"{group!r} mixes rows from {' and '.join(hardware[group])}: its medians pool different hardware"
+             for group in groups if len(hardware[group]) > 1]
+    return mixed + [f"{group!r} ran on {' + '.join(hardware[group])} but {first!r} on "
+                    f"{' + '.join(hardware[first])}: the ratio '{group} / {first}' compares different hardware"
+                    for group in groups[1:] if set(hardware[group]) != set(hardware[first])]
+

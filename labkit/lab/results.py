@@ -3,7 +3,9 @@
 Writers append whole lines with one `O_APPEND` write under a `filelock` lock and fsync, so concurrent writers
 never interleave and a killed writer leaves at most one torn last line (no temp copies). Readers skip that
 torn line silently and any other corrupt or non-UTF-8 line with a warning naming the file and line.
-`labkit.lab.analysis` reads the rows with pandas: runs, tables, comparisons.
+`labkit.lab.analysis` reads the rows with pandas: runs, tables, comparisons; `export_frame` writes a frame as CSV
+or Parquet. By default the store is the untracked `runs/store/`; the committed reference `data/` is written only
+when `$LABKIT_DATA_DIR` points there (`--refresh-reference`).
 """
 
 from __future__ import annotations
@@ -33,17 +35,28 @@ class ResultsWarning(UserWarning):
     """A line of a results file was skipped (corrupt JSON, not UTF-8, not a row)."""
 
 
+DATA_DIR_ENV = "LABKIT_DATA_DIR"
+
+
 def reference_data_dir() -> Path:
-    """The committed reference results: `<repo>/data` (what `labkit run --refresh-reference` rewrites)."""
+    """The committed reference results: `<repo>/data`, written only by an explicit `--refresh-reference`."""
     return repo_root() / "data"
 
 
+def local_data_dir() -> Path:
+    """The untracked results store: `<repo>/runs/store` (runs/ is ignored by git), where runs write by default."""
+    return repo_root() / "runs" / "store"
+
+
 def _data_dir_path() -> Path:
-    return Path(os.environ.get("LABKIT_DATA_DIR") or reference_data_dir())
+    return Path(os.environ.get(DATA_DIR_ENV) or local_data_dir())
 
 
 def data_dir() -> Path:
-    """The results folder: `$LABKIT_DATA_DIR`, else `<repo>/data`; created on demand."""
+    """The results folder: `$LABKIT_DATA_DIR`, else the untracked `<repo>/runs/store`; created on demand.
+
+    Never the committed `data/` unless asked: `--refresh-reference` points `$LABKIT_DATA_DIR` there.
+    """
     path = _data_dir_path()
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -306,9 +319,52 @@ def read_rows(path: str | Path | None = None, on_error: Callable[[str], object] 
 
 def load_results(path: str | Path | Sequence[str | Path] | None = None,
                  on_error: Callable[[str], object] | None = None) -> pd.DataFrame:
-    """All rows of one or more results files as a DataFrame, nested dicts flattened (`metrics.tokens_per_s`,
-    `env.cpu`), with a `run` column (see `analysis.run_keys`); empty if there are none."""
+    """All rows of one or more results files (default: the store) as a pandas DataFrame; empty if there are none.
+
+    One line per row, in file order. Columns: `run` (the run id, or `legacy-<time>` for rows older than run ids;
+    see `analysis.run_keys`), `technique`, `label`, `run_id`, `seed`, `timestamp` (a UTC datetime), and the nested
+    dicts flattened with dots: `params.<name>` (what was measured: model, batch_size, variant, ...),
+    `metrics.<name>` (the numbers, units in their names: tokens_per_s, ttft_ms, ...), `env.<name>` (the
+    environment stamp: cpu, gpu, num_cpus, torch, git_sha, ...). A key some rows lack is NaN in the others;
+    list values (e.g. `metrics.tokens_per_s_runs`) stay lists. Views over it: `analysis.select`, `tabulate`,
+    `compare`, `list_runs`; `labkit results --rows --format csv|parquet --out FILE` writes it to a file.
+    """
     from labkit.lab.analysis import rows_frame
 
     paths = [path] if path is None or isinstance(path, (str, PurePath)) else list(path)
     return rows_frame([row for p in paths for row in read_rows(p, on_error)])
+
+
+EXPORT_FORMATS = ("csv", "parquet")
+
+
+def export_frame(df: pd.DataFrame, path: str | Path, fmt: str, index: bool = False) -> Path:
+    """Write a frame as CSV or Parquet, atomically (a temp file renamed over `path`); returns the path.
+
+    List and dict cells (e.g. `metrics.tokens_per_s_runs`) are written as JSON text, so every column has one
+    type. Parquet needs pyarrow; without it, a one-line ValueError says how to install it.
+    """
+    import io
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    df = df.copy()
+    for column in df.columns:
+        if df[column].dtype != object:
+            continue
+        if df[column].map(lambda v: isinstance(v, (list, dict))).any():
+            df[column] = df[column].map(lambda v: json.dumps(to_jsonable(v)) if isinstance(v, (list, dict)) else v)
+        if len({type(v) for v in df[column].dropna()}) > 1:  # e.g. 4 and "auto": Parquet wants one type
+            df[column] = df[column].map(lambda v: v if v is None or v != v else str(v))
+    if fmt == "csv":
+        data = df.to_csv(index=index).encode()
+    else:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ValueError("Parquet export needs pyarrow: pip install pyarrow (or use --format csv)") from None
+        buffer = io.BytesIO()
+        df.to_parquet(buffer, index=index)
+        data = buffer.getvalue()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_bytes_atomic(path, data)

@@ -224,6 +224,29 @@ def _environment(variables: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
+class _DropErrors:
+    """A logging filter that drops papermill's error records ("Timeout waiting for execute reply"): the
+    exception papermill raises next becomes labkit's own one-line message."""
+
+    def filter(self, record) -> bool:
+        import logging
+
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_papermill_log() -> Iterator[None]:
+    """Drop papermill's (and the nbclient it drives) error log lines while a notebook runs, then restore."""
+    import logging
+
+    logger, quiet = logging.getLogger("papermill"), _DropErrors()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def default_output_dir() -> Path:
     """A new folder `runs/<UTC time>/` (suffixed -1, -2, ... if that second is taken); nothing is created."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -301,7 +324,7 @@ def run_notebooks(paths: Sequence[Path], parameters: Mapping[str, Any] | None = 
         bar.set_postfix_str(notebook.name)
         output = output_dir / notebook.name
         try:
-            with _environment(variables):
+            with _environment(variables), _quiet_papermill_log():
                 pm.execute_notebook(
                     str(notebook), str(output),
                     parameters=resolved[notebook],
@@ -310,8 +333,9 @@ def run_notebooks(paths: Sequence[Path], parameters: Mapping[str, Any] | None = 
                     execution_timeout=cell_timeout_s,
                     progress_bar=show_cells,
                     log_output=False,
-                    # ipykernel warns on every start that its localhost TCP sockets are unencrypted: noise here
-                    extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                    # ipykernel warns on every start that its localhost TCP sockets are unencrypted, and when a
+                    # timed-out cell is interrupted logs a ZMQ traceback: noise before labkit's own message
+                    extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
                 )
         except Exception as exc:  # kernel start-up fails with plain RuntimeError/KeyError: report them all alike
             bar.close()

@@ -148,6 +148,19 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
+def hub_local_only(repo_id: str) -> bool:
+    """Whether a hub id must load from the local HF cache only: it is cached there, or the hub cannot be reached
+    (so a missing model fails at once, not after the hub client's retries)."""
+    return _in_hf_cache(repo_id) or not _hub_reachable()
+
+
+def hub_load_error(name: str, exc: Exception) -> ModelLoadError:
+    """One line for a hub id that did not load: the client's first line, and what to use instead."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelLoadError(f"cannot load model {name!r} from the Hugging Face Hub ({first[:160]}); offline, use the "
+                          f"embedded default {EMBEDDED_MODEL!r} or a local directory")
+
+
 def _in_hf_cache(repo_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -214,7 +227,7 @@ def load_model(name: str = EMBEDDED_MODEL, device: str | torch.device = "auto", 
             path, source = name, "hub"
         # A hub id already in the local HF cache loads offline; otherwise fail fast when the hub is
         # unreachable rather than sitting through the client's retries.
-        local_only = source == "hub" and (_in_hf_cache(name) or not _hub_reachable())
+        local_only = source == "hub" and hub_local_only(name)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=local_only)
             if with_tokenizer:
@@ -222,10 +235,7 @@ def load_model(name: str = EMBEDDED_MODEL, device: str | torch.device = "auto", 
         except (OSError, ValueError) as exc:
             if source != "hub":
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(
-                f"cannot load model {name!r} from the Hugging Face Hub ({first[:160]}); offline, use the "
-                f"embedded default {EMBEDDED_MODEL!r} or a local directory") from exc
+            raise hub_load_error(name, exc) from exc
     model.to(dev).eval()
     model.requires_grad_(False)
     load_s = time.perf_counter() - start

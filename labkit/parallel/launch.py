@@ -31,12 +31,16 @@ def model_args(name: str, dummy: bool):
     from transformers import AutoConfig
 
     from labkit.model.llama import ModelArgs
-    from labkit.model.loader import EMBEDDED_ALIASES, convert_embedded, dummy_config
+    from labkit.model.loader import EMBEDDED_ALIASES, convert_embedded, dummy_config, hub_load_error, hub_local_only
 
     if dummy:
         return ModelArgs.from_hf(dummy_config(name))
-    path = convert_embedded() if name in EMBEDDED_ALIASES else name
-    return ModelArgs.from_hf(AutoConfig.from_pretrained(path))
+    if name in EMBEDDED_ALIASES or Path(name).expanduser().is_dir():
+        return ModelArgs.from_hf(AutoConfig.from_pretrained(convert_embedded() if name in EMBEDDED_ALIASES else name))
+    try:  # a hub id: fail at once when it is not cached and the hub is unreachable, as load_model does
+        return ModelArgs.from_hf(AutoConfig.from_pretrained(name, local_files_only=hub_local_only(name)))
+    except (OSError, ValueError) as exc:
+        raise hub_load_error(name, exc) from exc
 
 
 def check_split(options, world_size: int) -> str:

@@ -15,8 +15,33 @@ def auth_headers(api_key: str | None) -> dict:
 
 
 def server_url(host: str, port: int) -> str:
-    """http://host:port, with an IPv6 address in brackets."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    """http://host:port, with an IPv6 address in brackets. `host` may also be a URL, `http(s)://host[:port]`, whose
+    port (if it has one) wins over `port`; anything else (a path, `host:port`, spaces) is a one-line ValueError."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    text, scheme = host.strip(), "http"
+    usage = "a host name, an IP address or a URL like http://127.0.0.1:8000"
+    if "://" in text:
+        parts = urlsplit(text)
+        try:
+            url_port = parts.port
+        except ValueError:
+            raise ValueError(f"--host {host!r}: the port is not in 0..65535; expected {usage}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query \
+                or parts.fragment or parts.username is not None:
+            raise ValueError(f"--host {host!r}: expected {usage}")
+        scheme, text, port = parts.scheme, parts.hostname, url_port or port
+    text = text.removeprefix("[").removesuffix("]")
+    if not text or any(c in text for c in "/?#@[] \t"):
+        raise ValueError(f"--host {host!r}: expected {usage}")
+    if ":" in text:
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise ValueError(f"--host {host!r}: give the port with --port, or a URL like http://{text}") from None
+        return f"{scheme}://[{text}]:{port}"
+    return f"{scheme}://{text}:{port}"
 
 
 def is_loopback(url: str) -> bool:

@@ -71,15 +71,22 @@ class ServerError(RuntimeError):
     """The server could not be reached, or answered with an error (its message is kept)."""
 
 
+MAX_ERROR_CHARS = 200  # of a non-OpenAI error body (an HTML page) quoted in a one-line error
+
+
 def error_message(status: int, body: bytes) -> str:
-    """`HTTP 400: <message>` from an OpenAI error body, or from the raw text of any other body."""
+    """`HTTP 400: <message>` on one line, from an OpenAI error body, or from the raw text of any other body (an
+    HTML page: its whitespace folded, cut at MAX_ERROR_CHARS with an ellipsis)."""
     try:
         error = json.loads(body).get("error")
         message = error.get("message") if isinstance(error, dict) else error
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         message = None
-    if not message:
-        message = body.decode("utf-8", "replace").strip()[:200] or "(empty body)"
+    if not isinstance(message, str) or not message.strip():
+        message = body.decode("utf-8", "replace")
+    message = " ".join(message.split()) or "(empty body)"
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS - 1].rstrip() + "…"
     return f"HTTP {status}: {message}"
 
 

@@ -139,7 +139,8 @@ def _args(tmp_path, **kwargs):
 def test_report_rows_stores_writes_the_run_and_prints_the_table(tmp_path, capsys):
     assert report_rows(_rows(), _args(tmp_path), "bench_demo.json", lambda rows: f"{len(rows)} rows") == 0
     out = capsys.readouterr()
-    assert out.out == "2 rows\n" and out.err == ""
+    assert out.out == "2 rows\n"
+    assert out.err.startswith(f"results: {results.store_path()}, {results.data_dir() / 'bench_demo.json'} (run ")
     stored = results.read_rows()
     assert [r["params"]["n"] for r in stored] == [1, 2] and {r["label"] for r in stored} == {"L"}
     assert json.loads((results.data_dir() / "bench_demo.json").read_text()) == stored

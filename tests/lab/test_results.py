@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from labkit.lab import results
+from labkit.lab import analysis, results
 from tests.lab.results_rows import warnings_of
 
 ENV = {"cpu": "test-cpu", "gpu": None, "torch": "x"}
@@ -260,3 +260,45 @@ def test_check_writable_refuses_what_cannot_be_written(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(ValueError, match="permission denied"):
             results.check_writable(locked / "out.json")
+
+
+def test_the_default_store_is_untracked_and_never_the_committed_reference(monkeypatch):
+    monkeypatch.delenv("LABKIT_DATA_DIR", raising=False)
+    repo = results.reference_data_dir().parent
+    assert results.local_data_dir() == repo / "runs" / "store" == results.store_path().parent
+    assert results.reference_data_dir() == repo / "data"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(results.store_path())], cwd=repo)
+    assert ignored.returncode == 0, "runs/store/ must be ignored by git"
+
+
+@pytest.fixture
+def frame():
+    rows = [results.make_row("decode", {"variant": v, "batch_size": b, "dtype": "auto" if b == 1 else 4},
+                             {"tokens_per_s": 10.0 * b, "tokens_per_s_runs": [1.0, 2.0]}, env={"cpu": "c"})
+            for v in ("hf", "labkit") for b in (1, 4)]
+    return analysis.rows_frame(results.stamp_rows(rows, run_id="r1"))
+
+
+@pytest.mark.parametrize("fmt", results.EXPORT_FORMATS)
+def test_export_writes_csv_and_parquet_atomically(frame, fmt, tmp_path):
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    path = results.export_frame(frame, tmp_path / "out" / f"rows.{fmt}", fmt)
+    back = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
+    assert list(back["metrics.tokens_per_s"]) == [10.0, 40.0, 10.0, 40.0] and list(back["run"]) == ["r1"] * 4
+    assert json.loads(back["metrics.tokens_per_s_runs"].iloc[0]) == [1.0, 2.0]  # lists as JSON text
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left behind
+    with pytest.raises(ValueError, match="unknown export format 'xlsx'"):
+        results.export_frame(frame, tmp_path / "x.xlsx", "xlsx")
+
+
+def test_parquet_without_pyarrow_is_a_one_line_error(frame, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now raises ImportError
+    with pytest.raises(ValueError, match="^Parquet export needs pyarrow: pip install pyarrow") as info:
+        results.export_frame(frame, tmp_path / "rows.parquet", "parquet")
+    assert "\n" not in str(info.value) and not (tmp_path / "rows.parquet").exists()
+
+
+def test_load_results_documents_its_columns():
+    doc = results.load_results.__doc__
+    assert all(name in doc for name in ("`run`", "`timestamp`", "params.", "metrics.", "env.", "DataFrame"))

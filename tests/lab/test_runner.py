@@ -190,3 +190,15 @@ def test_refresh_reference_targets_the_committed_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_DATA_DIR", "/elsewhere")  # an explicit choice wins over the run folder
     env = runner.output_environment(tmp_path, label="x")
     assert env["LABKIT_DATA_DIR"] == "/elsewhere" and env["LABKIT_LABEL"] == "x" and env["LABKIT_RUN_ID"]
+
+
+@pytest.mark.slow
+def test_a_cell_timeout_prints_only_labkits_line(notebooks, tmp_path, capfd):
+    from labkit import cli
+
+    _write_notebook(notebooks / "04_sleeps.ipynb", "seconds = 60", "import time\ntime.sleep(seconds)")
+    code = cli.main(["run", "04", "--cell-timeout", "2", "--no-progress", "--output-dir", str(tmp_path / "out")])
+    err = capfd.readouterr().err  # the kernel's stderr is this process's fd 2: captured too
+    assert code == 1 and "Traceback" not in err and "ZMQError" not in err and "Timeout waiting" not in err
+    assert err.strip().splitlines()[-1].startswith("labkit run: 04_sleeps.ipynb failed at cell [2] (index 1): ran "
+                                                   "longer than the 2 s cell timeout")

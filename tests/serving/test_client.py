@@ -9,6 +9,7 @@ import argparse
 import collections
 import contextlib
 import json
+import re
 import threading
 import time
 
@@ -17,7 +18,8 @@ import pytest
 from labkit import cli
 from labkit.cli import ping as ping_cli
 from labkit.serving import client
-from labkit.serving.addresses import api_key_for, is_loopback
+from labkit.serving import protocol
+from labkit.serving.addresses import api_key_for, is_loopback, server_url
 from labkit.serving.events import DONE, SSEReader, chunk_text, parse_event, read_events, stream_usage
 from labkit.serving.protocol import ServerError, model_ids
 from labkit.serving.server import bind_socket
@@ -72,6 +74,9 @@ BROKEN_MODELS = {  # bearer key -> (the /v1/models body, fragment)
     "empty": (b'{"object":"list","data":[]}', "lists no model: pass --model"),
 }
 
+HTML_PAGE = "<!DOCTYPE html>\n<html>\n  <head><title>404 Not Found</title></head>\n  <body>\n" + \
+    "    <p>nothing here</p>\n" * 40 + "  </body>\n</html>\n"
+
 
 def broken_app():
     """Streams by model: `good`, `no-usage` (llama.cpp: no usage), a BROKEN_STREAMS/BROKEN_CHAT case, or
@@ -94,6 +99,8 @@ def broken_app():
         if case.startswith("every-3rd:"):
             seen[case] += 1
             case = case.split(":", 1)[1] if seen[case] % 3 == 0 else "good"
+        if case == "html-error":  # a web server that is not OpenAI's: a long multi-line page
+            return Response(HTML_PAGE, status_code=404, media_type="text/html")
         if case == "good":
             events = _good(is_chat)
         elif case == "no-usage":
@@ -266,5 +273,41 @@ def test_ping_rejects_bad_values_in_one_line(capsys):
         with pytest.raises(SystemExit) as caught:
             cli.main(["ping", *argv])
         assert caught.value.code == 2 and _one_line(capsys).startswith("labkit ping: ")
-    assert cli.main(["ping", "--host", "bad host", "--model", "m"]) == 1
-    assert _one_line(capsys).startswith("labkit ping: cannot reach http://bad host:8000")
+    assert cli.main(["ping", "--host", "bad host", "--model", "m"]) == 2
+    assert _one_line(capsys) == ("labkit ping: --host 'bad host': expected a host name, an IP address or a URL "
+                                 "like http://127.0.0.1:8000")
+
+
+def test_a_non_openai_servers_html_error_is_one_truncated_line(broken_server, capsys):
+    assert cli.main(["ping", "--port", str(broken_server.port), "--model", "html-error"]) == 1
+    line = _one_line(capsys)
+    assert line.startswith(f"labkit ping: http://127.0.0.1:{broken_server.port}/v1/chat/completions: HTTP 404: "
+                           "<!DOCTYPE html> <html> <head><title>404 Not Found</title></head> <body> <p>nothing here")
+    assert line.endswith("…") and len(line.split("HTTP 404: ", 1)[1]) == protocol.MAX_ERROR_CHARS
+    assert protocol.error_message(500, b'{"error": {"message": "bad\\n  thing"}}') == "HTTP 500: bad thing"
+    assert protocol.error_message(502, b"") == "HTTP 502: (empty body)"
+
+
+def test_ping_takes_a_url_as_host(broken_server, capsys):
+    assert cli.main(["ping", "--host", "http://127.0.0.1", "--port", str(broken_server.port), "--model", "good"]) == 0
+    assert f"at http://127.0.0.1:{broken_server.port}/v1/chat/completions" in capsys.readouterr().out
+    url = f"http://127.0.0.1:{broken_server.port}/"
+    assert cli.main(["ping", "--host", url, "--port", "1", "--model", "good", "--json"]) == 0  # the URL's port wins
+    assert json.loads(capsys.readouterr().out)["url"] == url + "v1/chat/completions"
+
+
+@pytest.mark.parametrize("host, url", [("127.0.0.1", "http://127.0.0.1:8000"), ("::1", "http://[::1]:8000"),
+                                       ("[::1]", "http://[::1]:8000"), ("http://127.0.0.1", "http://127.0.0.1:8000"),
+                                       ("https://lab.example:9/", "https://lab.example:9")])
+def test_server_url_from_a_host_or_a_url(host, url):
+    assert server_url(host, 8000) == url
+
+
+@pytest.mark.parametrize("host, fragment", [("http://127.0.0.1/v1", "expected a host name"),
+                                            ("localhost:8001", "give the port with --port"),
+                                            ("ftp://x", "expected a host name"), ("http://x:99999", "not in 0..65535"),
+                                            ("", "expected a host name")])
+def test_server_url_refuses_what_is_not_a_host_in_one_line(host, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)) as info:
+        server_url(host, 8000)
+    assert "\n" not in str(info.value) and repr(host) in str(info.value)

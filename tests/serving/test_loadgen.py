@@ -149,7 +149,7 @@ def server(tiny):
 
 
 def test_bench_serve_against_labkit_serve_writes_json_and_row(server, tmp_path, capsys):
-    result_file = tmp_path / "out" / "bench.json"
+    result_file = tmp_path / "bench.json"  # in an existing folder: bench serve creates none
     argv = ["bench", "serve", "--base-url", server.url, "--num-prompts", "12", "--input-len", "16",
             "--output-len", "6", "--range-ratio", "0.5", "--request-rate", "40", "--burstiness", "0.5",
             "--max-concurrency", "4", "--num-warmups", "2", "--slo", "ttft_ms=60000,tpot_ms=60000",
