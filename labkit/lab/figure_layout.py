@@ -124,6 +124,28 @@ def label_log_axes(fig: go.Figure) -> None:
         layout.title.text = f"{title[:-1]}, {_LOG_SCALE})" if title.endswith(")") else f"{title} ({_LOG_SCALE})"
 
 
+def wrap_axis_titles(fig: go.Figure, height: int) -> None:
+    """Break a y-axis title into two lines when it would run past the figure's top: plotly centres it on the plot
+    and clips it at the edge instead of wrapping it."""
+    top = fig.layout.margin.t if fig.layout.margin.t is not None else TITLE_MARGIN_PX
+    room_px = 2 * top + (height - top - 110) - 10  # twice the distance from the plot's centre to the top edge
+    for axis in axis_names(fig):
+        title = fig.layout[axis].title.text
+        if not axis.startswith("y") or not title or "<br>" in title or len(title) * FONT_PX * 0.5 <= room_px:
+            continue
+        spaces = [i for i, c in enumerate(title) if c == " "]
+        if spaces:
+            cut = min(spaces, key=lambda i: abs(i - len(title) / 2))  # the space nearest the middle
+            fig.layout[axis].title.text = f"{title[:cut]}<br>{title[cut + 1:]}"
+
+
+def unclip_point_labels(fig: go.Figure) -> None:
+    """Let the text written beside markers (a scheme's name, a request rate) run past the plot's edge."""
+    for trace in fig.data:
+        if trace.type == "scatter" and trace.mode and "text" in trace.mode and trace.cliponaxis is None:
+            trace.cliponaxis = False
+
+
 def bars_on_log_axes(fig: go.Figure) -> list[str]:
     """The names of bar traces drawn against a log axis, whose lengths would start at an arbitrary floor."""
     found = []

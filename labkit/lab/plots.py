@@ -286,6 +286,8 @@ def _prepare(fig: go.Figure | dict, name: str, width: int, height: int, template
     layout.room_for_subplot_titles(fig)
     layout.readable_log_axes(fig)
     layout.label_log_axes(fig)
+    layout.wrap_axis_titles(fig, height)
+    layout.unclip_point_labels(fig)
     problems = style_problems(fig)
     if len(title := _title_text(fig)) > MAX_TITLE_CHARS:
         problems.append(f"a title of {len(title)} characters (at most {MAX_TITLE_CHARS}: move the finding to "

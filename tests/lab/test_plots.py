@@ -419,3 +419,13 @@ def test_save_figure_displays_itself_once_in_a_kernel(monkeypatch, no_browser):
     monkeypatch.setattr(plots, "_in_kernel", lambda: False)
     _quiet_save(_figure(), "b")
     assert len(shown) == 1  # a script shows nothing
+
+
+def test_a_y_title_longer_than_the_plot_breaks_in_two_and_point_labels_are_not_clipped(no_browser):
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[1, 2], mode="markers+text", text=["int8", "gguf"], name="schemes"))
+    fig.update_layout(yaxis=dict(type="log", title_text="memory traffic (MB per layer)"))
+    shown = _quiet_save(fig, "a").figure
+    assert shown.layout.yaxis.title.text == "memory traffic (MB<br>per layer, log scale)"
+    assert shown.data[0].cliponaxis is False
+    short = _quiet_save(_figure().update_layout(yaxis_title="latency (ms)"), "b").figure
+    assert short.layout.yaxis.title.text == "latency (ms)" and short.data[0].cliponaxis is None
