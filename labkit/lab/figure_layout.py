@@ -124,14 +124,16 @@ def label_log_axes(fig: go.Figure) -> None:
         layout.title.text = f"{title[:-1]}, {_LOG_SCALE})" if title.endswith(")") else f"{title} ({_LOG_SCALE})"
 
 
-def wrap_axis_titles(fig: go.Figure, height: int) -> None:
+def wrap_axis_titles(fig: go.Figure, width: int, height: int) -> None:
     """Break a y-axis title into two lines when it would run past the figure's top: plotly centres it on the plot
     and clips it at the edge instead of wrapping it."""
-    top = fig.layout.margin.t if fig.layout.margin.t is not None else TITLE_MARGIN_PX
-    room_px = 2 * top + (height - top - 110) - 10  # twice the distance from the plot's centre to the top edge
+    margin = fig.layout.margin
+    top = margin.t if margin.t is not None else TITLE_MARGIN_PX
+    usable = width - (margin.l if margin.l is not None else 70) - (margin.r if margin.r is not None else 20)
+    room_px = 2 * top + (height - top - sum(_below_plot_px(fig, usable))) - 10  # twice the plot centre's distance to the top
     for axis in axis_names(fig):
         title = fig.layout[axis].title.text
-        if not axis.startswith("y") or not title or "<br>" in title or len(title) * FONT_PX * 0.5 <= room_px:
+        if not axis.startswith("y") or not title or "<br>" in title or len(title) * FONT_PX * 0.58 <= room_px:
             continue
         spaces = [i for i, c in enumerate(title) if c == " "]
         if spaces:
@@ -166,21 +168,44 @@ def _points(trace) -> tuple | None:
     return (getattr(trace, "xaxis", None), getattr(trace, "yaxis", None), tuple(xs), tuple(ys))
 
 
-def hidden_series(fig: go.Figure) -> list[tuple[str, str]]:
-    """(hidden, covering) for each named line or marker series whose every point a later series draws over."""
+def hidden_series(fig: go.Figure) -> list[str]:
+    """One sentence per group of named line or marker series drawn exactly under a later one, e.g. "ngram and
+    draft are drawn exactly under eagle (in 1 of 2 panels)." A series is matched panel by panel (facets repeat
+    a name with the legend entry shown once)."""
     drawn = [(trace.name, _points(trace)) for trace in fig.data
-             if trace.type in ("scatter", "scattergl") and trace.name and trace.showlegend is not False]
-    pairs = []
+             if trace.type in ("scatter", "scattergl") and trace.name and trace.visible is not False]
+    panels: dict[str, int] = {}
+    covered: dict[str, dict[str, int]] = {}  # hidden name -> {covering name: panels}
     for i, (name, points) in enumerate(drawn):
-        cover = next((other for other, other_points in drawn[i + 1:] if points and other_points == points), None)
-        if cover is not None:
-            pairs.append((name, cover))
-    return pairs
+        panels[name] = panels.get(name, 0) + 1
+        covers = [other for other, other_points in drawn[i + 1:] if points and other_points == points]
+        if covers and covers[-1] != name:
+            counts = covered.setdefault(name, {})
+            counts[covers[-1]] = counts.get(covers[-1], 0) + 1  # the last one drawn is the one seen
+    groups: dict[str, list[str]] = {}
+    for name, counts in covered.items():
+        cover = " and ".join(counts)
+        hidden_in = sum(counts.values())
+        where = "" if hidden_in == panels[name] else f" (in {hidden_in} of {panels[name]} panels)"
+        groups.setdefault(f"{cover}{where}", []).append(str(name))
+    return [f"{_and(names)} {'is' if len(names) == 1 else 'are'} drawn exactly under {cover}."
+            for cover, names in groups.items()]
 
 
-def wrap_lines(text: str, width_px: float, font_px: float) -> list[str]:
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _below_plot_px(fig: go.Figure, usable_px: float) -> tuple[float, float]:
+    """Heights under the plot: the x axis (tick labels, then its title if any), then the legend's rows."""
+    line_px = FONT_PX * LINE_HEIGHT
+    has_x_title = any(fig.layout[axis].title.text for axis in axis_names(fig) if axis.startswith("x"))
+    return line_px + 12 + (line_px + 8 if has_x_title else 0), _legend_rows(fig, usable_px) * (line_px + 4) + 6
+
+
+def wrap_lines(text: str, width_px: float, font_px: float, char_width: float = _CHAR_WIDTH) -> list[str]:
     """`text` broken into lines that fit `width_px` at `font_px` (plotly clips text instead of wrapping it)."""
-    return textwrap.wrap(text, max(20, int(width_px / (font_px * _CHAR_WIDTH))))
+    return textwrap.wrap(text, max(20, int(width_px / (font_px * char_width))))
 
 
 def room_for_subplot_titles(fig: go.Figure) -> None:
@@ -212,11 +237,8 @@ def add_caption(fig: go.Figure, caption: str, width: int, height: int) -> int:
     figure's own coordinates, so the axis, legend and caption are stacked by their line heights below the plot."""
     margin = fig.layout.margin
     usable = width - (margin.l if margin.l is not None else 70) - (margin.r if margin.r is not None else 20)
-    lines = wrap_lines(caption, usable, CAPTION_FONT_PX)
-    line_px = FONT_PX * LINE_HEIGHT
-    has_x_title = any(fig.layout[axis].title.text for axis in axis_names(fig) if axis.startswith("x"))
-    axis_px = line_px + 12 + (line_px + 8 if has_x_title else 0)  # tick labels, then the axis title
-    legend_px = _legend_rows(fig, usable) * (line_px + 4) + 6
+    lines = wrap_lines(caption, usable, CAPTION_FONT_PX, char_width=0.52)  # running text: fewer capitals
+    axis_px, legend_px = _below_plot_px(fig, usable)
     caption_px = len(lines) * CAPTION_FONT_PX * LINE_HEIGHT + 8
     total = int(height + caption_px)
     top = margin.t if margin.t is not None else TITLE_MARGIN_PX

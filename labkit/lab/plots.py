@@ -286,7 +286,7 @@ def _prepare(fig: go.Figure | dict, name: str, width: int, height: int, template
     layout.room_for_subplot_titles(fig)
     layout.readable_log_axes(fig)
     layout.label_log_axes(fig)
-    layout.wrap_axis_titles(fig, height)
+    layout.wrap_axis_titles(fig, width, height)
     layout.unclip_point_labels(fig)
     problems = style_problems(fig)
     if len(title := _title_text(fig)) > MAX_TITLE_CHARS:
@@ -295,7 +295,7 @@ def _prepare(fig: go.Figure | dict, name: str, width: int, height: int, template
     if problems:
         warnings.warn(f"figure {name!r} shows {', '.join(problems)}; pass human names (labels=plots.LABELS, or "
                       "rename the values) and a short title", FigureStyleWarning, stacklevel=3)
-    notes = [f"{hidden} is drawn exactly under {cover}." for hidden, cover in layout.hidden_series(fig)]
+    notes = layout.hidden_series(fig)
     parts = ([caption.strip()] if caption and caption.strip() else []) + notes
     if parts:
         height = layout.add_caption(fig, " ".join(parts), width, height)

@@ -351,6 +351,13 @@ def test_a_series_drawn_exactly_under_another_is_named_in_the_caption(no_browser
                      go.Scatter(x=[0, 1, 2], y=[1, 2, 3], name="dynamic")])
     [caption] = _caption(_quiet_save(fig, "a", caption="Rows per step.").figure)
     assert caption.text.replace("<br>", " ") == "Rows per step. static is drawn exactly under continuous."
+    frame = pd.DataFrame({"position": [1, 2] * 6, "share": [0, 0, 0, 0, 0, 0, 0.5, 0.3, 0, 0, 0, 0],
+                          "draft": ["ngram"] * 2 + ["draft"] * 2 + ["eagle"] * 2 + ["ngram"] * 2 + ["draft"] * 2
+                          + ["eagle"] * 2, "workload": ["free"] * 6 + ["summarise"] * 6})
+    faceted = px.line(frame, x="position", y="share", color="draft", facet_col="workload")
+    [caption] = _caption(_quiet_save(faceted, "facets").figure)
+    assert caption.text.replace("<br>", " ") == ("ngram is drawn exactly under eagle (in 1 of 2 panels). "
+                                                 "draft is drawn exactly under eagle.")
     apart = go.Figure([go.Scatter(x=[0, 1], y=[1, 2], name="a"), go.Scatter(x=[0, 1], y=[1, 3], name="b")])
     assert not _caption(_quiet_save(apart, "b").figure)
 
