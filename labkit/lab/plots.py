@@ -96,6 +96,8 @@ def build_template() -> go.layout.Template:
                     bgcolor="rgba(255,255,255,0)", borderwidth=0, font=dict(size=FONT_PX),
                     title=dict(font=dict(size=FONT_PX))),
         hoverlabel=dict(font=dict(size=FONT_PX - 4)),
+        # simple_white draws shapes with a line width of 0: every add_hline (a baseline, a policy) was invisible
+        shapedefaults=dict(line=dict(color="#444444", width=1.5), fillcolor="rgba(68, 68, 68, 0.15)", opacity=1),
     )
     return template
 

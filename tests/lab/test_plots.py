@@ -436,3 +436,12 @@ def test_a_y_title_longer_than_the_plot_breaks_in_two_and_point_labels_are_not_c
     assert shown.data[0].cliponaxis is False
     short = _quiet_save(_figure().update_layout(yaxis_title="latency (ms)"), "b").figure
     assert short.layout.yaxis.title.text == "latency (ms)" and short.data[0].cliponaxis is None
+
+
+def test_reference_lines_are_drawn(no_browser):
+    """simple_white's shape defaults (line width 0) hid every add_hline, e.g. 03's "plain decoding" at 1.0x."""
+    fig = _figure()
+    fig.add_hline(y=1.0, line_dash="dot")
+    shown = _quiet_save(fig, "a").figure
+    defaults = shown.layout.template.layout.shapedefaults
+    assert defaults.line.width > 0 and defaults.opacity == 1 and shown.layout.shapes[0].line.width is None
