@@ -200,7 +200,7 @@ def _below_plot_px(fig: go.Figure, usable_px: float) -> tuple[float, float]:
     """Heights under the plot: the x axis (tick labels, then its title if any), then the legend's rows."""
     line_px = FONT_PX * LINE_HEIGHT
     has_x_title = any(fig.layout[axis].title.text for axis in axis_names(fig) if axis.startswith("x"))
-    return line_px + 12 + (line_px + 8 if has_x_title else 0), _legend_rows(fig, usable_px) * (line_px + 4) + 6
+    return line_px + 12 + (line_px + 8 if has_x_title else 0), _legend_rows(fig, usable_px) * (line_px + 13) + 6  # rows are ~39 px apart
 
 
 def wrap_lines(text: str, width_px: float, font_px: float, char_width: float = _CHAR_WIDTH) -> list[str]:
