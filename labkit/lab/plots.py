@@ -1,19 +1,18 @@
-"""Figures: the paper-ready "labkit" plotly template, `save_figure` (HTML plus PDF/SVG/PNG, shown in notebooks with
-its PNG so exported notebooks draw it), statistics for error bars and tails, and notebook export to HTML."""
+"""Figures: the paper-ready "labkit" plotly template, `save_figure` (HTML plus PDF/SVG/PNG with a short title and
+the finding as a caption, always shown in a notebook with its PNG so exported notebooks draw it), and statistics
+for error bars and tails. Publishing executed notebooks is `labkit.lab.publish`."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import math
-import numbers
 import os
 import re
 import shutil
 import statistics
-import textwrap
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from labkit.device import repo_root
+from labkit.lab import figure_layout as layout
+from labkit.lab.figure_layout import FONT_PX, TITLE_FONT_PX, TITLE_MARGIN_PX, format_tick, log_ticks, style_problems
 from labkit.lab.results import write_bytes_atomic
 
 TEMPLATE_NAME = "labkit"
@@ -30,6 +31,7 @@ STATIC_FORMATS = ("pdf", "svg", "png", "jpg", "webp")
 RASTER_FORMATS = ("png", "jpg", "webp")  # `scale` multiplies pixels only for these; vector output keeps its size
 BROWSER_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
+PLOTLYJS = "plotly.min.js"  # at the top of the figures folder, shared by every notebook's HTML figures
 EXPORT_TIMEOUT_S = 180  # browser start plus every format of one figure; a hung browser must not hang a notebook
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -41,9 +43,6 @@ STATIC_WIDTH_PX, STATIC_HEIGHT_PX = 600, 400
 STATIC_SCALE = 3  # PNG pixels per layout pixel: 1800 px over 3.5 in is 514 dpi
 DISPLAY_SCALE = 1.5  # the PNG a notebook output carries: sharp on a HiDPI screen, a quarter of the file's bytes
 _DISPLAY_PNG = "display-png"
-FONT_PX, TITLE_FONT_PX = 20, 22
-TITLE_MARGIN_PX = 50  # the top margin for a one-line title; each further line adds 1.25 lines
-_CHAR_WIDTH = 0.55  # average glyph width of Helvetica/Arial in ems, to wrap titles before they are clipped
 
 # Human names for the columns and values the notebooks plot; px's `labels=` takes this dict as it is.
 LABELS = {
@@ -56,8 +55,6 @@ LABELS = {
     "num_tokens_in_cache": "tokens stored", "allocated_slots": "slots in allocated blocks",
     "reserved_slots": "slots a contiguous cache reserves", "num_running": "running", "num_waiting": "waiting",
 }
-# px's defaults and anything shaped like a column name (snake_case) are not names a reader should see
-_MACHINE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(_[A-Za-z0-9]+)+|variable|value|index")
 
 # One warning per process: a notebook that saves twenty figures without a browser should say so once.
 _static_warning_issued = False
@@ -85,7 +82,7 @@ def build_template() -> go.layout.Template:
     template = go.layout.Template(pio.templates["simple_white"])
     template.layout.update(
         font=dict(family="Helvetica, Arial, 'Liberation Sans', sans-serif", size=FONT_PX, color="#222222"),
-        # aligned with the axes, at the top of the figure (long titles wrap downwards: see `_wrap_title`)
+        # aligned with the axes, at the top of the figure (long titles wrap downwards: see `figure_layout.wrap_title`)
         title=dict(font=dict(size=TITLE_FONT_PX), x=0.0, xref="paper", xanchor="left", y=0.98, yref="container",
                    yanchor="top"),
         colorway=OKABE_ITO,
@@ -99,6 +96,8 @@ def build_template() -> go.layout.Template:
                     bgcolor="rgba(255,255,255,0)", borderwidth=0, font=dict(size=FONT_PX),
                     title=dict(font=dict(size=FONT_PX))),
         hoverlabel=dict(font=dict(size=FONT_PX - 4)),
+        # simple_white draws shapes with a line width of 0: every add_hline (a baseline, a policy) was invisible
+        shapedefaults=dict(line=dict(color="#444444", width=1.5), fillcolor="rgba(68, 68, 68, 0.15)", opacity=1),
     )
     return template
 
@@ -136,14 +135,40 @@ def _check_name(kind: str, value: str) -> None:
         raise ValueError(f"figure {kind} {value!r} is invalid: use only letters, digits, '-' and '_'")
 
 
-def _write_plotlyjs(folder: Path) -> None:
-    """One shared plotly.min.js per folder keeps each HTML file small and working offline."""
+def _write_plotlyjs(folder: Path) -> Path:
+    """One plotly.min.js for the whole figures folder (4.8 MB: one copy per notebook was most of the folder) keeps
+    each HTML file small and working offline; returns its path."""
     from plotly.offline import get_plotlyjs
 
     script = get_plotlyjs().encode()
-    target = folder / "plotly.min.js"
+    target = folder / PLOTLYJS
     if not target.exists() or target.read_bytes() != script:  # a stale copy from an older plotly is replaced
         write_bytes_atomic(target, script)
+    return target
+
+
+def _pdf_string(text: str) -> bytes:
+    """A PDF text string for any text: UTF-16BE with its byte-order mark, written in hex (PDF 1.7, 7.9.2.2)."""
+    return b"<FEFF" + text.encode("utf-16-be").hex().upper().encode() + b">"
+
+
+def set_pdf_title(pdf: bytes, title: str) -> bytes:
+    """`pdf` with its document title set to `title` (Chromium writes "Kaleido-fier"), by an incremental update: a
+    new Info object, an xref section for it and a trailer pointing back to the old one, appended (PDF 1.7, 7.5.6)."""
+    trailers = list(re.finditer(rb"trailer\s*<<(.*?)>>\s*startxref\s*(\d+)", pdf, re.S))
+    if not trailers:
+        raise ValueError("not a PDF with a classic trailer: cannot set its title")
+    trailer, previous = trailers[-1].group(1), int(trailers[-1].group(2))
+    size = int(re.search(rb"/Size\s+(\d+)", trailer).group(1))
+    root = re.search(rb"/Root\s+(\d+\s+\d+\s+R)", trailer).group(1)
+    body = pdf if pdf.endswith(b"\n") else pdf + b"\n"
+    info_at = len(body)
+    info = b"%d 0 obj\n<</Title %s /Producer (labkit, plotly, Chromium)>>\nendobj\n" % (size, _pdf_string(title))
+    xref_at = info_at + len(info)
+    xref = b"xref\n%d 1\n%010d 00000 n \n" % (size, info_at)
+    tail = b"trailer\n<</Size %d /Root %s /Info %d 0 R /Prev %d>>\nstartxref\n%d\n%%%%EOF\n" % (
+        size + 1, root, size, previous, xref_at)
+    return body + info + xref + tail
 
 
 class _BrowserUnavailable(Exception):
@@ -196,18 +221,39 @@ def _warn_static_missing(reason: str, formats: list[str]) -> None:
                   "(Shown once per process.)", StaticExportWarning, stacklevel=3)
 
 
+def _in_kernel() -> bool:
+    """True inside a Jupyter kernel (papermill and nbval included), where a saved figure is displayed."""
+    import sys
+
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    return getattr(shell, "kernel", None) is not None
+
+
 class SavedFigure(dict):
-    """{format: path} of the files `save_figure` wrote. In Jupyter it displays as the interactive figure *and* a
-    PNG of it, so that nbconvert's HTML and GitHub, which cannot draw plotly's JSON, show the static image."""
+    """{format: path} of the files `save_figure` wrote. In Jupyter it displays, once, as the interactive figure
+    *and* a PNG of it, so that nbconvert's HTML and GitHub, which cannot draw plotly's JSON, show the static image;
+    `save_figure` displays it itself, so a later `display(saved)` or a cell ending with it adds nothing."""
 
     def __init__(self, paths: dict[str, Path], figure: go.Figure, width: int, height: int,
                  display_png: bytes | None = None):
         super().__init__(paths)
         self.figure, self.width, self.height, self.display_png = figure, width, height, display_png
+        self.is_displayed = False
 
-    def _repr_pretty_(self, p, cycle) -> None:  # IPython's text/plain, for consoles and text-only exports
-        title = self.figure.layout.title.text or "figure"
-        p.text(f"{title.replace('<br>', ' ')}\n" + "\n".join(f"  {path}" for path in self.values()))
+    def text(self) -> str:
+        """The title, the caption and the files written, as plain text for consoles and text-only exports."""
+        title = (self.figure.layout.title.text or "figure").replace("<br>", " ")
+        captions = [a.text.replace("<br>", " ") for a in self.figure.layout.annotations if a.name == "caption"]
+        return "\n".join([title, *captions, *(f"  {path}" for path in self.values())])
+
+    def _ipython_display_(self) -> None:
+        if self.is_displayed:
+            return
+        self.is_displayed = True
+        from IPython.display import display
+
+        bundle, metadata = self._repr_mimebundle_()
+        display({**bundle, "text/plain": self.text()}, metadata=metadata, raw=True)
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         bundle = dict(pio.renderers["plotly_mimetype"].to_mimebundle(self.figure.to_dict()))
@@ -218,108 +264,83 @@ class SavedFigure(dict):
         return bundle, metadata
 
 
-def _axis_names(fig: go.Figure) -> list[str]:
-    """"xaxis", "yaxis" and any subplot axes ("xaxis2", ...) the figure has."""
-    extra = [key for key in fig.layout.to_plotly_json() if re.fullmatch(r"[xy]axis\d+", key)]
-    return ["xaxis", "yaxis", *sorted(extra)]
+MAX_TITLE_CHARS = 60  # a title names the figure; the finding goes in the caption under it
 
 
-def style_problems(fig: go.Figure) -> list[str]:
-    """What a reader would see as machine names: column-like trace names, legend or axis titles."""
-    fig = go.Figure(fig)
-    seen = [("legend entry", t.name) for t in fig.data if t.name and t.showlegend is not False]
-    seen.append(("legend title", fig.layout.legend.title.text))
-    seen += [(f"{axis} title", fig.layout[axis].title.text) for axis in _axis_names(fig)]
-    return [f"{what} {text!r}" for what, text in seen
-            if isinstance(text, str) and _MACHINE_NAME_RE.fullmatch(text.strip())]
+def _title_text(fig: go.Figure) -> str:
+    return re.sub(r"<[^>]+>", " ", fig.layout.title.text or "").replace("  ", " ").strip()
 
 
-def log_ticks(low: float, high: float, max_ticks: int = 8) -> list[float]:
-    """Tick values for a log axis spanning [low, high], spaced by how many decades it spans: every integer
-    mantissa within one decade, 1-2-3-5, 1-2-5, 1-3, then powers of ten (every k-th one past `max_ticks`)."""
-    if not (0 < low <= high and math.isfinite(high)):
-        raise ValueError(f"a log axis needs 0 < low <= high, got {low!r}, {high!r}")
-    decades = math.log10(high / low)
-    steps = [(0.5, tuple(range(1, 10))), (1.5, (1, 2, 3, 5)), (3, (1, 2, 5)), (5, (1, 3)), (math.inf, (1,))]
-    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
-    start = next(i for i, (span, _) in enumerate(steps) if decades < span)
-    for _, mantissas in reversed(steps[:start + 1]):  # the set for this span; finer ones if it gives < 2 ticks
-        ticks = [m * 10.0 ** e for e in range(first, last + 1) for m in mantissas if low <= m * 10.0 ** e <= high]
-        if len(ticks) >= 2:
-            break
-    else:
-        ticks = sorted({low, high})  # no round number inside: label the ends
-    if len(ticks) > max_ticks:
-        ticks = ticks[::math.ceil(len(ticks) / max_ticks)]
-    return ticks
+def _prepare(fig: go.Figure | dict, name: str, width: int, height: int, template: str | None,
+             caption: str | None) -> tuple[go.Figure, int]:
+    """The copy `save_figure` exports, restyled and checked, with its caption; returns it and its height."""
+    if caption is not None and not isinstance(caption, str):
+        raise ValueError(f"figure {name!r}: caption must be a string, got {caption!r}")
+    fig = go.Figure(fig)  # a copy: restyling must not change the notebook's figure
+    if template is not None:
+        if template == TEMPLATE_NAME:
+            apply_template()
+        fig.update_layout(template=template)
+    if bars := layout.bars_on_log_axes(fig):
+        raise ValueError(f"figure {name!r} draws bars ({', '.join(map(str, bars))}) on a log axis, where a bar's "
+                         "length means nothing: use markers (a dot plot) or a linear axis")
+    layout.wrap_title(fig, width, height)
+    layout.room_for_subplot_titles(fig)
+    layout.readable_log_axes(fig)
+    layout.label_log_axes(fig)
+    layout.wrap_axis_titles(fig, width, height)
+    layout.unclip_point_labels(fig)
+    problems = style_problems(fig)
+    if len(title := _title_text(fig)) > MAX_TITLE_CHARS:
+        problems.append(f"a title of {len(title)} characters (at most {MAX_TITLE_CHARS}: move the finding to "
+                        "caption=)")
+    if problems:
+        warnings.warn(f"figure {name!r} shows {', '.join(problems)}; pass human names (labels=plots.LABELS, or "
+                      "rename the values) and a short title", FigureStyleWarning, stacklevel=3)
+    notes = layout.hidden_series(fig)
+    parts = ([caption.strip()] if caption and caption.strip() else []) + notes
+    if parts:
+        height = layout.add_caption(fig, " ".join(parts), width, height)
+    return fig, height
 
 
-def format_tick(value: float) -> str:
-    """A tick label a reader parses at a glance: 0.05, 2, 500, 2,000 (no SI 'k' or 'µ')."""
-    return f"{value:,.0f}" if value >= 1000 else f"{value:g}"
-
-
-def _axis_values(fig: go.Figure, axis: str) -> list[float]:
-    """Finite positive numbers plotted against one axis ("xaxis", "yaxis2", ...), error bars included."""
-    letter, ref = axis[0], axis[0] + axis[5:]  # "yaxis2" -> "y", "y2"
-    values: list[float] = []
-    for trace in fig.data:
-        if (getattr(trace, f"{letter}axis", None) or letter) != ref:
-            continue
-        data = getattr(trace, letter, None)
-        if data is None:
-            continue
-        data = [float(v) for v in data if isinstance(v, numbers.Real) and not isinstance(v, bool)]
-        error = getattr(trace, f"error_{letter}", None)
-        plus = list(error.array) if error is not None and error.array is not None else []
-        minus = list(error.arrayminus) if error is not None and error.arrayminus is not None else plus
-        values += data
-        values += [v + e for v, e in zip(data, plus) if e is not None]
-        values += [v - e for v, e in zip(data, minus) if e is not None]
-    return [v for v in values if math.isfinite(v) and v > 0]
-
-
-def _readable_log_axes(fig: go.Figure) -> None:
-    """Give every log axis without explicit ticks plain labels: on x, at the measured points when there are few
-    (a sweep over 16, 64, 256 tokens); otherwise at 1-2-5 steps (`log_ticks`)."""
-    for axis in _axis_names(fig):
-        layout = fig.layout[axis]
-        if layout.type != "log" or layout.tickvals is not None or layout.dtick is not None:
-            continue
-        values = _axis_values(fig, axis)
-        if not values:
-            continue
-        points = sorted(set(values))
-        ticks = points if axis.startswith("x") and len(points) <= 8 else log_ticks(min(values), max(values))
-        layout.update(tickvals=ticks, ticktext=[format_tick(v) for v in ticks])
-
-
-def _wrap_title(fig: go.Figure, width: int, height: int) -> None:
-    """Break a long title into lines that fit the figure (plotly clips it) and make room for them."""
-    title = fig.layout.title.text
-    if not title or "<br>" in title:
-        return
-    size = fig.layout.title.font.size or TITLE_FONT_PX
-    margin = fig.layout.margin
-    usable = width - (margin.l if margin.l is not None else 70) - (margin.r if margin.r is not None else 20)
-    lines = textwrap.wrap(title, max(20, int(usable / (size * _CHAR_WIDTH))))
-    if len(lines) < 2:
-        return
-    top = margin.t if margin.t is not None else TITLE_MARGIN_PX
-    # plotly anchors a multi-line title at its first baseline, not its top: put that baseline one line down
-    fig.update_layout(title_text="<br>".join(lines), title_y=1 - (size + 6) / height, title_yanchor="top",
-                      title_yref="container", margin_t=top + (len(lines) - 1) * int(size * 1.3))
+def _export_static(fig: go.Figure, formats: list[str], width: int, height: int, scale: float) -> dict[str, bytes]:
+    """{format: bytes} of the static files (and the notebook's lighter PNG); {} without a working browser."""
+    static = [fmt for fmt in formats if fmt != "html"]
+    browser = browser_path() if static else None
+    if not static:
+        return {}
+    if browser is None:
+        _warn_static_missing(f"none was found (looked at {', '.join(BROWSER_CANDIDATES)} and PATH)", static)
+        return {}
+    if not os.access(browser, os.X_OK):
+        _warn_static_missing(f"BROWSER_PATH={browser} is not an executable file", static)
+        return {}
+    jobs = {fmt: (fmt, scale) for fmt in static}
+    if "png" in static:  # a lighter PNG for the notebook to show: it is stored in every executed copy
+        jobs[_DISPLAY_PNG] = ("png", DISPLAY_SCALE)
+    try:
+        images = _render_static(fig.to_dict(), jobs, width, height, browser)
+    except _BrowserUnavailable as exc:
+        _warn_static_missing(str(exc), static)
+        return {}
+    if "pdf" in images:  # the document title a PDF viewer and a reference manager show
+        images["pdf"] = set_pdf_title(images["pdf"], _title_text(fig) or "figure")
+    return images
 
 
 def save_figure(fig: go.Figure | dict, name: str, notebook: str | None = None,
                 formats: tuple[str, ...] = ("html", "pdf", "svg", "png"), width: int = STATIC_WIDTH_PX,
                 height: int = STATIC_HEIGHT_PX, scale: float = STATIC_SCALE,
-                template: str | None = TEMPLATE_NAME) -> SavedFigure:
-    """Write `figures/<notebook>/<name>.<ext>` for each format; returns {format: path} of the files written.
+                template: str | None = TEMPLATE_NAME, caption: str | None = None) -> SavedFigure:
+    """Write `figures/<notebook>/<name>.<ext>` for each format, display the figure in a notebook, and return
+    {format: path} of the files written.
 
-    Static sizes are in layout pixels (PNG is `scale`× that); the defaults print fonts >= 8 pt one column wide.
-    `template` restyles a copy (None keeps the figure's); long titles wrap, log axes get readable ticks. The
-    result, the last expression of a notebook cell, shows the figure with its PNG (see `SavedFigure`).
+    Keep the title short and pass the finding as `caption`, drawn under the plot in every format (and a note for
+    any series drawn exactly under another). Every format has the same layout: sizes are in layout pixels, PNG
+    is `scale`× that, and the defaults print fonts >= 8 pt one column wide. `template` restyles a copy (None keeps
+    the figure's); long titles wrap, log axes get readable ticks and say "log scale"; bars on a log axis are
+    refused. In a Jupyter kernel the figure is displayed here, with its PNG (see `SavedFigure`), once.
     """
     _check_name("name", name)
     if notebook is not None:
@@ -328,52 +349,27 @@ def save_figure(fig: go.Figure | dict, name: str, notebook: str | None = None,
     unknown = [fmt for fmt in formats if fmt != "html" and fmt not in STATIC_FORMATS]
     if unknown:
         raise ValueError(f"unknown figure format(s) {unknown}: choose from html, {', '.join(STATIC_FORMATS)}")
-
-    fig = go.Figure(fig)  # a copy: restyling must not change the notebook's figure
-    if template is not None:
-        if template == TEMPLATE_NAME:
-            apply_template()
-        fig.update_layout(template=template)
-    _wrap_title(fig, width, height)
-    _readable_log_axes(fig)
-    if problems := style_problems(fig):
-        warnings.warn(f"figure {name!r} shows machine names: {', '.join(problems)}; pass human names "
-                      "(labels=plots.LABELS, or rename the values)", FigureStyleWarning, stacklevel=2)
+    fig, height = _prepare(fig, name, width, height, template, caption)
     folder = figures_dir() / notebook if notebook else figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-
     if "html" in formats:
-        _write_plotlyjs(folder)
+        script = _write_plotlyjs(figures_dir())
         # div_id=name keeps the HTML byte-identical across reruns instead of a random id each time
-        html = fig.to_html(include_plotlyjs="directory", full_html=True, div_id=name,
+        html = fig.to_html(include_plotlyjs=os.path.relpath(script, folder), full_html=True, div_id=name,
                            config={"displaylogo": False})
         written["html"] = folder / f"{name}.html"
         write_bytes_atomic(written["html"], html.encode())
-
-    static = [fmt for fmt in formats if fmt != "html"]
-    browser = browser_path() if static else None
-    images: dict[str, bytes] = {}
-    if not static:
-        pass
-    elif browser is None:
-        _warn_static_missing(f"none was found (looked at {', '.join(BROWSER_CANDIDATES)} and PATH)", static)
-    elif not os.access(browser, os.X_OK):
-        _warn_static_missing(f"BROWSER_PATH={browser} is not an executable file", static)
-    else:
-        try:
-            jobs = {fmt: (fmt, scale) for fmt in static}
-            if "png" in static:  # a lighter PNG for the notebook to show: it is stored in every executed copy
-                jobs[_DISPLAY_PNG] = ("png", DISPLAY_SCALE)
-            images = _render_static(fig.to_dict(), jobs, width, height, browser)
-        except _BrowserUnavailable as exc:
-            _warn_static_missing(str(exc), static)
-        else:
-            for fmt in static:
-                written[fmt] = folder / f"{name}.{fmt}"
-                write_bytes_atomic(written[fmt], images[fmt])
+    images = _export_static(fig, formats, width, height, scale)
+    for fmt in formats:
+        if fmt in images:
+            written[fmt] = folder / f"{name}.{fmt}"
+            write_bytes_atomic(written[fmt], images[fmt])
     fig.update_layout(width=width, height=height)  # the notebook's interactive view matches the static image
-    return SavedFigure(written, fig, width, height, display_png=images.get(_DISPLAY_PNG))
+    saved = SavedFigure(written, fig, width, height, display_png=images.get(_DISPLAY_PNG))
+    if _in_kernel():
+        saved._ipython_display_()
+    return saved
 
 
 # -- statistics for figures: error bars, tails, and claims chosen by the numbers --------------------------------
@@ -433,34 +429,10 @@ def trend(before: Sequence[float], after: Sequence[float]) -> int:
     return 0
 
 
-# -- notebooks as documents -------------------------------------------------------------------------------------
-def export_notebook_html(notebook: str | Path, output_dir: str | Path) -> Path:
-    """Write an executed notebook as a self-contained HTML page (nbconvert's "lab" template); returns its path.
-
-    Figures saved with `save_figure` carry their PNG, which the page embeds; plotly's JSON alone would be blank.
-    """
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    notebook, output_dir = Path(notebook), Path(output_dir)
-    nb = nbformat.read(notebook, as_version=4)
-    html, _ = HTMLExporter(template_name="lab").from_notebook_node(nb, resources={"metadata": {
-        "name": notebook.stem}})
-    output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / f"{notebook.stem}.html"
-    write_bytes_atomic(target, html.encode())
-    return target
-
-
-def publish_notebooks(notebooks: Iterable[str | Path], output_dir: str | Path | None = None) -> list[Path]:
-    """Publish executed notebooks (e.g. `runs/<timestamp>/*.ipynb` from `labkit run`) to `docs/notebooks/`: each
-    as HTML for a browser and as the executed .ipynb, which GitHub renders with its figures' PNGs."""
-    output_dir = Path(output_dir) if output_dir is not None else repo_root() / "docs" / "notebooks"
-    written = []
-    for notebook in map(Path, notebooks):
-        written.append(export_notebook_html(notebook, output_dir))
-        target = output_dir / notebook.name
-        if notebook.resolve() != target.resolve():
-            write_bytes_atomic(target, notebook.read_bytes())
-        written.append(target)
-    return written
+# the layout helpers' public names stay here too, where the notebooks and tests have always found them
+__all__ = ["BROWSER_CANDIDATES", "BROWSER_NAMES", "COLUMN_WIDTH_IN", "DISPLAY_SCALE", "EXPORT_TIMEOUT_S", "FONT_PX",
+           "FigureStyleWarning", "LABELS", "MAX_TITLE_CHARS", "MIN_FONT_PT", "OKABE_ITO", "PLOTLYJS",
+           "RASTER_FORMATS", "STATIC_FORMATS", "STATIC_HEIGHT_PX", "STATIC_SCALE", "STATIC_WIDTH_PX", "SavedFigure",
+           "StaticExportWarning", "TEMPLATE_NAME", "TITLE_FONT_PX", "TITLE_MARGIN_PX", "apply_template",
+           "browser_path", "build_template", "figures_dir", "font_pt", "format_tick", "log_ticks", "save_figure",
+           "set_pdf_title", "style_problems", "summarize_samples", "tail_percentile", "trend"]

@@ -6,13 +6,11 @@ import math
 import os
 import warnings
 
-import nbformat
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
-from IPython.core.formatters import DisplayFormatter
 
 from labkit.lab import stats as bench
 
@@ -68,8 +66,11 @@ def test_save_figure_writes_html_with_shared_plotlyjs(figures_dir, no_browser):
     html = figures_dir / "01_baseline" / "decode-latency_1.html"
     assert written == {"html": html}
     text = html.read_text()
-    assert 'src="plotly.min.js"' in text and len(text) < 100_000  # small: plotly.js is shared, not inlined
-    assert (figures_dir / "01_baseline" / "plotly.min.js").stat().st_size > 1_000_000
+    assert 'src="../plotly.min.js"' in text and len(text) < 100_000  # small: plotly.js is shared, not inlined
+    assert (figures_dir / "plotly.min.js").stat().st_size > 1_000_000  # one copy for every notebook's figures
+    assert not (figures_dir / "01_baseline" / "plotly.min.js").exists()
+    plots.save_figure(fig, "other", notebook="05_batching", formats=("html",))
+    assert sorted(p.name for p in figures_dir.rglob("plotly.min.js")) == ["plotly.min.js"]
     assert fig.layout.template.layout.colorway != plots.OKABE_ITO  # the caller's figure is not restyled
     plots.save_figure(fig, "decode-latency_1", notebook="01_baseline", formats=("html",))
     assert html.read_text() == text  # reruns give identical files
@@ -132,7 +133,8 @@ def test_static_export_writes_every_format(figures_dir):
         if fmt in MAGIC:
             assert data.startswith(MAGIC[fmt]), (fmt, data[:16])
     assert not [p for p in (figures_dir / "02_batching").iterdir() if p.name.startswith(".")]  # no temp files
-    data, metadata = DisplayFormatter().format(written)
+    assert b"Kaleido-fier" not in written["pdf"].read_bytes().split(b"%%EOF")[-1]  # the title is the figure's
+    data, metadata = written._repr_mimebundle_()
     shown = base64.b64decode(data["image/png"])  # the notebook shows a lighter PNG than the file
     assert shown.startswith(MAGIC["png"][0]) and len(shown) < len(written["png"].read_bytes())
     assert metadata["image/png"] == {"width": plots.STATIC_WIDTH_PX, "height": plots.STATIC_HEIGHT_PX}
@@ -146,18 +148,18 @@ def test_saved_figure_displays_plotly_json_and_its_png(tmp_path):
     paths = {"html": tmp_path / "f.html", "png": tmp_path / "f.png"}
     saved = plots.SavedFigure(paths, _figure().update_layout(title_text="Decode<br>speed"), 600, 400, PNG_1PX)
     assert saved == paths  # still the {format: path} mapping
-    data, metadata = DisplayFormatter().format(saved)  # what IPython puts in the cell's output
+    data, metadata = saved._repr_mimebundle_()  # what IPython puts in the cell's output, with saved.text()
     assert data["application/vnd.plotly.v1+json"]["data"][0]["name"] == "decode"
     assert base64.b64decode(data["image/png"]) == PNG_1PX
     assert metadata["image/png"] == {"width": 600, "height": 400}  # shown at layout size, sharp on HiDPI
-    assert data["text/plain"] == f"Decode speed\n  {paths['html']}\n  {paths['png']}"
+    assert saved.text() == f"Decode speed\n  {paths['html']}\n  {paths['png']}"
     assert "text/html" not in data  # nbconvert would prefer HTML (which needs plotly.js) over the PNG
 
 
 def test_without_a_browser_the_display_has_no_png(no_browser):
     with pytest.warns(plots.StaticExportWarning):
         saved = plots.save_figure(_figure(), "a")
-    data, _ = DisplayFormatter().format(saved)
+    data, _ = saved._repr_mimebundle_()
     assert "image/png" not in data and "application/vnd.plotly.v1+json" in data
     assert saved.figure.layout.width == plots.STATIC_WIDTH_PX  # the interactive view matches the static size
 
@@ -233,6 +235,7 @@ def test_long_titles_wrap_and_make_room(no_browser):
     long_title = "Continuous batching served 2.3x the tokens/s of static batching, and the first token came sooner"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", plots.StaticExportWarning)
+        warnings.simplefilter("ignore", plots.FigureStyleWarning)  # too long for a title: see the caption tests
         wrapped = plots.save_figure(go.Figure(layout_title_text=long_title), "a").figure
         short = plots.save_figure(go.Figure(layout_title_text="Short"), "b").figure
     lines = wrapped.layout.title.text.split("<br>")
@@ -283,36 +286,162 @@ def test_trend_only_claims_a_change_beyond_the_intervals(before, after, expected
     assert plots.trend(before, after) == expected
 
 
-# -- notebooks as documents ----------------------------------------------------------------------------------------
-def _executed_notebook(path, outputs):
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_markdown_cell("# Title"), nbformat.v4.new_code_cell("fig", outputs=outputs)]
-    nbformat.write(nb, path)
-    return path
+# -- figures a paper can take: short titles, captions, honest axes --------------------------------------------------
+def _quiet_save(fig, name, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", plots.StaticExportWarning)
+        return plots.save_figure(fig, name, formats=("html",), **kwargs)
 
 
-def test_exported_html_shows_the_png_of_a_saved_figure(tmp_path):
-    data, metadata = DisplayFormatter().format(plots.SavedFigure({}, _figure(), 600, 400, PNG_1PX))
-    output = nbformat.v4.new_output("display_data", data=data, metadata=metadata)
-    notebook = _executed_notebook(tmp_path / "01_demo.ipynb", [output])
-    html = plots.export_notebook_html(notebook, tmp_path / "docs").read_text()
-    assert 'src="data:image/png;base64,' + base64.b64encode(PNG_1PX).decode() in html
-    assert "<h1" in html and 'width="600"' in html
+def _caption(fig):
+    return [a for a in fig.layout.annotations if a.name == "caption"]
 
 
-def test_exported_html_of_plotly_json_alone_draws_nothing(tmp_path):
-    """The defect behind SavedFigure: nbconvert ignores plotly's only output type."""
-    bundle = pio.renderers["plotly_mimetype"].to_mimebundle(_figure().to_dict())
-    output = nbformat.v4.new_output("display_data", data=bundle)
-    with pytest.warns(UserWarning, match="not able to be represented"):
-        html = plots.export_notebook_html(_executed_notebook(tmp_path / "02_demo.ipynb", [output]), tmp_path).read_text()
-    assert "<img" not in html and "decode" not in html
+def test_caption_goes_under_the_plot_and_adds_height(no_browser):
+    finding = "Continuous batching served 2.3x the tokens/s of static batching, and the first token came sooner."
+    saved = _quiet_save(_figure().update_layout(title_text="Throughput by policy"), "a", caption=finding)
+    shown = saved.figure
+    [caption] = _caption(shown)
+    assert caption.text.replace("<br>", " ") == finding and caption.yanchor == "top"
+    assert caption.y < shown.layout.legend.y < 0  # under the plot: x axis, then the legend, then the caption
+    assert shown.layout.height > plots.STATIC_HEIGHT_PX and saved.height == shown.layout.height
+    assert finding in saved.text() and shown.layout.title.text == "Throughput by policy"
+    plain = _quiet_save(_figure(), "b").figure
+    assert not _caption(plain) and plain.layout.height == plots.STATIC_HEIGHT_PX
 
 
-def test_publish_notebooks_writes_html_and_the_executed_notebook(tmp_path):
-    run = tmp_path / "runs" / "20260101T000000Z"
-    run.mkdir(parents=True)
-    notebooks = [_executed_notebook(run / name, []) for name in ("01_a.ipynb", "05_b.ipynb")]
-    written = plots.publish_notebooks(notebooks, tmp_path / "docs")
-    assert [p.name for p in written] == ["01_a.html", "01_a.ipynb", "05_b.html", "05_b.ipynb"]
-    assert (tmp_path / "docs" / "05_b.ipynb").read_bytes() == notebooks[1].read_bytes()
+def test_caption_must_be_text(no_browser):
+    with pytest.raises(ValueError, match="caption must be a string"):
+        plots.save_figure(_figure(), "a", formats=("html",), caption=3.5)
+
+
+def test_long_title_is_flagged_toward_a_caption(no_browser):
+    with pytest.warns(plots.FigureStyleWarning, match="caption="):
+        plots.save_figure(_figure().update_layout(title_text="x" * (plots.MAX_TITLE_CHARS + 1)), "a",
+                          formats=("html",))
+
+
+@pytest.mark.parametrize("orientation", ["v", "h"])
+def test_bars_on_a_log_axis_are_refused(no_browser, orientation):
+    bars = go.Bar(x=[1, 2], y=["a", "b"], orientation="h", name="TTFT") if orientation == "h" else \
+        go.Bar(x=["a", "b"], y=[1, 2], name="TTFT")
+    fig = go.Figure(bars).update_layout(**{"xaxis_type" if orientation == "h" else "yaxis_type": "log"})
+    with pytest.raises(ValueError, match=r"bars \(TTFT\) on a log axis"):
+        plots.save_figure(fig, "a", formats=("html",))
+    _quiet_save(go.Figure(go.Bar(x=["a", "b"], y=[1, 2])), "linear")  # bars on a linear axis are fine
+    _quiet_save(go.Figure(go.Scatter(x=["a", "b"], y=[1, 2], mode="markers")).update_yaxes(type="log"), "dots")
+
+
+def test_log_axes_say_so_and_keep_their_units(no_browser):
+    fig = go.Figure(go.Scatter(x=[1, 10, 100], y=[1, 10, 100], name="measured"))
+    fig.update_layout(xaxis=dict(type="log", title_text="message (KiB)"),
+                      yaxis=dict(type="log", title_text="tokens/s"))
+    shown = _quiet_save(fig, "a").figure
+    assert shown.layout.xaxis.title.text == "message (KiB, log scale)"
+    assert shown.layout.yaxis.title.text == "tokens/s (log scale)"
+    fig.update_yaxes(title_text="latency (ms, log scale)")
+    assert _quiet_save(fig, "b").figure.layout.yaxis.title.text == "latency (ms, log scale)"  # said once
+    linear = _quiet_save(_figure().update_layout(yaxis_title="latency (ms)"), "c").figure
+    assert linear.layout.yaxis.title.text == "latency (ms)"
+
+
+def test_a_series_drawn_exactly_under_another_is_named_in_the_caption(no_browser):
+    fig = go.Figure([go.Scatter(x=[0, 1, 2], y=[1, 2, 2], name="static"),
+                     go.Scatter(x=[0, 1, 2], y=[1, 2, 2], name="continuous"),
+                     go.Scatter(x=[0, 1, 2], y=[1, 2, 3], name="dynamic")])
+    [caption] = _caption(_quiet_save(fig, "a", caption="Rows per step.").figure)
+    assert caption.text.replace("<br>", " ") == "Rows per step. static is drawn exactly under continuous."
+    frame = pd.DataFrame({"position": [1, 2] * 6, "share": [0, 0, 0, 0, 0, 0, 0.5, 0.3, 0, 0, 0, 0],
+                          "draft": ["ngram"] * 2 + ["draft"] * 2 + ["eagle"] * 2 + ["ngram"] * 2 + ["draft"] * 2
+                          + ["eagle"] * 2, "workload": ["free"] * 6 + ["summarise"] * 6})
+    faceted = px.line(frame, x="position", y="share", color="draft", facet_col="workload")
+    [caption] = _caption(_quiet_save(faceted, "facets").figure)
+    assert caption.text.replace("<br>", " ") == ("ngram is drawn exactly under eagle (in 1 of 2 panels). "
+                                                 "draft is drawn exactly under eagle.")
+    apart = go.Figure([go.Scatter(x=[0, 1], y=[1, 2], name="a"), go.Scatter(x=[0, 1], y=[1, 3], name="b")])
+    assert not _caption(_quiet_save(apart, "b").figure)
+
+
+def test_title_stays_clear_of_subplot_titles(no_browser):
+    frame = pd.DataFrame({"x": [1, 2, 1, 2], "y": [1, 2, 3, 4], "world": ["1 rank", "1 rank", "2 ranks", "2 ranks"]})
+    faceted = px.bar(frame, x="x", y="y", facet_col="world", title="Decode step time")
+    plain = px.bar(frame, x="x", y="y", title="Decode step time")
+    assert _quiet_save(faceted, "a").figure.layout.margin.t > plots.TITLE_MARGIN_PX
+    assert _quiet_save(plain, "b").figure.layout.margin.t is None
+
+
+def _pdf_title(pdf: bytes) -> str:
+    """The /Title of the Info object the last trailer names (hex UTF-16 as set_pdf_title writes it)."""
+    import re
+
+    info = re.findall(rb"/Info (\d+) 0 R", pdf)[-1]
+    body = re.findall(rb"\n" + info + rb" 0 obj\n<<(.*?)>>", pdf, re.S)[-1]
+    return bytes.fromhex(re.search(rb"/Title <FEFF([0-9A-F]*)>", body).group(1).decode()).decode("utf-16-be")
+
+
+MINIMAL_PDF = (b"%PDF-1.4\n1 0 obj\n<</Title (Kaleido-fier)>>\nendobj\n2 0 obj\n<</Type /Catalog>>\nendobj\n"
+               b"xref\n0 3\n0000000000 65535 f \n0000000009 00000 n \n0000000050 00000 n \n"
+               b"trailer\n<</Size 3\n/Root 2 0 R\n/Info 1 0 R>>\nstartxref\n84\n%%EOF")
+
+
+def test_set_pdf_title_appends_an_incremental_update():
+    titled = plots.set_pdf_title(MINIMAL_PDF, "All-reduce latency (µs)")
+    assert titled.startswith(MINIMAL_PDF) and _pdf_title(titled) == "All-reduce latency (µs)"
+    tail = titled[len(MINIMAL_PDF):]
+    assert b"/Prev 84" in tail and b"/Root 2 0 R" in tail and b"/Size 4" in tail
+    xref_at = int(tail.rsplit(b"startxref\n", 1)[1].split(b"\n")[0])
+    assert titled[xref_at:].startswith(b"xref\n3 1\n")  # startxref points at the new section
+    info_at = int(titled[xref_at:].split(b"\n")[2].split()[0])
+    assert titled[info_at:].startswith(b"3 0 obj")
+    with pytest.raises(ValueError, match="cannot set its title"):
+        plots.set_pdf_title(b"not a pdf", "x")
+
+
+def test_static_pdf_carries_the_figure_title(figures_dir):
+    browser = plots.browser_path()
+    if browser is None or not os.access(browser, os.X_OK):
+        pytest.skip("no Chromium for kaleido (apt-get install chromium, or set BROWSER_PATH)")
+    fig = _figure().update_layout(title_text="Decode speed")
+    written = plots.save_figure(fig, "speed", formats=("pdf",), caption="Faster than HF.")
+    assert _pdf_title(written["pdf"].read_bytes()) == "Decode speed"
+    try:
+        import pypdf
+    except ImportError:
+        return
+    assert pypdf.PdfReader(written["pdf"]).metadata.title == "Decode speed"
+
+
+def test_save_figure_displays_itself_once_in_a_kernel(monkeypatch, no_browser):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.append((objs, kw)))
+    monkeypatch.setattr(plots, "_in_kernel", lambda: True)
+    saved = _quiet_save(_figure(), "a", caption="A finding.")
+    assert len(shown) == 1 and shown[0][1]["raw"] is True
+    bundle = shown[0][0][0]
+    assert "application/vnd.plotly.v1+json" in bundle and "A finding." in bundle["text/plain"]
+    saved._ipython_display_()  # display(saved), or the cell ending with it, shows nothing more
+    assert len(shown) == 1
+    monkeypatch.setattr(plots, "_in_kernel", lambda: False)
+    _quiet_save(_figure(), "b")
+    assert len(shown) == 1  # a script shows nothing
+
+
+def test_a_y_title_longer_than_the_plot_breaks_in_two_and_point_labels_are_not_clipped(no_browser):
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[1, 2], mode="markers+text", text=["int8", "gguf"], name="schemes"))
+    fig.update_layout(yaxis=dict(type="log", title_text="memory traffic (MB per layer)"))
+    shown = _quiet_save(fig, "a").figure
+    assert shown.layout.yaxis.title.text == "memory traffic (MB<br>per layer, log scale)"
+    assert shown.data[0].cliponaxis is False
+    short = _quiet_save(_figure().update_layout(yaxis_title="latency (ms)"), "b").figure
+    assert short.layout.yaxis.title.text == "latency (ms)" and short.data[0].cliponaxis is None
+
+
+def test_reference_lines_are_drawn(no_browser):
+    """simple_white's shape defaults (line width 0) hid every add_hline, e.g. 03's "plain decoding" at 1.0x."""
+    fig = _figure()
+    fig.add_hline(y=1.0, line_dash="dot")
+    shown = _quiet_save(fig, "a").figure
+    defaults = shown.layout.template.layout.shapedefaults
+    assert defaults.line.width > 0 and defaults.opacity == 1 and shown.layout.shapes[0].line.width is None
