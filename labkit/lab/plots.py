@@ -385,9 +385,11 @@ def tail_percentile(num_samples: int, candidates: Sequence[float] = (99, 90)) ->
 
 def summarize_samples(samples, by: str | Sequence[str], values: str | Sequence[str],
                       tail_candidates: Sequence[float] = (99, 90)):
-    """One row per group of `by`: for each column in `values`, its median, the median's 95% interval
-    (`labkit.lab.stats.median_ci`), the error-bar lengths plotly takes (`<v>_error_plus/minus`), the interval as a
-    tuple (`<v>_ci95`) and the tail (`<v>_tail`) at `tail_percentile` of the group's count (NaN when too few).
+    """One row per group of `by`: for each column in `values`, its median, the median's interval
+    (`labkit.lab.stats.median_ci`: `<v>_ci_low/high`, as a tuple `<v>_ci`, its exact coverage `<v>_ci_coverage`
+    and method `<v>_ci_method`, min-max below 6 samples), the error-bar lengths plotly takes
+    (`<v>_error_plus/minus`; `error_bar_note` says what they are) and the tail (`<v>_tail`) at `tail_percentile`
+    of the group's count (NaN when too few).
 
     `samples` is a pandas DataFrame with one row per measurement; the medians keep the value's column name, so
     the same `labels=` apply.
@@ -406,14 +408,31 @@ def summarize_samples(samples, by: str | Sequence[str], values: str | Sequence[s
             if not data:
                 continue
             median = statistics.median(data)
-            low, high = median_ci(data)
+            ci = median_ci(data)
+            low, high = ci
             q = tail_percentile(len(data), tail_candidates)
-            row.update({value: median, f"{value}_ci95": (low, high), f"{value}_ci95_low": low,
-                        f"{value}_ci95_high": high, f"{value}_error_plus": high - median,
+            row.update({value: median, f"{value}_ci": (low, high), f"{value}_ci_low": low, f"{value}_ci_high": high,
+                        f"{value}_ci_coverage": ci.coverage, f"{value}_ci_method": ci.method,
+                        f"{value}_error_plus": high - median,
                         f"{value}_error_minus": median - low, f"{value}_num_samples": len(data),
                         f"{value}_tail_percentile": q, f"{value}_tail": percentile(data, q) if q else math.nan})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def error_bar_note(table, value: str) -> str:
+    """What a `summarize_samples` table's error bars on `value` show, for a legend or caption: e.g. "bars: min-max
+    of 3 runs (75 % coverage of the median)", or a range of coverages where the groups' counts differ."""
+    from labkit.lab.stats import format_coverage
+
+    counts, coverages = table[f"{value}_num_samples"], table[f"{value}_ci_coverage"]
+    methods = set(table[f"{value}_ci_method"])
+    what = "min-max" if methods == {"min-max"} else "order-statistic interval of the median" \
+        if methods == {"order statistics"} else "min-max or order-statistic interval"
+    runs = f"{counts.min():.0f}" if counts.min() == counts.max() else f"{counts.min():.0f}-{counts.max():.0f}"
+    cover = format_coverage(coverages.min()) if coverages.min() == coverages.max() else \
+        f"{format_coverage(coverages.min())[:-2]}-{format_coverage(coverages.max())}"
+    return f"bars: {what} of {runs} runs ({cover} coverage of the median)"
 
 
 def trend(before: Sequence[float], after: Sequence[float]) -> int:

@@ -21,10 +21,13 @@ of NCCL's small-message all-reduce), not measurements of this lab: the gloo link
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from labkit.checks import check_choice
+from labkit.device import repo_root
 from labkit.model.loader import DUMMY_CONFIGS
 
 
@@ -177,9 +180,28 @@ GPT_FAST_TP = [  # (model, GPUs, tokens/s, GB/s the README reports)
     ("Llama-2-7B", 8, 328.43, 704.10),
     ("Llama-2-70B", 2, 21.32, 1481.87), ("Llama-2-70B", 4, 38.01, 1340.76), ("Llama-2-70B", 8, 62.50, 1135.29),
 ]
-# The lab's own single-H200 decode (labkit bench decode --dummy, bf16, batch 1, compiled step without CUDA
-# graphs; torch 2.11 cu130; shared/MEASUREMENTS.md, 2026-11-28): the per-layer compute the presets are fed.
-H200_MEASURED_TOKENS_PER_S = {"llama-1b": 261.0, "llama-8b": 136.1}
+# The lab's own single-H200 decode, the per-layer compute the presets are fed, is data: data/scaling_inputs.json
+# holds it with its source, date, hardware and method.
+SCALING_INPUTS = "scaling_inputs.json"
+
+
+def load_scaling_inputs(path: str | Path | None = None) -> dict:
+    """The committed inputs of the preset predictions (default `<repo>/data/scaling_inputs.json`)."""
+    path = Path(path) if path is not None else repo_root() / "data" / SCALING_INPUTS
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"scaling inputs not found: {path}") from None
+
+
+def measured_tokens_per_s(preset: str, device: str = "h200", batch_size: int = 1, inputs: dict | None = None) -> float:
+    """A preset's measured single-device decode tokens/s from the scaling inputs (ValueError naming what exists)."""
+    inputs = inputs if inputs is not None else load_scaling_inputs()
+    check_choice("device", device, [k for k, v in inputs.items() if isinstance(v, dict)])
+    by_batch = inputs[device]["decode_tokens_per_s"]
+    check_choice("batch_size", str(batch_size), by_batch)
+    check_choice("preset", preset, by_batch[str(batch_size)])
+    return float(by_batch[str(batch_size)][preset])
 
 
 def gpt_fast_check(link: Link | None = None) -> list[dict]:
@@ -223,17 +245,20 @@ def scaling_table(costs: dict[str, DecodeCost], world_sizes=(1, 2, 4, 8), gpus_p
     return rows
 
 
-def preset_bands(presets=("llama-1b", "llama-8b"), device: Device | None = None, **kwargs) -> list[dict]:
-    """scaling_table of real-size presets on H200s, each calibrated on the lab's measured single-H200 decode,
-    as a band: `bound` "fixed" (per-layer overhead stays) and "scales" (it shrinks with the shard)."""
+def preset_bands(presets=("llama-1b", "llama-8b"), device: Device | None = None, inputs: dict | None = None,
+                 **kwargs) -> list[dict]:
+    """Predicted scaling_table of real-size presets on H200s, each calibrated on the lab's measured single-H200
+    decode (`load_scaling_inputs`), as a band: `bound` "fixed" (per-layer overhead stays) and "scales" (it shrinks
+    with the shard). Every row is a prediction ("is_prediction": True) naming its calibration's source."""
     device = device or DEVICES["h200"]
+    inputs = inputs if inputs is not None else load_scaling_inputs()
     rows = []
     for preset in presets:
         cost = preset_cost(preset, device)
-        measured_ms = 1e3 / H200_MEASURED_TOKENS_PER_S[preset]
+        measured_ms = 1e3 / measured_tokens_per_s(preset, "h200", 1, inputs)
         for bound in ("fixed", "scales"):
-            rows += [{**r, "bound": bound} for r in scaling_table({preset: cost.calibrated(measured_ms, bound)},
-                                                                   **kwargs)]
+            rows += [{**r, "bound": bound, "is_prediction": True, "calibrated_on": inputs["h200"]["source"]}
+                     for r in scaling_table({preset: cost.calibrated(measured_ms, bound)}, **kwargs)]
     return rows
 
 
@@ -264,5 +289,6 @@ def predict_from_rows(decode_rows: list[dict], allreduce_rows: list[dict], world
 
 
 __all__ = ["Link", "LINKS", "Device", "DEVICES", "ACHIEVED_FRACTION", "hierarchical_all_reduce_us", "DecodeCost", "predict", "config_cost",
-           "preset_cost", "REFERENCE_CONFIGS", "GPT_FAST_SOURCE", "GPT_FAST_TP", "H200_MEASURED_TOKENS_PER_S",
+           "preset_cost", "REFERENCE_CONFIGS", "GPT_FAST_SOURCE", "GPT_FAST_TP", "SCALING_INPUTS",
+           "load_scaling_inputs", "measured_tokens_per_s",
            "gpt_fast_check", "scaling_table", "preset_bands", "measured_link", "predict_from_rows"]

@@ -261,8 +261,13 @@ def test_summarize_samples_gives_median_ci_error_bars_and_tail():
     table = plots.summarize_samples(samples, "engine", "ttft_ms").set_index("engine")
     hf, labkit = table.loc["hf"], table.loc["labkit"]
     low, high = bench.median_ci(list(range(1, 13)))
-    assert hf.ttft_ms == 6.5 and (hf.ttft_ms_ci95_low, hf.ttft_ms_ci95_high) == (low, high)
-    assert hf.ttft_ms_ci95 == (low, high)
+    assert hf.ttft_ms == 6.5 and (hf.ttft_ms_ci_low, hf.ttft_ms_ci_high) == (low, high)
+    assert hf.ttft_ms_ci == (low, high) and hf.ttft_ms_ci_method == "order statistics"
+    assert hf.ttft_ms_ci_coverage == bench.median_ci(list(range(1, 13))).coverage >= 0.95
+    assert (labkit.ttft_ms_ci_method, labkit.ttft_ms_ci_coverage) == ("min-max", 0.75)  # three runs: not 95 %
+    assert plots.error_bar_note(table, "ttft_ms") == ("bars: min-max or order-statistic interval of 3-12 runs "
+                                                      "(75-96.1 % coverage of the median)")
+    assert plots.error_bar_note(table.loc[["labkit"]], "ttft_ms") == "bars: min-max of 3 runs (75 % coverage of the median)"
     assert hf.ttft_ms_error_plus == high - 6.5 and hf.ttft_ms_error_minus == 6.5 - low
     assert hf.ttft_ms_num_samples == 12 and hf.ttft_ms_tail_percentile == 90
     assert hf.ttft_ms_tail == pytest.approx(bench.percentile(list(range(1, 13)), 90))

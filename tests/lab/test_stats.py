@@ -4,7 +4,10 @@ import statistics
 import pytest
 import torch
 
-from labkit.lab.stats import measure, median_ci, percentile, summarize, weight_bytes_per_token
+import math
+
+from labkit.lab.stats import (MedianInterval, format_coverage, measure, median_ci, order_statistic_coverage,
+                              percentile, summarize, weight_bytes_per_token)
 from labkit.bench.decode import format_table, run_decode_bench
 from labkit.model.loader import load_model
 
@@ -23,6 +26,42 @@ def test_summary_and_median_interval():
     assert t.median_ms == 51 and t.min_ms == 1 and t.max_ms == 101 and t.num_repeats == 101
     lo, hi = median_ci(data)
     assert lo < 51 < hi and hi - lo < 25
+    assert (t.ci_low_ms, t.ci_high_ms) == (lo, hi) and (t.ci95_low_ms, t.ci95_high_ms) == (lo, hi)
+
+
+def _binomial_coverage(n, l, u):
+    """P(x_(l) <= median <= x_(u)) = sum of Binomial(n, 1/2) pmf over l..u-1, written out independently."""
+    return sum(math.comb(n, k) * 0.5**n for k in range(l, u))
+
+
+@pytest.mark.parametrize("n, lower, method", [(3, 1, "min-max"), (5, 1, "min-max"), (6, 1, "min-max"),
+                                              (10, 2, "order statistics"), (30, 10, "order statistics")])
+def test_median_interval_label_matches_its_method_and_exact_coverage(n, lower, method):
+    data = [float(v) for v in range(n, 0, -1)]  # unsorted: the order statistics are x_(k) = k
+    ci = median_ci(data)
+    assert isinstance(ci, MedianInterval) and ci.method == method and ci.num_samples == n
+    assert (ci.low, ci.high) == (lower, n + 1 - lower)
+    assert ci.coverage == pytest.approx(_binomial_coverage(n, lower, n + 1 - lower), rel=1e-12)
+    if method == "order statistics":  # the narrowest that reaches 95 %: one step in falls short
+        assert ci.coverage >= 0.95 > _binomial_coverage(n, lower + 1, n - lower)
+    assert ci.label.startswith("min-max" if method == "min-max" else "order-statistic") and "coverage" in ci.label
+
+
+def test_small_samples_are_not_called_95_percent():
+    assert median_ci([3.0, 1.0, 2.0]).coverage == 0.75  # three runs: min-max, 1 - 2^(1 - 3)
+    assert median_ci([1.0, 2.0, 3.0, 4.0, 5.0]).coverage == 1 - 2**-4 < 0.95
+    assert median_ci([7.0]).coverage == 0.0 and tuple(median_ci([7.0])) == (7.0, 7.0)
+    t = summarize([3.0, 1.0, 2.0])
+    assert (t.ci_low_ms, t.ci_high_ms, t.ci_coverage, t.ci_method) == (1.0, 3.0, 0.75, "min-max")
+    assert math.isnan(t.ci95_low_ms) and math.isnan(t.ci95_high_ms)  # not a 95 % interval: not given as one
+    assert t.ci_label == "min-max of 3 runs (75 % coverage of the median)"
+    assert summarize(list(range(10))).ci_label == "order-statistic interval of 10 runs (97.8 % coverage of the median)"
+    assert format_coverage(0.96875) == "96.8 %"  # rounded down: never up to a level it misses
+    assert order_statistic_coverage(10, 2) == pytest.approx(1 - 22 / 1024)
+    with pytest.raises(ValueError, match="no samples"):
+        median_ci([])
+    with pytest.raises(ValueError, match="confidence must be in \\(0, 1\\), got 95"):
+        median_ci([1.0, 2.0], confidence=95)
 
 
 def test_measure_excludes_warmup_and_counts_repeats():

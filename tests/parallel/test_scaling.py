@@ -85,3 +85,39 @@ def test_the_model_fed_by_bench_rows_predicts_the_larger_world():
 def test_a_fit_without_a_bytes_term_is_latency_only():
     link = scaling.measured_link(alpha_us=80.0, bandwidth_gbps=None, world_size=2)
     assert link.all_reduce_us(1e9, 2) == pytest.approx(80.0)
+
+
+def test_the_preset_predictions_read_their_inputs_from_the_committed_data_file():
+    import json
+
+    from labkit.device import repo_root
+
+    path = repo_root() / "data" / scaling.SCALING_INPUTS
+    on_disk = json.loads(path.read_text())
+    h200 = on_disk["h200"]
+    assert {"source", "date", "hardware", "method"} <= set(h200) and "MEASUREMENTS.md" in h200["source"]
+    assert h200["decode_tokens_per_s"]["1"] == {"llama-1b": 261.0, "llama-8b": 136.1}  # the log's H200 table
+    assert h200["decode_tokens_per_s"]["16"]["llama-1b"] == 3123.0
+    assert scaling.measured_tokens_per_s("llama-8b") == 136.1
+    assert not hasattr(scaling, "H200_MEASURED_TOKENS_PER_S")  # no figure typed into code any more
+    rows = scaling.preset_bands(("llama-1b",))
+    assert all(r["is_prediction"] and r["calibrated_on"] == h200["source"] for r in rows)
+    one = next(r for r in rows if r["gpus"] == 1 and r["bound"] == "fixed" and "NVLink" in r["setup"])
+    assert one["tokens_per_s"] == pytest.approx(261.0)  # calibrated: one GPU reproduces the measurement
+
+
+def test_other_inputs_change_the_prediction_and_bad_names_are_refused(tmp_path):
+    import json
+
+    inputs = scaling.load_scaling_inputs()
+    inputs["h200"]["decode_tokens_per_s"]["1"]["llama-1b"] = 130.5
+    path = tmp_path / "inputs.json"
+    path.write_text(json.dumps(inputs))
+    rows = scaling.preset_bands(("llama-1b",), inputs=scaling.load_scaling_inputs(path))
+    assert min(r["tokens_per_s"] for r in rows if r["gpus"] == 1) == pytest.approx(130.5)
+    with pytest.raises(ValueError, match="unknown preset 'llama-70b': choose one of llama-1b, llama-8b"):
+        scaling.measured_tokens_per_s("llama-70b")
+    with pytest.raises(ValueError, match="unknown batch_size '4'"):
+        scaling.measured_tokens_per_s("llama-1b", batch_size=4)
+    with pytest.raises(FileNotFoundError, match="scaling inputs not found: .*missing.json"):
+        scaling.load_scaling_inputs(tmp_path / "missing.json")
