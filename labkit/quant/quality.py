@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from labkit.checks import check_int
 from labkit.engine.engine import Engine
 from labkit.model.llama import Transformer
 from labkit.model.sampling import SamplingParams
@@ -113,11 +114,6 @@ class PerplexityResult:
         return asdict(self)
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def sliding_windows(num_tokens: int, context_len: int = 512, stride: int = 256) -> list[Window]:
     """The window plan of HF's "Perplexity of fixed-length models": windows of context_len tokens moving by
     stride, each scoring only the targets the previous window did not (the first scores all but token 0).
@@ -126,8 +122,8 @@ def sliding_windows(num_tokens: int, context_len: int = 512, stride: int = 256) 
     context_len - stride tokens of context (except near the start); stride == context_len is non-overlapping
     chunks, where each chunk's first token has no context and is not scored.
     """
-    _check_int("context_len", context_len, 2)
-    _check_int("stride", stride, 1)
+    check_int("context_len", context_len, 2)
+    check_int("stride", stride, 1)
     if stride > context_len:
         raise ValueError(f"stride must be <= context_len ({context_len}), got {stride!r}")
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 2:
@@ -159,7 +155,7 @@ def perplexity(engine, token_ids: Sequence[int], context_len: int = 512, stride:
     ids = list(token_ids)
     windows = sliding_windows(len(ids), context_len, stride)
     if chunk_size is not None:
-        _check_int("chunk_size", chunk_size, 1)
+        check_int("chunk_size", chunk_size, 1)
     max_len, vocab = _limits(engine)
     if min(context_len, len(ids)) > max_len:
         raise ValueError(f"context_len {context_len} exceeds the model's context of {max_len} tokens")
@@ -227,7 +223,7 @@ def greedy_agreement(reference_engine: Engine, engine: Engine, prompts_ids: Sequ
     """Top-1 agreement of engine with reference_engine: teacher-forced along the reference's greedy
     continuation (both read the same tokens; both argmaxes from prefill logits), and free-running (each
     generates max_tokens greedily; count the tokens until the first difference)."""
-    _check_int("max_tokens", max_tokens, 1)
+    check_int("max_tokens", max_tokens, 1)
     prompts = [list(p) for p in prompts_ids]
     if not prompts or any(not p for p in prompts):
         raise ValueError(f"prompts_ids must be a non-empty list of non-empty token lists, got {len(prompts)} "

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from labkit.checks import check_ints
 from labkit.engine.model_runner import RowSpan
 from labkit.model.sampling import SamplingParams, sample
 
@@ -42,10 +43,7 @@ class SpeculativeConfig:
     acceptance_decay: float = 0.8  # weight of the past in the running acceptance rate of a request
 
     def __post_init__(self):
-        for name in ("num_draft_tokens", "max_draft_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_ints(self, ("num_draft_tokens", "max_draft_tokens"))
         if self.gamma_policy not in GAMMA_POLICIES:
             raise ValueError(f"unknown gamma policy {self.gamma_policy!r}: choose one of {', '.join(GAMMA_POLICIES)}")
         if self.gamma_policy == "adaptive" and self.max_draft_tokens < self.num_draft_tokens:
