@@ -1,5 +1,5 @@
-"""The lab bench: results store and analysis, plots, notebook runner, timing statistics, the notebooks' setup."""
+"""The lab bench: results store and analysis, plots, notebook runner, timing statistics, notebook setup, progress."""
 
-from labkit.lab.notebook import setup
+from labkit.lab.notebook import progress, setup
 
-__all__ = ["setup"]
+__all__ = ["progress", "setup"]

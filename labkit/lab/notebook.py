@@ -1,4 +1,4 @@
-"""The notebooks' shared preamble as one call: `env = lab.setup(seed)`."""
+"""The notebooks' shared preamble as one call, `env = lab.setup(seed)`, and a progress bar for long cells."""
 
 from __future__ import annotations
 
@@ -18,4 +18,15 @@ def setup(seed: int, device=None) -> dict:
     return env
 
 
-__all__ = ["setup"]
+def progress(iterable, desc: str, total: int | None = None):
+    """`iterable` with a text progress bar on stderr for a long notebook cell: a plain tqdm bar (no widget), so
+    it reads the same live in JupyterLab, in a papermill log and, collapsed to its last state, in a published
+    page (`labkit.lab.publish` keeps only the text after a carriage return)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, mininterval=1.0, dynamic_ncols=False, ncols=90)
+
+
+__all__ = ["setup", "progress"]

@@ -64,6 +64,15 @@ def stamp_notebook(notebook: str | Path, text: str) -> None:
     write_bytes_atomic(notebook, (nbformat.writes(nb) + "\n").encode())
 
 
+def coalesce_streams(nb):
+    """The notebook with each cell's consecutive stream outputs merged and text overwritten by a carriage return
+    dropped (nbconvert's CoalesceStreamsPreprocessor): a progress bar shows as its last state, not every update."""
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+
+    nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
+    return nb
+
+
 def export_notebook_html(notebook: str | Path, output_dir: str | Path) -> Path:
     """Write an executed notebook as an HTML page (nbconvert's "lab" template); returns its path.
 
@@ -74,7 +83,7 @@ def export_notebook_html(notebook: str | Path, output_dir: str | Path) -> Path:
     from nbconvert import HTMLExporter
 
     notebook, output_dir = Path(notebook), Path(output_dir)
-    nb = nbformat.read(notebook, as_version=4)
+    nb = coalesce_streams(nbformat.read(notebook, as_version=4))
     html, _ = HTMLExporter(template_name="lab").from_notebook_node(nb, resources={"metadata": {
         "name": notebook.stem}})
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -85,14 +94,17 @@ def export_notebook_html(notebook: str | Path, output_dir: str | Path) -> Path:
 
 def publish_notebooks(notebooks: Iterable[str | Path], output_dir: str | Path | None = None) -> list[Path]:
     """Publish executed notebooks (e.g. `runs/<timestamp>/*.ipynb` from `labkit run`) to `docs/notebooks/`: each
-    as HTML for a browser and as the executed .ipynb, which GitHub renders with its figures' PNGs."""
+    as HTML for a browser and as the executed .ipynb, which GitHub renders with its figures' PNGs; both with
+    their streams coalesced (`coalesce_streams`)."""
+    import nbformat
+
     output_dir = Path(output_dir) if output_dir is not None else docs_dir()
     written = []
     for notebook in map(Path, notebooks):
         written.append(export_notebook_html(notebook, output_dir))
         target = output_dir / notebook.name
-        if notebook.resolve() != target.resolve():
-            write_bytes_atomic(target, notebook.read_bytes())
+        nb = coalesce_streams(nbformat.read(notebook, as_version=4))
+        write_bytes_atomic(target, (nbformat.writes(nb) + "\n").encode())
         written.append(target)
     return written
 

@@ -150,7 +150,19 @@ def test_publish_notebooks_writes_html_and_the_executed_notebook(tmp_path):
     notebooks = [_notebook(run / name, "n = 1") for name in ("01_a.ipynb", "05_b.ipynb")]
     written = publish.publish_notebooks(notebooks, tmp_path / "docs")
     assert [p.name for p in written] == ["01_a.html", "01_a.ipynb", "05_b.html", "05_b.ipynb"]
-    assert (tmp_path / "docs" / "05_b.ipynb").read_bytes() == notebooks[1].read_bytes()
+    published, executed = (nbformat.read(p, as_version=4) for p in (tmp_path / "docs" / "05_b.ipynb", notebooks[1]))
+    assert [c.source for c in published.cells] == [c.source for c in executed.cells]
+
+
+def test_a_progress_bar_is_published_as_its_last_state(tmp_path):
+    nb = new_notebook(cells=[new_code_cell("run()")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stderr", text="sweep:  50%|#  | 1/2\r"),
+                           nbformat.v4.new_output("stream", name="stderr", text="sweep: 100%|##| 2/2 [00:04]\n")]
+    path = tmp_path / "01_bar.ipynb"
+    nbformat.write(nb, path)
+    html_path, ipynb_path = publish.publish_notebooks([path], tmp_path / "docs")
+    for text in (html_path.read_text(), ipynb_path.read_text()):
+        assert "2/2" in text and "1/2" not in text
 
 
 # -- the repository's own notebooks, profiles and published files --------------------------------------------------
