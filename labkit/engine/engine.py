@@ -310,16 +310,16 @@ class Engine:
                        logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         """Add a row's new tokens (one, or accepted draft tokens and one more) up to where the request ends."""
         prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
-        out = self._append(request, tokens[0])
+        out, num_used = self._append(request, tokens[0]), 1
         for token in tokens[1:]:
             if out.finished:
                 break
-            more = self._append(request, token)
+            more, num_used = self._append(request, token), num_used + 1
             out = RequestOutput(more.request_id, out.new_token_ids + more.new_token_ids, out.text + more.text,
                                 more.finish_reason, more.num_prompt_tokens, more.num_output_tokens,
                                 more.num_cached_tokens)
-        if logprobs is not None:  # a stop token is not output: neither is its log-probability
-            out.logprobs = logprobs[:len(out.new_token_ids)]
+        if logprobs is not None:  # a stop token that ended the request is not output, but keeps its logprob (vLLM's)
+            out.logprobs = logprobs[:num_used]
         out.prompt_logprobs = prompt_logprobs
         return out
 

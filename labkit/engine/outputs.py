@@ -49,7 +49,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int  # so far
     num_cached_tokens: int  # prompt tokens served from the prefix cache
-    logprobs: list[TokenLogprob] | None = None  # one per new token id, when the request asked for logprobs
+    # one per new token id (and, last, the stop token that ended the request: vLLM's), when asked for
+    logprobs: list[TokenLogprob] | None = None
     # every prompt token's (the first None: nothing precedes it), on a request's first output, when asked for
     prompt_logprobs: list[TokenLogprob | None] | None = None
 

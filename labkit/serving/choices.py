@@ -45,7 +45,7 @@ class Choice:
     job: Job
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)  # TokenLogprob per token id, when the request asked
+    logprobs: list = field(default_factory=list)  # TokenLogprob per token id (and a stop token), when asked
     prompt_logprobs: list | None = None
     finish_reason: str = "length"
     text_offset: int = 0  # of the next token, in the text streamed so far
@@ -137,8 +137,8 @@ class LogprobView:
             return chat_logprobs(entries, self.texts)
         return completion_logprobs(entries, self.texts, text_offset)
 
-    def _entries(self, choice: Choice, token_ids: list[int], logprobs: list, with_prompt: bool) -> list:
-        entries = list(zip(token_ids, logprobs))
+    def _entries(self, choice: Choice, logprobs: list, with_prompt: bool) -> list:
+        entries = [(entry.token_id, entry) for entry in logprobs]  # a stop token that ended the choice included
         if with_prompt and self.req.echo and choice.prompt_logprobs is not None:
             entries = list(zip(self.req.prompt_ids, choice.prompt_logprobs)) + entries
         return entries
@@ -148,7 +148,7 @@ class LogprobView:
         is_first = not choice.num_chunks
         choice.num_chunks += 1
         text = (self.prompt_text if self.req.echo and is_first else "") + out.text
-        logprobs = self._format(self._entries(choice, out.new_token_ids, out.logprobs or [], is_first),
+        logprobs = self._format(self._entries(choice, out.logprobs or [], is_first),
                                 choice.text_offset)
         if logprobs is not None and not self.req.is_chat:
             choice.text_offset += sum(len(token) for token in logprobs["tokens"])
@@ -157,7 +157,7 @@ class LogprobView:
     def whole(self, choice: Choice) -> tuple[str, dict | None]:
         """A choice's whole text and logprobs (the echoed prompt first)."""
         text = (self.prompt_text if self.req.echo else "") + "".join(choice.texts)
-        return text, self._format(self._entries(choice, choice.token_ids, choice.logprobs, True), 0)
+        return text, self._format(self._entries(choice, choice.logprobs, True), 0)
 
 
 def best(choices: list[Choice], n: int) -> list[Choice]:
