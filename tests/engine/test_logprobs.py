@@ -82,7 +82,8 @@ def test_speculative_rows_take_logprobs_from_the_targets_verify_logits(tiny):
     from labkit.speculative.speculator import SpeculativeConfig, Speculator
 
     target = from_hf(tiny.model)
-    engine = Engine(target, tiny.tokenizer, speculator=Speculator(NgramProposer(), SpeculativeConfig(num_draft_tokens=3)))
+    speculator = Speculator(NgramProposer(), SpeculativeConfig(num_draft_tokens=3))
+    engine = Engine(target, tiny.tokenizer, speculator=speculator)
     prompt = engine.encode("a b c a b c a b c a b c a b c")
     outputs = _run(engine, prompt, SamplingParams(max_new_tokens=12, logprobs=2, ignore_eos=True))
     assert engine.speculator.stats.num_accepted_tokens > 0  # some steps kept several tokens

@@ -105,8 +105,8 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(tiny, engine, http):
         assert token_logprobs[1:] == pytest.approx([ref[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)],
                                                    abs=1e-4)
     # echo with generation: the prompt's logprobs, then the new tokens'; the text starts with the prompt
-    out = _post(http, "/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": 0, "max_tokens": 3, "temperature": 0,
-                                          "ignore_eos": True})
+    out = _post(http, "/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": 0, "max_tokens": 3,
+                                          "temperature": 0, "ignore_eos": True})
     choice = out["choices"][0]
     assert choice["text"].startswith(PROMPT) and len(choice["logprobs"]["tokens"]) == len(prompt) + 3
     streamed = _stream(http, "/v1/completions", {"prompt": PROMPT, "echo": True, "max_tokens": 3, "temperature": 0,
