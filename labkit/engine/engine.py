@@ -21,13 +21,13 @@ import torch
 from labkit.device import dtype_name, pick_dtype, synchronize
 from labkit.engine.config import KV_CACHE_DTYPES, EngineConfig
 from labkit.engine.model_runner import ModelRunner, RowSpan
-from labkit.engine.outputs import EngineStats, Generation, RequestOutput, TextDelta
+from labkit.engine.outputs import EngineStats, Generation, RequestOutput, TextDelta, TokenLogprob
 from labkit.engine.scheduler import POLICIES, ScheduledBatch, Scheduler, SchedulerConfig, Sequence as Seq
 from labkit.engine.text import IncrementalDetokenizer, encode_prompt
 from labkit.model.llama import Transformer, from_hf
 from labkit.model.loader import eos_token_ids_of
 from labkit.model.rewrites import apply_rewrites
-from labkit.model.sampling import SamplingParams, make_generator, sample
+from labkit.model.sampling import SamplingParams, make_generator, sample, token_logprobs
 
 
 @dataclass(eq=False)
@@ -38,6 +38,7 @@ class _Request:
     generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer | None
     stop_ids: frozenset[int]
+    prompt_logprobs: list | None = None  # sent with the request's first output, then dropped
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.compile_s: float | None = None
         self._requests: dict[str, _Request] = {}
+        self._prompt_only: list[_Request] = []  # max_new_tokens=0: scored at add_request, answered at the next step
         self._ids = itertools.count()
         self._num_steps, self._last_rows, self._last_tokens, self._last_padding = 0, 0, 0, 0
 
@@ -147,6 +149,7 @@ class Engine:
         bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token {bad!r} is not a token id in [0, {vocab})")
+        self._check_vocab(params)
         total = len(prompt) + params.max_new_tokens
         if total > self.max_seq_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
@@ -162,15 +165,36 @@ class Engine:
         if self.tokenizer is not None and (params.detokenize or params.stop):
             detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         stop_ids = frozenset() if params.ignore_eos else frozenset(params.stop_token_ids)
-        self._requests[request_id] = _Request(seq, make_generator(params, self.device), detok, stop_ids)
-        self.scheduler.add(seq)
+        request = _Request(seq, make_generator(params, self.device), detok, stop_ids)
+        if params.prompt_logprobs is not None:  # one forward over the prompt, outside the batch
+            request.prompt_logprobs = self._prompt_logprobs(prompt, params.prompt_logprobs)
+        self._requests[request_id] = request
+        if params.max_new_tokens == 0:
+            self._prompt_only.append(request)
+        else:
+            self.scheduler.add(seq)
         return request_id
+
+    def _check_vocab(self, params: SamplingParams) -> None:
+        vocab = self.model.args.vocab_size
+        bad = next((t for t in params.logit_bias or () if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token {bad} is not a token id in [0, {vocab})")
+
+    def _prompt_logprobs(self, prompt: list[int], num_top: int) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability after the tokens before it (the first: None), from one forward."""
+        logits = self.prompt_logits(prompt)[:-1]  # [T - 1, V]: position t predicts token t + 1
+        pairs = token_logprobs(logits, prompt[1:], num_top) if len(prompt) > 1 else []
+        return [None] + [TokenLogprob(t, lp, top) for t, (lp, top) in zip(prompt[1:], pairs)]
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; False when it is unknown or already finished."""
         request = self._requests.pop(str(request_id), None)
         if request is None:
             return False
+        if request in self._prompt_only:  # never scheduled
+            self._prompt_only.remove(request)
+            return True
         self.scheduler.finish(request.seq, "abort")
         if self.speculator is not None:
             self.speculator.release(request.seq.request_id)
@@ -199,20 +223,29 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; return an update for every request that got a token or finished."""
+        scored = [self._finish_prompt_only(r) for r in self._prompt_only]
+        self._prompt_only.clear()
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
+            return scored
         drafts = self.speculator.propose(batch, self) if self.speculator is not None else {}  # id -> Draft
         step = self._lay_out(batch, drafts)
         with torch.inference_mode():
-            tokens = self._run(step)
+            tokens, logprobs = self._run(step)
         num_accepted = {r.seq.request_id: len(t) - 1 for r, t in zip(step.requests, tokens)
                         if r.seq.request_id in drafts}
         self.scheduler.update_from_output(batch, num_accepted)
         self._record_step(batch, step)
-        outputs = [self._append_tokens(request, new) for request, new in zip(step.requests, tokens)]
+        outputs = [self._append_tokens(*row) for row in zip(step.requests, tokens, logprobs)]
         self.scheduler.cache_blocks([seq for seq in batch.seqs if seq.request_id in drafts])
-        return outputs
+        return scored + outputs
+
+    def _finish_prompt_only(self, request: _Request) -> RequestOutput:
+        """A request for no new tokens (its prompt scored at add_request) ends at once, at "length"."""
+        seq = request.seq  # never scheduled: it holds no blocks
+        del self._requests[seq.request_id]
+        return RequestOutput(seq.request_id, [], "", "length", seq.num_prompt_tokens, 0, 0, logprobs=[],
+                             prompt_logprobs=request.prompt_logprobs)
 
     def _lay_out(self, batch: ScheduledBatch, drafts: dict) -> _StepRows:
         """The step's rows: multi-token rows first, then by context length (attention groups rows of similar
@@ -230,23 +263,42 @@ class Engine:
         requests = [self._requests[order[i][0].request_id] for i in sample_rows]
         return _StepRows(rows, sample_rows, requests, [drafts.get(r.seq.request_id) for r in requests], sum(padding))
 
-    def _run(self, step: _StepRows) -> list[list[int]]:
-        """The forward, then each sampled row's new tokens: one sampled token, or what verification keeps."""
+    def _run(self, step: _StepRows) -> tuple[list[list[int]], list]:
+        """The forward, then each sampled row's new tokens (one sampled token, or what verification keeps) and,
+        for requests that ask for them, those tokens' log-probabilities."""
         spec, requests = self.speculator, step.requests
         generators = [r.generator for r in requests]
         if spec is None:
             logits = self.runner.forward(step.rows, step.sample_rows).logits
             if not requests:
-                return []
+                return [], []
             out = sample(logits, [r.seq.params for r in requests], generators)
-            return [[t] for t in out.tokens.tolist()]  # the one host sync per step
+            tokens = [[t] for t in out.tokens.tolist()]  # the one host sync per step
+            return tokens, self._logprobs(requests, logits, tokens, [1] * len(requests))
         # each drafted row gets logits at its last token and at every draft token
-        out = self.runner.forward(step.rows, step.sample_rows, [1 + len(d.tokens) if d else 1 for d in step.drafts],
-                                  return_hidden=spec.needs_hidden)
+        sizes = [1 + len(d.tokens) if d else 1 for d in step.drafts]
+        out = self.runner.forward(step.rows, step.sample_rows, sizes, return_hidden=spec.needs_hidden)
         tokens = spec.verify(out.logits, [r.seq for r in requests], step.drafts, generators)
         if out.hidden is not None:  # the target's features at the tokens it kept, for feature-level drafts
             spec.observe(step.rows, out.hidden)
-        return tokens
+        return tokens, self._logprobs(requests, out.logits, tokens, sizes)
+
+    @staticmethod
+    def _logprobs(requests: list[_Request], logits: torch.Tensor, tokens: list[list[int]],
+                  sizes: list[int]) -> list[list[TokenLogprob] | None]:
+        """Per sampled row, its new tokens' log-probabilities (None unless its request asked): logits [sum(sizes),
+        V] hold each row's `size` positions in turn; new token j was drawn at position j of its row (a verified
+        row keeps draft tokens, then one more; its logits are the target's)."""
+        found, offset = [], 0
+        for request, new, size in zip(requests, tokens, sizes):
+            num_top = request.seq.params.logprobs
+            if num_top is None:
+                found.append(None)
+            else:
+                pairs = token_logprobs(logits[offset:offset + len(new)], new, num_top)
+                found.append([TokenLogprob(t, lp, top) for t, (lp, top) in zip(new, pairs)])
+            offset += size
+        return found
 
     def _record_step(self, batch: ScheduledBatch, step: _StepRows) -> None:
         self._num_steps += 1
@@ -254,16 +306,21 @@ class Engine:
         self._last_rows = len(batch.seqs) + batch.padding_rows
         self._last_tokens = batch.num_tokens + step.num_padding_tokens
 
-    def _append_tokens(self, request: _Request, tokens: list[int]) -> RequestOutput:
+    def _append_tokens(self, request: _Request, tokens: list[int],
+                       logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         """Add a row's new tokens (one, or accepted draft tokens and one more) up to where the request ends."""
-        out = self._append(request, tokens[0])
+        prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
+        out, num_used = self._append(request, tokens[0]), 1
         for token in tokens[1:]:
             if out.finished:
                 break
-            more = self._append(request, token)
+            more, num_used = self._append(request, token), num_used + 1
             out = RequestOutput(more.request_id, out.new_token_ids + more.new_token_ids, out.text + more.text,
                                 more.finish_reason, more.num_prompt_tokens, more.num_output_tokens,
                                 more.num_cached_tokens)
+        if logprobs is not None:  # a stop token that ended the request is not output, but keeps its logprob (vLLM's)
+            out.logprobs = logprobs[:num_used]
+        out.prompt_logprobs = prompt_logprobs
         return out
 
     def _append(self, request: _Request, token: int) -> RequestOutput:

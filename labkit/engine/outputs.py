@@ -29,6 +29,16 @@ class Generation:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution at its position, and the most likely
+    alternatives there ((token id, log-probability), best first; as many as the request asked for)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class RequestOutput:
     """What one request gained in one step; the last one for a request carries its finish reason."""
 
@@ -39,6 +49,10 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int  # so far
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    # one per new token id (and, last, the stop token that ended the request: vLLM's), when asked for
+    logprobs: list[TokenLogprob] | None = None
+    # every prompt token's (the first None: nothing precedes it), on a request's first output, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -71,4 +85,4 @@ class EngineStats:
     last_num_padding_rows: int  # rows of the last step that only computed padding (static batching)
 
 
-__all__ = ["Generation", "RequestOutput", "TextDelta", "EngineStats"]
+__all__ = ["Generation", "RequestOutput", "TokenLogprob", "TextDelta", "EngineStats"]

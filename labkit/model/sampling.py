@@ -1,4 +1,5 @@
-"""Turn logits into tokens, each row with its own parameters: greedy, temperature, top-k and top-p."""
+"""Turn logits into tokens, each row with its own parameters: logit bias, greedy, temperature, top-k and top-p;
+and the log-probabilities of the raw logits (OpenAI's `logprobs`)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,23 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())  # stop strings, applied to decoded text
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     detokenize: bool = True  # build the text as tokens arrive; False: token ids only (benchmarks)
+    logprobs: int | None = None  # per new token: its log-probability and the `logprobs` most likely; None = off
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first; None = off
+    logit_bias: dict[int, float] | None = None  # token id -> added to the logits before sampling (OpenAI's)
 
     def __post_init__(self):
+        # max_new_tokens=0 only scores the prompt (OpenAI's echo with max_tokens=0), so it needs prompt_logprobs
+        least = 0 if self.prompt_logprobs is not None else 1
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+                or self.max_new_tokens < least:
+            raise ValueError(f"max_new_tokens must be an integer >= {least}, got {self.max_new_tokens!r}"
+                             + ("" if least else " (0 needs prompt_logprobs)"))
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        self._check_logit_bias()
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -40,6 +53,19 @@ class SamplingParams:
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 
+    def _check_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) \
+                    or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias[{token}] must be a number in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], "
+                                 f"got {bias!r}")
+
     @property
     def is_greedy(self) -> bool:
         # like vLLM, temperatures too small to divide by safely mean greedy (1e-40 would overflow to inf)
@@ -51,6 +77,8 @@ class SamplingParams:
 
 
 GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20  # alternatives per token, OpenAI's limit
+MAX_LOGIT_BIAS = 100  # OpenAI's range is [-100, 100]
 
 
 @dataclass
@@ -81,6 +109,7 @@ def sample(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParam
     gens = list(generators) if isinstance(generators, (list, tuple)) else [generators] * B
     if len(rows) != B or len(gens) != B:
         raise ValueError(f"{B} rows of logits need {B} SamplingParams and generators, got {len(rows)}, {len(gens)}")
+    logits = apply_logit_bias(logits, rows)
     greedy = [p.is_greedy for p in rows]
     argmax = logits.argmax(dim=-1)
     if all(greedy):
@@ -102,6 +131,32 @@ def sample(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParam
     return SamplerOutput(tokens, probs if return_probs else None)
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] with each row's logit_bias added (a copy; the same tensor when no row has one)."""
+    if not any(p.logit_bias for p in rows):
+        return logits
+    logits = logits.clone()
+    for b, p in enumerate(rows):
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[b, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], num_top: int) -> list[tuple[float, list]]:
+    """For each row of logits [N, V] and its chosen token: (the token's log-probability, the num_top most likely
+    (token id, log-probability) pairs, best first). Log-softmax of the raw logits in float32, before any bias,
+    temperature or cut (vLLM's default "raw_logprobs")."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    chosen = logp.gather(1, torch.tensor(list(tokens), device=logp.device)[:, None])[:, 0].tolist()
+    if num_top:
+        top = torch.topk(logp, min(num_top, logp.shape[-1]), dim=-1)
+        pairs = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+    else:
+        pairs = [[] for _ in chosen]
+    return list(zip(chosen, pairs))
+
+
 def _filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingParams], greedy: Sequence[bool]) -> torch.Tensor:
     """[B, V] softmax of each row after its temperature, top-k and top-p (greedy rows: temperature 1, uncut)."""
     device, V = logits.device, logits.shape[-1]
@@ -121,4 +176,5 @@ def _filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingParams], greedy
     return x.softmax(dim=-1)
 
 
-__all__ = ["SamplingParams", "SamplerOutput", "sample", "make_generator", "GREEDY_BELOW"]
+__all__ = ["SamplingParams", "SamplerOutput", "sample", "make_generator", "apply_logit_bias", "token_logprobs",
+           "GREEDY_BELOW", "MAX_LOGPROBS", "MAX_LOGIT_BIAS"]

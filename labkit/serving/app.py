@@ -22,13 +22,14 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from labkit.serving.choices import Choices, LogprobView, best
 from labkit.serving.config import ServeConfig
 from labkit.serving.events import DONE_EVENT, sse
 from labkit.serving.http_limits import Gate, error_response, read_json_body
 from labkit.serving.metrics import ServerMetrics
 from labkit.serving.protocol import APIError, GenerationRequest, parse_generation_request, parse_json_object
-from labkit.serving.responses import Reply
-from labkit.serving.worker import EngineWorker, Job, QueueFull, next_output
+from labkit.serving.responses import Reply, TokenTexts
+from labkit.serving.worker import EngineWorker, Job, QueueFull
 
 logger = logging.getLogger("labkit.serving.server")
 
@@ -98,6 +99,7 @@ class _Routes:
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.tokenizer_pool: list[ThreadPoolExecutor] = []  # while the app is served
         self.vocab_size = engine.model.args.vocab_size
+        self.token_texts = TokenTexts(copy.deepcopy(engine.tokenizer))  # logprobs' token strings, on the event loop
         self.created = int(time.time())
 
     @asynccontextmanager
@@ -136,53 +138,54 @@ class _Routes:
                         eos_token_ids=engine.eos_token_ids, max_seq_len=engine.max_seq_len,
                         vocab_size=self.vocab_size, default_max_tokens=self.config.default_max_tokens)
         req = await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool[0], parse)
-        job = Job(req.prompt_ids, req.params, asyncio.get_running_loop())
+        choices = Choices(req, asyncio.get_running_loop(), self.submit, self.worker.cancel)
+        reply = Reply(self.model_name, is_chat, req.return_token_ids, req.include_usage)
+        view = LogprobView(req, self.token_texts, req.prompt_text)
+        if req.is_stream:
+            return _StreamingResponse(self.stream_events(choices, req, reply, view), on_disconnect=choices.cancel)
+        return await self.complete(request, choices, reply, view)
+
+    def submit(self, job: Job) -> None:
+        """Hand a job to the engine's worker; 429 when its queue is full."""
         try:
             self.worker.submit(job)
         except QueueFull:
             raise APIError(429, f"the server is busy: {self.config.max_queue} requests are already waiting",
                            type="rate_limit_exceeded", code="queue_full", headers={"Retry-After": "1"}) from None
-        reply = Reply(self.model_name, is_chat, req.return_token_ids, req.include_usage)
-        if req.is_stream:
-            return _StreamingResponse(self.stream_events(job, req, reply),
-                                      on_disconnect=partial(self.worker.cancel, job))
-        return await self.complete(request, job, reply)
 
-    async def stream_events(self, job: Job, req: GenerationRequest, reply: Reply):
-        num_tokens = 0
+    async def stream_events(self, choices: Choices, req: GenerationRequest, reply: Reply, view: LogprobView):
+        outputs = choices.outputs()
         try:
-            out = await next_output(job)  # an error before this is answered with its own status
+            item = await anext(outputs, None)  # an error before this is answered with its own status
             if reply.is_chat:
-                yield reply.role_event()
+                for event in reply.role_events(req.n):
+                    yield event
             try:
-                while out is not None:
-                    num_tokens += len(out.new_token_ids)
-                    if out.text or out.new_token_ids or out.finished:
-                        yield reply.delta_event(out.text, out.finish_reason, out.new_token_ids)
-                    out = await next_output(job)
+                while item is not None:
+                    choice, out = item
+                    text, logprobs = view.delta(choice, out)
+                    if text or out.new_token_ids or out.finished:
+                        yield reply.delta_event(text, out.finish_reason, out.new_token_ids, choice.index, logprobs)
+                    item = await anext(outputs, None)
             except APIError as exc:
                 yield sse(exc.body())  # the openai client raises an APIError on this event
             else:
                 if req.include_usage:
-                    yield reply.usage_event(len(job.prompt_ids), num_tokens)
+                    yield reply.usage_event(choices.num_prompt_tokens, choices.num_completion_tokens)
             yield DONE_EVENT
         finally:
-            if not job.is_done:  # the client left (or the server is closing): free its place in the batch
-                self.worker.cancel(job)
+            await outputs.aclose()
+            choices.cancel()  # the client left (or the server is closing): free their places in the batch
 
-    async def complete(self, request: Request, job: Job, reply: Reply) -> dict:
+    async def complete(self, request: Request, choices: Choices, reply: Reply, view: LogprobView) -> dict:
         import anyio
 
-        text, token_ids, finish = [], [], "length"
         failure: list[APIError] = []
 
         async def collect(group) -> None:
-            nonlocal finish
             try:
-                while (out := await next_output(job)) is not None:
-                    text.append(out.text)
-                    token_ids.extend(out.new_token_ids)
-                    finish = out.finish_reason or finish
+                async for _ in choices.outputs():
+                    pass
             except APIError as exc:
                 failure.append(exc)
             group.cancel_scope.cancel()
@@ -190,7 +193,7 @@ class _Routes:
         async def watch(group) -> None:  # a client that hangs up cancels its generation
             while (await request.receive())["type"] != "http.disconnect":
                 pass
-            self.worker.cancel(job)
+            choices.cancel()
             group.cancel_scope.cancel()
 
         try:
@@ -198,13 +201,16 @@ class _Routes:
                 group.start_soon(collect, group)
                 group.start_soon(watch, group)
         finally:
-            if not job.is_done:
-                self.worker.cancel(job)
+            choices.cancel()
         if failure:
             raise failure[0]
-        if not job.is_done:
+        if not choices.is_done:
             raise APIError(499, "client closed the request")
-        return reply.response("".join(text), finish, token_ids, len(job.prompt_ids))
+        picked = []
+        for index, choice in enumerate(best(choices.choices, choices.req.n)):
+            text, logprobs = view.whole(choice)
+            picked.append(reply.choice(index, text, choice.finish_reason, choice.token_ids, logprobs))
+        return reply.responses(picked, choices.num_prompt_tokens, choices.num_completion_tokens)
 
     async def completions(self, request: Request):
         return await self.generate(request, is_chat=False)

@@ -27,24 +27,24 @@ ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest a handful of levels; deeper ones only cost stack
 REPLICA_HEADER = "x-labkit-replica"  # the replica that answered, on every answer of `labkit router`
 
+MAX_N = 16  # choices (n, best_of) per request: each is a sequence in the batch
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on alternatives per token
+MAX_LOGIT_BIAS = 100  # OpenAI's range is [-100, 100]
+
 # Parameters OpenAI defines that labkit accepts only at their no-op value: anything else is a named 400.
 NO_OP_PARAMS: dict[str, tuple] = {
-    "n": (None, 1),
-    "best_of": (None, 1),
-    "echo": (None, False),
     "suffix": (None, ""),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0),
     "repetition_penalty": (None, 1),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,),
     "response_format": (None, {"type": "text"}),
     "min_tokens": (None, 0),
 }
+CHAT_NO_OP_PARAMS: dict[str, tuple] = {"echo": (None, False), "best_of": (None, 1)}  # completions' only
+COMPLETION_NO_OP_PARAMS: dict[str, tuple] = {"top_logprobs": (None, 0)}  # chat's only: completions' is `logprobs`
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -101,6 +101,11 @@ class GenerationRequest:
     is_stream: bool
     include_usage: bool
     return_token_ids: bool
+    n: int = 1  # choices returned
+    best_of: int = 1  # choices generated (>= n): the n with the highest cumulative logprob are returned
+    echo: bool = False  # completions: the prompt leads each choice's text (and its logprobs, with logprobs)
+    logprobs: int | None = None  # alternatives per token; None: no logprobs in the answer
+    prompt_text: str = ""  # with echo: the prompt as sent (token-id prompts decoded)
 
 
 def parse_json_object(body: bytes) -> dict:
@@ -183,7 +188,7 @@ class _GenerationBody(_Body):
     model: str | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (the prompt scored, nothing generated)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -193,17 +198,13 @@ class _GenerationBody(_Body):
     ignore_eos: bool | None = None
     return_token_ids: bool | None = None
     user: str | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    logit_bias: dict[str, float] | None = None  # token id (as JSON's string key) -> bias; checked by the server
     # OpenAI's parameters labkit takes only at their no-op value (NO_OP_PARAMS)
-    n: Any = None
-    best_of: Any = None
-    echo: Any = None
     suffix: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
     presence_penalty: Any = None
     frequency_penalty: Any = None
     repetition_penalty: Any = None
-    logit_bias: Any = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
@@ -218,25 +219,45 @@ class _GenerationBody(_Body):
     @field_validator(*NO_OP_PARAMS)
     @classmethod
     def _only_no_ops(cls, value, info: ValidationInfo):
-        no_ops = NO_OP_PARAMS[info.field_name]
-        if not _is_no_op(value, no_ops):
-            raise PydanticCustomError(
-                "unsupported_parameter", "{name}={value} is not supported by labkit serve (accepted: {accepted})",
-                {"name": info.field_name, "value": json.dumps(value),
-                 "accepted": " or ".join(json.dumps(v) for v in no_ops)})
-        return value
+        return _only_no_op(value, info.field_name, NO_OP_PARAMS[info.field_name])
+
+
+def _only_no_op(value, name: str, no_ops: tuple):
+    if not _is_no_op(value, no_ops):
+        raise PydanticCustomError(
+            "unsupported_parameter", "{name}={value} is not supported by labkit serve (accepted: {accepted})",
+            {"name": name, "value": json.dumps(value), "accepted": " or ".join(json.dumps(v) for v in no_ops)})
+    return value
 
 
 class CompletionRequest(_GenerationBody):
     """A /v1/completions body. The prompt is checked against the tokenizer and vocabulary by the server."""
 
     prompt: Any  # a string, token ids, or a list of one of those
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
+    top_logprobs: Any = None  # chat's spelling: a no-op here
+
+    @field_validator(*COMPLETION_NO_OP_PARAMS)
+    @classmethod
+    def _only_no_ops_here(cls, value, info: ValidationInfo):
+        return _only_no_op(value, info.field_name, COMPLETION_NO_OP_PARAMS[info.field_name])
 
 
 class ChatCompletionRequest(_GenerationBody):
     """A /v1/chat/completions body."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token, with logprobs
+    echo: Any = None  # completions' only: no-ops here
+    best_of: Any = None
+
+    @field_validator(*CHAT_NO_OP_PARAMS)
+    @classmethod
+    def _only_no_ops_here(cls, value, info: ValidationInfo):
+        return _only_no_op(value, info.field_name, CHAT_NO_OP_PARAMS[info.field_name])
 
 
 def _param(loc: tuple) -> str | None:
@@ -310,6 +331,9 @@ def _max_tokens(request: _GenerationBody, num_prompt: int, max_seq_len: int, def
     max_tokens = getattr(request, name)
     if max_tokens is None:
         return min(default, room)
+    if max_tokens == 0 and not getattr(request, "echo", False):
+        raise bad_request(f"{name} must be >= 1 (0 is only for echo=true: the prompt scored, nothing generated)",
+                          param=name)
     if max_tokens > room:
         raise bad_request(f"the prompt ({num_prompt} tokens) + {name} ({max_tokens}) exceeds the model's context "
                           f"of {max_seq_len} tokens", param=name, code="context_length_exceeded")
@@ -356,16 +380,79 @@ def parse_generation_request(body: Mapping, *, is_chat: bool, tokenizer, eos_tok
                              default_max_tokens if is_chat else DEFAULT_COMPLETION_MAX_TOKENS,
                              "messages" if is_chat else "prompt")
     temperature = 1.0 if request.temperature is None else request.temperature
+    choices = _choices(request, is_chat)
+    shown = _num_logprobs(request, is_chat)  # what the answer shows
+    logprobs = 0 if shown is None and choices.best_of > choices.n else shown  # best_of ranks by cumulative logprob
+    # echo shows the prompt's logprobs with logprobs; max_tokens=0 scores the prompt whatever it shows
+    prompt_logprobs = (shown or 0) if choices.echo and (shown is not None or max_tokens == 0) else None
     try:
         params = SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature),
                                 top_k=max(request.top_k or 0, 0), top_p=1.0 if request.top_p is None else request.top_p,
                                 seed=request.seed, stop=tuple(request.stop or ()),
-                                stop_token_ids=tuple(eos_token_ids), ignore_eos=bool(request.ignore_eos))
+                                stop_token_ids=tuple(eos_token_ids), ignore_eos=bool(request.ignore_eos),
+                                logprobs=logprobs, logit_bias=_logit_bias(request.logit_bias, vocab_size),
+                                prompt_logprobs=prompt_logprobs)
     except ValueError as exc:  # the models above should make this unreachable; never a 500 for bad input
         raise bad_request(str(exc)) from None
     include_usage = request.stream_options is not None and request.stream_options.include_usage
+    echo_text = _echo_text(request, prompt_ids, tokenizer) if choices.echo else ""
     return GenerationRequest(prompt_ids, params, is_chat, bool(request.stream), include_usage,
-                             bool(request.return_token_ids))
+                             bool(request.return_token_ids), n=choices.n, best_of=choices.best_of, echo=choices.echo,
+                             logprobs=shown, prompt_text=echo_text)
+
+
+def _echo_text(request, prompt_ids: list[int], tokenizer) -> str:
+    prompt = request.prompt
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)
+
+
+@dataclass
+class _Choices:
+    n: int
+    best_of: int
+    echo: bool
+
+
+def _choices(request, is_chat: bool) -> _Choices:
+    """n, best_of and echo, checked together: best_of >= n, and not streamed when best_of > n (the choices are
+    picked at the end)."""
+    n = request.n or 1
+    best_of = n if is_chat or request.best_of is None else request.best_of
+    if best_of < n:
+        raise bad_request(f"best_of ({best_of}) must be >= n ({n})", param="best_of")
+    if best_of > n and request.stream:
+        raise bad_request(f"best_of ({best_of}) > n ({n}) cannot be streamed: the best choices are known at the end",
+                          param="best_of")
+    return _Choices(n, best_of, not is_chat and bool(request.echo))
+
+
+def _num_logprobs(request, is_chat: bool) -> int | None:
+    """Alternatives per token the answer carries: None for no logprobs (chat: top_logprobs with logprobs=true)."""
+    if not is_chat:
+        return request.logprobs
+    if request.top_logprobs is not None and not request.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
+    return (request.top_logprobs or 0) if request.logprobs else None
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} as {token id: bias}; 400 naming a key that is not a token id or a bias out of
+    [-100, 100]."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if key.isascii() and key.isdigit() and len(key) < 12 else None
+        if token is None or token >= vocab_size:
+            raise bad_request(f"logit_bias key {json.dumps(key)[:40]} is not a token id in [0, {vocab_size})",
+                              param="logit_bias")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise bad_request(f"logit_bias[{key}]={value} is outside [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]",
+                              param="logit_bias")
+        out[token] = float(value)
+    return out
 
 
 def json_excerpt(value) -> str:
@@ -391,6 +478,7 @@ def model_ids(url: str, status: int, body: bytes) -> list[str]:
 
 
 __all__ = ["REPLICA_HEADER", "DEFAULT_COMPLETION_MAX_TOKENS", "DEFAULT_CHAT_MAX_TOKENS", "ENDPOINTS",
-           "NO_OP_PARAMS", "CHAT_ROLES", "StreamOptions", "ChatMessage", "CompletionRequest", "ChatCompletionRequest",
+           "NO_OP_PARAMS", "CHAT_NO_OP_PARAMS", "COMPLETION_NO_OP_PARAMS", "MAX_N", "MAX_TOP_LOGPROBS",
+           "MAX_LOGIT_BIAS", "CHAT_ROLES", "StreamOptions", "ChatMessage", "CompletionRequest", "ChatCompletionRequest",
            "validate_body", "APIError", "bad_request", "ServerError", "error_message", "MAX_JSON_DEPTH",
            "parse_json_object", "GenerationRequest", "parse_generation_request", "json_excerpt", "model_ids"]

@@ -71,3 +71,33 @@ def test_probabilities_are_the_distribution_drawn_from():
 def test_mismatched_rows_are_refused():
     with pytest.raises(ValueError, match="2 rows"):
         sample(torch.zeros(2, 5), [SamplingParams()])
+
+
+def test_logit_bias_moves_the_argmax_and_leaves_the_input_alone():
+    from labkit.model.sampling import apply_logit_bias
+
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 1.0, 0.0]])
+    rows = [SamplingParams(logit_bias={2: 10.0}), SamplingParams()]
+    assert sample(logits, rows).tokens.tolist() == [2, 0]
+    assert logits[0, 2].item() == pytest.approx(0.2)  # a copy was biased
+    assert apply_logit_bias(logits, [SamplingParams(), SamplingParams()]) is logits
+
+
+@pytest.mark.parametrize("kwargs, bad", [
+    (dict(logit_bias={1: 101}), "101"), (dict(logit_bias={-1: 1}), "-1"), (dict(logit_bias={"1": 1}), "'1'"),
+    (dict(logprobs=21), "21"), (dict(prompt_logprobs=True), "True"),
+])
+def test_bad_logprob_and_bias_params_name_the_value(kwargs, bad):
+    with pytest.raises(ValueError, match=bad):
+        SamplingParams(**kwargs)
+
+
+def test_token_logprobs_are_log_softmax_with_the_top_k():
+    from labkit.model.sampling import token_logprobs
+
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]])
+    (lp0, top0), (lp1, top1) = token_logprobs(logits, [0, 2], 2)
+    ref = torch.log_softmax(logits, -1)
+    assert lp0 == pytest.approx(ref[0, 0].item()) and lp1 == pytest.approx(ref[1, 2].item())
+    assert [t for t, _ in top0] == [2, 1] and top1[0][0] == 2
+    assert token_logprobs(logits, [0, 2], 0)[0][1] == []

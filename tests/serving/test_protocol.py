@@ -113,7 +113,7 @@ def test_error_bodies_read_back_as_one_line():
     ({"prompt": "hi", "ignore_eos": 1}, "ignore_eos", None),  # 1 is not true
     ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x",
      "unsupported_parameter"),
-    ({"prompt": "hi", "n": 2}, "n", "unsupported_parameter"),
+    ({"prompt": "hi", "suffix": "x"}, "suffix", "unsupported_parameter"),
     ({}, "prompt", "missing_required_parameter"),
 ])
 def test_request_models_name_the_field_and_code(body, param, code):
