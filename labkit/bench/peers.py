@@ -208,17 +208,10 @@ class Peer:
         return self.url
 
     def _wait_ready(self, launched: float) -> None:
-        import httpx
-
-        while True:
+        while not _answers(f"{self.url}/v1/models"):
             if self.process.poll() is not None:
                 raise ValueError(f"the {self.server} peer exited with status {self.process.returncode}: "
                                  f"{self.last_log_line()} (log: {self.log_path})")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2.0, trust_env=False).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
             if time.monotonic() - launched > self.start_timeout_s:
                 raise ValueError(f"the {self.server} peer did not answer {self.url}/v1/models within "
                                  f"{self.start_timeout_s:g} s (log: {self.log_path})")
@@ -253,6 +246,16 @@ class Peer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _answers(url: str) -> bool:
+    """Whether a GET of `url` answers 200 now."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2.0, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _wait_group_gone(pgid: int, timeout_s: float) -> None:
