@@ -272,5 +272,5 @@ def _wait_group_gone(pgid: int, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
-__all__ = ["SERVERS", "PYTHON_ENVS", "DEFAULT_FLAGS", "VLLM_ENV", "check_server", "peer_python", "default_model",
+__all__ = ["SERVERS", "PYTHON_ENVS", "DEFAULT_FLAGS", "VLLM_ENV", "START_TIMEOUT_S", "check_server", "peer_python", "default_model",
            "peer_flags", "peer_command", "peer_env", "peer_version", "Peer"]

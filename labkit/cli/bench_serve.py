@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+from labkit.bench.peers import START_TIMEOUT_S
 from labkit.cli.arguments import add_server_options, non_negative_float, non_negative_int, positive_float, positive_int
 from labkit.cli.ping import add_api_key_options
 from labkit.serving import loadgen
@@ -87,7 +88,8 @@ def _peer(args: argparse.Namespace):
         return
     from labkit.bench.peers import Peer
 
-    peer = Peer(args.server, args.peer_python, model=args.peer_model, flags=args.peer_args)
+    peer = Peer(args.server, args.peer_python, model=args.peer_model, flags=args.peer_args,
+                start_timeout_s=args.peer_start_timeout)
     print(f"labkit bench serve: starting {args.server} from {peer.python} (its log goes to peers/ in the results "
           "store)", file=sys.stderr)
     with peer:
@@ -195,6 +197,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--peer-args", default="", metavar="FLAGS",
                    help="extra flags for the peer, one string: --peer-args='--max-num-seqs 64' (vllm gets "
                         "--max-model-len 2048, llama.cpp --n_threads 2 --n_ctx 2048 unless given)")
+    g.add_argument("--peer-start-timeout", type=positive_float, default=START_TIMEOUT_S, metavar="SECONDS",
+                   help="how long the peer may take to answer /v1/models (default: %(default)s; vLLM compiles its "
+                        "model first, ~80 s on 2 quiet cores, much longer on busy ones)")
     g.add_argument("--peer-model", default=None, metavar="MODEL",
                    help="what the peer serves (default: the embedded model; llama.cpp: its GGUF file)")
     parser.add_argument("--endpoint", type=_endpoint, choices=tuple(ENDPOINTS), default="completions",

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import shlex
 
-from labkit.bench.peers import PYTHON_ENVS, SERVERS
+from labkit.bench.peers import PYTHON_ENVS, SERVERS, START_TIMEOUT_S
 from labkit.bench.stack import STAGE_NAMES, StackLoad, format_table, run_stack_bench
 from labkit.cli.arguments import (add_command, add_model_options, add_run_output_options, comma_list,
-                                  non_negative_int, positive_int, seed)
+                                  non_negative_int, positive_float, positive_int, seed)
 from labkit.cli.reporting import log_line, measure_and_report
 
 PEER_OPTIONS = {"vllm": "vllm", "llama.cpp": "llamacpp", "labkit": "labkit"}  # server -> option stem
@@ -51,6 +51,8 @@ def add_parser(subparsers) -> None:
                            help=f"the python of the {server} venv (default: ${PYTHON_ENVS[server]})")
         g.add_argument(f"--{stem}-args", default="", metavar="FLAGS",
                        help=f"extra flags for the {server} server, one string: --{stem}-args='--flag value'")
+    g.add_argument("--peer-start-timeout", type=positive_float, default=START_TIMEOUT_S, metavar="SECONDS",
+                   help="how long a peer may take to answer /v1/models (default: %(default)s)")
     add_model_options(p, dummy_help="random weights from a preset (tests; no peers then)")
     add_run_output_options(p, "full_stack.json", progress=False)
 
@@ -74,7 +76,8 @@ def peer_specs(args) -> list[dict]:
         flags = shlex.split(getattr(args, f"{stem}_args"))
         if server == "labkit":
             flags = ["--model", args.model, *(["--dummy"] if args.dummy else []), *flags]
-        specs.append({"server": server, "python": getattr(args, f"{stem}_python", None), "flags": flags})
+        specs.append({"server": server, "python": getattr(args, f"{stem}_python", None), "flags": flags,
+                      "start_timeout_s": args.peer_start_timeout})
     return specs
 
 

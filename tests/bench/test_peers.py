@@ -102,3 +102,11 @@ def test_bench_serve_peer_errors_are_one_line(run_cli, monkeypatch):
     assert code == 2 and "not both" in stderr
     code, _, stderr = run_cli("bench", "serve", "--peer-args=--x")
     assert code == 2 and "need --server" in stderr
+
+
+def test_a_peer_that_does_not_answer_in_time_is_stopped(tmp_path):
+    peer = Peer("labkit", flags=TINY, log_dir=tmp_path, start_timeout_s=0.1)
+    with pytest.raises(ValueError, match=r"did not answer http://127\.0\.0\.1:\d+/v1/models within 0\.1 s \(log: "):
+        peer.start()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(peer.process.pid, 0)

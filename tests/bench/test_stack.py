@@ -99,3 +99,15 @@ def test_bench_stack_without_a_peer_python_fails_before_measuring(run_cli, monke
     monkeypatch.delenv("LABKIT_LLAMACPP_PYTHON", raising=False)
     code, _, stderr = run_cli("bench", "stack", "--peers", "llama.cpp")
     assert code == 2 and "LABKIT_LLAMACPP_PYTHON" in stderr
+
+
+def test_a_peer_gets_the_same_load_and_rows_that_name_it(tiny):
+    peer = {"server": "labkit", "flags": ["--model", "tiny-smollm2", "--dummy"], "threads": 1}
+    rows = run_stack_bench(tiny, ["hf"], TINY_LOAD, peers=[peer]).rows
+    served = [r for r in rows if r["params"]["server"] == "labkit"]
+    assert [r["params"]["mode"] for r in served] == ["load", "batch1"]
+    for r in served:
+        p, m = r["params"], r["metrics"]
+        assert p["transport"] == stack.PEER_TRANSPORT and p["version"] and p["flags"] == peer["flags"]
+        assert m["num_completed"] == {"load": 3, "batch1": 2}[p["mode"]] and m["speedup_vs_hf"] > 0
+        assert m["speedup_vs_previous"] is None, "a peer is no stage of the stack"
