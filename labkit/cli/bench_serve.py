@@ -166,6 +166,25 @@ def _percentiles(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected percentiles like 50,90,99, got {text!r}") from None
 
 
+def _add_peer_options(parser: argparse.ArgumentParser) -> None:
+    """--server and the options of the peer it starts (labkit.bench.peers)."""
+    g = parser.add_argument_group("a peer server started for the run (README: Peers)")
+    g.add_argument("--server", choices=("vllm", "llama.cpp", "labkit"), default=None,
+                   help="start this server on a free port, load it, stop it: vllm (its CPU build), llama.cpp "
+                        "(llama-cpp-python[server]) or labkit (`labkit serve`); default: use --host/--port")
+    g.add_argument("--peer-python", default=None, metavar="PYTHON",
+                   help="the python of the peer's venv (default: $LABKIT_VLLM_PYTHON or $LABKIT_LLAMACPP_PYTHON; "
+                        "labkit: this python)")
+    g.add_argument("--peer-args", default="", metavar="FLAGS",
+                   help="extra flags for the peer, one string: --peer-args='--max-num-seqs 64' (vllm gets "
+                        "--max-model-len 2048, llama.cpp --n_threads 2 --n_ctx 2048 unless given)")
+    g.add_argument("--peer-start-timeout", type=positive_float, default=START_TIMEOUT_S, metavar="SECONDS",
+                   help="how long the peer may take to answer /v1/models (default: %(default)s; vLLM compiles its "
+                        "model first, ~80 s on 2 quiet cores, much longer on busy ones)")
+    g.add_argument("--peer-model", default=None, metavar="MODEL",
+                   help="what the peer serves (default: the embedded model; llama.cpp: its GGUF file)")
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit bench serve` on the `labkit bench` subparsers."""
     parser = subparsers.add_parser(
@@ -187,21 +206,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_options(parser)
     parser.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000 (overrides --host/--port)")
-    g = parser.add_argument_group("a peer server started for the run (README: Peers)")
-    g.add_argument("--server", choices=("vllm", "llama.cpp", "labkit"), default=None,
-                   help="start this server on a free port, load it, stop it: vllm (its CPU build), llama.cpp "
-                        "(llama-cpp-python[server]) or labkit (`labkit serve`); default: use --host/--port")
-    g.add_argument("--peer-python", default=None, metavar="PYTHON",
-                   help="the python of the peer's venv (default: $LABKIT_VLLM_PYTHON or $LABKIT_LLAMACPP_PYTHON; "
-                        "labkit: this python)")
-    g.add_argument("--peer-args", default="", metavar="FLAGS",
-                   help="extra flags for the peer, one string: --peer-args='--max-num-seqs 64' (vllm gets "
-                        "--max-model-len 2048, llama.cpp --n_threads 2 --n_ctx 2048 unless given)")
-    g.add_argument("--peer-start-timeout", type=positive_float, default=START_TIMEOUT_S, metavar="SECONDS",
-                   help="how long the peer may take to answer /v1/models (default: %(default)s; vLLM compiles its "
-                        "model first, ~80 s on 2 quiet cores, much longer on busy ones)")
-    g.add_argument("--peer-model", default=None, metavar="MODEL",
-                   help="what the peer serves (default: the embedded model; llama.cpp: its GGUF file)")
+    _add_peer_options(parser)
     parser.add_argument("--endpoint", type=_endpoint, choices=tuple(ENDPOINTS), default="completions",
                         help="which API to load: completions or chat, or vLLM's /v1/completions or "
                              "/v1/chat/completions (default: %(default)s)")
