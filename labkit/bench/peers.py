@@ -178,8 +178,10 @@ class Peer:
 
     def describe(self) -> dict:
         """What result rows record of the peer: server, version, flags, the command and its log."""
+        cmd = self.command
+        model = cmd[cmd.index("--model") + 1] if "--model" in cmd else self.model
         return {"server": self.server, "version": self.version, "flags": peer_flags(self.server, self.user_flags),
-                "model": self.model, "python": self.python, "command": self.command,
+                "model": model, "python": self.python, "command": cmd,
                 "env": {k: self.env[k] for k in (*VLLM_ENV, "OMP_NUM_THREADS") if k in self.env and
                         (self.server == "vllm" or k == "OMP_NUM_THREADS")},
                 "log": str(self.log_path) if self.log_path else None, "start_s": self.start_s}
