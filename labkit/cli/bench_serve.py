@@ -2,11 +2,14 @@
 summary table; vLLM's `vllm bench serve` flag names are accepted."""
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
 
+from labkit.bench.peers import START_TIMEOUT_S
 from labkit.cli.arguments import add_server_options, non_negative_float, non_negative_int, positive_float, positive_int
 from labkit.cli.ping import add_api_key_options
 from labkit.serving import loadgen
@@ -77,10 +80,36 @@ def _result_file(args: argparse.Namespace) -> Path | None:
     return result_file
 
 
+@contextlib.contextmanager
+def _peer(args: argparse.Namespace):
+    """With --server: the peer server started for this run (labkit.bench.peers.Peer), stopped after it."""
+    if args.server is None:
+        yield None
+        return
+    from labkit.bench.peers import Peer
+
+    peer = Peer(args.server, args.peer_python, model=args.peer_model, flags=args.peer_args,
+                start_timeout_s=args.peer_start_timeout)
+    print(f"labkit bench serve: starting {args.server} from {peer.python} (its log goes to peers/ in the results "
+          "store)", file=sys.stderr)
+    with peer:
+        print(f"labkit bench serve: {args.server} {peer.version} ready on {peer.url} after {peer.start_s:.0f} s",
+              file=sys.stderr)
+        yield peer
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from labkit.lab.results import to_jsonable
 
     result_file = _result_file(args)
+    if args.server is not None:
+        from labkit.bench.peers import peer_python
+
+        if args.base_url is not None:
+            raise ValueError("give --server (start a peer) or --base-url (an existing server), not both")
+        peer_python(args.server, args.peer_python)  # a missing python: one line, before anything starts
+    elif args.peer_python or args.peer_args or args.peer_model:
+        raise ValueError("--peer-python, --peer-args and --peer-model need --server")
     base_url = args.base_url or server_url(args.host, args.port)
     api_key, note = api_key_for(base_url, args.api_key, args.use_env_key)
     config = BenchServeConfig(
@@ -93,11 +122,16 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         percentile_metrics=args.percentile_metrics, metric_percentiles=args.metric_percentiles)
     if note:
         print(f"labkit bench serve: {note}", file=sys.stderr)
-    try:
-        result = loadgen.benchmark(config)
-    except ServerError as exc:
-        print(f"labkit bench serve: {exc}", file=sys.stderr)
-        return 1
+    with _peer(args) as peer:
+        if peer is not None:
+            config = dataclasses.replace(config, base_url=peer.url)
+        try:
+            result = loadgen.benchmark(config)
+        except ServerError as exc:
+            print(f"labkit bench serve: {exc}", file=sys.stderr)
+            return 1
+    if peer is not None:  # the row says which server ran, its version and flags
+        result["config"]["server"] = peer.describe()
     path = loadgen.save_result(result, result_file)
     print(format_table(result), file=sys.stderr)
     print(f"labkit bench serve: wrote {path}", file=sys.stderr)
@@ -132,6 +166,25 @@ def _percentiles(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected percentiles like 50,90,99, got {text!r}") from None
 
 
+def _add_peer_options(parser: argparse.ArgumentParser) -> None:
+    """--server and the options of the peer it starts (labkit.bench.peers)."""
+    g = parser.add_argument_group("a peer server started for the run (README: Peers)")
+    g.add_argument("--server", choices=("vllm", "llama.cpp", "labkit"), default=None,
+                   help="start this server on a free port, load it, stop it: vllm (its CPU build), llama.cpp "
+                        "(llama-cpp-python[server]) or labkit (`labkit serve`); default: use --host/--port")
+    g.add_argument("--peer-python", default=None, metavar="PYTHON",
+                   help="the python of the peer's venv (default: $LABKIT_VLLM_PYTHON or $LABKIT_LLAMACPP_PYTHON; "
+                        "labkit: this python)")
+    g.add_argument("--peer-args", default="", metavar="FLAGS",
+                   help="extra flags for the peer, one string: --peer-args='--max-num-seqs 64' (vllm gets "
+                        "--max-model-len 2048, llama.cpp --n_threads 2 --n_ctx 2048 unless given)")
+    g.add_argument("--peer-start-timeout", type=positive_float, default=START_TIMEOUT_S, metavar="SECONDS",
+                   help="how long the peer may take to answer /v1/models (default: %(default)s; vLLM compiles its "
+                        "model first, ~80 s on 2 quiet cores, much longer on busy ones)")
+    g.add_argument("--peer-model", default=None, metavar="MODEL",
+                   help="what the peer serves (default: the embedded model; llama.cpp: its GGUF file)")
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit bench serve` on the `labkit bench` subparsers."""
     parser = subparsers.add_parser(
@@ -144,6 +197,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "A key in $LABKIT_API_KEY or $OPENAI_API_KEY is sent only to a loopback address\n"
                     "(127.0.0.1, ::1, localhost) unless --use-env-key; --api-key is always sent.",
         epilog="examples:\n"
+               "  labkit bench serve --server vllm --peer-python ~/venvs/vllm/bin/python --num-prompts 64\n"
                "  labkit bench serve --num-prompts 20 --request-rate 2 --slo ttft_ms=500,tpot_ms=100\n"
                "  labkit bench serve --base-url http://127.0.0.1:8001 --endpoint chat --max-concurrency 4 --json\n"
                "  labkit bench serve --no-ignore-eos --no-return-token-ids   # a server without vLLM's extensions\n"
@@ -152,6 +206,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_options(parser)
     parser.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000 (overrides --host/--port)")
+    _add_peer_options(parser)
     parser.add_argument("--endpoint", type=_endpoint, choices=tuple(ENDPOINTS), default="completions",
                         help="which API to load: completions or chat, or vLLM's /v1/completions or "
                              "/v1/chat/completions (default: %(default)s)")

@@ -34,6 +34,7 @@ BENCH_COMMANDS = {
     "tp": "labkit.cli.bench_tp",
     "spec": "labkit.cli.bench_spec",
     "quant": "labkit.cli.bench_quant",
+    "stack": "labkit.cli.bench_stack",
 }
 
 
