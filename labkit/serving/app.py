@@ -142,7 +142,8 @@ class _Routes:
         except QueueFull:
             raise APIError(429, f"the server is busy: {self.config.max_queue} requests are already waiting",
                            type="rate_limit_exceeded", code="queue_full", headers={"Retry-After": "1"}) from None
-        reply = Reply(self.model_name, is_chat, req.return_token_ids, req.include_usage)
+        reply = Reply(self.model_name, is_chat, req.return_token_ids, req.include_usage,
+                      prompt_token_ids=req.prompt_ids)
         if req.is_stream:
             return _StreamingResponse(self.stream_events(job, req, reply),
                                       on_disconnect=partial(self.worker.cancel, job))
