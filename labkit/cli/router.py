@@ -6,9 +6,11 @@ The router itself is `labkit.serving.router` (policies, bookkeeping), `router_ap
 
 import argparse
 import shlex
+import signal
 import sys
+from collections.abc import Callable
 
-from labkit.cli.arguments import port, positive_float, positive_int
+from labkit.cli.arguments import non_negative_int, port, positive_float, positive_int
 from labkit.serving.router import POLICIES, Router, RouterConfig
 
 
@@ -26,20 +28,53 @@ def _check_url(text: str) -> str:
     return url
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGINT: stop the replicas and exit 0."""
+
+
+def _raise_stopped(stops: list) -> Callable:
+    """A handler for SIGTERM and SIGINT that raises _Stopped once (later signals do not cut the cleanup short).
+    uvicorn handles the signals while it serves and re-raises them to this handler after its shutdown: the
+    default SIGTERM handler would end the process there, before the replicas are stopped."""
+    def handler(signum, frame):
+        if not stops:
+            stops.append(signum)
+            raise _Stopped()
+
+    return handler
+
+
 def cmd_router(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from labkit.serving.replicas import ReplicaSet
-    from labkit.serving.router_app import create_router_app
-    from labkit.serving.server import bind_socket
-
-    config = RouterConfig(policy=args.policy, max_attempts=args.max_attempts, health_interval_s=args.health_interval,
-                          timeout_s=args.timeout, prefix_chars=args.prefix_chars, load_factor=args.load_factor,
+    config = RouterConfig(policy=args.policy, max_attempts=args.max_attempts, max_resumes=args.max_resumes,
+                          health_interval_s=args.health_interval, timeout_s=args.timeout,
+                          prefix_chars=args.prefix_chars, load_factor=args.load_factor,
                           max_body_bytes=args.max_body_bytes)
     if bool(args.upstream) == bool(args.replicas):
         raise ValueError("give --replicas N (start engine processes) or --upstream URL ... (existing servers)")
+    stops: list[int] = []
+    handlers = {sig: signal.signal(sig, _raise_stopped(stops)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _serve(args, config)
+    except _Stopped:
+        pass
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stops:
+        print(f"labkit router: stopped by {signal.Signals(stops[0]).name}", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace, config: RouterConfig) -> None:
+    """Start the replicas (if asked), serve until uvicorn stops, and stop the replicas whatever happens."""
+    import uvicorn
+
+    from labkit.serving.replicas import ReplicaSet, replica_tokenizer
+    from labkit.serving.router_app import create_router_app
+    from labkit.serving.server import bind_socket
+
     sock = bind_socket(args.host, args.port)  # fail fast, before starting replicas
-    replicas = None
+    replicas = tokenizer = None
     try:
         urls = list(args.upstream or ())
         if args.replicas:
@@ -50,17 +85,22 @@ def cmd_router(args: argparse.Namespace) -> int:
             print(f"labkit router: starting {args.replicas} replicas of {args.model} "
                   f"({replicas.threads} threads each)", file=sys.stderr, flush=True)
             urls = replicas.start()
+            tokenizer = replica_tokenizer(args.model, args.dummy)
         router = Router(urls, config)
+        if replicas is not None:
+            for replica, pid in zip(router.replicas, replicas.pids):
+                replica.pid = pid
+            replicas.supervise(on_exit=router.process_exited, on_restart=router.process_restarted)
         host, port = sock.getsockname()[:2]
         print(f"labkit router: http://{host}:{port} -> {', '.join(urls)} ({config.policy})", file=sys.stderr,
               flush=True)
-        server = uvicorn.Server(uvicorn.Config(create_router_app(router), log_level=args.log_level, lifespan="on"))
+        server = uvicorn.Server(uvicorn.Config(create_router_app(router, tokenizer), log_level=args.log_level,
+                                               lifespan="on"))
         server.run(sockets=[sock])
     finally:
         sock.close()
         if replicas is not None:
             replicas.stop()
-    return 0
 
 
 def add_parser(subparsers) -> None:
@@ -72,8 +112,14 @@ def add_parser(subparsers) -> None:
         "router", help="data-parallel replicas behind one OpenAI-compatible address (load balancing)",
         description="Spread requests over several engine processes (--replicas N starts them) or any\n"
                     "OpenAI-compatible servers (--upstream URL ...), by policy: round_robin, least_outstanding or\n"
-                    "prefix_affinity. A replica that fails before sending anything has its requests retried on\n"
-                    "another; a stream cut off mid-way ends with an error event. /router/stats lists the loads.",
+                    "prefix_affinity. /router/stats lists the loads, restarts and recent requests.\n\n"
+                    "When a replica dies: a request it had not answered yet is retried whole on another replica;\n"
+                    "a stream it was sending is resumed on another from the tokens already sent (the prompt's\n"
+                    "and the streamed token ids, the remaining max_tokens), so the client sees one stream with\n"
+                    "no token twice or lost (greedy text as one replica would give; a sampled stream goes on\n"
+                    "with a different draw). It gets no traffic until it answers /health again. Replicas the\n"
+                    "router started are restarted with backoff (0.5 s doubling to 30 s) and die with the router\n"
+                    "(SIGTERM, Ctrl-C, a crash, even kill -9). See docs/router.md.",
         epilog="examples:\n"
                "  labkit router --replicas 2 --port 8000                       # two labkit serve processes\n"
                "  labkit router --replicas 2 --model tiny-smollm2 --dummy --policy prefix_affinity\n"
@@ -96,6 +142,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--serve-args", default=None, metavar="'ARGS'", help="--replicas: more labkit serve options")
     p.add_argument("--max-attempts", type=positive_int, default=defaults.max_attempts,
                    help="replicas tried per request (default: %(default)s)")
+    p.add_argument("--max-resumes", type=non_negative_int, default=defaults.max_resumes,
+                   help="times a stream cut off by a dying replica is resumed on another (default: %(default)s)")
     p.add_argument("--health-interval", type=positive_float, default=defaults.health_interval_s, metavar="SECONDS",
                    help="probe a replica that is down this often (default: %(default)s)")
     p.add_argument("--timeout", type=positive_float, default=defaults.timeout_s, metavar="SECONDS",

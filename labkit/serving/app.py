@@ -139,7 +139,8 @@ class _Routes:
                         vocab_size=self.vocab_size, default_max_tokens=self.config.default_max_tokens)
         req = await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool[0], parse)
         choices = Choices(req, asyncio.get_running_loop(), self.submit, self.worker.cancel)
-        reply = Reply(self.model_name, is_chat, req.return_token_ids, req.include_usage)
+        reply = Reply(self.model_name, is_chat, req.return_token_ids, req.include_usage,
+                      prompt_token_ids=req.prompt_ids)
         view = LogprobView(req, self.token_texts, req.prompt_text)
         if req.is_stream:
             return _StreamingResponse(self.stream_events(choices, req, reply, view), on_disconnect=choices.cancel)

@@ -77,6 +77,8 @@ class Reply:
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
+    prompt_token_ids: Sequence[int] = ()  # with return_token_ids: sent once, on the first chunk or the response
+    _is_prompt_sent: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         if not self.id:
@@ -89,8 +91,16 @@ class Reply:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
+    def _with_prompt_ids(self, choices: list[dict], extra: dict) -> None:
+        """vLLM's `return_token_ids`: the prompt's ids once, in a chat body's top level or a completion's choice."""
+        if not self.return_token_ids or self._is_prompt_sent or not choices:
+            return
+        self._is_prompt_sent = True
+        (extra if self.is_chat else choices[0])["prompt_token_ids"] = list(self.prompt_token_ids)
+
     def _chunk(self, choices: list[dict], **extra) -> str:
         obj = f"{self.object}.chunk" if self.is_chat else self.object
+        self._with_prompt_ids(choices, extra)
         if self.include_usage:  # OpenAI: `usage: null` on every chunk but the last, when usage was asked for
             extra.setdefault("usage", None)
         return sse({**self._head(obj), "choices": choices, **extra})
@@ -139,7 +149,9 @@ class Reply:
 
     def responses(self, choices: list[dict], num_prompt: int, num_completion: int) -> dict:
         """The whole (non-streamed) response body of several choices (`choice`'s)."""
-        return {**self._head(self.object), "choices": choices, "usage": usage(num_prompt, num_completion)}
+        extra: dict = {}
+        self._with_prompt_ids(choices, extra)
+        return {**self._head(self.object), "choices": choices, **extra, "usage": usage(num_prompt, num_completion)}
 
 
 __all__ = ["usage", "Reply", "TokenTexts", "completion_logprobs", "chat_logprobs", "MIN_LOGPROB"]

@@ -11,9 +11,13 @@ starts with `--replicas N`, or any OpenAI-compatible servers given with `--upstr
 
 Every request is answered exactly once. A replica that refuses the connection, drops it before its first
 byte, or answers 429/502/503 has sent the client nothing, so the request is retried on another replica (up to
-`max_attempts` replicas); one that fails mid-stream has already streamed tokens, so the stream is ended with
-an OpenAI error event and `data: [DONE]` rather than replayed elsewhere. A failing replica is marked down at
-once and probed at /health until it answers again. Each answer names its replica in `x-labkit-replica`, which
+`max_attempts` replicas); a whole (non-streamed) answer is read in full first, so one cut off is retried whole.
+A stream cut off mid-way (the connection drops, it ends without [DONE], or its replica sends a server error
+event) is resumed on another replica from the tokens already sent (`labkit.serving.router_stream`), up to
+`max_resumes` times, so the client sees one stream; only when no replica can carry it on does it end with an
+OpenAI error event and `data: [DONE]`. A failing replica is marked down at once and probed at /health until it
+answers again; a replica process that dies is restarted (`labkit.serving.replicas`) and gets no traffic until
+its /health answers 200. Each answer names its replica in `x-labkit-replica`, which
 `labkit bench serve` counts per replica; /router/stats lists the replicas' loads and the recent requests with
 their attempts and outcomes.
 
@@ -49,6 +53,7 @@ class RouterConfig:
 
     policy: str = "least_outstanding"
     max_attempts: int = 2  # replicas tried for one request before it is answered 503
+    max_resumes: int = 2  # times one cut stream is resumed on another replica
     health_interval_s: float = 1.0  # how often a replica that is down is probed at /health
     connect_timeout_s: float = 5.0
     timeout_s: float = 600.0  # between two bytes of a replica's answer
@@ -60,6 +65,7 @@ class RouterConfig:
         check_choice("policy", self.policy, POLICIES)
         for name in ("max_attempts", "prefix_chars", "max_body_bytes"):
             check_int(name, getattr(self, name))
+        check_int("max_resumes", self.max_resumes, minimum=0)
         for name in ("health_interval_s", "connect_timeout_s", "timeout_s"):
             check_positive(name, getattr(self, name))
         if not (isinstance(self.load_factor, (int, float)) and 1 <= self.load_factor < math.inf):
@@ -78,6 +84,9 @@ class Replica:
     num_completed: int = 0  # answered in full (a stream up to its [DONE], a whole response)
     num_failed: int = 0  # connection failures, retryable refusals, streams cut off
     last_error: str | None = None
+    is_restarting: bool = False  # its process died: no traffic until the restarted one answers /health
+    pid: int | None = None  # of a replica process the router started
+    num_restarts: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,7 +166,8 @@ class RequestRecord:
     attempts: list[int] = field(default_factory=list)  # replica indices
     outcome: str | None = None  # completed, failed (cut off or refused everywhere), client_error, cancelled
     status: int | None = None
-    replica: int | None = None  # the replica whose answer the client got
+    replica: int | None = None  # the replica whose answer the client got (the last, for a resumed stream)
+    num_resumes: int = 0  # times its stream, cut off by a dying replica, was carried on by another
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,15 +186,31 @@ class Router:
 
     def order(self, key: str) -> list[Replica]:
         """The replicas to try for a request, best first: healthy ones by policy, then any that are down (a
-        replica marked down may be back before its next probe)."""
+        replica marked down may be back before its next probe) unless its process is being restarted."""
         healthy = [r for r in self.replicas if r.is_healthy]
-        down = [r for r in self.replicas if not r.is_healthy]
+        down = [r for r in self.replicas if not r.is_healthy and not r.is_restarting]
         return (self.policy.choose(healthy, key) if healthy else []) + down
 
     def mark_down(self, replica: Replica, error: str) -> None:
         if replica.is_healthy:
             logger.warning("replica %d (%s) is down: %s", replica.index, replica.url, error)
         replica.is_healthy, replica.last_error = False, error
+
+    def process_exited(self, index: int, status: int) -> None:
+        """A replica process the router started has died (from the supervising thread): no traffic until its
+        restarted process answers /health."""
+        replica = self.replicas[index]
+        self.mark_down(replica, f"its process exited with status {status}")
+        replica.is_restarting = True
+
+    def process_restarted(self, index: int, pid: int) -> None:
+        replica = self.replicas[index]
+        replica.pid, replica.num_restarts = pid, replica.num_restarts + 1
+
+    def mark_up(self, replica: Replica) -> None:
+        if not replica.is_healthy:
+            logger.warning("replica %d (%s) is back", replica.index, replica.url)
+        replica.is_healthy, replica.is_restarting = True, False
 
     def stats(self, with_requests: bool = False) -> dict:
         out = {"policy": self.policy.name, "replicas": [r.to_dict() for r in self.replicas]}

@@ -10,7 +10,7 @@ the size limit); errors use OpenAI's error body. A stream's end is read with the
 import asyncio
 import logging
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request
@@ -20,6 +20,7 @@ from labkit.serving.events import DONE_EVENT, SSEReader, sse
 from labkit.serving.http_limits import error_response, read_json_body
 from labkit.serving.protocol import ENDPOINTS, REPLICA_HEADER, APIError, parse_json_object
 from labkit.serving.router import REQUEST_ID_HEADER, RETRY_STATUSES, Replica, RequestRecord, Router, prefix_key
+from labkit.serving.router_stream import StreamCut, StreamSplice, upstream_body
 
 logger = logging.getLogger("labkit.serving.router")
 
@@ -42,8 +43,8 @@ def _answer_headers(replica: Replica, request_id: str) -> dict:
 class _Forwarder:
     """The router's routes over one Router and the HTTP client it holds while served."""
 
-    def __init__(self, router: Router):
-        self.router, self.config = router, router.config
+    def __init__(self, router: Router, tokenizer=None):
+        self.router, self.config, self.tokenizer = router, router.config, tokenizer
         self.client: httpx.AsyncClient | None = None
 
     async def probe(self) -> None:
@@ -56,8 +57,7 @@ class _Forwarder:
                 try:
                     response = await self.client.get(f"{replica.url}/health", timeout=self.config.connect_timeout_s)
                     if response.status_code == 200:
-                        logger.warning("replica %d (%s) is back", replica.index, replica.url)
-                        replica.is_healthy = True
+                        self.router.mark_up(replica)
                 except httpx.HTTPError:
                     pass
 
@@ -91,6 +91,10 @@ class _Forwarder:
                 raise _Upstream(error)
             chunks = response.aiter_raw()
             first = b"" if response.status_code != 200 else await anext(chunks, b"")
+            if response.status_code == 200 and not response.headers.get("content-type", "").startswith(
+                    "text/event-stream"):  # a whole answer: read in full, so one cut off is retried whole
+                first += b"".join([chunk async for chunk in chunks])
+                chunks = _prepend(b"", _nothing())
             if response.status_code == 200 and not first:
                 raise _Upstream("the replica closed the stream before its first event")
             return response, first, chunks
@@ -114,9 +118,12 @@ class _Forwarder:
         except APIError as exc:
             record.outcome, record.status = "client_error", exc.status
             raise
-        headers = _forward_headers(request, request_id)
+        splice = StreamSplice(body, path == ENDPOINTS["chat"], self.tokenizer)
+        if splice.is_resumable:
+            raw = upstream_body(body)  # the router needs the token ids to resume a cut stream
+        headers, key = _forward_headers(request, request_id), prefix_key(body, self.config.prefix_chars)
         errors = []
-        for replica in self.router.order(prefix_key(body, self.config.prefix_chars))[: self.config.max_attempts]:
+        for replica in self.router.order(key)[: self.config.max_attempts]:
             record.attempts.append(replica.index)
             try:
                 response, first, chunks = await self.open_stream(replica, path, raw, headers)
@@ -124,53 +131,99 @@ class _Forwarder:
                 errors.append(f"replica {replica.index}: {exc}")
                 continue
             record.replica, record.status = replica.index, response.status_code
-            return self.relay(replica, record, response, first, chunks)
+            is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
+            if response.status_code == 200 and is_stream:
+                segment = (replica, response, first, chunks)
+                return self.answer(replica, record, response, self._spliced(segment, record, splice, headers, key))
+            return self.answer(replica, record, response, self._relayed(replica, record, response, first, chunks))
         record.outcome, record.status = "failed", 503
         raise APIError(503, f"no replica could take the request ({'; '.join(errors) or 'none configured'})",
                        type="server_error", code="no_replica", headers={"Retry-After": "1"})
 
-    def relay(self, replica: Replica, record: RequestRecord, response, first: bytes, chunks) -> StreamingResponse:
-        """The client's answer: the replica's status, headers and bytes as they come. A stream the replica cuts
-        off ends with an error event and [DONE], so the client sees one clean end."""
-        is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
+    @staticmethod
+    def answer(replica: Replica, record: RequestRecord, response, content) -> StreamingResponse:
+        """The client's answer: the replica's status and headers, and the content relayed as it comes."""
         passed = {k: v for k, v in response.headers.items()
                   if k.lower() in ("content-type", "cache-control", "retry-after", "x-accel-buffering")}
-        return StreamingResponse(self._relayed(replica, record, response, is_stream, first, chunks),
-                                 status_code=response.status_code,
+        return StreamingResponse(content, status_code=response.status_code,
                                  headers={**passed, **_answer_headers(replica, record.request_id)})
 
-    async def _relayed(self, replica: Replica, record: RequestRecord, response, is_stream: bool, first: bytes,
-                       chunks):
-        reader, is_done = SSEReader(), False
+    async def _relayed(self, replica: Replica, record: RequestRecord, response, first: bytes, chunks):
+        """A whole answer (a response body, or an error), read in full before it was answered."""
         outcome = "cancelled"  # unless the loop below reaches an end
         try:
             async for chunk in _prepend(first, chunks):
-                is_done = is_done or any(data.strip() == "[DONE]" for data in reader.feed(chunk))
                 yield chunk
-            is_done = is_done or any(data.strip() == "[DONE]" for data in reader.close())
-            if response.status_code != 200:
-                outcome = "client_error" if response.status_code < 500 else "failed"
-            elif is_stream and not is_done:
-                raise httpx.RemoteProtocolError("the stream ended without data: [DONE]")
-            else:
-                outcome = "completed"
-        except httpx.HTTPError as exc:
-            outcome = "failed"
-            self.router.mark_down(replica, f"{type(exc).__name__}: {exc}")
-            if is_stream:
-                error = APIError(502, f"replica {replica.index} failed mid-stream ({type(exc).__name__}); "
-                                      "the tokens so far were sent, so the request is not retried",
+            outcome = "completed" if response.status_code == 200 else \
+                "client_error" if response.status_code < 500 else "failed"
+        finally:
+            await self._close(replica, record, response, outcome)
+
+    async def _spliced(self, segment, record: RequestRecord, splice: StreamSplice, headers: dict, key: str):
+        """The client's one stream over one or more replicas: relayed event by event; a stream cut off is resumed
+        on another replica (`StreamSplice`) until it is done, or ends with an error event and [DONE] when no
+        replica can carry it on."""
+        while segment is not None:
+            replica, response, first, chunks = segment
+            outcome, error = "cancelled", None  # cancelled unless the segment reaches an end
+            try:
+                async with aclosing(_events(splice, first, chunks)) as events:
+                    async for event in events:
+                        yield event
+                outcome = "completed" if splice.is_done else "failed"
+            except (httpx.HTTPError, StreamCut) as exc:
+                outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+            finally:
+                await self._close(replica, record, response, outcome)
+            if outcome == "completed":
+                return
+            self.router.mark_down(replica, error or "the stream ended without data: [DONE]")
+            if splice.finish_reason is not None or (splice.can_resume and splice.num_left <= 0):
+                for event in (splice.finish() if splice.finish_reason else splice.end_at_length()):
+                    yield event.encode()  # every token was sent before the cut: only the end is missing
+                record.outcome = "completed"
+                return
+            segment = await self.resume(splice, record, headers, key)
+            if segment is None:
+                error = APIError(502, f"replica {replica.index} failed mid-stream and no replica could resume it",
                                  type="server_error", code="replica_failed")
                 yield sse(error.body()).encode()
                 yield DONE_EVENT.encode()
-        finally:
-            replica.num_outstanding -= 1
-            if outcome == "completed":
-                replica.num_completed += 1
-            elif outcome == "failed":
-                replica.num_failed += 1
-            record.outcome = outcome
-            await response.aclose()
+
+    async def resume(self, splice: StreamSplice, record: RequestRecord, headers: dict, key: str):
+        """Send a cut stream's continuation to the next replica that takes it: (replica, response, first bytes,
+        the rest), or None when the stream cannot be resumed."""
+        if not splice.can_resume or splice.num_resumes >= self.config.max_resumes:
+            return None
+        for replica in self.router.order(key)[: self.config.max_attempts]:
+            for with_limit in (True,) if splice.limit is not None else (True, False):
+                record.attempts.append(replica.index)
+                try:
+                    response, first, chunks = await self.open_stream(
+                        replica, ENDPOINTS["completions"], splice.resume_body(with_limit), headers)
+                except _Upstream:
+                    break
+                if response.status_code == 200:
+                    splice.start_resume()
+                    record.replica, record.num_resumes = replica.index, splice.num_resumes
+                    return replica, response, first, chunks
+                answer = first + b"".join([chunk async for chunk in chunks])
+                await self._close(replica, record, response, "client_error")
+                is_context = b"context_length_exceeded" in answer
+                if not (is_context and with_limit):
+                    return None  # the continuation is refused for what it asks: no other replica would take it
+        return None
+
+    @staticmethod
+    async def _close(replica: Replica, record: RequestRecord, response, outcome: str) -> None:
+        """One replica's part of a request is over: its counts, and the request's outcome so far."""
+        replica.num_outstanding -= 1
+        if outcome == "completed":
+            replica.num_completed += 1
+        elif outcome == "failed":
+            replica.num_failed += 1
+        record.outcome = outcome
+        await response.aclose()
 
     async def completions(self, request: Request):
         return await self.forward(request, ENDPOINTS["completions"])
@@ -202,6 +255,25 @@ class _Forwarder:
         return self.router.stats(with_requests=requests)
 
 
+async def _events(splice: StreamSplice, first: bytes, chunks):
+    """The client's events for one replica's stream, until the stream or the client's stream is done."""
+    reader = SSEReader()
+    async for chunk in _prepend(first, chunks):
+        for data in reader.feed(chunk):
+            for event in splice.relay(data):
+                yield event.encode()
+            if splice.is_done:
+                return
+    for data in reader.close():
+        for event in splice.relay(data):
+            yield event.encode()
+
+
+async def _nothing():
+    return
+    yield
+
+
 async def _prepend(first: bytes, chunks):
     yield first
     async for chunk in chunks:
@@ -212,9 +284,10 @@ async def _on_api_error(request: Request, exc: APIError):
     return error_response(exc)
 
 
-def create_router_app(router: Router) -> FastAPI:
-    """The FastAPI app of a Router; serve it with uvicorn (`labkit.serving.ServerThread` in tests and notebooks)."""
-    forwarder = _Forwarder(router)
+def create_router_app(router: Router, tokenizer=None) -> FastAPI:
+    """The FastAPI app of a Router; serve it with uvicorn (`labkit.serving.ServerThread` in tests and notebooks).
+    With the replicas' tokenizer, the text of a resumed stream is decoded by the router (`router_stream`)."""
+    forwarder = _Forwarder(router, tokenizer)
     app = FastAPI(title="labkit router", lifespan=forwarder.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.router = router

@@ -199,7 +199,7 @@ def test_every_request_is_answered_once_when_a_replica_dies():
     assert all(a[0] == "completed" for a in later)  # after the kill, every request lands on the survivor
     assert all(a[3] == "0" for a in later)
     failed = [a for a in answers if a[0] == "failed"]
-    assert all(records[a[2]]["attempts"][-1] == 1 for a in failed)  # only streams cut off on the dead replica
+    assert not failed  # the streams cut off on the dead replica were resumed on the survivor
     retried = [r for r in records.values() if r["attempts"][:1] == [1] and r["outcome"] == "completed"
                and r["replica"] == 0]
     completed = sum(a[0] == "completed" for a in answers)
