@@ -147,6 +147,22 @@ class Engine:
                 "prefix_caching": c.enable_prefix_caching,
                 "speculative": self.speculator.describe() if self.speculator is not None else None}
 
+    def techniques(self) -> dict[str, str]:
+        """Which techniques run, as short labels (the server's start-up line and its /metrics info metric)."""
+        c, s = self.config, self.config.scheduler
+        spec = "none" if self.speculator is None else (
+            c.speculative.describe() if c.speculative is not None else self.speculator.proposer.name)
+        step = [name for name, on in (("compiled", c.compile), ("cuda_graphs", c.cuda_graphs)) if on]
+        chunked = s.policy == "continuous" and s.enable_chunked_prefill
+        return {"dtype": dtype_name(self.dtype), "quantization": self.quantize or "none",
+                "kv_cache_dtype": self.describe()["kv_cache_dtype"], "speculative": spec,
+                "prefix_caching": "on" if c.enable_prefix_caching else "off",
+                "chunked_prefill": f"{s.max_num_batched_tokens} tokens a step" if chunked else "off",
+                "batching": f"{s.policy} up to {s.max_num_seqs}", "decode_step": "+".join(step) or "eager",
+                "backends": f"{self.model.attention} attention, {self.model.kernel_backend} kernels",
+                "rewrites": " ".join(self.model.rewrites) or "none",
+                "tensor_parallel_size": str(c.parallel.tensor_parallel_size)}
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.active_seqs()), num_waiting=len(self.scheduler.queued_seqs()),
