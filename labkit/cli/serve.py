@@ -8,8 +8,8 @@ import os
 import signal
 import sys
 
-from labkit.cli.arguments import (add_engine_options, engine_config_from_args, non_negative_int, port, positive_float,
-                                  positive_int)
+from labkit.cli.arguments import (add_command, add_engine_options, engine_config_from_args, non_negative_int, port,
+                                  positive_float, positive_int)
 from labkit.serving.addresses import API_KEY_ENV, is_loopback, server_url
 from labkit.serving.config import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S,
                                    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE,
@@ -83,8 +83,8 @@ def format_techniques(techniques: dict[str, str]) -> str:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit serve` on the CLI's subparsers."""
-    parser = subparsers.add_parser(
-        "serve", help="an OpenAI-compatible HTTP server over the labkit engine",
+    parser = add_command(
+        subparsers, "serve", cmd_serve, help="an OpenAI-compatible HTTP server over the labkit engine",
         description="Serve a model over OpenAI's HTTP API: /v1/completions, /v1/chat/completions (streaming as\n"
                     "server-sent events), /v1/models, /health and /metrics (Prometheus). Concurrent requests are\n"
                     "decoded together (continuous batching): up to --max-num-seqs run in each step, up to\n"
@@ -134,7 +134,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_engine_options(parser)
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default: %(default)s)")
-    parser.set_defaults(func=cmd_serve)
     return parser
 
 

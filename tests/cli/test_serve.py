@@ -132,3 +132,17 @@ def test_speculative_config_json_round_trips():
                                                           "num_speculative_tokens": 3})])
     assert config.speculative.model == "tiny-smollm2" and config.speculative.describe() == \
         "draft_model(tiny-smollm2, k=3)"
+
+
+def test_baseline_takes_the_shared_engine_options(capsys):
+    """The same option group reaches `labkit baseline`: the row records the EngineConfig it ran."""
+    argv = ["baseline", "--model", "tiny-smollm2", "--dummy", "--engine", "labkit", "--quantization", "int8",
+            "--speculative-config", NGRAM, "--max-tokens", "6", "--repeats", "1", "--no-save", "--json",
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    config = row["params"]["engine_config"]
+    assert config["quantization"] == "int8" and config["speculative"] == "ngram(n=1..3, k=4)"
+    assert row["metrics"]["num_new_tokens"] == 6
+    assert cli.main(["baseline", "--model", "tiny-smollm2", "--dummy", "--quantization", "int8", "--no-save"]) == 2
+    assert capsys.readouterr().err.strip() == "labkit baseline: --quantization needs --engine labkit"
