@@ -3,6 +3,7 @@ memory: one cold run reported apart, then the medians of warm runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import sys
@@ -132,13 +133,15 @@ TIMED_METRICS = ("ttft_ms", "decode_tokens_per_s", "total_latency_ms")
 def run_baseline(prompt: str = "Hello, world!", max_tokens: int = 20, model: str = EMBEDDED_MODEL,
                  engine: str = "hf", device: str = "auto", dtype: str = "fp32", temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, chat: bool = False, dummy: bool = False,
-                 compile: bool = False, repeats: int = 3, progress: bool = False) -> dict:
+                 compile: bool = False, repeats: int = 3, progress: bool = False, engine_config=None) -> dict:
     """Load a model, generate once cold, then `repeats` times warm; return a results row (technique "baseline").
 
     The first generation of a process pays one-off costs (lazy initialisation, allocator growth, kernel
     selection): it is reported apart as `cold_*`; `ttft_ms`, `decode_tokens_per_s` and `total_latency_ms` are
     the medians of the warm runs (each run's values in `*_runs`). Every run sends the same prompt, so the labkit
     engine runs without its prefix cache (`params.prefix_caching` False; None for HF, which has none).
+    engine_config: the labkit engine's EngineConfig (quantization, KV dtype, speculation, ...; its compile and
+    prefix caching are this function's), recorded in the row as `params.engine_config`.
     """
     from tqdm.auto import tqdm
 
@@ -155,6 +158,8 @@ def run_baseline(prompt: str = "Hello, world!", max_tokens: int = 20, model: str
     # every run sends the same prompt: with the labkit engine's prefix cache on, the warm runs would be
     # answered from the blocks the cold run left and their TTFT would time the cache. Off for this measurement.
     kwargs = {"compile": compile, "enable_prefix_caching": False} if engine == "labkit" else {}
+    if engine_config is not None and engine == "labkit":
+        kwargs = {"config": dataclasses.replace(engine_config, **kwargs)}
     runner = make_engine(engine, loaded, **kwargs)
     convert_s = time.perf_counter() - start
     params = runner.sampling_params(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -176,6 +181,8 @@ def run_baseline(prompt: str = "Hello, world!", max_tokens: int = 20, model: str
                   "engine": engine, "device": str(loaded.device), "dtype": dtype_name(loaded.dtype),
                   "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "chat": chat,
                   "compile": compile, "repeats": repeats, "prefix_caching": prefix_caching_of(runner)}
+    if "config" in kwargs:
+        params_out["engine_config"] = kwargs["config"].to_dict()
     metrics = {"load_s": loaded.load_s, "engine_setup_s": convert_s, "compile_s": compile_s, **warm[-1],
                "num_warmup": 1, "num_repeats": repeats, "peak_memory_mb": peak_memory_mb(loaded.device)}
     for key in TIMED_METRICS:

@@ -197,7 +197,100 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model id (default: the first one at /v1/models)")
 
 
+def speculative_config(text: str):
+    """vLLM's --speculative-config: a JSON object of `SpeculativeConfig`'s keys."""
+    from labkit.engine.config import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+ENGINE_GROUP = "engine (vLLM's names: a `vllm serve` command line works)"
+
+
+def add_engine_options(parser: argparse.ArgumentParser, *, serving: bool = True) -> None:
+    """The engine's settings under vLLM's names, in one group: with `serving`, the model (positional, as `vllm
+    serve MODEL`, or --model), --dummy, --device, --dtype, batch limits, KV-cache size, --enable-prefix-caching,
+    --enforce-eager and --tensor-parallel-size; always --quantization, --kv-cache-dtype, --speculative-config and
+    --max-model-len. Defaults are EngineConfig's; `engine_config_from_args` reads them back."""
+    from labkit.engine.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
+
+    defaults = EngineConfig()
+    g = parser.add_argument_group(ENGINE_GROUP)
+    if serving:
+        from labkit.model.loader import EMBEDDED_MODEL
+
+        g.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help=f"embedded name, HF hub id or local path; with --dummy a preset (default: {EMBEDDED_MODEL})")
+        g.add_argument("--model", default=None, help="the same as MODEL (either one)")
+        g.add_argument("--dummy", action="store_true", help="random weights of a preset shape (tests)")
+        g.add_argument("--device", default=defaults.model.device, help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
+        g.add_argument("--dtype", default=defaults.model.dtype, choices=("auto", "fp32", "bf16", "fp16"),
+                       help="weights and activations (default: %(default)s, labkit.device.pick_dtype's choice)")
+        g.add_argument("--max-num-seqs", type=positive_int, default=defaults.scheduler.max_num_seqs,
+                       help="requests decoded together in one step (default: %(default)s)")
+        g.add_argument("--max-num-batched-tokens", type=positive_int,
+                       default=defaults.scheduler.max_num_batched_tokens,
+                       help="new tokens in one step; longer prompts are prefilled in chunks (default: %(default)s)")
+        g.add_argument("--kv-cache-mb", type=positive_float, default=None, metavar="MIB",
+                       help="KV-cache size (default: 512 MiB on a CPU, 40%% of the free memory on a GPU)")
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=defaults.enable_prefix_caching,
+                       help="reuse the KV blocks of a prompt prefix seen before (default: %(default)s)")
+        g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=defaults.enforce_eager,
+                       help="run the decode step eagerly; --no-enforce-eager compiles it with torch.compile "
+                            "(default: %(default)s, EngineConfig's)")
+        g.add_argument("--tensor-parallel-size", type=positive_int, default=defaults.parallel.tensor_parallel_size,
+                       help="ranks that split the model (default: %(default)s)")
+    g.add_argument("--quantization", "-q", default=None, choices=QUANTIZATIONS, metavar="METHOD",
+                   help=f"weight quantization: {', '.join(QUANTIZATIONS)}; int4 is int4-g32 (default: none, the "
+                        f"--dtype weights)")
+    g.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                   help="auto: the activation dtype; int8: codes and a scale per slot and head (default: %(default)s)")
+    g.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s JSON: e.g. \'{"method": "ngram", "num_speculative_tokens": 8, '
+                        '"prompt_lookup_max": 4}\'; methods ngram, draft_model (with "model"), self_draft (with '
+                        '"quantization"); the lab\'s "gamma_policy": "adaptive" (default: none)')
+    g.add_argument("--max-model-len", type=positive_int, default=None,
+                   help="the longest prompt + output served (default: the model's context)")
+
+
+def model_name_from_args(args: argparse.Namespace) -> str:
+    """MODEL or --model (the embedded model when neither is given); both, differing, is an error."""
+    from labkit.model.loader import EMBEDDED_MODEL
+
+    tag, flag = getattr(args, "model_tag", None), getattr(args, "model", None)
+    if tag and flag and tag != flag:
+        raise ValueError(f"two models given: {tag!r} and --model {flag!r}; give one")
+    return tag or flag or EMBEDDED_MODEL
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides):
+    """The EngineConfig the engine options describe (`add_engine_options`); options a command lacks keep the
+    config's defaults, and `overrides` set EngineConfig fields. Refused combinations are one-line ValueErrors."""
+    from labkit.engine.config import EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+    defaults = EngineConfig()
+    get = lambda name, default: getattr(args, name, default)  # noqa: E731
+    model = ModelConfig(model=model_name_from_args(args), dtype=get("dtype", defaults.model.dtype),
+                        quantization=args.quantization, dummy=get("dummy", False),
+                        device=get("device", defaults.model.device), max_model_len=args.max_model_len,
+                        seed=get("seed", defaults.model.seed))
+    scheduler = SchedulerConfig(
+        max_num_seqs=get("max_num_seqs", defaults.scheduler.max_num_seqs),
+        max_num_batched_tokens=get("max_num_batched_tokens", defaults.scheduler.max_num_batched_tokens))
+    eager = get("enforce_eager", not get("compile", defaults.compile))
+    fields = dict(scheduler=scheduler, model=model, kv_cache_dtype=args.kv_cache_dtype,
+                  speculative=args.speculative_config, kv_cache_mb=get("kv_cache_mb", None),
+                  enable_prefix_caching=get("enable_prefix_caching", defaults.enable_prefix_caching),
+                  compile=not eager, parallel=ParallelConfig(get("tensor_parallel_size", 1)))
+    return EngineConfig(**{**fields, **overrides})
+
+
 __all__ = ["Parser", "positive_int", "non_negative_int", "non_negative_float", "positive_float", "seed", "port",
            "server_port", "output_file", "output_dir", "utf8_text", "label", "add_label_option", "comma_list",
            "add_server_options", "add_run_output_options", "add_store_options", "add_model_options",
-           "add_device_option", "add_command"]
+           "add_device_option", "add_command", "speculative_config", "add_engine_options",
+           "engine_config_from_args", "model_name_from_args"]

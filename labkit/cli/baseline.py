@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 
 from labkit.bench.baseline import ENGINES, run_baseline
-from labkit.cli.arguments import (add_command, add_device_option, add_model_options, add_run_output_options,
-                                  non_negative_float, positive_int, seed, utf8_text)
+from labkit.cli.arguments import (add_command, add_device_option, add_engine_options, add_model_options,
+                                  add_run_output_options, engine_config_from_args, non_negative_float, positive_int, seed,
+                                  utf8_text)
 from labkit.cli.reporting import measure_and_report
 
 
@@ -52,6 +53,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the labkit decode step (timed apart)")
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="timed warm runs after one cold run, reported apart; the medians are reported (default: 3)")
+    add_engine_options(p, serving=False)
     add_run_output_options(p, None, json_help="print the result row as JSON on stdout; table on stderr",
                            no_save_help="do not append the row to the results store")
 
@@ -61,14 +63,20 @@ def cmd_baseline(args) -> int:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.compile and args.engine != "labkit":
-        raise ValueError("--compile needs --engine labkit")
+    labkit_only = {"--compile": args.compile, "--quantization": args.quantization,
+                   "--kv-cache-dtype": args.kv_cache_dtype != "auto", "--speculative-config": args.speculative_config,
+                   "--max-model-len": args.max_model_len}
+    given = [name for name, value in labkit_only.items() if value]
+    if given and args.engine != "labkit":
+        raise ValueError(f"{given[0]} needs --engine labkit")
+    engine_config = engine_config_from_args(args) if args.engine == "labkit" else None
 
     def measure() -> list[dict]:
         return [run_baseline(prompt=args.prompt, max_tokens=args.max_tokens, model=args.model, engine=args.engine,
                              device=args.device, dtype=args.dtype, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=args.seed, chat=args.chat, dummy=args.dummy,
-                             compile=args.compile, repeats=args.repeats, progress=not args.no_progress)]
+                             compile=args.compile, repeats=args.repeats, progress=not args.no_progress,
+                             engine_config=engine_config)]
 
     # the store is checked before the model loads, not after the measurement
     return measure_and_report(args, measure, None, lambda rows: format_row(rows[0]))

@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 
-from labkit.cli.arguments import non_negative_int, port, positive_float, positive_int
+from labkit.cli.arguments import (add_command, add_engine_options, engine_config_from_args, non_negative_int, port,
+                                  positive_float, positive_int)
 from labkit.serving.addresses import API_KEY_ENV, is_loopback, server_url
 from labkit.serving.config import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S,
                                    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE,
@@ -17,7 +18,7 @@ from labkit.serving.protocol import DEFAULT_CHAT_MAX_TOKENS
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from labkit.engine import Engine, EngineConfig
+    from labkit.engine import Engine
     from labkit.model.llama import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture
     from labkit.serving.app import create_app
     from labkit.serving.server import bind_socket, make_server
@@ -29,28 +30,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                          keep_alive_timeout_s=args.timeout_keep_alive,
                          shutdown_grace_s=args.timeout_graceful_shutdown, check_host=args.check_host)
-    engine_config = EngineConfig.from_kwargs(max_num_seqs=args.max_num_seqs,
-                                             max_num_batched_tokens=args.max_num_batched_tokens,
-                                             kv_cache_mb=args.kv_cache_mb)
+    engine_config = engine_config_from_args(args)  # a refused combination fails here, before anything loads
+    if engine_config.parallel.tensor_parallel_size > 1:  # labkit.parallel serves the ranks (its own entry point)
+        raise ValueError(f"--tensor-parallel-size {engine_config.parallel.tensor_parallel_size}: this labkit serve "
+                         f"runs one rank; `labkit tp --nproc N` runs the tensor-parallel benchmarks")
     sock = bind_socket(args.host, args.port)  # fail fast, before loading a model
     try:
         try:
-            engine = Engine.load(args.model, device=args.device, dtype=args.dtype, dummy=args.dummy,
-                                 config=engine_config)
+            engine = Engine.load(config=engine_config)
         except UnsupportedArchitecture as exc:
             # its advice, "--engine hf", is an option of `labkit baseline`: the server has one engine, ours
+            model = engine_config.model.model
             reason, supported = str(exc).split("; use ")[0], ", ".join(SUPPORTED_ARCHITECTURES)
             if supported not in reason:
                 reason += f" (the labkit engine runs {supported} models)"
             raise ValueError(f"{reason}. labkit serve has no other engine: `labkit baseline --engine hf --model "
-                             f"{args.model}` runs this model with transformers") from None
+                             f"{model}` runs this model with transformers") from None
         app = create_app(engine, config)
+        app.state.metrics.show_techniques(engine.techniques())
         host, port = sock.getsockname()[:2]
         print(f"labkit serve: {config.served_model_name or engine.name} on http://{host}:{port} "
               f"(device {engine.device}, batch of up to {engine_config.scheduler.max_num_seqs}, "
               f"{engine.blocks.num_blocks} KV blocks of {engine_config.block_size} tokens, "
               f"max queue {config.max_queue}, {'API key required' if api_key else 'no API key'})",
               file=sys.stderr, flush=True)
+        print(f"labkit serve: techniques: {format_techniques(engine.techniques())}", file=sys.stderr, flush=True)
         if not api_key and not is_loopback(server_url(host, port)):
             print(f"labkit serve: warning: {host} accepts other machines and no API key is set "
                   f"(--api-key or ${API_KEY_ENV})", file=sys.stderr, flush=True)
@@ -72,38 +76,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_techniques(techniques: dict[str, str]) -> str:
+    """`Engine.techniques()` as one line: "dtype fp32, quantization int8, speculative ngram(...), ..."."""
+    return ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in techniques.items())
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `labkit serve` on the CLI's subparsers."""
-    from labkit.engine import SchedulerConfig
-
-    engine_defaults = SchedulerConfig()
-    parser = subparsers.add_parser(
-        "serve", help="an OpenAI-compatible HTTP server over the labkit engine",
+    parser = add_command(
+        subparsers, "serve", cmd_serve, help="an OpenAI-compatible HTTP server over the labkit engine",
         description="Serve a model over OpenAI's HTTP API: /v1/completions, /v1/chat/completions (streaming as\n"
                     "server-sent events), /v1/models, /health and /metrics (Prometheus). Concurrent requests are\n"
                     "decoded together (continuous batching): up to --max-num-seqs run in each step, up to\n"
                     "--max-queue more wait for a place, and more are answered 429.",
         epilog="examples:\n"
                "  labkit serve                                   # the embedded SmolLM2 on 127.0.0.1:8000\n"
-               "  labkit serve --model tiny-smollm2 --dummy --port 0\n"
+               "  labkit serve tiny-smollm2 --dummy --port 0\n"
                "  labkit serve --max-num-seqs 32 --kv-cache-mb 1024 --max-queue-wait 30\n"
+               "  labkit serve --quantization int8 --kv-cache-dtype int8 --no-enforce-eager \\\n"
+               "      --speculative-config '{\"method\": \"ngram\", \"num_speculative_tokens\": 8, \"prompt_lookup_max\": 4}'\n"
                f"  {API_KEY_ENV}=secret labkit serve --host 0.0.0.0   # other hosts: require a key",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="embedded name, HF hub id or local path; with --dummy a preset (default: %(default)s)")
-    parser.add_argument("--dummy", action="store_true", help="random weights of a preset shape (tests)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
-    parser.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16, auto (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=port, default=8000,
                         help="0 picks a free port (default: %(default)s)")
-    parser.add_argument("--max-num-seqs", type=positive_int, default=engine_defaults.max_num_seqs,
-                        help="requests decoded together in one step (default: %(default)s)")
-    parser.add_argument("--max-num-batched-tokens", type=positive_int,
-                        default=engine_defaults.max_num_batched_tokens,
-                        help="new tokens in one step; longer prompts are prefilled in chunks (default: %(default)s)")
-    parser.add_argument("--kv-cache-mb", type=positive_float, default=None, metavar="MIB",
-                        help="KV-cache size (default: 512 MiB on a CPU, 40%% of the free memory on a GPU)")
     parser.add_argument("--max-queue", type=non_negative_int, default=DEFAULT_MAX_QUEUE,
                         help="requests that may wait for a place in the batch (default: %(default)s)")
     parser.add_argument("--max-queue-wait", type=positive_float, default=DEFAULT_MAX_QUEUE_WAIT_S,
@@ -135,10 +131,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="answer 400 to a request over loopback whose Host is not localhost, 127.0.0.1 or [::1] "
                              "(DNS rebinding); --no-check-host behind a local proxy that keeps the public Host "
                              "(default: on)")
+    add_engine_options(parser)
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default: %(default)s)")
-    parser.set_defaults(func=cmd_serve)
     return parser
 
 
-__all__ = ["cmd_serve", "add_parser"]
+__all__ = ["cmd_serve", "add_parser", "format_techniques"]

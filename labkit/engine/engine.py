@@ -5,7 +5,7 @@ picked (prefill chunks and decode rows side by side) and returns what each reque
 request. `generate`, `stream` and `stream_text`, the server, the benchmarks and every notebook are loops over
 `step()`: the lab's one decode loop. Techniques plug in around it: attention and kernel backends in the model,
 rewrites (layout, quantization) over the model before the engine gets it, policies in the scheduler, and a
-speculator (`labkit.speculative.speculator`) that gives decode rows draft tokens to verify in the same forward.
+speculator (`labkit.engine.spec_decode.speculator`) that gives decode rows draft tokens to verify in the same forward.
 The model runs through `labkit.engine.model_runner.ModelRunner`.
 """
 
@@ -19,14 +19,16 @@ from dataclasses import dataclass
 import torch
 
 from labkit.device import dtype_name, pick_dtype, synchronize
+from labkit.engine.build import build_model, resolve_config
+from labkit.engine.combinations import check_engine
 from labkit.engine.config import KV_CACHE_DTYPES, EngineConfig
 from labkit.engine.model_runner import ModelRunner, RowSpan
 from labkit.engine.outputs import EngineStats, Generation, RequestOutput, TextDelta, TokenLogprob
 from labkit.engine.scheduler import POLICIES, ScheduledBatch, Scheduler, SchedulerConfig, Sequence as Seq
+from labkit.engine.spec_decode.build import build_speculator
 from labkit.engine.text import IncrementalDetokenizer, encode_prompt
-from labkit.model.llama import Transformer, from_hf
+from labkit.model.llama import Transformer
 from labkit.model.loader import eos_token_ids_of
-from labkit.model.rewrites import apply_rewrites
 from labkit.model.sampling import SamplingParams, make_generator, sample, token_logprobs
 
 
@@ -49,7 +51,7 @@ class _StepRows:
     rows: list[RowSpan]
     sample_rows: list[int]
     requests: list[_Request]
-    drafts: list  # per sampled request: its Draft (labkit.speculative.speculator) or None
+    drafts: list  # per sampled request: its Draft (labkit.engine.spec_decode.speculator) or None
     num_padding_tokens: int
 
 
@@ -66,11 +68,15 @@ class Engine:
             config = EngineConfig.from_kwargs(**config_kwargs)
         elif config_kwargs:
             raise ValueError("pass an EngineConfig or keyword arguments, not both")
+        if speculator is not None and config.speculative is not None:
+            raise ValueError("pass a speculator or config.speculative, not both")
         self.model, self.tokenizer, self.name, self.config = model, tokenizer, name, config
-        self.speculator = speculator  # a labkit.speculative.speculator.Speculator, or None: one token per decode row
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = model.embed.weight.device
         _check_backends(model, config, self.device)
+        # a labkit.engine.spec_decode Speculator (given, or built from config.speculative), or None: one token per
+        # decode row
+        self.speculator = speculator if speculator is not None else build_speculator(config, model)
         self.dtype = model.embed.weight.dtype  # weight storage
         self.act_dtype = model.act_dtype  # activations (and the KV cache unless kv_cache_dtype says otherwise)
         self.runner = ModelRunner(model, config)
@@ -83,27 +89,43 @@ class Engine:
         self._num_steps, self._last_rows, self._last_tokens, self._last_padding = 0, 0, 0, 0
 
     @classmethod
-    def load(cls, name: str = "smollm2-135m-instruct", device="auto", dtype="fp32", dummy: bool = False,
-             seed: int = 0, **kwargs) -> "Engine":
-        """Load an HF model (see `labkit.model.loader.load_model`) and convert it to the compact model."""
+    def load(cls, name: str | None = None, device=None, dtype=None, dummy: bool | None = None,
+             seed: int | None = None, *, config: EngineConfig | None = None, speculator=None,
+             **kwargs) -> "Engine":
+        """Load a model (see `labkit.model.loader.load_model`) as config.model says, build the compact model with
+        its rewrites, and wrap it in an engine with the config's cache, compile, scheduler and speculator.
+
+        `Engine.load(config=EngineConfig(...))`, or `Engine.load("tiny-smollm2", dummy=True, max_num_seqs=4,
+        quantization="int8")`: arguments given set the config's model fields; keywords build the config
+        (`EngineConfig.from_kwargs`)."""
         from labkit.model.loader import load_model
 
-        loaded = load_model(name, device=device, dtype=dtype, dummy=dummy, seed=seed)
-        return cls.from_hf(loaded.model, loaded.tokenizer, name=loaded.name, **kwargs)
+        config = resolve_config(config, kwargs, model=name, device=device, dtype=dtype, dummy=dummy, seed=seed)
+        m = config.model
+        loaded = load_model(m.model, device=m.device, dtype=m.dtype, dummy=m.dummy, seed=m.seed)
+        return cls(build_model(loaded.model, m), loaded.tokenizer, name=loaded.name,
+                   eos_token_ids=eos_token_ids_of(loaded.model, loaded.tokenizer), config=config,
+                   speculator=speculator)
 
     @classmethod
-    def from_hf(cls, hf_model, tokenizer=None, dtype=None, attention: str = "sdpa", kernels: str = "torch",
-                linear_layout: str = "auto", quantize: str | None = None, gemm: str = "auto",
-                **kwargs) -> "Engine":
-        """Build the compact model from an HF one, apply the rewrites in order, and wrap it in an engine."""
-        dtype = pick_dtype(dtype) if dtype is not None else None
-        model = from_hf(hf_model, dtype=dtype, attention=attention, kernels=kernels)
-        model = apply_rewrites(model, linear_layout=linear_layout, quantize=quantize, gemm=gemm)
-        return cls(model, tokenizer, eos_token_ids=eos_token_ids_of(hf_model, tokenizer), **kwargs)
+    def from_hf(cls, hf_model, tokenizer=None, dtype=None, attention: str | None = None, kernels: str | None = None,
+                linear_layout: str | None = None, quantize: str | None = None, gemm: str | None = None, *,
+                config: EngineConfig | None = None, name: str = "model", speculator=None, **kwargs) -> "Engine":
+        """Build the compact model from an HF one, apply the rewrites in order, and wrap it in an engine.
+
+        dtype: convert the weights (None: keep the HF model's); the backend and rewrite arguments given set the
+        config's model fields (None: the config's, by default sdpa, torch, auto layout, no quantization)."""
+        config = resolve_config(config, kwargs, attention=attention, kernels=kernels, linear_layout=linear_layout,
+                                quantization=quantize, gemm=gemm)
+        model = build_model(hf_model, config.model, pick_dtype(dtype) if dtype is not None else None)
+        config = resolve_config(config, {}, dtype=model.embed.weight.dtype)  # what the weights are, as built
+        return cls(model, tokenizer, name=name, eos_token_ids=eos_token_ids_of(hf_model, tokenizer), config=config,
+                   speculator=speculator)
 
     @property
     def max_seq_len(self) -> int:
-        return self.model.args.max_seq_len
+        """The longest prompt + output: the model's context, or config.model.max_model_len when shorter."""
+        return self.config.model.max_model_len or self.model.args.max_seq_len
 
     @property
     def linear_layout(self) -> str:
@@ -126,6 +148,22 @@ class Engine:
                 "block_size": c.block_size, "num_kv_blocks": self.blocks.num_blocks,
                 "prefix_caching": c.enable_prefix_caching,
                 "speculative": self.speculator.describe() if self.speculator is not None else None}
+
+    def techniques(self) -> dict[str, str]:
+        """Which techniques run, as short labels (the server's start-up line and its /metrics info metric)."""
+        c, s = self.config, self.config.scheduler
+        spec = "none" if self.speculator is None else (
+            c.speculative.describe() if c.speculative is not None else self.speculator.proposer.name)
+        step = [name for name, on in (("compiled", c.compile), ("cuda_graphs", c.cuda_graphs)) if on]
+        chunked = s.policy == "continuous" and s.enable_chunked_prefill
+        return {"dtype": dtype_name(self.dtype), "quantization": self.quantize or "none",
+                "kv_cache_dtype": self.describe()["kv_cache_dtype"], "speculative": spec,
+                "prefix_caching": "on" if c.enable_prefix_caching else "off",
+                "chunked_prefill": f"{s.max_num_batched_tokens} tokens a step" if chunked else "off",
+                "batching": f"{s.policy} up to {s.max_num_seqs}", "decode_step": "+".join(step) or "eager",
+                "backends": f"{self.model.attention} attention, {self.model.kernel_backend} kernels",
+                "rewrites": " ".join(self.model.rewrites) or "none",
+                "tensor_parallel_size": str(c.parallel.tensor_parallel_size)}
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -447,15 +485,9 @@ class Engine:
 
 
 def _check_backends(model: Transformer, config: EngineConfig, device: torch.device) -> None:
-    """Refuse at start the combinations of backends and config that cannot work."""
-    if config.cuda_graphs and device.type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
-    if config.compile and "triton" in (model.attention, model.kernel_backend):
-        raise ValueError("compile=True traces the torch backends only; the triton backends run as they are "
-                         "(cuda_graphs=True removes their launch overhead)")
-    if config.kv_cache_dtype == "int8" and hasattr(model.core, "paged_attention"):
-        raise ValueError(f"kv_cache_dtype='int8' is not supported with attention={model.attention!r}: its kernels "
-                         f"read float blocks in place; use attention='sdpa' or 'math'")
+    """Refuse at start the combinations of backends, model and config that cannot work
+    (`labkit.engine.combinations`)."""
+    check_engine(model, config, device)
 
 
 __all__ = ["Engine", "EngineConfig", "SchedulerConfig", "EngineStats", "RequestOutput", "Generation", "TextDelta",

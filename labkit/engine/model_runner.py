@@ -5,7 +5,7 @@ A row is a `RowSpan`: tokens [start, start + length) of a request's token ids ar
 `forward` returns a `ForwardOutput` (logits where asked, hidden states when asked). A step of one-token rows may
 instead run static: rows and block tables padded to bucketed sizes, every input one tensor, compiled with
 torch.compile or replayed from CUDA graphs (gpt-fast compiles only this step). nano-vllm's model_runner.py and
-vLLM's GPUModelRunner are the pattern. The engine, the drafts (`labkit.speculative.proposers`), `bench spec`
+vLLM's GPUModelRunner are the pattern. The engine, the drafts (`labkit.engine.spec_decode.proposers`), `bench spec`
 and the quality code all run the model through this class.
 """
 

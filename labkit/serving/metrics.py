@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
@@ -66,6 +66,12 @@ class ServerMetrics:
     def watch_engine(self, snapshot: EngineSnapshot) -> None:
         """Publish the engine's gauges, read from snapshot() at each scrape."""
         self.registry.register(EngineCollector(self.model, snapshot))
+
+    def show_techniques(self, techniques: dict[str, str]) -> None:
+        """One info metric, labkit_techniques_info{model, dtype, quantization, speculative, ...} 1, naming the
+        techniques the engine runs (`Engine.techniques()`), as vLLM's cache_config_info names its settings."""
+        Info("labkit_techniques", "The techniques the engine runs, as labels.", ["model"],
+             registry=self.registry).labels(model=self.model).info(techniques)
 
     def count_request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

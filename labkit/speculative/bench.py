@@ -23,7 +23,7 @@ from labkit.engine.model_runner import RowSpan
 from labkit.model.llama import Transformer, from_hf
 from labkit.model.loader import EMBEDDED_MODEL, eos_token_ids_of, load_model
 from labkit.model.rewrites import apply_rewrites
-from labkit.speculative.speculator import SpeculativeConfig, Speculator
+from labkit.engine.spec_decode.speculator import SpeculativeConfig, Speculator
 
 DRAFTS = ("ngram", "self-int8", "self-int4-g32", "self-bf16", "draft", "medusa", "eagle")
 DEFAULT_DRAFTS = ("ngram", "self-int8", "self-int4-g32", "draft", "medusa", "eagle")
@@ -116,7 +116,7 @@ def make_proposers(names, target: Transformer, tokenizer, train_size: str = "def
     """name -> proposer for each draft named (learned drafts loaded from the cache, or trained first).
 
     compile_drafts: the self-drafts' one-token steps run compiled (their fast path, as in `bench quant`)."""
-    from labkit.speculative import proposers as drafts
+    from labkit.engine.spec_decode import proposers as drafts
 
     check_names("draft", names, DRAFTS)
     learned = [LEARNED[n] for n in names if n in LEARNED and (trained is None or LEARNED[n] not in trained)]
@@ -151,7 +151,7 @@ def variants_for(draft_names, num_draft_tokens: int = 4, gamma_policy: str = "fi
     policies = ("fixed", "adaptive") if gamma_policy == "both" else (gamma_policy,)
     out = []
     for policy in policies:
-        config = SpeculativeConfig(num_draft_tokens=num_draft_tokens, gamma_policy=policy,
+        config = SpeculativeConfig(num_speculative_tokens=num_draft_tokens, gamma_policy=policy,
                                    max_draft_tokens=max(16, num_draft_tokens))
         out += [Variant(name if len(policies) == 1 or policy == "fixed" else f"{name}, adaptive", name, config)
                 for name in draft_names]
@@ -308,7 +308,7 @@ def _row(variant, workload, tokens_per_s, speedup, spec, identical, batch_size, 
         "technique": "speculative",
         "params": {"variant": variant.name, "draft": variant.draft, "workload": workload,
                    "grounded": workload in GROUNDED,
-                   "gamma": config.num_draft_tokens, "gamma_policy": config.gamma_policy,
+                   "gamma": config.num_speculative_tokens, "gamma_policy": config.gamma_policy,
                    "batch_size": batch_size, "max_tokens": max_tokens, "num_prompts": num_prompts,
                    "repeats": repeats, "train_size": train_size, "greedy": True, "clock": clock,
                    "torch_threads": torch.get_num_threads(), "model": loaded.name, "prefix_caching": False,

@@ -33,8 +33,8 @@ from labkit.checks import check_int, check_positive
 from labkit.model.attention import build_metadata
 from labkit.model.kv_cache import KVCache
 from labkit.model.llama import Transformer
-from labkit.speculative.proposers import EagleDraft, MedusaHeads, head_rows, small_draft
-from labkit.speculative.speculator import Proposer, Speculator
+from labkit.engine.spec_decode.proposers import EagleDraft, MedusaHeads, head_rows, small_draft
+from labkit.engine.spec_decode.speculator import Proposer, Speculator
 
 KINDS = ("draft", "medusa", "eagle")
 SIZES = ("smoke", "small", "default", "large")
@@ -115,7 +115,7 @@ class FeatureRecorder(Proposer):
         self.features: dict[str, list[torch.Tensor]] = {}
 
     def propose(self, requests):
-        from labkit.speculative.speculator import Draft
+        from labkit.engine.spec_decode.speculator import Draft
 
         return [Draft([]) for _ in requests]
 

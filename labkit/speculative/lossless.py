@@ -60,11 +60,11 @@ def speculative_engine(target, draft, num_draft_tokens: int = 3, residual=None):
     """An engine over `target` that drafts with the model `draft`, wide enough to run thousands of seeded
     requests at once; `residual` replaces the rejection rule's residual (e.g. `resample_from_target`)."""
     from labkit.engine.engine import Engine
-    from labkit.speculative.proposers import ModelProposer
-    from labkit.speculative.speculator import SpeculativeConfig, Speculator
+    from labkit.engine.spec_decode.proposers import ModelProposer
+    from labkit.engine.spec_decode.speculator import SpeculativeConfig, Speculator
 
     proposer = ModelProposer(draft, max_num_seqs=512, kv_cache_mb=16)
-    speculator = Speculator(proposer, SpeculativeConfig(num_draft_tokens=num_draft_tokens), residual=residual)
+    speculator = Speculator(proposer, SpeculativeConfig(num_speculative_tokens=num_draft_tokens), residual=residual)
     return Engine(target, speculator=speculator, max_num_seqs=512, max_num_batched_tokens=4096)
 
 
@@ -87,7 +87,7 @@ def rule_output(p: torch.Tensor, q: torch.Tensor, residual=None) -> torch.Tensor
     """The distribution [..., V] of the token a verified draft position emits when the draft is drawn from q and
     kept with probability min(1, p/q), else replaced by a draw from residual(p, q) (default the true residual,
     which gives back p): min(p, q) + (1 - sum min(p, q)) * residual(p, q)."""
-    from labkit.speculative.speculator import residual_distribution
+    from labkit.engine.spec_decode.speculator import residual_distribution
 
     shape = p.shape
     p2, q2 = p.reshape(-1, shape[-1]), q.reshape(-1, shape[-1])

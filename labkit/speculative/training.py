@@ -20,9 +20,9 @@ import torch
 from labkit.model.llama import Transformer
 from labkit.speculative.distillation import (KINDS, SIZES, TRAIN_SIZES, TRAINERS, Corpus, TrainConfig,
                                              generate_corpus)
-from labkit.speculative.proposers import (EagleDraft, EagleProposer, MedusaHeads, MedusaProposer, ModelProposer,
+from labkit.engine.spec_decode.proposers import (EagleDraft, EagleProposer, MedusaHeads, MedusaProposer, ModelProposer,
                                           frequency_vocab, head_rows, small_draft, use_target_layout)
-from labkit.speculative.speculator import Proposer
+from labkit.engine.spec_decode.speculator import Proposer
 
 FORMAT_VERSION = 1
 

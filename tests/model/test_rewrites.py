@@ -65,9 +65,9 @@ def test_default_rewrites_pack_fp32_cpu_weights_once_and_plain_keeps_mkl():
 
 @pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
 def test_packed_gemm_keeps_greedy_tokens_in_batches_and_verification(embedded):
-    from labkit.speculative.proposers import NgramProposer
+    from labkit.engine.spec_decode.proposers import NgramProposer
     from labkit.engine.engine import Engine
-    from labkit.speculative.speculator import SpeculativeConfig, Speculator
+    from labkit.engine.spec_decode.speculator import SpeculativeConfig, Speculator
 
     plain = Engine(apply_rewrites(from_hf(embedded.model), gemm="plain"), embedded.tokenizer)
     texts = ["Once upon a time, in a small village,", "Repeat this: the quick brown fox jumps over the lazy dog."]

@@ -12,7 +12,7 @@ from labkit.speculative import training as dt
 from labkit.engine.engine import Engine
 from labkit.engine.model_runner import RowSpan
 from labkit.model.llama import from_hf
-from labkit.speculative.speculator import DraftRequest
+from labkit.engine.spec_decode.speculator import DraftRequest
 from labkit.model.sampling import SamplingParams
 
 

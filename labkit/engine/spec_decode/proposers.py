@@ -1,4 +1,4 @@
-"""Five kinds of draft behind one proposer interface (`labkit.speculative.speculator.Proposer`).
+"""Five kinds of draft behind one proposer interface (`labkit.engine.spec_decode.speculator.Proposer`).
 
 - `NgramProposer`: prompt lookup (Saxena 2023; vLLM's "ngram"): the tokens that followed the last earlier
   occurrence of the context's final n-gram. No model; strong wherever the output copies the input.
@@ -13,7 +13,7 @@
 
 Draft heads may use a reduced, frequency-ranked draft vocabulary (Zhao et al. 2025, "FR-Spec"): the LM head
 restricted to the tokens the target emits most, so a draft token costs a fraction of the head's 49152 rows.
-A draft only changes how many tokens the target keeps, never which: `labkit.speculative.speculator` verifies.
+A draft only changes how many tokens the target keeps, never which: `labkit.engine.spec_decode.speculator` verifies.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from labkit.engine.model_runner import ModelRunner, RowSpan
 from labkit.model.llama import Linear, Transformer
 from labkit.model.rewrites import use_kn_layout
 from labkit.model.sampling import sample
-from labkit.speculative.speculator import Draft, DraftRequest, Proposer
+from labkit.engine.spec_decode.speculator import Draft, DraftRequest, Proposer
 
 SELF_DRAFT_SCHEMES = ("int8", "bf16")  # and every other method of labkit.model.quantize (int4, gguf)
 

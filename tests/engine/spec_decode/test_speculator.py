@@ -4,14 +4,14 @@ sampling (chi-square tests that a deliberately wrong acceptance rule fails); KV 
 import pytest
 import torch
 
-from labkit.speculative import speculator as speculative
-from labkit.speculative.proposers import ModelProposer, NgramProposer
+from labkit.engine.spec_decode import speculator as speculative
+from labkit.engine.spec_decode.proposers import ModelProposer, NgramProposer
 from labkit.engine.engine import Engine
 from labkit.model.llama import from_hf
 from labkit.model.sampling import SamplingParams
 from labkit.speculative.lossless import (chi_square_pvalue, exact_marginals, resample_from_target, sampling_pvalues,
                                          small_vocab_model, speculative_engine)
-from labkit.speculative.speculator import (Draft, SpeculativeConfig, Speculator, StepCosts, expected_tokens, optimal_gamma,
+from labkit.engine.spec_decode.speculator import (Draft, SpeculativeConfig, Speculator, StepCosts, expected_tokens, optimal_gamma,
                                 verify_greedy, verify_sampled)
 
 # -- the rules on their own ----------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_step_costs_fit_a_line():
 
 
 def test_adaptive_gamma_grows_for_a_good_draft_and_shrinks_for_a_bad_one():
-    config = SpeculativeConfig(num_draft_tokens=2, gamma_policy="adaptive", max_draft_tokens=12)
+    config = SpeculativeConfig(num_speculative_tokens=2, gamma_policy="adaptive", max_draft_tokens=12)
     spec = Speculator(NgramProposer(), config)
     assert spec.gamma("anyone") == 2  # nothing measured yet: the configured first guess
     for k in (0, 2, 4):  # a 30 ms step, 1 ms per extra verified token, 0.5 ms per draft token
@@ -189,16 +189,16 @@ def test_adaptive_gamma_grows_for_a_good_draft_and_shrinks_for_a_bad_one():
     for _ in range(10):
         spec._record("good", 4, 4)
         spec._record("bad", 4, 0)
-    assert spec.gamma("good") > config.num_draft_tokens > spec.gamma("bad") == 1
+    assert spec.gamma("good") > config.num_speculative_tokens > spec.gamma("bad") == 1
 
 
 def test_config_errors_name_the_value():
-    with pytest.raises(ValueError, match="num_draft_tokens must be an integer >= 1, got 0"):
-        SpeculativeConfig(num_draft_tokens=0)
+    with pytest.raises(ValueError, match="num_speculative_tokens must be an integer >= 1, got 0"):
+        SpeculativeConfig(num_speculative_tokens=0)
     with pytest.raises(ValueError, match="unknown gamma policy 'sometimes'"):
         SpeculativeConfig(gamma_policy="sometimes")
     with pytest.raises(ValueError, match="max_draft_tokens"):
-        SpeculativeConfig(num_draft_tokens=8, gamma_policy="adaptive", max_draft_tokens=4)
+        SpeculativeConfig(num_speculative_tokens=8, gamma_policy="adaptive", max_draft_tokens=4)
 
 
 @pytest.mark.gpu

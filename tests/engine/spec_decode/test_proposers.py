@@ -6,13 +6,13 @@ import dataclasses
 import pytest
 import torch
 
-from labkit.speculative import proposers as drafts
+from labkit.engine.spec_decode import proposers as drafts
 from labkit.speculative.training import TRAIN_SIZES, load_or_train
 from labkit.engine.engine import Engine
 from labkit.model.rewrites import apply_rewrites
 from labkit.model.llama import from_hf
 from labkit.model.sampling import SamplingParams
-from labkit.speculative.speculator import SpeculativeConfig, Speculator
+from labkit.engine.spec_decode.speculator import SpeculativeConfig, Speculator
 
 TEXTS = [("Once upon a time, in a small village,", False), ("What are three tips for staying healthy?", True),
          ("Repeat this sentence: the quick brown fox jumps over the lazy dog, and the dog sleeps on.", True)]
@@ -39,7 +39,7 @@ def setup(embedded):
 @pytest.mark.parametrize("name", ["ngram", "self-int8", "draft", "medusa", "eagle"])
 def test_greedy_speculation_is_token_identical_alone_and_in_a_batch(setup, name):
     target, tokenizer, prompts, params, reference, proposers = setup
-    engine = Engine(target, tokenizer, speculator=Speculator(proposers[name], SpeculativeConfig(num_draft_tokens=3)))
+    engine = Engine(target, tokenizer, speculator=Speculator(proposers[name], SpeculativeConfig(num_speculative_tokens=3)))
     assert [g.tokens for g in engine.generate(prompts, params)] == reference
     assert engine.generate([prompts[2]], params)[0].tokens == reference[2]
     stats = engine.speculator.stats
@@ -50,7 +50,7 @@ def test_greedy_speculation_is_token_identical_alone_and_in_a_batch(setup, name)
 
 def test_adaptive_gamma_is_token_identical(setup):
     target, tokenizer, prompts, params, reference, proposers = setup
-    spec = Speculator(proposers["ngram"], SpeculativeConfig(num_draft_tokens=2, gamma_policy="adaptive"))
+    spec = Speculator(proposers["ngram"], SpeculativeConfig(num_speculative_tokens=2, gamma_policy="adaptive"))
     engine = Engine(target, tokenizer, speculator=spec)
     assert [g.tokens for g in engine.generate(prompts[1:], params)] == reference[1:]
     assert engine.blocks.num_used_blocks == 0
@@ -58,7 +58,7 @@ def test_adaptive_gamma_is_token_identical(setup):
 
 def test_prompt_lookup_proposes_what_followed_the_last_match():
     ngram = drafts.NgramProposer(max_ngram=2)
-    from labkit.speculative.speculator import DraftRequest
+    from labkit.engine.spec_decode.speculator import DraftRequest
 
     def ask(ids, k=3, rid="r"):
         return ngram.propose([DraftRequest(rid, ids, k, SamplingParams(), None)])[0].tokens
@@ -92,7 +92,7 @@ def test_compiled_int4_self_draft_is_token_identical(tiny):
     reference = [g.tokens for g in plain.generate(prompts, params)]
     proposer = drafts.ModelProposer(drafts.self_draft(target, "int4-g32"), compile=True)
     assert proposer.describe()["compile"] and "quant:int4-g32" in proposer.model.rewrites
-    engine = Engine(target, tiny.tokenizer, speculator=Speculator(proposer, SpeculativeConfig(num_draft_tokens=3)))
+    engine = Engine(target, tiny.tokenizer, speculator=Speculator(proposer, SpeculativeConfig(num_speculative_tokens=3)))
     assert [g.tokens for g in engine.generate(prompts, params)] == reference
     assert proposer.runner.compiled_step is not None  # the draft's one-token steps did run compiled
     assert engine.blocks.num_used_blocks == 0

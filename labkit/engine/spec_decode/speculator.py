@@ -15,7 +15,7 @@ The scheduler then rolls the paged cache back over the rejected tokens (`Schedul
 drafts roll their own caches back when they next see the request's tokens. How many tokens to draft is
 either fixed (gamma) or adaptive: per request, the gamma that maximises the expected tokens per unit of time
 for its measured acceptance rate and the measured costs of drafting and verifying (Leviathan et al. 2023,
-Sec. 3.4). The drafts themselves live in `labkit.speculative.proposers`.
+Sec. 3.4). The drafts themselves live in `labkit.engine.spec_decode.proposers`.
 """
 
 from __future__ import annotations
@@ -26,32 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from labkit.checks import check_ints
+from labkit.engine.config import GAMMA_POLICIES, SpeculativeConfig
 from labkit.engine.model_runner import RowSpan
 from labkit.model.sampling import SamplingParams, sample
-
-GAMMA_POLICIES = ("fixed", "adaptive")
-
-
-@dataclass
-class SpeculativeConfig:
-    """How many tokens to draft; validated on creation (one-line errors naming the value)."""
-
-    num_draft_tokens: int = 4  # gamma: drafts per row and step (the first guess of the adaptive policy)
-    gamma_policy: str = "fixed"  # "fixed", or "adaptive": per request, from its acceptance rate and the costs
-    max_draft_tokens: int = 16  # the adaptive policy's ceiling
-    acceptance_decay: float = 0.8  # weight of the past in the running acceptance rate of a request
-
-    def __post_init__(self):
-        check_ints(self, ("num_draft_tokens", "max_draft_tokens"))
-        if self.gamma_policy not in GAMMA_POLICIES:
-            raise ValueError(f"unknown gamma policy {self.gamma_policy!r}: choose one of {', '.join(GAMMA_POLICIES)}")
-        if self.gamma_policy == "adaptive" and self.max_draft_tokens < self.num_draft_tokens:
-            raise ValueError(f"max_draft_tokens ({self.max_draft_tokens}) must be >= num_draft_tokens "
-                             f"({self.num_draft_tokens})")
-        if not isinstance(self.acceptance_decay, (int, float)) or not 0 <= self.acceptance_decay < 1:
-            raise ValueError(f"acceptance_decay must be in [0, 1), got {self.acceptance_decay!r}")
-
 
 @dataclass
 class DraftRequest:
@@ -73,7 +50,7 @@ class Draft:
 
 
 class Proposer:
-    """The interface every draft implements (see `labkit.speculative.proposers`)."""
+    """The interface every draft implements (see `labkit.engine.spec_decode.proposers`)."""
 
     name = "proposer"
     needs_hidden = False  # True: the engine passes the target's hidden states to `observe`
@@ -245,7 +222,7 @@ class Speculator:
         self.proposer, self.config = proposer, config or SpeculativeConfig()
         self.residual = residual
         c = self.config
-        self.stats = SpecStats(max(c.num_draft_tokens, c.max_draft_tokens if c.gamma_policy == "adaptive" else 0))
+        self.stats = SpecStats(max(c.num_speculative_tokens, c.max_draft_tokens if c.gamma_policy == "adaptive" else 0))
         self.costs = StepCosts()
         self._acceptance: dict[str, float] = {}  # request id -> running acceptance rate (adaptive gamma)
         self._drafts: dict[str, Draft] = {}  # this step's drafts, by request id
@@ -259,8 +236,8 @@ class Speculator:
     def describe(self) -> dict:
         c = self.config
         return {**self.proposer.describe(), **getattr(self.proposer, "training", {}),
-                "num_draft_tokens": c.num_draft_tokens, "gamma_policy": c.gamma_policy,
-                "max_draft_tokens": c.max_draft_tokens if c.gamma_policy == "adaptive" else c.num_draft_tokens}
+                "num_speculative_tokens": c.num_speculative_tokens, "gamma_policy": c.gamma_policy,
+                "max_draft_tokens": c.max_draft_tokens if c.gamma_policy == "adaptive" else c.num_speculative_tokens}
 
     @property
     def last_step(self) -> dict[str, tuple[list[int], int]]:
@@ -274,10 +251,10 @@ class Speculator:
         """Drafts for this request's next step."""
         c = self.config
         if c.gamma_policy == "fixed":
-            return c.num_draft_tokens
+            return c.num_speculative_tokens
         alpha, costs = self._acceptance.get(request_id), self.costs.relative()
         if alpha is None or costs is None:
-            return c.num_draft_tokens
+            return c.num_speculative_tokens
         return max(optimal_gamma(alpha, *costs, c.max_draft_tokens), 1)  # one draft at least: alpha may recover
 
     def propose(self, batch, engine) -> dict[str, Draft]:
