@@ -32,6 +32,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine_config = EngineConfig.from_kwargs(max_num_seqs=args.max_num_seqs,
                                              max_num_batched_tokens=args.max_num_batched_tokens,
                                              kv_cache_mb=args.kv_cache_mb)
+    if args.tensor_parallel_size > 1:  # this process becomes rank 0 of N it starts (labkit.cli.serve_tp)
+        from labkit.cli.serve_tp import serve_tensor_parallel
+        return serve_tensor_parallel(args, config, engine_config)
     sock = bind_socket(args.host, args.port)  # fail fast, before loading a model
     try:
         try:
@@ -104,6 +107,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="new tokens in one step; longer prompts are prefilled in chunks (default: %(default)s)")
     parser.add_argument("--kv-cache-mb", type=positive_float, default=None, metavar="MIB",
                         help="KV-cache size (default: 512 MiB on a CPU, 40%% of the free memory on a GPU)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                        help="split the model over N ranks started for you (gloo on a CPU, NCCL on N GPUs); rank 0 "
+                             "serves HTTP (default: %(default)s)")
     parser.add_argument("--max-queue", type=non_negative_int, default=DEFAULT_MAX_QUEUE,
                         help="requests that may wait for a place in the batch (default: %(default)s)")
     parser.add_argument("--max-queue-wait", type=positive_float, default=DEFAULT_MAX_QUEUE_WAIT_S,
