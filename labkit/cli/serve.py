@@ -20,7 +20,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from labkit.engine import Engine, EngineConfig
     from labkit.model.llama import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture
     from labkit.serving.app import create_app
-    from labkit.serving.server import bind_socket, make_server
+    from labkit.serving.server import bind_socket, make_server, run_until_stopped
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     config = ServeConfig(served_model_name=args.served_model_name, max_queue=args.max_queue, api_key=api_key,
@@ -58,16 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"labkit serve: warning: {host} accepts other machines and no API key is set "
                   f"(--api-key or ${API_KEY_ENV})", file=sys.stderr, flush=True)
         server = make_server(app, log_level=args.log_level, access_log=args.log_level == "debug")
-        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler it found:
-        # make that handler a no-op, so a requested stop exits 0 instead of as an interrupt.
-        stops: list[int] = []
-        handlers = {sig: signal.signal(sig, lambda signum, frame: stops.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            server.run(sockets=[sock])
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+        stops = run_until_stopped(server, sock)  # a requested stop exits 0 instead of as an interrupt
     finally:
         sock.close()
     if stops:

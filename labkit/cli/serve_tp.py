@@ -8,6 +8,7 @@ with one line naming the rank.
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 import threading
@@ -32,7 +33,7 @@ def rank_spec(args, engine_config: EngineConfig) -> RankSpec:
 def serve_tensor_parallel(args, config: ServeConfig, engine_config: EngineConfig) -> int:
     """Serve over args.tensor_parallel_size ranks until SIGINT/SIGTERM (0) or a rank's failure (1)."""
     from labkit.serving.app import create_app
-    from labkit.serving.server import bind_socket, make_server
+    from labkit.serving.server import bind_socket, make_server, run_until_stopped
 
     spec = rank_spec(args, engine_config)
     plan = check_spec(spec)  # one line, before any process starts
@@ -44,9 +45,10 @@ def serve_tensor_parallel(args, config: ServeConfig, engine_config: EngineConfig
                                  access_log=args.log_level == "debug")
             ranks.on_failure = lambda message: _stop_on_failure(server, ranks, message)
             _announce(engine, config, spec, plan, sock)
-            stops = _run_until_stopped(server, sock)
+            stops = run_until_stopped(server, sock)
     finally:
         sock.close()
+    gc.freeze()  # the interpreter's exit would walk torch's objects for seconds; the OS reclaims them
     if ranks.failure is not None:
         print(f"labkit serve: stopped: {ranks.failure}", file=sys.stderr, flush=True)
         return 1
@@ -67,20 +69,6 @@ def _announce(engine, config: ServeConfig, spec: RankSpec, plan: str, sock) -> N
     if not config.api_key and not is_loopback(server_url(host, port)):
         print(f"labkit serve: warning: {host} accepts other machines and no API key is set", file=sys.stderr,
               flush=True)
-
-
-def _run_until_stopped(server, sock) -> list[int]:
-    """Run uvicorn on the socket; the signals that stopped it. uvicorn re-raises a stop signal to the handler it
-    found once it has shut down: a no-op here, so that a requested stop returns."""
-    stops: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: stops.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.run(sockets=[sock])
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return stops
 
 
 def _stop_on_failure(server, ranks: RankGroup, message: str) -> None:

@@ -14,6 +14,7 @@ message: before the server runs it ends rank 0's process at once (exit 1); while
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -137,6 +138,7 @@ def _rank_main(rank: int, spec: RankSpec, store_port: int, parent_pid: int, comm
     _die_with_parent(parent_pid)
     try:
         follow(build_engine(spec, _join(spec, rank, store_port)), commands, reports)
+        gc.freeze()  # the interpreter's exit would walk torch's objects for seconds; the OS reclaims them
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}"
         print(f"labkit serve: rank {rank} failed: {message}", file=sys.stderr, flush=True)
