@@ -141,11 +141,10 @@ def _rank_main(rank: int, spec: RankSpec, store_port: int, parent_pid: int, comm
         gc.freeze()  # the interpreter's exit would walk torch's objects for seconds; the OS reclaims them
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}"
-        print(f"labkit serve: rank {rank} failed: {message}", file=sys.stderr, flush=True)
         try:
-            reports.send(("error", message))
-        except OSError:
-            pass
+            reports.send(("error", message))  # rank 0 says it, once
+        except OSError:  # rank 0 is gone: say it here
+            print(f"labkit serve: rank {rank} failed: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
         if dist.is_initialized():
@@ -167,8 +166,8 @@ class RankGroup:
     digests, and a watch that turns a rank's death, failure or drift into one `fail(message)`.
 
     `with RankGroup(spec) as ranks: engine = ranks.start()` starts the other ranks and returns rank 0's engine;
-    leaving the block stops them (killing any that do not leave within STOP_TIMEOUT_S). `on_failure(message)`
-    runs once, from the watch's thread; by default it ends this process (exit 1) after stopping the ranks.
+    leaving the block stops them (killing any that do not leave within STOP_TIMEOUT_S). `on_failure(message)` runs
+    once, from the watch's thread or the engine's; by default it kills the ranks and ends this process (exit 1).
     """
 
     def __init__(self, spec: RankSpec, on_failure: Callable[[str], None] | None = None):
