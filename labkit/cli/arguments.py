@@ -242,8 +242,9 @@ def add_engine_options(parser: argparse.ArgumentParser, *, serving: bool = True)
         g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=defaults.enforce_eager,
                        help="run the decode step eagerly; --no-enforce-eager compiles it with torch.compile "
                             "(default: %(default)s, EngineConfig's)")
-        g.add_argument("--tensor-parallel-size", type=positive_int, default=defaults.parallel.tensor_parallel_size,
-                       help="ranks that split the model (default: %(default)s)")
+        g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=defaults.parallel.tensor_parallel_size,
+                       help="split the model over N ranks started for you (gloo on a CPU, NCCL on N GPUs); rank 0 "
+                            "serves HTTP (default: %(default)s)", metavar="N")
     g.add_argument("--quantization", "-q", default=None, choices=QUANTIZATIONS, metavar="METHOD",
                    help=f"weight quantization: {', '.join(QUANTIZATIONS)}; int4 is int4-g32 (default: none, the "
                         f"--dtype weights)")

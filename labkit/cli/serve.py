@@ -21,7 +21,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from labkit.engine import Engine
     from labkit.model.llama import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture
     from labkit.serving.app import create_app
-    from labkit.serving.server import bind_socket, make_server
+    from labkit.serving.server import bind_socket, make_server, run_until_stopped
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     config = ServeConfig(served_model_name=args.served_model_name, max_queue=args.max_queue, api_key=api_key,
@@ -31,9 +31,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          keep_alive_timeout_s=args.timeout_keep_alive,
                          shutdown_grace_s=args.timeout_graceful_shutdown, check_host=args.check_host)
     engine_config = engine_config_from_args(args)  # a refused combination fails here, before anything loads
-    if engine_config.parallel.tensor_parallel_size > 1:  # labkit.parallel serves the ranks (its own entry point)
-        raise ValueError(f"--tensor-parallel-size {engine_config.parallel.tensor_parallel_size}: this labkit serve "
-                         f"runs one rank; `labkit tp --nproc N` runs the tensor-parallel benchmarks")
+    if engine_config.parallel.tensor_parallel_size > 1:  # this process becomes rank 0 of N it starts (cli.serve_tp)
+        from labkit.cli.serve_tp import serve_tensor_parallel
+        return serve_tensor_parallel(args, config, engine_config)
     sock = bind_socket(args.host, args.port)  # fail fast, before loading a model
     try:
         try:
@@ -59,16 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"labkit serve: warning: {host} accepts other machines and no API key is set "
                   f"(--api-key or ${API_KEY_ENV})", file=sys.stderr, flush=True)
         server = make_server(app, log_level=args.log_level, access_log=args.log_level == "debug")
-        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler it found:
-        # make that handler a no-op, so a requested stop exits 0 instead of as an interrupt.
-        stops: list[int] = []
-        handlers = {sig: signal.signal(sig, lambda signum, frame: stops.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            server.run(sockets=[sock])
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+        stops = run_until_stopped(server, sock)  # a requested stop exits 0 instead of as an interrupt
     finally:
         sock.close()
     if stops:

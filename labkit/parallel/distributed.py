@@ -72,22 +72,32 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = 120
 
     The device is resolved per rank: "auto" or "cuda" becomes cuda:LOCAL_RANK on a GPU node, cpu elsewhere.
     """
-    from datetime import timedelta
-
     if not is_torchrun():
         missing = [name for name in TORCHRUN_ENV if name not in os.environ]
         raise ValueError(f"not started by torchrun ({', '.join(missing)} unset): launch with `labkit tp --nproc N`")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    return join_group(rank, world, local, device, timeout_s)
+
+
+def join_group(rank: int, world_size: int, local_rank: int, device: str | torch.device = "auto",
+               timeout_s: float = 120.0, store=None) -> DistContext:
+    """Join the default process group as `rank` of `world_size`: through torchrun's environment, or through
+    `store` (a torch.distributed.TCPStore, for ranks a program starts itself). On CUDA the rank takes
+    cuda:local_rank unless the device names one."""
+    from datetime import timedelta
+
     dev = pick_device(device)
     if dev.type == "cuda":
         if dev.index is None:
-            dev = torch.device("cuda", local)
+            dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     backend = backend_for(dev)
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world_size)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
-    return DistContext(rank=rank, world_size=world, local_rank=local, backend=backend, device=dev)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend, device=dev)
 
 
 def all_gather_objects(obj, ctx: DistContext) -> list:
@@ -223,6 +233,6 @@ def torchrun_command(launch: LaunchConfig, program: str, args: Sequence[str]) ->
     return [*cmd, *([program] if program.endswith(".py") else ["-m", program]), *args]
 
 
-__all__ = ["DistContext", "BACKENDS", "backend_for", "is_torchrun", "init_distributed", "all_gather_objects",
-           "AllReduceTiming", "measure_all_reduce", "fit_alpha_beta", "LaunchConfig", "torchrun_command",
-           "DEFAULT_ALL_REDUCE_BYTES"]
+__all__ = ["DistContext", "BACKENDS", "backend_for", "is_torchrun", "init_distributed", "join_group",
+           "all_gather_objects", "AllReduceTiming", "measure_all_reduce", "fit_alpha_beta", "LaunchConfig",
+           "torchrun_command", "DEFAULT_ALL_REDUCE_BYTES"]

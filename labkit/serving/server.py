@@ -8,6 +8,7 @@ each open stream with an error event and `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 import time
@@ -57,6 +58,21 @@ def make_server(app, **uvicorn_kwargs):
         timeout_keep_alive=config.keep_alive_timeout_s, timeout_graceful_shutdown=SHUTDOWN_FLUSH_S, **uvicorn_kwargs))
 
 
+def run_until_stopped(server, sock: socket.socket) -> list[int]:
+    """Run a server of make_server's on the socket in this (main) thread until SIGINT or SIGTERM; the signals
+    that stopped it. uvicorn shuts down gracefully on them, then re-raises the signal to the handler it found:
+    that handler is a no-op here, so that a requested stop returns instead of ending the process."""
+    stops: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stops.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return stops
+
+
 class ServerThread:
     """Serve an app of create_app's with uvicorn on a background thread (tests, notebooks):
     `with ServerThread(app) as s: s.url`."""
@@ -94,4 +110,4 @@ class ServerThread:
         self.stop()
 
 
-__all__ = ["bind_socket", "make_server", "ServerThread", "SHUTDOWN_FLUSH_S"]
+__all__ = ["bind_socket", "make_server", "run_until_stopped", "ServerThread", "SHUTDOWN_FLUSH_S"]
