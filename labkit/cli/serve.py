@@ -69,7 +69,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
     if stops:
         print(f"labkit serve: stopped by {signal.Signals(stops[0]).name}", file=sys.stderr)
+        _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """End the process once a signal has stopped the server, so that it exits when --timeout-graceful-shutdown
+    says: the interpreter's own exit (tearing down torch's modules and objects) takes 1-3 s more on a 2-core CPU.
+    The exit handlers still run and the output is flushed; only that teardown is skipped, the OS frees it all."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
