@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+
+from labkit.serving.server_info import INFO_METRIC, info_labels
 
 if TYPE_CHECKING:
     from labkit.engine.engine import EngineStats
@@ -66,6 +68,13 @@ class ServerMetrics:
     def watch_engine(self, snapshot: EngineSnapshot) -> None:
         """Publish the engine's gauges, read from snapshot() at each scrape."""
         self.registry.register(EngineCollector(self.model, snapshot))
+
+    def publish_engine_config(self, settings: dict) -> None:
+        """The engine's settings as an info gauge, `labkit_engine_config_info{model=...,prefix_caching=...} 1`
+        (vLLM's `vllm:cache_config_info` likewise), so a scraper or a benchmark knows what it measured."""
+        info = Info(INFO_METRIC, "The engine's settings (Engine.describe()), as labels.", ["model"],
+                    registry=self.registry)
+        info.labels(model=self.model).info(info_labels(settings))
 
     def count_request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
