@@ -33,6 +33,7 @@ def format_table(result: dict) -> str:
              f"{'Model / endpoint:':<40}{result['server']['model']} {c['endpoint']}",
              f"{'Request rate / burstiness:':<40}{rate} / {c['burstiness']}",
              f"{'Max concurrency:':<40}{c['max_concurrency'] or 'none'}",
+             f"{'Server prefix caching:':<40}{_on_off(result['server'].get('prefix_caching'))}",
              f"{'Successful / failed requests:':<40}{m['num_completed']} / {m['num_failed']}",
              f"{'Duration (s):':<40}{fmt(m['duration_s'])}",
              f"{'Total input / output tokens:':<40}{m['total_input_tokens']} / {m['total_output_tokens']}",
@@ -56,6 +57,10 @@ def format_table(result: dict) -> str:
     for error, count in result["errors"].items():
         lines.append(f"{count} × {error}")
     return "\n".join(lines)
+
+
+def _on_off(value: bool | None) -> str:
+    return "unknown (the server does not say)" if value is None else "on" if value else "off"
 
 
 def _result_file(args: argparse.Namespace) -> Path | None:

@@ -2,7 +2,7 @@
 in order, stopping at the first failure. Parameters come from a profile in
 notebooks/profiles.json, then from -p overrides (which win), and are injected after
 the notebook's 'parameters' cell; a name no selected notebook has is an error. Executed
-copies, failed ones included, go to runs/<UTC time>/ (or --output-dir), and so do the
+copies, failed ones included, go to runs/<run id>/ (or --output-dir), and so do the
 results (data/) and figures (figures/) the notebooks write, so the git tree stays clean;
 --refresh-reference writes them to the committed data/ and figures/ instead. --publish
 (`make publish`) then publishes that one run: docs/notebooks/ (HTML and executed .ipynb,
@@ -23,8 +23,8 @@ from labkit.lab.runner import (NotebookFailed, default_output_dir, find_notebook
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The `labkit run` command: 0 on success, else one `labkit run: ...` line on stderr and 1."""
-    folder = args.output_dir or default_output_dir()
     run_id = new_run_id()
+    folder = args.output_dir or default_output_dir(run_id)
     where = output_environment(folder, args.refresh_reference, run_id, args.label)
     try:
         for name in ("LABKIT_DATA_DIR", "LABKIT_FIGURES_DIR"):  # before minutes of notebooks, not after
@@ -72,7 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--profile", default="default",
                         help="parameter profile from notebooks/profiles.json (default: %(default)s)")
     parser.add_argument("--output-dir", type=output_dir, metavar="DIR",
-                        help="where executed copies go, with data/ and figures/ (default: runs/<UTC time>/)")
+                        help="executed copies, data/ and figures/ (default: runs/<run id>/, or in $LABKIT_RUNS_DIR)")
     parser.add_argument("--refresh-reference", action="store_true",
                         help="write results and figures to the committed data/ and figures/ (the reference "
                              "results) instead of the run folder")

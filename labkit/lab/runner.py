@@ -1,7 +1,8 @@
 """`labkit run`: execute the numbered notebooks headless through papermill, with profiles and overrides.
 
-A run writes only under its run folder (`runs/<UTC time>/`: executed copies, `data/`, `figures/`), so the git
-tree stays clean; `--refresh-reference` sends results and figures to the committed `data/` and `figures/`.
+A run writes only under its run folder (`runs/<run id>/`: executed copies, `data/`, `figures/`, and its kernels'
+connection files while they run), so the git tree stays clean; `--refresh-reference` sends results and figures
+to the committed `data/` and `figures/`.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ import difflib
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from labkit.device import repo_root
 
 NOTEBOOK_RE = re.compile(r"(\d{2})_[^/]+\.ipynb")
+KERNELS_DIR = ".kernels"  # in a run's folder while it runs: its kernels' connection files
+OWNER_FILE = "pid"  # in KERNELS_DIR: the run's process id, so that a later run knows when it died
 PROFILES_FILE = "profiles.json"
 ALL_NOTEBOOKS = "*"  # profile key whose parameters apply to every notebook
 KERNEL_NAME = "python3"  # jupyter_client runs a "python" kernelspec with sys.executable, i.e. this venv
@@ -247,15 +250,65 @@ def _quiet_papermill_log() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
-def default_output_dir() -> Path:
-    """A new folder `runs/<UTC time>/` (suffixed -1, -2, ... if that second is taken); nothing is created."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = repo_root() / "runs" / stamp
-    suffix = 1
-    while path.exists():  # two runs started in the same second must not overwrite each other
-        path = path.with_name(f"{stamp}-{suffix}")
-        suffix += 1
-    return path
+def runs_dir() -> Path:
+    """Where run folders go: `$LABKIT_RUNS_DIR`, else `<repo>/runs` (ignored by git)."""
+    return Path(os.environ.get("LABKIT_RUNS_DIR") or repo_root() / "runs")
+
+
+def default_output_dir(run_id: str | None = None) -> Path:
+    """The run's folder, `runs/<run id>/` (a new id unless given: UTC time and random digits), so that two runs
+    started in the same second never share one; nothing is created."""
+    from labkit.lab.results import new_run_id
+
+    return runs_dir() / (run_id or new_run_id())
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_kernel_files(folder: Path) -> list[Path]:
+    """Remove the kernel folders (`<run>/.kernels/`) that runs in `folder` left when they died (SIGKILL, a lost
+    machine): those whose recorded pid is gone. A process killed that way cannot clean up after itself; its
+    kernel exits on its own when its parent dies. Returns what was removed."""
+    removed = []
+    for kernels in Path(folder).glob(f"*/{KERNELS_DIR}"):
+        try:
+            pid = int((kernels / OWNER_FILE).read_text())
+        except (OSError, ValueError):  # being created, or not ours
+            continue
+        if pid != os.getpid() and not _is_alive(pid):
+            shutil.rmtree(kernels, ignore_errors=True)
+            removed.append(kernels)
+    return removed
+
+
+@contextlib.contextmanager
+def _kernel_files(output_dir: Path) -> Iterator[Path]:
+    """A folder inside the run's folder for its kernels' connection files, removed when the run ends however it
+    ends in Python; jupyter_client's default is a temporary file in /tmp, which a killed run left behind. Stale
+    ones of dead runs next to this one are removed first."""
+    remove_stale_kernel_files(output_dir.parent)
+    kernels = output_dir / KERNELS_DIR
+    kernels.mkdir(parents=True, exist_ok=True)
+    (kernels / OWNER_FILE).write_text(str(os.getpid()))
+    try:
+        yield kernels
+    finally:
+        shutil.rmtree(kernels, ignore_errors=True)
+
+
+def _kernel_config(connection_file: Path):
+    """nbclient's configuration that starts the kernel with its connection file at `connection_file`."""
+    from traitlets.config import Config
+
+    return Config({"KernelManager": {"connection_file": str(connection_file)}})
 
 
 def one_line(text: str) -> str:
@@ -301,10 +354,9 @@ def run_notebooks(paths: Sequence[Path], parameters: Mapping[str, Any] | None = 
     """Execute notebooks in order with papermill; return the executed copies; raise NotebookFailed on error.
 
     Parameters are checked against each notebook's parameters cell before anything runs. Results and figures
-    go where `output_environment` says: under `output_dir` unless `refresh_reference`.
+    go where `output_environment` says: under `output_dir` (default `runs/<run id>/`) unless `refresh_reference`.
     """
-    import papermill as pm
-    from tqdm.auto import tqdm
+    from labkit.lab.results import new_run_id
 
     if cell_timeout_s is not None and not cell_timeout_s > 0:
         raise ValueError(f"the cell timeout must be > 0 seconds, got {cell_timeout_s}")
@@ -313,9 +365,20 @@ def run_notebooks(paths: Sequence[Path], parameters: Mapping[str, Any] | None = 
     if profile not in profiles:
         raise ValueError(f"unknown profile {profile!r}; available: {', '.join(sorted(profiles))}")
     resolved = resolve_parameters(paths, profiles[profile], parameters or {})
-    output_dir = Path(output_dir) if output_dir is not None else default_output_dir()
+    run_id = run_id or new_run_id()
+    output_dir = Path(output_dir) if output_dir is not None else default_output_dir(run_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     variables = output_environment(output_dir, refresh_reference, run_id, label)
+    with _kernel_files(output_dir) as kernels:
+        return _execute(paths, resolved, output_dir, variables, kernels, cell_timeout_s, progress)
+
+
+def _execute(paths: Sequence[Path], resolved: Mapping[Path, dict], output_dir: Path, variables: Mapping[str, str],
+             kernels: Path, cell_timeout_s: float | None, progress: bool) -> list[Path]:
+    """run_notebooks' loop: each notebook through papermill, its kernel's connection file in `kernels`."""
+    import papermill as pm
+    from tqdm.auto import tqdm
+
     # papermill's per-cell bar only helps a person watching a terminal; in logs it is noise
     show_cells = progress and sys.stderr.isatty()
     outputs = []
@@ -336,6 +399,7 @@ def run_notebooks(paths: Sequence[Path], parameters: Mapping[str, Any] | None = 
                     # ipykernel warns on every start that its localhost TCP sockets are unencrypted, and when a
                     # timed-out cell is interrupted logs a ZMQ traceback: noise before labkit's own message
                     extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+                    config=_kernel_config(kernels / f"kernel-{notebook.stem}.json"),
                 )
         except Exception as exc:  # kernel start-up fails with plain RuntimeError/KeyError: report them all alike
             bar.close()

@@ -2,8 +2,8 @@
 
 The server: `protocol` (requests, errors), `events` (server-sent events and the one reader of them),
 `responses`, `config`, `worker` (the engine's thread), `app`, `http_limits`, `server` (sockets, uvicorn,
-ServerThread) and `metrics` (Prometheus). Its clients: `addresses`, `client` (ping), `workloads`, `loadgen` and
-`load_metrics` (bench serve). Data parallelism: `router`, `router_app` and `replicas`. Modules are imported on
+ServerThread), `metrics` (Prometheus) and `server_info` (the engine settings it publishes). Its clients:
+`addresses`, `client` (ping), `workloads`, `loadgen` and `load_metrics` (bench serve). Data parallelism: `router`, `router_app` and `replicas`. Modules are imported on
 first use, so `import labkit.serving` (and the command line's parsers) stays free of FastAPI and torch.
 """
 

@@ -29,6 +29,7 @@ from labkit.serving.http_limits import Gate, error_response, read_json_body
 from labkit.serving.metrics import ServerMetrics
 from labkit.serving.protocol import APIError, GenerationRequest, parse_generation_request, parse_json_object
 from labkit.serving.responses import Reply, TokenTexts
+from labkit.serving.server_info import CARD_FIELD
 from labkit.serving.worker import EngineWorker, Job, QueueFull
 
 logger = logging.getLogger("labkit.serving.server")
@@ -101,6 +102,7 @@ class _Routes:
         self.vocab_size = engine.model.args.vocab_size
         self.token_texts = TokenTexts(copy.deepcopy(engine.tokenizer))  # logprobs' token strings, on the event loop
         self.created = int(time.time())
+        self.settings = engine.describe()  # the model card's extra field (labkit.serving.server_info)
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -151,7 +153,8 @@ class _Routes:
         try:
             self.worker.submit(job)
         except QueueFull:
-            raise APIError(429, f"the server is busy: {self.config.max_queue} requests are already waiting",
+            limits = f"{self.engine.config.scheduler.max_num_seqs} running and {self.config.max_queue} waiting"
+            raise APIError(429, f"the server is busy: {limits}, its limits, are taken",
                            type="rate_limit_exceeded", code="queue_full", headers={"Retry-After": "1"}) from None
 
     async def stream_events(self, choices: Choices, req: GenerationRequest, reply: Reply, view: LogprobView):
@@ -221,7 +224,7 @@ class _Routes:
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "labkit",
-                "root": self.engine.name, "max_model_len": self.engine.max_seq_len}
+                "root": self.engine.name, "max_model_len": self.engine.max_seq_len, CARD_FIELD: self.settings}
 
     async def models(self, request: Request):
         self.check_key(request)
@@ -273,6 +276,8 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs) -> FastAPI:
     metrics = ServerMetrics(model_name)
     worker = EngineWorker(engine, metrics, config.max_queue, config.max_queue_wait_s)
     metrics.watch_engine(worker.snapshot)
+    metrics.publish_engine_config(engine.describe())
+    metrics.show_techniques(engine.techniques())
     routes = _Routes(engine, config, model_name, worker, metrics)
 
     app = FastAPI(title="labkit serve", lifespan=routes.lifespan, docs_url=None, redoc_url=None, openapi_url=None)

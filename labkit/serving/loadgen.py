@@ -12,8 +12,10 @@ vLLM's result keys are written too.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
@@ -51,6 +53,7 @@ class BenchServeConfig:
     max_concurrency: int | None = None  # in-flight cap on the client side
     num_warmups: int = 1  # requests before the timed run, excluded from the metrics
     seed: int = 0
+    prompt_salt: str | None = None  # draws each prompt's first words (see salt_prompts); None: a fresh one per run
     temperature: float = 0.0
     ignore_eos: bool = True  # vLLM's extension: fixed output lengths
     return_token_ids: bool = True  # vLLM's extension: per-chunk token ids, so ITL splits multi-token chunks exactly
@@ -85,6 +88,8 @@ class BenchServeConfig:
             raise ValueError(f"burstiness must be a finite number > 0, got {self.burstiness!r}")
         check_optional_int("max_concurrency", self.max_concurrency)
         check_int("num_warmups", self.num_warmups, minimum=0)
+        if self.prompt_salt is not None and not (isinstance(self.prompt_salt, str) and self.prompt_salt):
+            raise ValueError(f"prompt_salt must be a non-empty string or None, got {self.prompt_salt!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not self.timeout_s > 0:
@@ -143,6 +148,32 @@ def parse_goodput(pairs: Sequence[str] | None) -> dict:
             raise ValueError(f"goodput item {pair!r} is not KEY:MS (e.g. ttft:500 tpot:50)")
         slo.update(parse_slo(f"{key.strip()}_ms={value}"))
     return slo
+
+
+# -- prompts -------------------------------------------------------------------------------------------------
+SALT_WORDS = 3  # leading words drawn per run: 1 in ~250**3 that two runs' prompts start alike
+
+
+def salt_prompts(specs: Sequence[PromptSpec], salt: str, kind: str = "timed") -> list[PromptSpec]:
+    """The prompts with their first SALT_WORDS words drawn from (salt, kind, index), the rest kept.
+
+    A prefix cache hashes a prompt's blocks from its first token on, so a prompt whose first words are new finds
+    nothing cached. Lengths, arrivals and all later words still come from the seed; a fresh salt per run means
+    the same --seed run twice against one server (or warm-ups, `kind` "warmup", before the timed prompts) never
+    sends a prompt that server has cached, and the salt in the result replays a run word for word.
+    """
+    import random
+
+    from labkit.serving.workloads import WORDS
+
+    salted = []
+    for spec in specs:
+        rng = random.Random(f"{salt}-{kind}-{spec.index}")
+        words = spec.prompt.split(" ")
+        n = min(SALT_WORDS, len(words))
+        words[:n] = [rng.choice(WORDS) for _ in range(n)]
+        salted.append(dataclasses.replace(spec, prompt=" ".join(words)))
+    return salted
 
 
 # -- sending requests ----------------------------------------------------------------------------------------
@@ -256,6 +287,29 @@ def _count_source(outcomes: Sequence[RequestOutcome]) -> str | None:
     return sources.pop() if len(sources) == 1 else "mixed" if sources else None
 
 
+async def _send_on_schedule(client, url: str, headers: dict, config: BenchServeConfig, model: str,
+                            prompts: Sequence[PromptSpec]) -> tuple[list[RequestOutcome], float]:
+    """Send the timed prompts at their arrival offsets (at most max_concurrency in flight): (outcomes, start)."""
+    semaphore = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+
+    async def one(spec: PromptSpec) -> RequestOutcome:
+        body = request_body(config, model, spec)
+        if semaphore is None:
+            return await send_request(client, url, body, headers, spec.index)
+        async with semaphore:
+            return await send_request(client, url, body, headers, spec.index)
+
+    offsets = arrival_offsets(len(prompts), config.request_rate, config.burstiness, config.seed)
+    origin = time.perf_counter()
+    tasks = []
+    for spec, offset in zip(prompts, offsets):
+        delay = origin + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(spec)))
+    return list(await asyncio.gather(*tasks)), origin
+
+
 async def run_benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] | None = None,
                         tokenizer=None) -> dict:
     """Warm up, send the workload on its arrival schedule, and return the result document (see the schema doc).
@@ -265,8 +319,9 @@ async def run_benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] 
     """
     import httpx
 
-    prompts = list(prompts) if prompts is not None else make_prompts(
-        config.num_prompts, config.input_len, config.output_len, config.range_ratio, config.seed)
+    salt, prompts_given = config.prompt_salt or secrets.token_hex(4), prompts
+    prompts = list(prompts) if prompts is not None else salt_prompts(make_prompts(
+        config.num_prompts, config.input_len, config.output_len, config.range_ratio, config.seed), salt)
     get_tokenizer = functools.cache(lambda: load_tokenizer(config.tokenizer) if tokenizer is None else tokenizer)
     if config.tokenizer is not None:
         get_tokenizer()
@@ -274,37 +329,21 @@ async def run_benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] 
     limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
     timeout = httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s))
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
-        models = await _list_models(client, config.base_url, headers)
+        models, cards = await _list_models(client, config.base_url, headers)
         model = config.model or (models[0] if models else None)
         if model is None:
             raise ServerError(f"{config.base_url}/v1/models lists no model: pass --model")
+        prefix_caching = await _prefix_caching(client, config.base_url, headers, cards.get(model))
         url = config.base_url + ENDPOINTS[config.endpoint]
         # warm-up prompts of the same shape but other words, so a prefix cache cannot favour the timed ones
-        warmups = make_prompts(config.num_warmups, config.input_len, config.output_len, config.range_ratio,
-                               seed=f"warmup-{config.seed}")
+        warmups = salt_prompts(make_prompts(config.num_warmups, config.input_len, config.output_len,
+                                            config.range_ratio, seed=f"warmup-{config.seed}"), salt, "warmup")
         for spec in warmups:
             warm = await send_request(client, url, request_body(config, model, spec), headers)
             if not settle(warm, spec.prompt, get_tokenizer).success:
                 raise ServerError(f"warm-up request to {url} failed: {warm.error}")
 
-        semaphore = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
-
-        async def one(spec: PromptSpec) -> RequestOutcome:
-            body = request_body(config, model, spec)
-            if semaphore is None:
-                return await send_request(client, url, body, headers, spec.index)
-            async with semaphore:
-                return await send_request(client, url, body, headers, spec.index)
-
-        offsets = arrival_offsets(len(prompts), config.request_rate, config.burstiness, config.seed)
-        origin = time.perf_counter()
-        tasks = []
-        for spec, offset in zip(prompts, offsets):
-            delay = origin + offset - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(spec)))
-        outcomes = await asyncio.gather(*tasks)
+        outcomes, origin = await _send_on_schedule(client, url, headers, config, model, prompts)
         duration = max(o.end_s for o in outcomes) - origin
     outcomes = [settle(o, spec.prompt, get_tokenizer) for o, spec in zip(outcomes, prompts)]
     errors: dict[str, int] = {}
@@ -323,8 +362,9 @@ async def run_benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] 
     return {
         "schema": SCHEMA,
         "timestamp": now.isoformat(timespec="milliseconds"),
-        "config": config.to_dict(),
-        "server": {"base_url": config.base_url, "endpoint_url": url, "model": model, "models": models},
+        "config": {**config.to_dict(), "prompt_salt": salt if prompts_given is None else None},
+        "server": {"base_url": config.base_url, "endpoint_url": url, "model": model, "models": models,
+                   "prefix_caching": prefix_caching},  # None: the server does not say
         "env": describe_environment(),  # the client's machine; the server is only named above
         "token_count_source": _count_source(outcomes),
         "metrics": metrics,
@@ -359,7 +399,8 @@ def vllm_keys(config: BenchServeConfig, model: str, tokenizer_id: str | None, me
     return keys
 
 
-async def _list_models(client, base_url: str, headers: dict) -> list[str]:
+async def _list_models(client, base_url: str, headers: dict) -> tuple[list[str], dict[str, dict]]:
+    """The server's model ids and their cards, by id."""
     import httpx
 
     url = f"{base_url}/v1/models"
@@ -367,7 +408,24 @@ async def _list_models(client, base_url: str, headers: dict) -> list[str]:
         response = await client.get(url, headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise transport_error(url, exc) from None
-    return model_ids(url, response.status_code, response.content)
+    ids = model_ids(url, response.status_code, response.content)
+    return ids, {card["id"]: card for card in (response.json().get("data") or [])} if ids else {}
+
+
+async def _prefix_caching(client, base_url: str, headers: dict, card: dict | None) -> bool | None:
+    """Whether the server's prefix cache is on, as its model card or its /metrics page says; None if neither does."""
+    import httpx
+
+    from labkit.serving.server_info import prefix_caching_in_card, prefix_caching_in_metrics
+
+    found = prefix_caching_in_card(card)
+    if found is not None:
+        return found
+    try:
+        response = await client.get(f"{base_url}/metrics", headers=headers)
+    except (httpx.HTTPError, httpx.InvalidURL):
+        return None
+    return prefix_caching_in_metrics(response.text) if response.status_code == 200 else None
 
 
 def benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] | None = None, tokenizer=None) -> dict:
@@ -416,11 +474,13 @@ def save_result(result: dict, result_file: str | Path | None = None) -> Path:
         result_file = results.data_dir() / "bench_serve" / default_result_name()
     path = results.write_json_atomic(result_file, result)
     params = {**result["config"], "model": result["server"]["model"], "result_file": str(path),
+              "prefix_caching": result["server"].get("prefix_caching"),
               "token_count_source": result["token_count_source"], "tokenizer": result["tokenizer_id"]}
     results.append_rows(results.make_row("bench_serve", params, result["metrics"], env=result["env"]))
     return path
 
 
-__all__ = ["SCHEMA", "SLO_KEYS", "BenchServeConfig", "PromptSpec", "parse_slo", "parse_goodput", "make_prompts",
+__all__ = ["SCHEMA", "SLO_KEYS", "SALT_WORDS", "BenchServeConfig", "PromptSpec", "parse_slo", "parse_goodput",
+           "make_prompts", "salt_prompts",
            "arrival_offsets", "request_body", "send_request", "count_tokens", "settle", "load_tokenizer",
            "run_benchmark", "benchmark", "vllm_keys", "measure_replicas", "default_result_name", "save_result"]

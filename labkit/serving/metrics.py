@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
+from labkit.serving.server_info import INFO_METRIC, info_labels
+
 if TYPE_CHECKING:
     from labkit.engine.engine import EngineStats
 
@@ -72,6 +74,13 @@ class ServerMetrics:
         techniques the engine runs (`Engine.techniques()`), as vLLM's cache_config_info names its settings."""
         Info("labkit_techniques", "The techniques the engine runs, as labels.", ["model"],
              registry=self.registry).labels(model=self.model).info(techniques)
+
+    def publish_engine_config(self, settings: dict) -> None:
+        """The engine's settings as an info gauge, `labkit_engine_config_info{model=...,prefix_caching=...} 1`
+        (vLLM's `vllm:cache_config_info` likewise), so a scraper or a benchmark knows what it measured."""
+        info = Info(INFO_METRIC, "The engine's settings (Engine.describe()), as labels.", ["model"],
+                    registry=self.registry)
+        info.labels(model=self.model).info(info_labels(settings))
 
     def count_request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

@@ -3,8 +3,9 @@
 The engine is not thread-safe, so the event loop never touches it: it hands requests (`Job`s) and cancellations
 to this thread through an inbox and gets each request's outputs back on the job's own asyncio queue (like vLLM's
 AsyncLLMEngine over its LLMEngine). Requests join and leave the running batch at every step (continuous
-batching). Up to `max_queue` requests wait for a place in the batch; one more is refused (QueueFull), and one
-that waited longer than `max_queue_wait_s` answers 503. A failed step answers its batch 500 and frees its blocks.
+batching). Up to `max_num_seqs` requests run and `max_queue` more wait for a place in the batch; one more is
+refused (QueueFull), and one that waited longer than `max_queue_wait_s` answers 503. A failed step answers its
+batch 500 and frees its blocks.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ class QueueFull(Exception):
 
 
 def shutting_down() -> APIError:
-    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+    """The answer while draining, and the last event of a stream cut at the end of the grace period. Retry-After:
+    a client (or the proxy in front) retries, by then on the server's replacement or another replica."""
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                    headers={"Retry-After": "1"})
 
 
 class EngineWorker:
@@ -73,9 +77,8 @@ class EngineWorker:
     def __init__(self, engine, metrics: ServerMetrics, max_queue: int, max_queue_wait_s: float | None = None):
         self.engine, self.metrics = engine, metrics
         self.max_queue, self.max_queue_wait_s = max_queue, max_queue_wait_s
-        # a new request waits unless the continuous scheduler has a free row for it
-        is_continuous = engine.config.scheduler.policy == "continuous"
-        self._max_rows = engine.config.scheduler.max_num_seqs if is_continuous else 1
+        self._is_continuous = engine.config.scheduler.policy == "continuous"
+        self._max_rows = engine.config.scheduler.max_num_seqs  # the running batch's rows
         self._cond = threading.Condition()
         self._inbox: collections.deque[Job] = collections.deque()  # accepted, not yet in the engine
         self._cancels: list[Job] = []
@@ -111,14 +114,26 @@ class EngineWorker:
             if self.is_draining:
                 raise shutting_down()
             if self._stopping or not self.is_alive:
-                raise APIError(503, "the engine is not running", type="server_error", code="worker_unavailable")
-            num_waiting = len(self._inbox) + self._stats.num_waiting
-            would_wait = num_waiting > 0 or self._stats.num_running >= self._max_rows
-            if would_wait and num_waiting >= self.max_queue:
+                raise APIError(503, "the engine is not running", type="server_error", code="worker_unavailable",
+                               headers={"Retry-After": "1"})
+            if not self._has_room():
                 raise QueueFull()
             self._inbox.append(job)
             self._cond.notify()
         self.metrics.count_accepted()
+
+    def _has_room(self) -> bool:
+        """Whether one more request fits (under the lock): up to max_num_seqs run and max_queue wait.
+
+        Every accepted request not yet ended counts, whether it is still in the inbox or in the engine, and a free
+        row of the running batch is room as much as a queue slot is: `--max-num-seqs 32 --max-queue 64` takes 96
+        requests sent at once. A policy other than continuous batching frees no row while a batch runs.
+        """
+        num_accepted = len(self._inbox) + len(self._jobs)
+        num_running = min(self._stats.num_running, len(self._jobs))
+        is_batch_open = self._is_continuous or num_running == 0
+        num_free_rows = self._max_rows - num_running if is_batch_open else 0
+        return num_accepted - num_running < self.max_queue + num_free_rows
 
     def cancel(self, job: Job) -> None:
         """Drop a request that has not reached the engine, or have the thread abort it; idempotent."""

@@ -3,6 +3,9 @@
 import argparse
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -202,3 +205,87 @@ def test_a_cell_timeout_prints_only_labkits_line(notebooks, tmp_path, capfd):
     assert code == 1 and "Traceback" not in err and "ZMQError" not in err and "Timeout waiting" not in err
     assert err.strip().splitlines()[-1].startswith("labkit run: 04_sleeps.ipynb failed at cell [2] (index 1): ran "
                                                    "longer than the 2 s cell timeout")
+
+
+# -- run folders and kernels ---------------------------------------------------------------------------------
+def _labkit_run(notebooks: Path, runs: Path, *argv: str) -> subprocess.Popen:
+    """`python -m labkit run ARGV` in a process of its own, its run folders under `runs`."""
+    env = {**os.environ, "LABKIT_NOTEBOOKS_DIR": str(notebooks), "LABKIT_RUNS_DIR": str(runs)}
+    env.pop("LABKIT_DATA_DIR", None)
+    env.pop("LABKIT_FIGURES_DIR", None)
+    return subprocess.Popen([sys.executable, "-m", "labkit", "run", *argv, "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _cell_text(notebook: Path) -> str:
+    cells = nbformat.read(notebook, as_version=4).cells
+    return "".join(o.get("text", "") for c in cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def test_a_run_folder_is_named_by_its_run_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RUNS_DIR", str(tmp_path))
+    assert runner.default_output_dir("20260101T000000Z-abc123") == tmp_path / "20260101T000000Z-abc123"
+    first, second = runner.default_output_dir(), runner.default_output_dir()  # the same second, two runs
+    assert first != second and first.parent == second.parent == tmp_path
+
+
+def test_concurrent_runs_keep_their_own_notebooks(notebooks, tmp_path):
+    _write_notebook(notebooks / "05_who.ipynb", "pause = 2.0",
+                    "import os, time\ntime.sleep(pause)\nprint('run', os.environ['LABKIT_RUN_ID'])")
+    runs = tmp_path / "runs"
+    procs = [_labkit_run(notebooks, runs, "05") for _ in range(2)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    folders = sorted(runs.iterdir())
+    assert len(folders) == 2
+    for folder in folders:  # each run's executed copy is its own, in the folder named by its run id
+        assert f"run {folder.name}\n" in _cell_text(folder / "05_who.ipynb")
+        assert not (folder / runner.KERNELS_DIR).exists()
+
+
+def test_a_killed_run_leaves_no_kernel_file_outside_its_folder_and_the_next_run_removes_it(notebooks, tmp_path):
+    kernel_pid = tmp_path / "kernel.pid"
+    _write_notebook(notebooks / "06_hangs.ipynb", f"path = {str(kernel_pid)!r}",
+                    "import os, time\nopen(path, 'w').write(str(os.getpid()))\ntime.sleep(600)")
+    _write_notebook(notebooks / "07_quick.ipynb", "n = 1", "n + 1")
+    runs = tmp_path / "runs"
+    killed = _labkit_run(notebooks, runs, "06")
+    try:
+        deadline = time.monotonic() + 120
+        while not kernel_pid.exists() or not kernel_pid.read_text():
+            assert killed.poll() is None and time.monotonic() < deadline, "the kernel did not start"
+            time.sleep(0.2)
+        pid = int(kernel_pid.read_text())
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if sys.platform == "linux" else None
+    finally:
+        killed.kill()  # SIGKILL: no Python cleanup runs
+        killed.wait()
+    (folder,) = runs.iterdir()
+    kernels = folder / runner.KERNELS_DIR
+    if args is not None:  # the kernel's connection file was the run folder's, never a temporary file in /tmp
+        connection = Path(args[args.index(b"-f") + 1].decode())
+        assert connection.parent == kernels, connection
+    assert [p.name for p in kernels.iterdir()] and (kernels / runner.OWNER_FILE).exists()
+    deadline = time.monotonic() + 30
+    while runner._is_alive(pid):  # the orphaned kernel notices its parent is gone and exits
+        assert time.monotonic() < deadline, "the killed run's kernel lives on"
+        time.sleep(0.2)
+    nxt = _labkit_run(notebooks, runs, "07")
+    out, _ = nxt.communicate(timeout=300)
+    assert nxt.returncode == 0, out
+    assert not list(runs.glob(f"*/{runner.KERNELS_DIR}"))  # the dead run's kernel files, and the new run's own
+    assert len(list(runs.iterdir())) == 2
+
+
+def test_stale_kernel_folders_are_those_of_dead_processes(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name, pid in (("dead", str(dead.pid)), ("alive", str(os.getppid())), ("broken", "x"), ("starting", None)):
+        kernels = tmp_path / name / runner.KERNELS_DIR
+        kernels.mkdir(parents=True)
+        (kernels / "kernel-01.json").write_text("{}")
+        if pid is not None:
+            (kernels / runner.OWNER_FILE).write_text(pid)
+    assert runner.remove_stale_kernel_files(tmp_path) == [tmp_path / "dead" / runner.KERNELS_DIR]
+    assert sorted(p.parent.name for p in tmp_path.glob(f"*/{runner.KERNELS_DIR}")) == ["alive", "broken", "starting"]

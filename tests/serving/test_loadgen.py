@@ -3,6 +3,7 @@ serve` that writes the JSON result and a results row, broken servers (test_clien
 and vLLM's flag names and result keys (the workload is tested in test_workloads.py)."""
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -194,7 +195,49 @@ def test_bench_serve_against_labkit_serve_writes_json_and_row(server, tmp_path, 
     row = rows[0]
     assert row["metrics"]["mean_ttft_ms"] == m["mean_ttft_ms"] and row["env"]["python"]
     assert row["params"]["result_file"] == str(result_file) and row["params"]["model"] == "tiny-smollm2"
+    # the server's card says its prefix cache is on: the result, its row and the table say so
+    assert written["server"]["prefix_caching"] is True and row["params"]["prefix_caching"] is True
+    assert "Server prefix caching:                  on" in captured.err
     assert row["seed"] == 0
+
+
+def test_same_seed_runs_and_warm_ups_never_send_prompts_the_server_has_cached(tiny):
+    """Run twice with one --seed against one server: no timed or warm-up prompt finds a block in its prefix
+    cache (the salt differs per run); with the salt pinned, the second run would be served from the cache."""
+    def hit_rate(url: str) -> float:
+        from tests.serving.test_server import _metric
+
+        return _metric(url, "labkit_prefix_cache_hit_rate")
+
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer, name="tiny-smollm2")
+    with ServerThread(create_app(engine, max_queue=64)) as server:
+        config = BenchServeConfig(base_url=server.url, num_prompts=4, input_len=40, output_len=2, num_warmups=2,
+                                  seed=3)
+        first, second = loadgen.benchmark(config), loadgen.benchmark(config)
+        assert first["metrics"]["num_completed"] == second["metrics"]["num_completed"] == 4
+        assert first["config"]["prompt_salt"] != second["config"]["prompt_salt"]
+        assert first["config"]["seed"] == second["config"]["seed"] == 3
+        assert hit_rate(server.url) == 0  # 12 prompts of 2+ blocks each, none found cached
+        pinned = dataclasses.replace(config, prompt_salt="again")
+        loadgen.benchmark(pinned)
+        assert hit_rate(server.url) == 0
+        loadgen.benchmark(pinned)  # the same prompts again: the check above can fail
+        assert hit_rate(server.url) > 0
+
+
+def test_salted_prompts_keep_lengths_and_later_words():
+    specs = loadgen.make_prompts(50, 12, 4, 0.5, seed=1)
+    a, b = loadgen.salt_prompts(specs, "a"), loadgen.salt_prompts(specs, "b")
+    assert loadgen.salt_prompts(specs, "a") == a  # a salt replays its run
+    for spec, x, y in zip(specs, a, b):
+        assert (x.index, x.input_words, x.output_len) == (spec.index, spec.input_words, spec.output_len)
+        words, xs, ys = spec.prompt.split(), x.prompt.split(), y.prompt.split()
+        assert len(xs) == len(words) and xs[loadgen.SALT_WORDS:] == words[loadgen.SALT_WORDS:]
+        assert xs[:loadgen.SALT_WORDS] != ys[:loadgen.SALT_WORDS]
+    warm = loadgen.salt_prompts(specs, "a", "warmup")
+    assert all(w.prompt.split()[:3] != x.prompt.split()[:3] for w, x in zip(warm, a))
+    with pytest.raises(ValueError, match="prompt_salt"):
+        BenchServeConfig(prompt_salt="")
 
 
 def test_bench_serve_chat_without_extensions_and_failures(server, tmp_path, capsys):
@@ -260,13 +303,14 @@ def embedded_tokenizer():
 def test_bench_serve_counts_with_the_tokenizer_when_the_server_sends_no_usage(broken_server, embedded_tokenizer):
     # llama.cpp's server ignores stream_options.include_usage: the warm-up passes and the text is re-tokenized
     config = BenchServeConfig(base_url=broken_server.url, model="no-usage", num_prompts=3, input_len=5,
-                              output_len=3, num_warmups=1)
+                              output_len=3, num_warmups=1, prompt_salt="s")
     result = loadgen.benchmark(config)
+    assert result["server"]["prefix_caching"] is None  # a server that does not say: unknown, not off
     m, requests = result["metrics"], result["requests"]
     assert (m["num_completed"], m["num_failed"]) == (3, 0) and result["errors"] == {}
     assert result["token_count_source"] == "tokenizer" and result["tokenizer_id"] == EMBEDDED_MODEL
     n_out = count_tokens(embedded_tokenizer, "".join(WORDS))
-    prompts = loadgen.make_prompts(3, 5, 3, seed=0)
+    prompts = loadgen.salt_prompts(loadgen.make_prompts(3, 5, 3, seed=0), "s")
     assert [r["output_tokens"] for r in requests] == [n_out] * 3
     assert [r["input_tokens"] for r in requests] == [count_tokens(embedded_tokenizer, p.prompt) for p in prompts]
     assert {r["token_count_source"] for r in requests} == {"tokenizer"}
