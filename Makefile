@@ -1,6 +1,6 @@
 # The lab's two entry points (see README): `make lab` runs every notebook headless and exports figures;
 # `make test` runs every test. Both create .venv/ and install what they need; a second run installs nothing.
-# `make lab` writes only under runs/<UTC time>/ (untracked); `make lab-refresh` rewrites the committed reference
+# `make lab` writes only under runs/<run id>/ (untracked); `make lab-refresh` rewrites the committed reference
 # results in data/ and figures/; `make publish` remakes docs/notebooks/ and figures/ from one run.
 # NOTEBOOKS="01 05" picks notebooks, LABEL=name labels the run's result rows.
 SHELL := /bin/bash

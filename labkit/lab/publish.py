@@ -93,7 +93,7 @@ def export_notebook_html(notebook: str | Path, output_dir: str | Path) -> Path:
 
 
 def publish_notebooks(notebooks: Iterable[str | Path], output_dir: str | Path | None = None) -> list[Path]:
-    """Publish executed notebooks (e.g. `runs/<timestamp>/*.ipynb` from `labkit run`) to `docs/notebooks/`: each
+    """Publish executed notebooks (e.g. `runs/<run id>/*.ipynb` from `labkit run`) to `docs/notebooks/`: each
     as HTML for a browser and as the executed .ipynb, which GitHub renders with its figures' PNGs; both with
     their streams coalesced (`coalesce_streams`)."""
     import nbformat
@@ -131,8 +131,8 @@ def replace_figures(run_figures: str | Path, notebooks: Sequence[str], target: s
 def publish(selection: Sequence[str] = (), profile: str = PUBLISH_PROFILE, parameters: Mapping[str, Any] | None = None,
             run_dir: str | Path | None = None, docs: str | Path | None = None, figures: str | Path | None = None,
             **run_options) -> dict[str, list[Path]]:
-    """Run the selected notebooks (all by default) once under `profile` into `run_dir` (default `runs/<UTC
-    time>/`), stamp each executed copy with its provenance, then publish them to `docs` (default
+    """Run the selected notebooks (all by default) once under `profile` into `run_dir` (default `runs/<run
+    id>/`), stamp each executed copy with its provenance, then publish them to `docs` (default
     `docs/notebooks/`) and their figures to `figures` (default the committed `figures/`).
 
     `run_options` go to `runner.run_notebooks` (cell_timeout_s, progress, label, run_id, refresh_reference).

@@ -196,6 +196,13 @@ class EngineWorker:
                 job.push(_END)
                 self.metrics.observe_finished("rejected", time.perf_counter() - job.accepted_s)
                 continue
+            except Exception as exc:  # e.g. the prompt-logprobs forward failed: answer this request, keep serving
+                logger.error("adding request %s failed: %s", job.request_id, exc, exc_info=exc)
+                self.engine.abort(job.request_id)
+                job.push(APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed"))
+                job.push(_END)
+                self.metrics.observe_finished("error", time.perf_counter() - job.accepted_s)
+                continue
             self._jobs[job.request_id] = job
 
     def _expire_waiting(self) -> None:

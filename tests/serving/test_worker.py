@@ -105,3 +105,25 @@ def test_prefix_caching_is_read_from_vllm_pages_and_unknown_elsewhere():
     for card in (None, {}, {"id": "m", "max_model_len": 8}, {"engine": "vllm"}, {"engine": {"prefix_caching": 3}}):
         assert prefix_caching_in_card(card) is None
     assert prefix_caching_in_card({"id": "m", "enable_prefix_caching": True}) is True
+
+
+def test_a_request_whose_prompt_forward_fails_is_answered_500_and_the_server_serves_on(tiny):
+    engine = _engine(tiny)
+    real = engine.prompt_logits
+    fails = iter([True])
+
+    def prompt_logits(*args, **kwargs):  # the first prompt-logprobs forward fails, as a model fault would
+        if next(fails, False):
+            raise RuntimeError("injected prompt forward fault")
+        return real(*args, **kwargs)
+
+    engine.prompt_logits = prompt_logits
+    with ServerThread(create_app(engine, served_model_name=MODEL)) as server:
+        body = {"prompt": "one two three", "max_tokens": 0, "echo": True, "logprobs": 1}
+        failed = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert failed.status_code == 500
+        _assert_error_body(failed.json(), 500, code="generation_failed")
+        assert "injected prompt forward fault" in failed.json()["error"]["message"]
+        again = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert again.status_code == 200 and again.json()["choices"][0]["logprobs"]["token_logprobs"][0] is None
+        assert engine.num_unfinished == 0
