@@ -94,7 +94,7 @@ class Engine:
                 linear_layout: str = "auto", quantize: str | None = None, gemm: str = "auto",
                 **kwargs) -> "Engine":
         """Build the compact model from an HF one, apply the rewrites in order, and wrap it in an engine."""
-        dtype = pick_dtype(dtype) if dtype is not None else None
+        dtype = pick_dtype(dtype, next(hf_model.parameters()).device) if dtype is not None else None
         model = from_hf(hf_model, dtype=dtype, attention=attention, kernels=kernels)
         model = apply_rewrites(model, linear_layout=linear_layout, quantize=quantize, gemm=gemm)
         return cls(model, tokenizer, eos_token_ids=eos_token_ids_of(hf_model, tokenizer), **kwargs)
