@@ -44,13 +44,42 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
-    """Resolve a dtype name; "auto" is bf16 on CUDA and fp32 elsewhere."""
+# CPU flags (/proc/cpuinfo) that give bf16 matrix arithmetic in hardware; without them bf16 is emulated and slow
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (empty where there is no such file)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def auto_dtype(device_type: str, flags: frozenset[str] | set[str] = frozenset(), cuda_bf16: bool = False) -> torch.dtype:
+    """What dtype="auto" means, as a pure function of the hardware: bf16 on a CPU whose flags include AVX-512 BF16
+    or AMX (vLLM's CPU build picks bf16 there too), or on a GPU with bf16 support; fp32 otherwise (AVX2-only CPUs
+    emulate bf16, MPS, old GPUs)."""
+    if device_type == "cpu":
+        return torch.bfloat16 if CPU_BF16_FLAGS & set(flags) else torch.float32
+    if device_type == "cuda":
+        return torch.bfloat16 if cuda_bf16 else torch.float16
+    return torch.float32
+
+
+def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str | None = None) -> torch.dtype:
+    """Resolve a dtype name; "auto" (see `auto_dtype`) asks this machine's hardware, on `device` (None: CPU)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype).strip().lower()
     if name == "auto":
-        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+        kind = torch.device(device).type if device is not None else "cpu"
+        cuda_bf16 = kind == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return auto_dtype(kind, cpu_flags() if kind == "cpu" else frozenset(), cuda_bf16)
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of auto, fp32, bf16, fp16")
     return DTYPES[name]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from labkit.device import (describe_environment, format_environment, pick_device, pick_dtype,
+from labkit.device import (auto_dtype, cpu_flags, describe_environment, format_environment, pick_device, pick_dtype,
                            seed_everything)
 
 
@@ -29,10 +29,23 @@ def test_missing_cuda_is_a_clear_error():
 
 def test_dtypes():
     assert pick_dtype("bf16") is torch.bfloat16
-    assert pick_dtype("auto", torch.device("cpu")) is torch.float32
-    assert pick_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert pick_dtype("auto", torch.device("cpu")) is auto_dtype("cpu", cpu_flags())
+    assert pick_dtype("auto") is pick_dtype("auto", "cpu")  # no device: the CPU
     with pytest.raises(ValueError, match="'int3'"):
         pick_dtype("int3")
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_bf16_arithmetic():
+    avx2 = {"sse4_2", "avx", "avx2", "fma"}
+    assert auto_dtype("cpu", avx2) is torch.float32  # bf16 would be emulated
+    assert auto_dtype("cpu", avx2 | {"avx512f", "avx512bw", "avx512_vnni"}) is torch.float32  # AVX-512 without BF16
+    assert auto_dtype("cpu", avx2 | {"avx512f", "avx512_bf16"}) is torch.bfloat16  # Zen 4, Cooper Lake
+    assert auto_dtype("cpu", avx2 | {"amx_tile", "amx_bf16"}) is torch.bfloat16  # Sapphire Rapids
+    assert auto_dtype("cpu") is torch.float32  # no flags known (not Linux)
+    assert auto_dtype("cuda", cuda_bf16=True) is torch.bfloat16
+    assert auto_dtype("cuda", cuda_bf16=False) is torch.float16  # pre-Ampere GPUs
+    assert auto_dtype("mps") is torch.float32
+    assert cpu_flags() == cpu_flags() and all(isinstance(f, str) for f in cpu_flags())
 
 
 def test_seeding_repeats_random_draws():

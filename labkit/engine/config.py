@@ -149,8 +149,9 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: from kv_cache_mb
     kv_cache_mb: float | None = None  # None: 512 MiB on CPU, 40 % of free memory on a GPU, at most what fits
-    compile: bool = False  # torch.compile the decode-only step (static shapes, bucketed batch sizes); vLLM's
-    # enforce_eager is `not compile`
+    # compiled CPU steps lose to the eager packed-GEMM step at 2+ rows, and cost ~30 s; vLLM's enforce_eager is
+    # `not compile`
+    compile: bool = False  # torch.compile the decode-only step (static shapes, bucketed batch sizes)
     cuda_graphs: bool = False  # replay the decode-only step from CUDA graphs, one per bucket (engine.cuda_graphs)
     kv_cache_dtype: str = "auto"  # see KV_CACHE_DTYPES; int8 fits ~3.8x the blocks of fp32 (head_dim 64)
     model: ModelConfig = field(default_factory=ModelConfig)  # what Engine.load builds

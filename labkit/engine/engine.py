@@ -117,7 +117,8 @@ class Engine:
         config's model fields (None: the config's, by default sdpa, torch, auto layout, no quantization)."""
         config = resolve_config(config, kwargs, attention=attention, kernels=kernels, linear_layout=linear_layout,
                                 quantization=quantize, gemm=gemm)
-        model = build_model(hf_model, config.model, pick_dtype(dtype) if dtype is not None else None)
+        device = next(hf_model.parameters()).device
+        model = build_model(hf_model, config.model, pick_dtype(dtype, device) if dtype is not None else None)
         config = resolve_config(config, {}, dtype=model.embed.weight.dtype)  # what the weights are, as built
         return cls(model, tokenizer, name=name, eos_token_ids=eos_token_ids_of(hf_model, tokenizer), config=config,
                    speculator=speculator)

@@ -108,7 +108,12 @@ def _plan_group(first: int, stop: int, starts: list[int], T: int, contexts: list
 
 
 def sdpa_core(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
-    """torch SDPA: q [G, H, T, D], k, v [G, Hkv, S, D] -> [G, H, T, D]."""
+    """torch SDPA: q [G, H, T, D], k, v [G, Hkv, S, D] -> [G, H, T, D].
+
+    One-token queries in a reduced precision on a CPU go to `math_core`: CPU SDPA's bf16 path for them is several
+    times slower than two batched matmuls (its fp32 path, and every path with longer queries, stays SDPA's)."""
+    if q.shape[2] == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
+        return math_core(q, k, v, mask, is_causal, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -123,8 +128,9 @@ def math_core(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
     if mask is None and is_causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
     if mask is not None:  # [G or 1, 1, T, S] -> the grouped layout [G or 1, 1, group*T, S]
-        scores = scores.masked_fill(~mask.repeat(1, 1, group, 1), float("-inf"))
-    out = torch.matmul(scores.softmax(dim=-1), v)  # [G, Hkv, group*T, D]
+        scores = scores.masked_fill(~(mask if T == 1 else mask.repeat(1, 1, group, 1)), float("-inf"))
+    # softmax accumulates in fp32 whatever the scores' dtype (as HF's eager attention upcasts)
+    out = torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)  # [G, Hkv, group*T, D]
     return out.reshape(G, H, T, D)
 
 

@@ -224,22 +224,23 @@ class Transformer(nn.Module):
         return h
 
     def logits(self, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """LM head over hidden [N, dim] at the rows in `index` (all when None) -> [len(index), vocab]."""
-        return self.lm_head(hidden if index is None else hidden[index])
+        """LM head over hidden [N, dim] at the rows in `index` (all when None) -> [len(index), vocab], in fp32
+        (as HF's generate upcasts them: sampling's argmax and softmax over bf16 logits run slow scalar loops on CPU)."""
+        return self.lm_head(hidden if index is None else hidden[index]).float()
 
 
 def from_hf(hf_model, device=None, dtype=None, act_dtype=None, attention: str = "sdpa",
             kernels: str = "torch") -> Transformer:
     """Build a Transformer from an HF Llama-family model, copying (and fusing) its weights.
 
-    dtype: how weights are stored; act_dtype: activations and KV cache (default: fp32 on CPU, where bf16
-    arithmetic is emulated on many chips, else the weight dtype).
+    dtype: how weights are stored; act_dtype: activations and KV cache (default: the weight dtype, so bf16 runs
+    bf16 end to end, with the norms and softmax accumulating in fp32 inside their kernels, as HF runs it).
     """
     args = ModelArgs.from_hf(hf_model.config)
     sd = hf_model.state_dict()
     device = torch.device(device) if device is not None else next(hf_model.parameters()).device
     dtype = dtype or next(hf_model.parameters()).dtype
-    act_dtype = act_dtype or (torch.float32 if device.type == "cpu" else dtype)
+    act_dtype = act_dtype or dtype
     with torch.device("meta"):
         model = Transformer(args, attention=attention, kernels=kernels, act_dtype=act_dtype)
     new = {"embed.weight": sd["model.embed_tokens.weight"], "norm": sd["model.norm.weight"]}

@@ -16,19 +16,22 @@ from labkit.model.backends import attention_backend, check_backends, kernel_back
 from labkit.model.llama import Linear, Transformer
 
 LINEAR_LAYOUTS = ("auto", "nk", "kn")
-GEMMS = ("auto", "packed", "plain")  # how fp32 CPU linears run products of several rows (see use_packed_gemm)
+GEMMS = ("auto", "packed", "plain")  # how fp32 and bf16 CPU linears run their products (see use_packed_gemm)
+PACKED_DTYPES = (torch.float32, torch.bfloat16)  # the weight dtypes oneDNN prepacks
 # products of more rows than this (long prefill chunks) run MKL's GEMM: beyond it the packed GEMM's lead over
 # MKL shrinks to nothing on some CPUs (data/bench_decode.json, docs/engine.md)
 PACKED_MAX_ROWS = 1024
 
 
 class PackedLinear(Linear):
-    """A Linear that runs products of 2 to PACKED_MAX_ROWS rows on its oneDNN-prepacked weight (when it has one:
-    copies and pickles drop the packed tensor, and then it runs as a plain Linear)."""
+    """A Linear that runs products of packed_min_rows to PACKED_MAX_ROWS rows on its oneDNN-prepacked weight (when
+    it has one: copies and pickles drop the packed tensor, and then it runs as a plain Linear)."""
+
+    packed_min_rows: int = 2  # fp32: one row stays on MKL's matrix-vector path; bf16: 1 (use_packed_gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.packed is not None and x.dim() == 2 and 1 < x.shape[0] <= PACKED_MAX_ROWS \
+        if self.packed is not None and x.dim() == 2 and self.packed_min_rows <= x.shape[0] <= PACKED_MAX_ROWS \
                 and not torch.compiler.is_compiling():
             xw = x if x.dtype == w.dtype else x.to(w.dtype)
             y = torch.ops.mkldnn._linear_pointwise(xw, self.packed, self.bias, "none", [], "")
@@ -56,26 +59,28 @@ def use_kn_layout(model: nn.Module) -> nn.Module:
 
 
 def use_packed_gemm(model: Transformer, rows_hint: int = 64) -> Transformer:
-    """Rewrite: give every fp32 CPU Linear a oneDNN-prepacked copy of its weight for products of 2 to
-    PACKED_MAX_ROWS rows. Apply it after the rewrites that change weights (a tensor-parallel split drops it).
+    """Rewrite: give every fp32 or bf16 CPU Linear a oneDNN-prepacked copy of its weight for products of 2 (bf16:
+    1) to PACKED_MAX_ROWS rows. Apply it after the rewrites that change weights (a tensor-parallel split drops it).
 
     MKL runs a one-row product as a matrix-vector product that streams the weight at memory speed, but a
     product of a few rows as a GEMM that repacks the weight on every call. oneDNN's prepacked GEMM grows much
-    more slowly with the rows and beats MKL from 2 rows on (docs/engine.md), so one-row decode keeps MKL, and
+    more slowly with the rows and beats MKL from 2 rows on (docs/engine.md), so one-row fp32 decode keeps MKL, and
     products of 2 to PACKED_MAX_ROWS rows (speculative verification, batched decode, prefill chunks) read the
-    packed copy. Costs a second copy of the linear weights. Compiled steps keep the plain path (inductor cannot
-    lower the packed op).
+    packed copy. In bf16 the packed product wins at one row too (vLLM's CPU build runs every bf16 linear this
+    way). Costs a second copy of the linear weights. Compiled steps keep the plain path (inductor cannot lower
+    the packed op).
     """
     if not packed_gemm_available():
         raise ValueError("use_packed_gemm needs a torch built with oneDNN (mkldnn) on an x86 CPU")
     if "gemm:packed" in model.rewrites:
         return model
     for module in model.modules():
-        if isinstance(module, Linear) and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
+        if isinstance(module, Linear) and module.weight.device.type == "cpu" and module.weight.dtype in PACKED_DTYPES:
             w = module.weight.detach()
             module.packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if module.kn else w,
                                                                     rows_hint)
             module.__class__ = PackedLinear
+            module.packed_min_rows = 1 if w.dtype == torch.bfloat16 else 2
     model.rewrites.append("gemm:packed")
     return model
 
@@ -96,8 +101,8 @@ def apply_rewrites(model: Transformer, linear_layout: str = "auto", quantize: st
                    gemm: str = "auto") -> Transformer:
     """Apply the model rewrites in order: quantization, or else the weight layout ("auto" picks [in, out] for
     fp32 weights on a CPU, where it measured faster, and [out, in] elsewhere) and then the GEMM of few-row
-    products ("auto": oneDNN's prepacked copy of fp32 CPU weights where torch has it and the copy fits in half
-    the free memory, which speeds up batched decode (docs/engine.md); "plain": MKL only)."""
+    products ("auto": oneDNN's prepacked copy of fp32 or bf16 CPU weights where torch has it and the copy fits in
+    half the free memory, which speeds up batched decode (docs/engine.md); "plain": MKL only)."""
     if linear_layout not in LINEAR_LAYOUTS:
         raise ValueError(f"unknown linear layout {linear_layout!r}: choose auto, nk ([out, in]) or kn ([in, out])")
     if gemm not in GEMMS:
@@ -107,10 +112,11 @@ def apply_rewrites(model: Transformer, linear_layout: str = "auto", quantize: st
 
         return quantize_model(model, quantize)
     weight = model.embed.weight
-    fp32_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
-    if linear_layout == "kn" or (linear_layout == "auto" and fp32_cpu):
+    cpu = weight.device.type == "cpu"
+    if linear_layout == "kn" or (linear_layout == "auto" and cpu and weight.dtype == torch.float32):
         model = use_kn_layout(model)
-    if gemm == "packed" or (gemm == "auto" and fp32_cpu and packed_gemm_available() and _packed_copy_fits(model)):
+    packable = cpu and weight.dtype in PACKED_DTYPES
+    if gemm == "packed" or (gemm == "auto" and packable and packed_gemm_available() and _packed_copy_fits(model)):
         model = use_packed_gemm(model)
     return model
 
@@ -126,4 +132,4 @@ def _packed_copy_fits(model: Transformer) -> bool:
 
 
 __all__ = ["apply_rewrites", "use_kn_layout", "use_packed_gemm", "packed_gemm_available", "with_backends",
-           "PackedLinear", "PACKED_MAX_ROWS", "LINEAR_LAYOUTS", "GEMMS"]
+           "PackedLinear", "PACKED_MAX_ROWS", "PACKED_DTYPES", "LINEAR_LAYOUTS", "GEMMS"]

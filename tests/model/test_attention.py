@@ -89,6 +89,28 @@ def test_static_decode_path_matches_the_planned_one(backend):
                                atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("query_lens, context_lens", [
+    ([1, 1, 1], [5, 5, 5]),  # equal decode rows
+    ([1, 1, 1, 1], [3, 16, 9, 1]),  # ragged decode rows: masked
+    ([6, 3, 1, 1], [6, 10, 17, 4]),  # prefill, a chunk and decode rows in one step
+])
+def test_bf16_paged_attention_stays_within_bf16_of_the_dense_reference(backend, query_lens, context_lens):
+    """A bf16 cache and bf16 queries (one-token rows take the two-matmul path on a CPU) match fp64 attention over
+    the same bf16-rounded inputs to bf16's precision."""
+    cache, meta, q, k, v, qs, full = scattered_rows(query_lens, context_lens)
+    bf = KVCache(1, cache.num_blocks, BS, HKV, D, "cpu", torch.bfloat16)
+    bf.k[0].copy_(cache.k[0])
+    bf.v[0].copy_(cache.v[0])
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    write_kv(bf.k[0], bf.v[0], k, v, meta.slot_mapping)
+    out = paged_attention(q, k, v, bf.k[0], bf.v[0], meta, D**-0.5, attention_backend(backend))
+    assert out.dtype == torch.bfloat16
+    rounded = [(ki.bfloat16().float(), vi.bfloat16().float()) for ki, vi in full]
+    expected = torch.cat([dense_reference(qi.bfloat16().float(), ki, vi) for qi, (ki, vi) in zip(qs, rounded)])
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=2e-2)
+
+
 def test_metadata_positions_slots_and_groups():
     meta = build_metadata([3, 1, 1], [3, 6, 2], [[4], [1, 7], [0]], [16, 17, 18, 29, 1], 4, "cpu")
     assert meta.positions.tolist() == [0, 1, 2, 5, 1]
