@@ -1,7 +1,7 @@
 """`labkit bench stack`: the full stack one technique at a time, through the server, under one load and at batch 1.
 
 Starting from HF `generate`, each stage adds one technique to the one before (STAGES: the compact engine,
-continuous batching, bf16 weights, a compiled step, speculation, prefix caching) and is measured twice through
+continuous batching, bf16 end to end, a compiled step, speculation, prefix caching) and is measured twice through
 `labkit serve` (in this process, on a thread, as notebook 05 does) with `bench serve`'s load generator:
 "load", `num_requests` requests sent at once, and "batch1", requests sent one at a time (TPOT with one request
 in flight). Every stage gets prompts of its own words (its own seed), so no prefix cache can answer one stage's
@@ -42,7 +42,7 @@ STAGES = (
     # 64 rows, 1024 tokens a step: MEASUREMENTS.md's best fp32 flags at 64 requests on 2 cores
     {"name": "batching", "label": "+ continuous batching", "changes": {"max_num_seqs": 64,
                                                                       "max_num_batched_tokens": 1024}},
-    {"name": "bf16", "label": "+ bf16 weights", "changes": {"dtype": "bf16"}},
+    {"name": "bf16", "label": "+ bf16 (weights, activations, KV)", "changes": {"dtype": "bf16"}},
     {"name": "compile", "label": "+ compiled step", "changes": {"compile": True}},
     {"name": "speculation", "label": "+ speculation (n-gram)",
      "changes": {"speculative": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}}},
@@ -86,33 +86,28 @@ def stage_settings(names: Sequence[str] = STAGE_NAMES) -> list[dict]:
     return out
 
 
-def make_speculator(spec: dict | None):
-    """A Speculator from vLLM's --speculative-config form ({"method": "ngram", "num_speculative_tokens": k,
-    "prompt_lookup_max": n}); None for None."""
-    if spec is None:
-        return None
-    from labkit.speculative.proposers import NgramProposer
-    from labkit.speculative.speculator import SpeculativeConfig, Speculator
-
-    if spec.get("method") != "ngram":
-        raise ValueError(f"bench stack's speculation stage runs the ngram method, got {spec.get('method')!r}")
-    return Speculator(NgramProposer(max_ngram=spec.get("prompt_lookup_max", 4)),
-                      SpeculativeConfig(num_draft_tokens=spec.get("num_speculative_tokens", 4)))
-
-
-def build_engine(loaded, settings: dict):
-    """A labkit Engine over a LoadedModel (fp32 HF weights) with a stage's settings."""
-    from labkit.engine import Engine, EngineConfig
+def stage_config(settings: dict):
+    """A stage's settings as the one engine configuration (`labkit.engine.EngineConfig`, what `labkit serve`'s
+    flags build): the speculative setting is vLLM's --speculative-config JSON object."""
+    from labkit.engine.config import EngineConfig, SpeculativeConfig
 
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise ValueError(f"unknown stage setting {sorted(unknown)[0]!r}: choose among {', '.join(SETTINGS)}")
     s = {**BASE_SETTINGS, **settings}
-    config = EngineConfig.from_kwargs(max_num_seqs=s["max_num_seqs"], max_num_batched_tokens=s["max_num_batched_tokens"],
-                                      enable_prefix_caching=s["enable_prefix_caching"], compile=s["compile"])
-    dtype = None if s["quantize"] or s["dtype"] == "fp32" else s["dtype"]
-    return Engine.from_hf(loaded.model, loaded.tokenizer, name=loaded.name, dtype=dtype, quantize=s["quantize"],
-                          config=config, speculator=make_speculator(s["speculative"]))
+    spec = SpeculativeConfig.from_json(s["speculative"]) if s["speculative"] is not None else None
+    return EngineConfig.from_kwargs(max_num_seqs=s["max_num_seqs"], max_num_batched_tokens=s["max_num_batched_tokens"],
+                                    enable_prefix_caching=s["enable_prefix_caching"], compile=s["compile"],
+                                    dtype=s["dtype"], quantization=s["quantize"], speculative=spec)
+
+
+def build_engine(loaded, settings: dict):
+    """A labkit Engine over a LoadedModel (fp32 HF weights) with a stage's settings (`stage_config`)."""
+    from labkit.engine import Engine
+
+    config = stage_config(settings)
+    dtype = None if config.model.quantization or config.model.dtype == "fp32" else config.model.dtype
+    return Engine.from_hf(loaded.model, loaded.tokenizer, name=loaded.name, dtype=dtype, config=config)
 
 
 def stage_prompts(load: StackLoad, tag: str, num: int | None = None, input_len: int | None = None,
@@ -380,6 +375,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 __all__ = ["SCHEMA", "STAGES", "STAGE_NAMES", "SETTINGS", "BASE_SETTINGS", "PREFILL_VARIANTS", "MODES", "StackLoad",
-           "StackResult", "stage_settings", "make_speculator", "build_engine", "stage_prompts", "measure_server",
+           "StackResult", "stage_settings", "stage_config", "build_engine", "stage_prompts", "measure_server",
            "prefill_load", "measure_labkit", "measure_hf", "measure_peer", "headline", "make_stage_rows",
            "run_stack_bench", "format_table"]

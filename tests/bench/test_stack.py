@@ -40,8 +40,16 @@ def test_every_stage_gets_prompts_of_its_own_with_the_shared_prefix():
 def test_a_stage_setting_that_does_not_exist_is_refused(tiny):
     with pytest.raises(ValueError, match="unknown stage setting 'fast'"):
         stack.build_engine(tiny, {"fast": True})
-    with pytest.raises(ValueError, match="ngram method"):
-        stack.make_speculator({"method": "eagle"})
+    with pytest.raises(ValueError, match="speculative method"):
+        stack.stage_config({"speculative": {"method": "eagle"}})
+
+
+def test_a_stage_is_one_engine_config():
+    config = stack.stage_config({"dtype": "bf16", "quantize": "int8", "max_num_seqs": 8, "speculative": {
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}})
+    assert (config.model.dtype, config.model.quantization, config.scheduler.max_num_seqs) == ("bf16", "int8", 8)
+    assert (config.speculative.method, config.speculative.num_speculative_tokens) == ("ngram", 3)
+    assert not config.enable_prefix_caching and config.speculative.prompt_lookup_max == 2
 
 
 def test_two_stages_through_the_server_give_labelled_rows(tiny):
