@@ -69,5 +69,11 @@ bench-refresh: setup
 gpu-check:
 	PYTHONPATH=. $(PYTHON) -m labkit.bench.gpu_check
 
+# lm-evaluation-harness against `labkit serve` on the offline tasks in docs/lm_eval/ (docs/openai.md); lm-eval gets
+# its own venv under runs/lm-eval/ (not a labkit dependency). TASKS=labkit_mc picks tasks.
+.PHONY: lm-eval
+lm-eval: $(STAMP)
+	bash docs/lm_eval/run.sh $(TASKS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
