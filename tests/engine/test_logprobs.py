@@ -78,11 +78,12 @@ def test_int8_engine_logprobs_are_its_own_log_softmax(tiny):
 
 
 def test_speculative_rows_take_logprobs_from_the_targets_verify_logits(tiny):
-    from labkit.speculative.proposers import NgramProposer
-    from labkit.speculative.speculator import SpeculativeConfig, Speculator
+    from labkit.engine.config import SpeculativeConfig
+    from labkit.engine.spec_decode.proposers import NgramProposer
+    from labkit.engine.spec_decode.speculator import Speculator
 
     target = from_hf(tiny.model)
-    speculator = Speculator(NgramProposer(), SpeculativeConfig(num_draft_tokens=3))
+    speculator = Speculator(NgramProposer(), SpeculativeConfig(num_speculative_tokens=3))
     engine = Engine(target, tiny.tokenizer, speculator=speculator)
     prompt = engine.encode("a b c a b c a b c a b c a b c")
     outputs = _run(engine, prompt, SamplingParams(max_new_tokens=12, logprobs=2, ignore_eos=True))

@@ -30,7 +30,7 @@ def _start(tmp_path, name: str, *extra: str) -> tuple[subprocess.Popen, str, obj
     log_path = tmp_path / f"{name}.log"
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "labkit", "serve", "--model", "tiny-smollm2", "--dummy", "--device",
-                             "cpu", "--port", "0", "--tensor-parallel-size", "2", "--kv-cache-mb", "4",
+                             "cpu", "--dtype", "fp32", "--port", "0", "--tensor-parallel-size", "2", "--kv-cache-mb", "4",
                              "--max-num-seqs", "4", "--served-model-name", MODEL, "--timeout-graceful-shutdown", "1",
                              *extra], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + START_TIMEOUT_S
