@@ -27,6 +27,9 @@ from labkit.model.rewrites import PACKED_MAX_ROWS
 DEFAULT_CPU_KV_CACHE_MB = 512  # pages are zeroed lazily by the OS: unused blocks cost no memory
 DEFAULT_GPU_KV_CACHE_FRACTION = 0.4  # of the free memory once the weights are on the device
 MIN_STATIC_CONTEXT = 128  # a compiled step attends over at least this many positions (fewer recompiles)
+# compiled static steps one process may hold: a graph per (rows, table width) bucket, for every runner (targets
+# and drafts share static_step's code): dynamo's default of 8 would fail the 9th bucket, not fall back
+STATIC_RECOMPILES = 256
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ class ModelRunner:
                 # only the hot decode step is compiled (gpt-fast); prefill stays eager. Module guards stay on:
                 # every runner shares static_step's code object, so dropping them would let one run another's graph.
                 step = torch.compile(step, fullgraph=True, dynamic=False)
+                _allow_recompiles(STATIC_RECOMPILES)
             if self.config.cuda_graphs:
                 from labkit.engine.cuda_graphs import DecodeGraphs
 
@@ -225,6 +229,14 @@ class ModelRunner:
     def num_graphs(self) -> int:
         """CUDA graphs captured so far (one per bucket of rows and block-table width)."""
         return self._graphs.num_graphs if self._graphs is not None else 0
+
+
+def _allow_recompiles(limit: int) -> None:
+    """Let dynamo keep `limit` graphs of one function (its recompile limit is process-wide)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, limit)
 
 
 __all__ = ["ModelRunner", "RowSpan", "ForwardOutput", "slot_of", "default_num_blocks", "MIN_STATIC_CONTEXT",
