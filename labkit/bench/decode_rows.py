@@ -107,21 +107,31 @@ def _ratio(value: float | None) -> str:
     return f"{value:.2f}" if value else "n/a"
 
 
+def _lossless(m: dict) -> str:
+    identical = m.get("token_identical")
+    return "" if identical is None else "yes" if identical else f"NO (token {m['first_difference']})"
+
+
+# (heading, width, cell from a row's params and metrics); a negative width aligns left
+_COLUMNS = (("engine", -26, lambda p, m: p["variant"]), ("workload", -9, lambda p, m: p.get("workload", "free")),
+            ("batch", 5, lambda p, m: str(p["batch_size"])), ("tok/s", 8, lambda p, m: f"{m['tokens_per_s']:.1f}"),
+            ("× HF", 6, lambda p, m: _ratio(m.get("ratio_to_hf"))),
+            ("×l.cpp", 6, lambda p, m: _ratio(m.get("ratio_to_llama_cpp"))),
+            ("×lookup", 7, lambda p, m: _ratio(m.get("ratio_to_llama_cpp_lookup"))),
+            ("spec×", 6, lambda p, m: "" if m.get("token_identical") is None else _ratio(m.get("speedup"))),
+            ("roofline", 8, lambda p, m: f"{m['roofline_fraction']:.0%}"),
+            ("TTFT ms", 8, lambda p, m: f"{m['ttft_ms']:.1f}"), ("lossless", -8, lambda p, m: _lossless(m)))
+
+
 def format_table(rows: list[dict]) -> str:
     """The rows as a text table: × HF, × llama.cpp (plain, and with its lookup), a speculative row's speedup
     over its twin and whether its tokens were identical."""
-    head = (f"{'engine':26s} {'workload':9s} {'batch':>5s} {'tok/s':>8s} {'× HF':>6s} {'×l.cpp':>6s} {'×lookup':>7s} "
-            f"{'spec×':>6s} {'roofline':>8s} {'TTFT ms':>8s}  lossless")
+    def line(cells) -> str:
+        return " ".join(f"{c:<{-w}s}" if w < 0 else f"{c:>{w}s}" for c, (_, w, _) in zip(cells, _COLUMNS)).rstrip()
+
+    head = line([name for name, _, _ in _COLUMNS])
     lines = [head, "-" * len(head)]
-    for r in rows:
-        p, m = r["params"], r["metrics"]
-        identical = m.get("token_identical")
-        lossless = "" if identical is None else "yes" if identical else f"NO (token {m['first_difference']})"
-        lines.append(f"{p['variant']:26s} {p.get('workload', 'free'):9s} {p['batch_size']:5d} "
-                     f"{m['tokens_per_s']:8.1f} {_ratio(m.get('ratio_to_hf')):>6s} "
-                     f"{_ratio(m.get('ratio_to_llama_cpp')):>6s} {_ratio(m.get('ratio_to_llama_cpp_lookup')):>7s} "
-                     f"{_ratio(m.get('speedup')) if identical is not None else '':>6s} "
-                     f"{m['roofline_fraction']:8.0%} {m['ttft_ms']:8.1f}  {lossless}")
+    lines += [line([cell(r["params"], r["metrics"]) for _, _, cell in _COLUMNS]) for r in rows]
     if rows:
         env = rows[0]["env"]
         threads = rows[0]["params"].get("threads") or env["torch_threads"]

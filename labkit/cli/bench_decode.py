@@ -53,13 +53,12 @@ def _add_workload_options(p) -> None:
                         f"the others: `labkit bench spec`'s prompts, through the chat template)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch's threads and llama.cpp's n_threads for the run (default: torch's, as they are)")
-    p.add_argument("--num-speculative-tokens", type=positive_int, default=LookupSettings.num_speculative_tokens,
-                   help="draft tokens per step of the -ngram and llama.cpp-lookup variants (default: %(default)s)")
-    p.add_argument("--prompt-lookup-max", type=positive_int, default=LookupSettings.prompt_lookup_max,
-                   help="the longest n-gram the prompt lookup matches (default: %(default)s)")
-    p.add_argument("--prompt-lookup-min", type=positive_int, default=LookupSettings.prompt_lookup_min,
-                   help="the shortest n-gram the prompt lookup matches (default: %(default)s; llama.cpp-lookup "
-                        "needs 1)")
+    for flag, what in (("--num-speculative-tokens", "draft tokens per step of the -ngram and llama.cpp-lookup "
+                                                 "variants"),
+                       ("--prompt-lookup-max", "the longest n-gram the prompt lookup matches"),
+                       ("--prompt-lookup-min", "the shortest n-gram the prompt lookup matches (llama.cpp-lookup: 1)")):
+        p.add_argument(flag, type=positive_int, default=getattr(LookupSettings, flag[2:].replace("-", "_")),
+                       help=f"{what} (default: %(default)s)")
 
 
 def cmd_decode(args) -> int:
