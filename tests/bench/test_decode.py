@@ -3,7 +3,7 @@ row says whether the cache was on."""
 
 import pytest
 
-from labkit.bench import decode
+from labkit.bench import decode, decode_runners
 
 
 def test_decode_engines_run_without_the_prefix_cache():
@@ -36,15 +36,16 @@ def test_llama_cpp_runner_forgets_the_last_prompt_before_every_timed_run():
         def reset(self):
             calls.append("reset")
 
-        def create_completion(self, prompt, **kwargs):
-            calls.append("completion")
-            yield from ({"choices": [{"text": "x"}]} for _ in range(3))
+        def generate(self, ids, **kwargs):
+            calls.append("generate")
+            yield from range(100)  # generate() itself never stops: the runner stops it at max_tokens
 
-    runner = decode._LlamaCppRunner.__new__(decode._LlamaCppRunner)
-    runner.llm, runner.prompt, runner.max_tokens, runner.logit_bias = FakeLlama(), "p", 3, {}
+    runner = decode_runners.LlamaCppRunner.__new__(decode_runners.LlamaCppRunner)
+    runner.llm, runner.max_tokens, runner.draft = FakeLlama(), 3, None
     for _ in range(2):
-        runner(1)
-    assert calls == ["reset", "completion"] * 2
+        sample = runner(1, [[5, 6, 7]])
+        assert sample.tokens == [[[0, 1, 2]]]
+    assert calls == ["reset", "generate"] * 2
 
 
 @pytest.mark.parametrize("scheme", ["fp32", "kv-int8"])
