@@ -35,8 +35,9 @@ from labkit.model.llama import from_hf
 from labkit.model.rewrites import apply_rewrites, with_backends
 from labkit.model.loader import EMBEDDED_MODEL, load_model
 from labkit.speculative.bench import WORKLOADS as SPEC_WORKLOADS, encode
-from labkit.speculative.proposers import NgramProposer
-from labkit.speculative.speculator import SpeculativeConfig, Speculator
+from labkit.engine.config import SpeculativeConfig
+from labkit.engine.spec_decode.proposers import NgramProposer
+from labkit.engine.spec_decode.speculator import Speculator
 
 
 @dataclass(frozen=True)
@@ -258,9 +259,8 @@ def run_decode_bench(variants=None, batch_sizes=(1, 4), max_tokens: int = 64, re
         raise ValueError(f"--max-tokens {max_tokens} does not fit the model's context after {longest} prompt tokens")
     cells = {b: [n for n in variants if b == 1 or VARIANTS[n].engine != "llama.cpp"] for b in batch_sizes}
     total = 1 + len(variants) + len(workloads) * sum(len(names) * (1 + repeats) for names in cells.values())
-    # every compiled engine shares the step's code object: a graph per engine, batch size and context bucket
     with tqdm(total=total, desc="bench decode", unit="step", file=sys.stderr, disable=not progress,
-              dynamic_ncols=True) as bar, _torch_threads(threads), torch._dynamo.config.patch(recompile_limit=64):
+              dynamic_ncols=True) as bar, _torch_threads(threads):
         return _measure(loaded, prompts[workloads[0]][0], variants, cells, max_tokens, repeats, prompt, log, bar,
                         baseline, workloads=prompts, lookup=lookup)
 
@@ -292,10 +292,11 @@ def _prepare(engine: Engine, batch_sizes, first: int, last: int) -> None:
 
 
 def _speculator(lookup: LookupSettings) -> Speculator:
-    """labkit's prompt lookup, built as `labkit.speculative.bench` builds it: an n-gram proposer, fixed gamma."""
+    """labkit's prompt lookup (what `--speculative-config '{"method": "ngram", ...}'` builds): an n-gram proposer,
+    fixed gamma."""
     gamma = lookup.num_speculative_tokens
     return Speculator(NgramProposer(max_ngram=lookup.prompt_lookup_max, min_ngram=lookup.prompt_lookup_min),
-                      SpeculativeConfig(num_draft_tokens=gamma, max_draft_tokens=max(16, gamma)))
+                      SpeculativeConfig(num_speculative_tokens=gamma, max_draft_tokens=max(16, gamma)))
 
 
 def _labkit_engine(loaded, variant: Variant, shared: dict, batch_sizes, num_tokens: int,

@@ -87,11 +87,8 @@ def run_quant_bench(schemes=SCHEMES, batch_sizes=(1, 8), max_tokens: int = 64, r
     with tqdm(total=total, desc="bench quant", unit="step", file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar:
         by_name = {v.name: v for v in variants.values()}
-        # every engine's compiled step shares one code object, and each scheme's buffers are its own guards:
-        # up to (schemes x batch sizes x block-table widths) graphs, more than dynamo keeps by default
-        with torch._dynamo.config.patch(recompile_limit=max(64, 4 * len(schemes) * len(batch_sizes))):
-            speed = _measure(loaded, prompt_ids, list(by_name), cells, max_tokens, repeats, DEFAULT_PROMPT, log,
-                             bar, baseline=variants["fp32"].name, variants_by_name=by_name, shared=shared)
+        speed = _measure(loaded, prompt_ids, list(by_name), cells, max_tokens, repeats, DEFAULT_PROMPT, log,
+                         bar, baseline=variants["fp32"].name, variants_by_name=by_name, shared=shared)
         quality = {}
         for scheme in schemes:
             bar.set_postfix_str(f"quality of {scheme}")
