@@ -45,7 +45,7 @@ lab-refresh: setup
 	$(VENV)/bin/labkit run --refresh-reference $(LAB_ARGS)
 
 # The published notebooks (docs/notebooks/) and figures (figures/) from one run of the `publish` profile: 18 minutes
-# for all seven on a quiet 2-core machine. PROFILE=default for a quick check.
+# for all eight on a quiet 2-core machine. PROFILE=default for a quick check.
 publish: setup
 	$(VENV)/bin/labkit run --publish --profile $(or $(PROFILE),publish) $(LAB_ARGS)
 
