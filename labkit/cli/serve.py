@@ -21,7 +21,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from labkit.engine import Engine
     from labkit.model.llama import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture
     from labkit.serving.app import create_app
-    from labkit.serving.server import bind_socket, make_server, run_until_stopped
+    from labkit.serving.server import bind_socket, exit_now, make_server, run_until_stopped
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     config = ServeConfig(served_model_name=args.served_model_name, max_queue=args.max_queue, api_key=api_key,
@@ -63,27 +63,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
     if stops:
         print(f"labkit serve: stopped by {signal.Signals(stops[0]).name}", file=sys.stderr)
-        _exit_now(0)
+        exit_now(0)
     return 0
 
 
 def format_techniques(techniques: dict[str, str]) -> str:
     """`Engine.techniques()` as one line: "dtype fp32, quantization int8, speculative ngram(...), ..."."""
     return ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in techniques.items())
-
-
-def _exit_now(code: int) -> None:
-    """End the process once a signal has stopped the server, so that it exits when --timeout-graceful-shutdown
-    says: the interpreter's own exit (tearing down torch's modules and objects) takes 1-3 s more on a 2-core CPU.
-    The exit handlers still run and the output is flushed; only that teardown is skipped, the OS frees it all."""
-    import atexit
-    import logging
-
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

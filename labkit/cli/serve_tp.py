@@ -8,7 +8,6 @@ with one line naming the rank.
 
 from __future__ import annotations
 
-import gc
 import signal
 import sys
 import threading
@@ -35,7 +34,7 @@ def rank_spec(args, engine_config: EngineConfig) -> RankSpec:
 def serve_tensor_parallel(args, config: ServeConfig, engine_config: EngineConfig) -> int:
     """Serve over the config's tensor_parallel_size ranks until SIGINT/SIGTERM (0) or a rank's failure (1)."""
     from labkit.serving.app import create_app
-    from labkit.serving.server import bind_socket, make_server, run_until_stopped
+    from labkit.serving.server import bind_socket, exit_now, make_server, run_until_stopped
 
     spec = rank_spec(args, engine_config)
     plan = check_spec(spec)  # one line, before any process starts
@@ -50,13 +49,13 @@ def serve_tensor_parallel(args, config: ServeConfig, engine_config: EngineConfig
             stops = run_until_stopped(server, sock)
     finally:
         sock.close()
-    gc.freeze()  # the interpreter's exit would walk torch's objects for seconds; the OS reclaims them
     if ranks.failure is not None:
         print(f"labkit serve: stopped: {ranks.failure}", file=sys.stderr, flush=True)
-        return 1
+        exit_now(1)
     if stops:
         print(f"labkit serve: stopped by {signal.Signals(stops[0]).name}; {spec.world_size} ranks stopped",
               file=sys.stderr, flush=True)
+        exit_now(0)
     return 0
 
 
