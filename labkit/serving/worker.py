@@ -199,7 +199,7 @@ class EngineWorker:
             except Exception as exc:  # e.g. the prompt-logprobs forward failed: answer this request, keep serving
                 logger.error("adding request %s failed: %s", job.request_id, exc, exc_info=exc)
                 self.engine.abort(job.request_id)
-                job.push(APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed"))
+                job.push(_generation_failed(exc))
                 job.push(_END)
                 self.metrics.observe_finished("error", time.perf_counter() - job.accepted_s)
                 continue
@@ -284,7 +284,7 @@ class EngineWorker:
         with self._cond:
             ids = self.engine.running_request_ids() or list(self._jobs)
             logger.error("engine step failed, answering %d requests 500: %s", len(ids), exc, exc_info=exc)
-            error = APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed")
+            error = _generation_failed(exc)
             for request_id in ids:
                 job = self._jobs.get(request_id)
                 if job is None:
@@ -292,6 +292,10 @@ class EngineWorker:
                 else:
                     self._end(job, "error", error)
             self._stats = self.engine.stats()
+
+
+def _generation_failed(exc: Exception) -> APIError:
+    return APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed")
 
 
 async def next_output(job: Job) -> RequestOutput | None:
