@@ -289,7 +289,8 @@ def attention_figure(rows: list[dict]):
     ratio = at[PROVIDER_NAMES["triton"]] / at[PROVIDER_NAMES["torch"]]
     fig = px.line(frame, x="S", y="tflops", color="provider", markers=True, log_x=True, labels=FIGURE_LABELS,
                   title="Flash attention forward")
-    return fig, f"Triton at {ratio:.2f}x SDPA's flash backend at sequence {int(seq):,} (causal, 32 heads, one KV head each)."
+    return fig, (f"Triton at {ratio:.2f}x SDPA's flash backend at sequence {int(seq):,} (causal, 32 heads, one KV "
+                 "head each).")
 
 
 def peak_bandwidth_gbps(device, size_mb: int = 2048) -> float:

@@ -5,8 +5,8 @@ picked (prefill chunks and decode rows side by side) and returns what each reque
 request. `generate`, `stream` and `stream_text`, the server, the benchmarks and every notebook are loops over
 `step()`: the lab's one decode loop. Techniques plug in around it: attention and kernel backends in the model,
 rewrites (layout, quantization) over the model before the engine gets it, policies in the scheduler, and a
-speculator (`labkit.engine.spec_decode.speculator`) that gives decode rows draft tokens to verify in the same forward.
-The model runs through `labkit.engine.model_runner.ModelRunner`.
+speculator (`labkit.engine.spec_decode.speculator`) that gives decode rows draft tokens to verify in the same
+forward. The model runs through `labkit.engine.model_runner.ModelRunner`.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Engine:
         self.model, self.tokenizer, self.name, self.config = model, tokenizer, name, config
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = model.embed.weight.device
-        _check_backends(model, config, self.device)
+        check_engine(model, config, self.device)  # combinations of the built model and config that cannot work
         # a labkit.engine.spec_decode Speculator (given, or built from config.speculative), or None: one token per
         # decode row
         self.speculator = speculator if speculator is not None else build_speculator(config, model)
@@ -483,12 +483,6 @@ class Engine:
         """SamplingParams that stop at this model's EOS tokens unless told otherwise."""
         kwargs.setdefault("stop_token_ids", self.eos_token_ids)
         return SamplingParams(**kwargs)
-
-
-def _check_backends(model: Transformer, config: EngineConfig, device: torch.device) -> None:
-    """Refuse at start the combinations of backends, model and config that cannot work
-    (`labkit.engine.combinations`)."""
-    check_engine(model, config, device)
 
 
 __all__ = ["Engine", "EngineConfig", "SchedulerConfig", "EngineStats", "RequestOutput", "Generation", "TextDelta",
