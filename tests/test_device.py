@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -125,3 +129,23 @@ def test_driver_version_from_the_kernel_module(monkeypatch, tmp_path):
     monkeypatch.setattr(device, "Path", lambda p: tmp_path / "version" if p == "/proc/driver/nvidia/version"
                         else real_path(p))
     assert device._nvidia_driver() == "570.124.06"
+
+
+def test_release_openmp_workers_frees_this_threads_pool_and_torch_runs_on():
+    # run in a child: the pool freed is the test process's own, and the count of threads is the proof
+    code = """
+import os, torch
+from labkit.device import release_openmp_workers
+torch.set_num_threads(2)
+x = torch.randn(2048, 2048)
+(x @ x).sum()  # a parallel region: this thread's OpenMP pool now holds a worker
+before = len(os.listdir('/proc/self/task'))
+assert release_openmp_workers()
+after = len(os.listdir('/proc/self/task'))
+assert after < before, (before, after)
+assert torch.allclose(x @ x, (x.double() @ x.double()).float(), rtol=1e-3, atol=1e-2)  # a new pool serves
+print('ok')
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
