@@ -50,7 +50,11 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
 class KVCache:
     """Paged K/V storage: per layer, k[i] and v[i] are [(num_blocks + 1) * block_size, num_kv_heads, head_dim].
 
-    Slot `b * block_size + j` is offset j of block b. The last block is scratch: padding rows of a static
+    Slot `b * block_size + j` is offset j of block b. Each layer is stored heads-major, [Hkv, slots, D] in memory
+    (vLLM's CPU cache keeps a head's slots together too), and k[i] is that storage seen as [slots, Hkv, D]: a
+    gather of a row's slots for one head is then one contiguous run per slot, and the torch attention path
+    batches its products over (KV head, row) on the gathered keys with no further copy (a [slots, Hkv, D]
+    layout cost a transposing copy of every gathered key and value). The last block is scratch: padding rows of a static
     decode step write there, and no block table points at it. Each layer's tensors are separate and never move:
     inductor then updates them in place (a view of one big tensor would be copied whole at every step), and a
     captured CUDA graph can keep their addresses. dtype torch.int8 stores each layer as an `Int8KV` (int8
@@ -61,14 +65,17 @@ class KVCache:
                  device, dtype: torch.dtype):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"a KV cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
-        shape = ((num_blocks + 1) * block_size, num_kv_heads, head_dim)
+        slots = (num_blocks + 1) * block_size
+
+        def heads_major(last: int, dtype: torch.dtype) -> torch.Tensor:  # [slots, Hkv, last] over [Hkv, slots, last]
+            return torch.zeros((num_kv_heads, slots, last), device=device, dtype=dtype).transpose(0, 1)
+
         if dtype == torch.int8:
             def layer():
-                return Int8KV(torch.zeros(shape, device=device, dtype=torch.int8),
-                              torch.zeros((*shape[:2], 1), device=device, dtype=torch.float32))
+                return Int8KV(heads_major(head_dim, torch.int8), heads_major(1, torch.float32))
         else:
             def layer():
-                return torch.zeros(shape, device=device, dtype=dtype)
+                return heads_major(head_dim, dtype)
         self.k = [layer() for _ in range(num_layers)]
         self.v = [layer() for _ in range(num_layers)]
         if torch.device(device).type == "cuda":  # CUDA graph trees may then capture steps that write them

@@ -118,8 +118,11 @@ def test_metadata_positions_slots_and_groups():
     assert meta.block_tables.tolist() == [[4, 0], [1, 7], [0, 0]]
     fresh, decode = meta.groups
     assert fresh.is_fresh and fresh.is_causal and fresh.slots is None
-    assert decode.rows == slice(1, 3) and decode.mask.shape == (2, 1, 1, 6)
-    assert decode.mask[1, 0, 0].tolist() == [True, True, False, False, False, False]
+    # the decode rows are gathered by whole blocks: 2 blocks of 4 keys, the slots past each context masked
+    assert decode.rows == slice(1, 3) and decode.num_keys == 8 and decode.mask.shape == (2, 1, 1, 8)
+    assert decode.slots.tolist() == [1, 7, 0, 0]
+    assert decode.mask[0, 0, 0].tolist() == [True] * 6 + [False] * 2
+    assert decode.mask[1, 0, 0].tolist() == [True, True] + [False] * 6
 
 
 def test_kv_cache_rejects_empty_sizes():
