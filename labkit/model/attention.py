@@ -174,7 +174,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         return out[:, :, 0]
     outs = []
     for i, g in enumerate(meta.groups):
-        G, T, S = g.rows.stop - g.rows.start, g.query_len, g.max_context
+        G, T = g.rows.stop - g.rows.start, g.query_len
         bs = meta.block_size
         qg = q[g.tokens].view(G, T, H, D).transpose(1, 2)  # [G, H, T, D]
         if g.is_fresh:  # nothing cached before these tokens: their own k, v are the whole context
