@@ -19,6 +19,8 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "fp16": torch.float16,
     "float16": torch.float16,
+    "float": torch.float32,  # vLLM's other names
+    "half": torch.float16,
 }
 DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
 

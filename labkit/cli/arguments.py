@@ -215,7 +215,7 @@ def add_engine_options(parser: argparse.ArgumentParser, *, serving: bool = True)
     serve MODEL`, or --model), --dummy, --device, --dtype, batch limits, KV-cache size, --enable-prefix-caching,
     --enforce-eager and --tensor-parallel-size; always --quantization, --kv-cache-dtype, --speculative-config and
     --max-model-len. Defaults are EngineConfig's; `engine_config_from_args` reads them back."""
-    from labkit.engine.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
+    from labkit.engine.config import DTYPE_ALIASES, KV_CACHE_DTYPES, MODEL_DTYPES, QUANTIZATIONS, EngineConfig
 
     defaults = EngineConfig()
     g = parser.add_argument_group(ENGINE_GROUP)
@@ -227,7 +227,7 @@ def add_engine_options(parser: argparse.ArgumentParser, *, serving: bool = True)
         g.add_argument("--model", default=None, help="the same as MODEL (either one)")
         g.add_argument("--dummy", action="store_true", help="random weights of a preset shape (tests)")
         g.add_argument("--device", default=defaults.model.device, help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
-        g.add_argument("--dtype", default=defaults.model.dtype, choices=("auto", "fp32", "bf16", "fp16"),
+        g.add_argument("--dtype", default=defaults.model.dtype, choices=(*MODEL_DTYPES, *DTYPE_ALIASES),
                        help="weights and activations (default: %(default)s, labkit.device.pick_dtype's choice)")
         g.add_argument("--max-num-seqs", type=positive_int, default=defaults.scheduler.max_num_seqs,
                        help="requests decoded together in one step (default: %(default)s)")

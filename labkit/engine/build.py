@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from labkit.device import dtype_name
-from labkit.engine.config import MODEL_DTYPES, EngineConfig, ModelConfig
+from labkit.engine.config import DTYPE_ALIASES, MODEL_DTYPES, EngineConfig, ModelConfig
 from labkit.model.llama import Transformer, from_hf
 from labkit.model.rewrites import apply_rewrites
 
@@ -31,7 +31,7 @@ def resolve_config(config: EngineConfig | None, kwargs: dict, **model_fields) ->
     elif kwargs:
         raise ValueError(f"pass an EngineConfig or keyword arguments ({', '.join(kwargs)}), not both")
     given = {k: dtype_name(v) if isinstance(v, torch.dtype) else v for k, v in model_fields.items() if v is not None}
-    if given.get("dtype") not in (None, *MODEL_DTYPES):
+    if given.get("dtype") not in (None, *MODEL_DTYPES, *DTYPE_ALIASES):
         given.pop("dtype")  # a dtype the model config does not name (e.g. float64 from a caller's model)
     return replace(config, model=replace(config.model, **given)) if given else config
 

@@ -23,6 +23,8 @@ from labkit.model.rewrites import GEMMS, LINEAR_LAYOUTS
 
 KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's activation dtype; int8: codes + a scale per slot and head
 MODEL_DTYPES = ("auto", "fp32", "bf16", "fp16")  # auto: labkit.device.pick_dtype's choice for the device
+# vLLM's --dtype names for them, so a vLLM command line works: the config keeps the short name
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 # vLLM's --quantization names for the lab's weight rewrites (labkit.model.quantize); "int4" is GGUF's Q4_1 grouping
 QUANTIZATIONS = (*QUANT_METHODS, "int4", *BNB_METHODS)
 QUANTIZATION_ALIASES = {"int4": "int4-g32"}
@@ -55,6 +57,8 @@ class ModelConfig:
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be a name or a path, got {self.model!r}")
+        if isinstance(self.dtype, str):
+            self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         check_choice("dtype", self.dtype, MODEL_DTYPES)
         if self.quantization is not None:
             check_choice("quantization", self.quantization, QUANTIZATIONS)
@@ -203,4 +207,4 @@ class EngineConfig:
 
 
 __all__ = ["EngineConfig", "SchedulerConfig", "ModelConfig", "SpeculativeConfig", "ParallelConfig", "KV_CACHE_DTYPES",
-           "MODEL_DTYPES", "QUANTIZATIONS", "SPECULATIVE_METHODS", "GAMMA_POLICIES"]
+           "MODEL_DTYPES", "DTYPE_ALIASES", "QUANTIZATIONS", "SPECULATIVE_METHODS", "GAMMA_POLICIES"]

@@ -77,6 +77,7 @@ class EngineWorker:
 
     def __init__(self, engine, metrics: ServerMetrics, max_queue: int, max_queue_wait_s: float | None = None):
         self.engine, self.metrics = engine, metrics
+        self._release_openmp_workers()  # the creator's (an app served from a thread: it loaded the model)
         self.max_queue, self.max_queue_wait_s = max_queue, max_queue_wait_s
         self._is_continuous = engine.config.scheduler.policy == "continuous"
         self._max_rows = engine.config.scheduler.max_num_seqs  # the running batch's rows
@@ -90,14 +91,18 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
 
     # called from the event loop
+    def _release_openmp_workers(self) -> None:
+        """Free this thread's OpenMP workers before the engine's thread makes its own: with the loading thread's
+        idle workers beside them, a 2-core CPU ran the engine at half speed (`labkit.device.
+        release_openmp_workers`). Done where the worker is made and where it starts (for `labkit serve` both the
+        main thread, which loaded the model; a test or notebook serving from a thread made it on the main one)."""
+        if self.engine.device.type == "cpu":
+            release_openmp_workers()
+
     def start(self) -> None:
-        """Start the engine's thread. The calling thread (the one that loaded the model, for `labkit serve`)
-        gives up its OpenMP workers first: with them idle beside the engine thread's own, a 2-core CPU ran the
-        engine at half speed (`labkit.device.release_openmp_workers`)."""
         if self._thread is None:
             self._stopping = self.is_draining = False
-            if self.engine.device.type == "cpu":
-                release_openmp_workers()
+            self._release_openmp_workers()
             self._thread = threading.Thread(target=self._run, name="labkit-serve-engine", daemon=True)
             self._thread.start()
 

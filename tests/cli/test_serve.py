@@ -17,6 +17,7 @@ import pytest
 from labkit import cli
 from labkit.cli.arguments import engine_config_from_args
 from labkit.cli.main import build_parser
+from labkit.engine import EngineConfig
 
 VLLM_NAMES = ("--quantization", "--kv-cache-dtype", "--speculative-config", "--enable-prefix-caching",
               "--no-enable-prefix-caching", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
@@ -50,6 +51,13 @@ def test_the_options_build_one_engine_config():
     assert _config(["--model", "tiny-smollm2"]).model.model == "tiny-smollm2"  # --model is an alias
     defaults = _config([])
     assert defaults.model.model == "smollm2-135m-instruct" and defaults.enforce_eager and defaults.speculative is None
+
+
+@pytest.mark.parametrize("name, short", [("bfloat16", "bf16"), ("float32", "fp32"), ("float", "fp32"),
+                                         ("half", "fp16"), ("float16", "fp16"), ("bf16", "bf16")])
+def test_vllms_dtype_names_work_and_the_config_keeps_the_short_one(name, short):
+    assert _config(["--dtype", name]).model.dtype == short
+    assert EngineConfig.from_kwargs(dtype=name).model.dtype == short
 
 
 @pytest.mark.parametrize("argv, message", [
