@@ -19,6 +19,7 @@ import torch
 
 from labkit.engine.block_manager import BlockManager
 from labkit.engine.config import EngineConfig
+from labkit.model import cpu_attention
 from labkit.model.attention import AttentionMetadata, build_metadata
 from labkit.model.kv_cache import KVCache
 from labkit.model.llama import Transformer
@@ -96,6 +97,8 @@ class ModelRunner:
         self.cache = KVCache(args.num_layers, num_blocks, config.block_size, model.num_kv_heads, args.head_dim,
                              self.device, self.kv_dtype)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        if self.device.type == "cpu" and self.kv_dtype == torch.bfloat16:
+            cpu_attention.paged_decode_op()  # built (first time: ~30 s) or loaded now, not inside a request's step
         self.compiled_step = None  # the static step as it runs (compiled or from graphs), made on first use
         self._graphs = None  # labkit.engine.cuda_graphs.DecodeGraphs, with cuda_graphs
 

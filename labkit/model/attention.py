@@ -4,8 +4,9 @@ The tokens of one step are flattened into one run of N tokens (nano-vllm's and v
 chunks, decode rows and (later) rows that verify several draft tokens share one forward. Each new token's K
 and V go to a cache slot named by `slot_mapping`; attention reads a row's context back through its block
 table (Kwon et al. 2023, "PagedAttention"). The torch path here gathers a row's blocks into a contiguous
-tensor and runs SDPA (or matmul-softmax-matmul); a Triton kernel can read the blocks in place instead. An int8
-cache (`Int8KV`) is quantized as it is written and dequantized as the torch path gathers it.
+tensor and runs SDPA (or matmul-softmax-matmul); a Triton kernel can read the blocks in place instead, and so does
+a C++ extension for one-token rows over a bfloat16 cache on a CPU (`labkit.model.cpu_attention`). An int8 cache
+(`Int8KV`) is quantized as it is written and dequantized as the torch path gathers it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from labkit.model import cpu_attention
 from labkit.model.kv_cache import Int8KV, dequantize_kv
 
 
@@ -177,6 +179,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         G, T = g.rows.stop - g.rows.start, g.query_len
         bs = meta.block_size
         qg = q[g.tokens].view(G, T, H, D).transpose(1, 2)  # [G, H, T, D]
+        if T == 1 and not g.is_fresh and cpu_attention.serves(q, k_cache):  # read the blocks in place (C++)
+            rows = g.rows
+            outs.append(cpu_attention.paged_decode_op()(
+                q[g.tokens], k_cache.transpose(0, 1), v_cache.transpose(0, 1), meta.block_tables[rows],
+                meta.context_lens[rows], bs, scale))
+            continue
         if g.is_fresh:  # nothing cached before these tokens: their own k, v are the whole context
             kg = k[g.tokens].view(G, T, *k.shape[1:]).transpose(1, 2)  # [G, Hkv, T, D]
             vg = v[g.tokens].view(G, T, *v.shape[1:]).transpose(1, 2)

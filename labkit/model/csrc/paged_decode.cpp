@@ -1,0 +1,147 @@
+// Paged decode attention on the CPU: one new token per row attends over its context, read from the KV cache's
+// blocks in place (no gathered copy). The cache is heads-major, [Hkv, slots, D] (labkit.model.kv_cache.KVCache),
+// so one block of one head is block_size * D contiguous values. Scores, softmax and the weighted sum of values
+// are taken in float32 whatever the storage dtype (float32 or bfloat16). Work is split over (row, KV head) pairs;
+// each pair reads its keys once for all the query heads that share them (grouped-query attention).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// 16 consecutive values as floats, and back
+#if defined(__AVX512F__)
+#include <immintrin.h>
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const c10::BFloat16* x) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+// q_g . k_t for every query head g of the group, k_t one row of D values; D a multiple of 16 on the fast path
+template <typename T>
+inline void dots(const float* qf, const T* kt, int64_t group, int64_t D, float* out, int64_t stride) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0 && D <= 256) {
+    __m512 kv[16];
+    for (int64_t c = 0; c < D / 16; ++c) kv[c] = load16(kt + c * 16);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D / 16; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + c * 16), kv[c], s);
+      out[g * stride] = _mm512_reduce_add_ps(s);
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g) {
+    float s = 0.f;
+    for (int64_t d = 0; d < D; ++d) s += qf[g * D + d] * to_float(kt[d]);
+    out[g * stride] = s;
+  }
+}
+
+// acc_g += p_g * v_t for every query head g of the group
+template <typename T>
+inline void axpys(const float* p, int64_t stride, const T* vt, int64_t group, int64_t D, float* acc) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0 && D <= 256) {
+    for (int64_t c = 0; c < D / 16; ++c) {
+      const __m512 x = load16(vt + c * 16);
+      for (int64_t g = 0; g < group; ++g) {
+        float* a = acc + g * D + c * 16;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * stride]), x, _mm512_loadu_ps(a)));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < D; ++d) acc[g * D + d] += p[g * stride] * to_float(vt[d]);
+}
+
+template <typename T>
+void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lens, T* out, int64_t B,
+            int64_t H, int64_t Hkv, int64_t D, int64_t slots, int64_t M, int64_t block_size, float scale) {
+  const int64_t group = H / Hkv, bs = block_size;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * D), acc(group * D), scores, total(group);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv, len = lens[b];
+      const int64_t* table = tables + b * M;
+      const T* kh = k + h * slots * D;
+      const T* vh = v + h * slots * D;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(q[(b * H + h * group + g) * D + d]) * scale;
+      scores.resize(group * len);
+      for (int64_t t = 0; t < len; ++t)  // scores[g, t] = q_g . k_t
+        dots(qf.data(), kh + (table[t / bs] * bs + t % bs) * D, group, D, scores.data() + t, len);
+      for (int64_t g = 0; g < group; ++g) {  // softmax over t, in place
+        float* sg = scores.data() + g * len;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < len; ++t) top = sg[t] > top ? sg[t] : top;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+          sg[t] = std::exp(sg[t] - top);
+          sum += sg[t];
+        }
+        total[g] = sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t)  // acc[g] = sum_t p[g, t] v_t
+        axpys(scores.data() + t, len, vh + (table[t / bs] * bs + t % bs) * D, group, D, acc.data());
+      for (int64_t g = 0; g < group; ++g) {
+        const float inv = 1.f / total[g];
+        for (int64_t d = 0; d < D; ++d) out[(b * H + h * group + g) * D + d] = static_cast<T>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// q [B, H, D]; k_cache, v_cache [Hkv, slots, D] contiguous; block_tables [B, M] int64; context_lens [B] int64.
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
+                           torch::Tensor context_lens, int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "q and the cache must share a dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the cache must be heads-major and contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
+              "block tables and context lengths must be int64");
+  auto qc = q.contiguous();
+  auto tables = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(0), slots = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == D && H % Hkv == 0 && tables.size(0) == B && lens.size(0) == B, "bad shapes");
+  auto out = torch::empty_like(qc);
+  const float s = static_cast<float>(scale);
+  if (q.scalar_type() == torch::kFloat32) {
+    decode<float>(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                  tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, Hkv, D, slots,
+                  tables.size(1), block_size, s);
+  } else {
+    TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "paged_decode takes float32 or bfloat16");
+    decode<c10::BFloat16>(qc.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
+                          v_cache.data_ptr<c10::BFloat16>(), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+                          out.data_ptr<c10::BFloat16>(), B, H, Hkv, D, slots, tables.size(1), block_size, s);
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode", &paged_decode, "paged decode attention (CPU)"); }

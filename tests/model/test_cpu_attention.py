@@ -1,0 +1,73 @@
+"""The CPU paged-decode extension (labkit.model.cpu_attention): equal to a float64 reference over the same blocks,
+for bfloat16 and float32 caches, grouped heads, contexts that end inside a block, and a head size off the
+vectorized path; and the model's attention uses it for one-token rows over a bfloat16 KVCache."""
+
+import random
+import shutil
+
+import pytest
+import torch
+
+from labkit.model import cpu_attention
+from labkit.model.attention import build_metadata, paged_attention, sdpa_core
+from labkit.model.kv_cache import KVCache, write_kv
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler to build the extension")
+
+
+def _reference(q, k_heads, v_heads, tables, lens, block_size, scale):
+    out = torch.empty_like(q, dtype=torch.float64)
+    H, Hkv = q.shape[1], k_heads.shape[0]
+    for b, n in enumerate(lens.tolist()):
+        slots = torch.tensor([tables[b, t // block_size].item() * block_size + t % block_size for t in range(n)])
+        keys = k_heads[:, slots].double().repeat_interleave(H // Hkv, dim=0)  # [H, n, D]
+        values = v_heads[:, slots].double().repeat_interleave(H // Hkv, dim=0)
+        p = torch.softmax((keys @ q[b].double()[:, :, None])[..., 0] * scale, dim=-1)  # [H, n]
+        out[b] = (p[:, :, None] * values).sum(1)
+    return out
+
+
+@pytest.mark.parametrize("dtype, H, Hkv, D", [(torch.bfloat16, 9, 3, 64), (torch.float32, 4, 4, 32),
+                                              (torch.bfloat16, 6, 2, 24)])
+def test_paged_decode_equals_a_float64_reference(dtype, H, Hkv, D):
+    op = cpu_attention.paged_decode_op()
+    assert op is not None, "the extension did not build"
+    rng = random.Random(0)
+    bs, num_blocks, B = 4, 40, 5
+    k = torch.randn(Hkv, num_blocks * bs, D).to(dtype)
+    v = torch.randn(Hkv, num_blocks * bs, D).to(dtype)
+    lens = torch.tensor([1, 4, 5, 13, 17])  # one key, whole blocks, and contexts ending inside a block
+    blocks = rng.sample(range(num_blocks), 5 * B)
+    tables = torch.tensor([blocks[5 * b:5 * b + 5] for b in range(B)])
+    q = torch.randn(B, H, D).to(dtype)
+    got = op(q, k, v, tables, lens, bs, D**-0.5)
+    want = _reference(q, k, v, tables, lens, bs, D**-0.5)
+    assert got.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the output's own rounding
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def test_the_model_attention_reads_a_bf16_cache_through_it(monkeypatch):
+    calls = []
+    op = cpu_attention.paged_decode_op()
+    monkeypatch.setattr(cpu_attention, "paged_decode_op", lambda: lambda *a: calls.append(1) or op(*a))
+    bs, H, Hkv, D = 4, 6, 2, 32
+    cache = KVCache(1, 12, bs, Hkv, D, "cpu", torch.bfloat16)
+    contexts = [7, 9, 12]
+    tables = [[0, 1], [2, 3, 4], [5, 6, 7]]
+    history = {b: (torch.randn(n, Hkv, D).bfloat16(), torch.randn(n, Hkv, D).bfloat16())
+               for b, n in enumerate(contexts)}
+    for b, (k, v) in history.items():  # every row's whole context, as earlier steps would have written it
+        slots = torch.tensor([tables[b][t // bs] * bs + t % bs for t in range(contexts[b])])
+        write_kv(cache.k[0], cache.v[0], k, v, slots)
+    last = [tables[b][(n - 1) // bs] * bs + (n - 1) % bs for b, n in enumerate(contexts)]
+    meta = build_metadata([1, 1, 1], contexts, tables, last, bs, "cpu")
+    q = torch.randn(3, H, D).bfloat16()
+    k_new = torch.stack([history[b][0][-1] for b in range(3)])
+    got = paged_attention(q, k_new, k_new, cache.k[0], cache.v[0], meta, D**-0.5, sdpa_core)
+    assert calls, "the extension was not used"
+    for b, n in enumerate(contexts):  # each row against dense attention over its own history
+        keys = history[b][0].float().transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
+        values = history[b][1].float().transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
+        p = torch.softmax((keys @ q[b].float()[:, :, None])[..., 0] * D**-0.5, dim=-1)
+        torch.testing.assert_close(got[b].float(), (p[:, :, None] * values).sum(1), atol=2e-2, rtol=2e-2)
