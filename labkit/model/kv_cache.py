@@ -51,10 +51,10 @@ class KVCache:
     """Paged K/V storage: per layer, k[i] and v[i] are [(num_blocks + 1) * block_size, num_kv_heads, head_dim].
 
     Slot `b * block_size + j` is offset j of block b. Each layer is stored heads-major, [Hkv, slots, D] in memory
-    (vLLM's CPU cache keeps a head's slots together too), and k[i] is that storage seen as [slots, Hkv, D]: a
-    gather of a row's slots for one head is then one contiguous run per slot, and the torch attention path
-    batches its products over (KV head, row) on the gathered keys with no further copy (a [slots, Hkv, D]
-    layout cost a transposing copy of every gathered key and value). The last block is scratch: padding rows of a static
+    (vLLM's CPU cache keeps a head's slots together too), and k[i] is that storage seen as [slots, Hkv, D]: one
+    block of one head is one contiguous run, which the C++ decode kernel reads in place and the torch path gathers
+    whole, batching its products over (KV head, row) with no further copy (a [slots, Hkv, D] layout cost a
+    transposing copy of every gathered key and value). The last block is scratch: padding rows of a static
     decode step write there, and no block table points at it. Each layer's tensors are separate and never move:
     inductor then updates them in place (a view of one big tensor would be copied whole at every step), and a
     captured CUDA graph can keep their addresses. dtype torch.int8 stores each layer as an `Int8KV` (int8

@@ -90,7 +90,6 @@ class EngineWorker:
         self.is_draining = False  # shutting down: new requests answer 503, accepted ones finish
         self._thread: threading.Thread | None = None
 
-    # called from the event loop
     def _release_openmp_workers(self) -> None:
         """Free this thread's OpenMP workers before the engine's thread makes its own: with the loading thread's
         idle workers beside them, a 2-core CPU ran the engine at half speed (`labkit.device.
@@ -99,6 +98,7 @@ class EngineWorker:
         if self.engine.device.type == "cpu":
             release_openmp_workers()
 
+    # called from the event loop
     def start(self) -> None:
         if self._thread is None:
             self._stopping = self.is_draining = False
