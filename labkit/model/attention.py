@@ -175,16 +175,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         out = core(q[:, :, None], keys, values, visible[:, None, None], False, scale)  # [B, H, 1, D]
         return out[:, :, 0]
     outs = []
+    bs = meta.block_size
+    in_place = cpu_attention.serves(q, k_cache)  # one-token rows read the blocks in place (C++)
     for i, g in enumerate(meta.groups):
         G, T = g.rows.stop - g.rows.start, g.query_len
-        bs = meta.block_size
-        qg = q[g.tokens].view(G, T, H, D).transpose(1, 2)  # [G, H, T, D]
-        if T == 1 and not g.is_fresh and cpu_attention.serves(q, k_cache):  # read the blocks in place (C++)
-            rows = g.rows
+        if T == 1 and not g.is_fresh and in_place:
             outs.append(cpu_attention.paged_decode_op()(
-                q[g.tokens], k_cache.transpose(0, 1), v_cache.transpose(0, 1), meta.block_tables[rows],
-                meta.context_lens[rows], bs, scale))
+                q[g.tokens], k_cache.transpose(0, 1), v_cache.transpose(0, 1), meta.block_tables[g.rows],
+                meta.context_lens[g.rows], bs, scale))
             continue
+        qg = q[g.tokens].view(G, T, H, D).transpose(1, 2)  # [G, H, T, D]
         if g.is_fresh:  # nothing cached before these tokens: their own k, v are the whole context
             kg = k[g.tokens].view(G, T, *k.shape[1:]).transpose(1, 2)  # [G, Hkv, T, D]
             vg = v[g.tokens].view(G, T, *v.shape[1:]).transpose(1, 2)
