@@ -1,5 +1,5 @@
 """Paged decode attention for the CPU that reads the KV cache's blocks in place: a small C++ extension
-(csrc/paged_decode.cpp), built by torch on first use and cached (TORCH_EXTENSIONS_DIR).
+(csrc/paged_decode.cpp), built by torch on first use and cached (under TORCH_EXTENSIONS_DIR).
 
 The torch path (`labkit.model.attention`) gathers every decode row's context into a new tensor before two batched
 matmuls: at 48 rows of 300 tokens that gather and the matmuls cost more than the step's linears. The extension
@@ -7,13 +7,25 @@ walks each row's block table instead, one (row, KV head) pair per task, scores, 
 float32, as vLLM's CPU paged attention does. It serves one-token rows over a bfloat16 cache; the float32 path
 stays torch's (its outputs are what the greedy-identity tests compare with HF). Where no C++ compiler or ninja is
 found, `paged_decode_op()` is None and the torch path serves everything.
+
+The build is cached in a folder named by a hash of the source, the flags, torch, Python and the CPU's
+instruction sets, so checkouts at different paths share one build and a `-march=native` build never runs on
+another CPU; a built extension is imported without running ninja. Builds take an flock, which the kernel drops
+when its holder dies: a process killed mid-build (a replica stopped while it loads) leaves no lock behind that
+would make every later process wait forever (torch's own lock file would).
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
+import importlib.util
 import logging
 import os
+import platform
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +35,54 @@ SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
 DISABLE_ENV = "LABKIT_CPU_ATTENTION"  # "torch": never build or use the extension
 
 
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
+LDFLAGS = ("-fopenmp",)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def build_directory() -> Path:
+    """Where this source, built with these flags for this torch, Python and CPU, lives."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *CFLAGS, *LDFLAGS, torch.__version__, sys.version,
+                                      platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return root / f"labkit_paged_decode_{key}"
+
+
+def _import(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_or_import():
+    directory = build_directory()
+    name = directory.name
+    library = directory / f"{name}.so"
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "labkit.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait, then import its library
+        if library.exists():
+            return _import(name, library)
+        from torch.utils.cpp_extension import load
+
+        (directory / "lock").unlink(missing_ok=True)  # torch's lock, left by a builder that died holding ours
+        source = directory / SOURCE.name  # a path that stays the same for every checkout
+        shutil.copyfile(SOURCE, source)
+        logger.info("building the CPU paged-attention extension in %s (once, about 30 s)", directory)
+        return load(name=name, sources=[str(source)], build_directory=str(directory), extra_cflags=list(CFLAGS),
+                    extra_ldflags=list(LDFLAGS), verbose=False)
+
+
 @functools.cache
 def paged_decode_op():
     """The extension's `paged_decode(q [B, H, D], k_heads, v_heads [Hkv, slots, D], block_tables [B, M] int64,
@@ -30,11 +90,7 @@ def paged_decode_op():
     if os.environ.get(DISABLE_ENV, "").lower() == "torch":
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        module = load(name="labkit_paged_decode", sources=[str(SOURCE)],
-                      extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"],
-                      verbose=False)
+        module = _build_or_import()
     except Exception as exc:  # no compiler, no ninja, an unsupported platform: the torch path serves
         logger.warning("the CPU paged-attention extension is not available (%s); attention gathers the cache "
                        "instead", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -49,4 +105,4 @@ def serves(q: torch.Tensor, k_cache) -> bool:
             and paged_decode_op() is not None)
 
 
-__all__ = ["paged_decode_op", "serves", "SOURCE", "DISABLE_ENV"]
+__all__ = ["paged_decode_op", "serves", "build_directory", "SOURCE", "DISABLE_ENV"]

@@ -71,3 +71,47 @@ def test_the_model_attention_reads_a_bf16_cache_through_it(monkeypatch):
         values = history[b][1].float().transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
         p = torch.softmax((keys @ q[b].float()[:, :, None])[..., 0] * D**-0.5, dim=-1)
         torch.testing.assert_close(got[b].float(), (p[:, :, None] * values).sum(1), atol=2e-2, rtol=2e-2)
+
+
+_BUILD_IN_A_CHILD = """
+from labkit.model import cpu_attention
+print(cpu_attention.paged_decode_op() is not None, cpu_attention.build_directory())
+"""
+
+
+def _child(env, timeout=600):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _BUILD_IN_A_CHILD], env={**os.environ, **env}, timeout=timeout,
+                         capture_output=True, text=True, check=True).stdout.split()
+    return out[0] == "True", out[1]
+
+
+def test_a_builder_that_died_holding_torchs_lock_does_not_block_the_next_build(tmp_path, monkeypatch):
+    """torch waits forever on a lock file its dead owner left; the extension's own flock dies with its holder, so a
+    new process builds, and the process after it imports the build without building again."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    directory = cpu_attention.build_directory()
+    directory.mkdir(parents=True)
+    (directory / "lock").touch()  # a builder killed before it wrote the library, holding torch's lock
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    assert _child(env, timeout=600) == (True, str(directory))
+    assert list(directory.glob("*.so"))
+    assert _child({**env, "PATH": ""}, timeout=120) == (True, str(directory))  # no compiler, no ninja: imported
+
+
+def test_checkouts_at_different_paths_share_one_build(tmp_path):
+    """The build folder is named by what is built (source, flags, torch, Python, CPU), not by where the source is."""
+    copy = tmp_path / "elsewhere.cpp"
+    copy.write_text(cpu_attention.SOURCE.read_text())
+    here = cpu_attention.build_directory()
+    original = cpu_attention.SOURCE
+    try:
+        cpu_attention.SOURCE = copy
+        assert cpu_attention.build_directory() == here
+        copy.write_text(original.read_text() + "\n// changed\n")
+        assert cpu_attention.build_directory() != here  # a changed source is built anew
+    finally:
+        cpu_attention.SOURCE = original

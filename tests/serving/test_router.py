@@ -3,7 +3,6 @@ load in `labkit bench serve`, and every request answered exactly once while a re
 
 import asyncio
 import json
-import time
 
 import httpx
 import pytest
@@ -165,6 +164,9 @@ async def _stream(client, url, i):
     return ("failed" if errors else "completed"), 200, r.headers["x-request-id"], r.headers[REPLICA_HEADER], text
 
 
+MAX_WAVES = 5
+
+
 @pytest.mark.slow
 def test_every_request_is_answered_once_when_a_replica_dies():
     serve = ["--model", "tiny-smollm2", "--dummy", "--served-model-name", "tiny", "--max-num-seqs", "2"]
@@ -173,26 +175,39 @@ def test_every_request_is_answered_once_when_a_replica_dies():
     try:
         router = Router(urls, RouterConfig(policy="round_robin", health_interval_s=0.2))
         with ServerThread(create_router_app(router)) as front:
+            def replica_1_streams_and_queues():
+                records = list(router.log)
+                return (any(r.replica == 1 and r.outcome is None for r in records)
+                        and any(r.attempts == [1] and r.replica is None for r in records))
+
             async def run():
                 async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
-                    first = [asyncio.create_task(_stream(client, front.url, i)) for i in range(12)]
-                    # kill replica 1 while it streams some requests and holds others it has not started (it
-                    # runs 2 at a time), so both kinds of request on a dead replica are seen
-                    deadline = time.monotonic() + 120
-                    while not (any(r.replica == 1 and r.outcome is None for r in list(router.log))
-                               and any(r.attempts == [1] and r.replica is None for r in list(router.log))):
-                        assert time.monotonic() < deadline, "replica 1 never streamed and queued at once in 120 s"
-                        await asyncio.sleep(0.01)
+                    # kill replica 1 while it streams some requests and holds others it has not started (it runs 2
+                    # at a time), so both kinds of request on a dead replica are seen; a wave that ends before that
+                    # moment is seen (a scheduling hiccup) is answered in full and followed by another
+                    waves = []
+                    for i in range(MAX_WAVES):
+                        wave = [asyncio.create_task(_stream(client, front.url, 12 * i + j)) for j in range(12)]
+                        waves.append(wave)
+                        while not replica_1_streams_and_queues() and not all(t.done() for t in wave):
+                            await asyncio.sleep(0.005)
+                        if replica_1_streams_and_queues():
+                            break
+                    else:
+                        state = [(r.attempts, r.replica, r.outcome) for r in router.log]
+                        health = [(r.is_healthy, r.last_error) for r in router.replicas]
+                        raise AssertionError(f"replica 1 never streamed and queued at once in {MAX_WAVES} waves: "
+                                             f"{state} {health}")
                     pool.kill(1)
                     after = [asyncio.create_task(_stream(client, front.url, 100 + i)) for i in range(4)]
-                    return await asyncio.gather(*first), await asyncio.gather(*after)
+                    return await asyncio.gather(*[t for wave in waves for t in wave]), await asyncio.gather(*after)
             wave, later = asyncio.run(run())
             log = httpx.get(f"{front.url}/router/stats?requests=true", trust_env=False).json()
     finally:
         pool.stop()
     answers = wave + later
     ids = [a[2] for a in answers]
-    assert len(set(ids)) == len(answers) == 16  # every request got its own single answer
+    assert len(set(ids)) == len(answers) == len(wave) + 4  # every request got its own single answer
     records = {r["request_id"]: r for r in log["requests"]}
     assert set(records) == set(ids)  # none lost, none the router saw twice
     assert all(records[a[2]]["outcome"] == a[0] for a in answers)
@@ -204,5 +219,5 @@ def test_every_request_is_answered_once_when_a_replica_dies():
                and r["replica"] == 0]
     completed = sum(a[0] == "completed" for a in answers)
     assert completed == sum(r["num_completed"] for r in log["replicas"])  # no completion counted twice
-    assert completed + len(failed) == 16 and completed >= 10
+    assert completed == len(answers)
     assert retried  # requests queued on the killed replica were retried on the survivor, and completed there
