@@ -27,8 +27,10 @@ def _reference(q, k_heads, v_heads, tables, lens, block_size, scale):
     return out
 
 
-@pytest.mark.parametrize("dtype, H, Hkv, D", [(torch.bfloat16, 9, 3, 64), (torch.float32, 4, 4, 32),
-                                              (torch.bfloat16, 6, 2, 24)])
+@pytest.mark.parametrize("dtype, H, Hkv, D", [
+    (torch.bfloat16, 9, 3, 64), (torch.float32, 9, 3, 64),  # the specialised path (groups of 1-8, D 64 or 128)
+    (torch.bfloat16, 32, 4, 128), (torch.bfloat16, 4, 4, 128), (torch.float32, 16, 2, 128),
+    (torch.float32, 4, 4, 32), (torch.bfloat16, 6, 2, 24), (torch.bfloat16, 18, 2, 64)])  # the general path
 def test_paged_decode_equals_a_float64_reference(dtype, H, Hkv, D):
     op = cpu_attention.paged_decode_op()
     assert op is not None, "the extension did not build"

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -30,6 +31,13 @@ inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
 inline __m512 load16(const c10::BFloat16* x) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline void store16(float* x, __m512 v) { _mm512_storeu_ps(x, v); }
+inline void store16(c10::BFloat16* x, __m512 v) {  // round to nearest even, as c10::BFloat16 does (no NaN here)
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
 #endif
 
@@ -74,10 +82,118 @@ inline void axpys(const float* p, int64_t stride, const T* vt, int64_t group, in
     for (int64_t d = 0; d < D; ++d) acc[g * D + d] += p[g * stride] * to_float(vt[d]);
 }
 
+// exp(s - max s) in place; returns the sum (the softmax's denominator)
+inline float softmax_in_place(float* s, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < n; ++t) top = s[t] > top ? s[t] : top;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) {
+    s[t] = std::exp(s[t] - top);
+    sum += s[t];
+  }
+  return sum;
+}
+
+#if defined(__AVX512F__)
+// The fast path for a group of G query heads and D = 16 * C: queries, the running sums and one key or value row
+// live in registers. Scores: with AVX512-BF16, one dpbf16 takes 32 bf16 products of a bfloat16 query and key,
+// accumulated in float32 (the products are exact); the scale is applied to each sum. Values: each row is widened
+// to float32 once and added to the G running sums with one FMA per 16 values.
+template <typename T, int G, int C>
+void decode_task(const T* q, const T* kh, const T* vh, const int64_t* table, int64_t len, int64_t bs, float scale,
+                 T* out, float* scores) {
+  constexpr int64_t D = 16 * C;
+#if defined(__AVX512BF16__)
+  constexpr bool use_dpbf16 = std::is_same_v<T, c10::BFloat16> && C % 2 == 0;
+#else
+  constexpr bool use_dpbf16 = false;
+#endif
+  if constexpr (use_dpbf16) {
+#if defined(__AVX512BF16__)
+    __m512bh qb[G][C / 2];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < C / 2; ++c)
+        qb[g][c] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(q + g * D + c * 32));
+    for (int64_t t = 0; t < len; ++t) {
+      const T* kt = kh + (table[t / bs] * bs + t % bs) * D;
+      __m512bh kb[C / 2];
+      for (int c = 0; c < C / 2; ++c) kb[c] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(kt + c * 32));
+      for (int g = 0; g < G; ++g) {
+        __m512 s = _mm512_setzero_ps();
+        for (int c = 0; c < C / 2; ++c) s = _mm512_dpbf16_ps(s, qb[g][c], kb[c]);
+        scores[g * len + t] = _mm512_reduce_add_ps(s) * scale;
+      }
+    }
+#endif
+  } else {
+    __m512 qf[G][C];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < C; ++c) qf[g][c] = _mm512_mul_ps(load16(q + g * D + c * 16), _mm512_set1_ps(scale));
+    for (int64_t t = 0; t < len; ++t) {
+      const T* kt = kh + (table[t / bs] * bs + t % bs) * D;
+      __m512 kf[C];
+      for (int c = 0; c < C; ++c) kf[c] = load16(kt + c * 16);
+      for (int g = 0; g < G; ++g) {
+        __m512 s = _mm512_setzero_ps();
+        for (int c = 0; c < C; ++c) s = _mm512_fmadd_ps(qf[g][c], kf[c], s);
+        scores[g * len + t] = _mm512_reduce_add_ps(s);
+      }
+    }
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) inv[g] = 1.f / softmax_in_place(scores + g * len, len);
+  __m512 acc[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const T* vt = vh + (table[t / bs] * bs + t % bs) * D;
+    for (int c = 0; c < C; ++c) {
+      const __m512 x = load16(vt + c * 16);
+      for (int g = 0; g < G; ++g) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t]), x, acc[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) store16(out + g * D + c * 16, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv[g])));
+}
+
+template <typename T>
+using TaskFn = void (*)(const T*, const T*, const T*, const int64_t*, int64_t, int64_t, float, T*, float*);
+
+// the specialisation for (group, D), or null: groups of 1 to 8 heads, head sizes 64 and 128
+template <typename T, int C>
+TaskFn<T> task_for_group(int64_t group) {
+  switch (group) {
+    case 1: return decode_task<T, 1, C>;
+    case 2: return decode_task<T, 2, C>;
+    case 3: return decode_task<T, 3, C>;
+    case 4: return decode_task<T, 4, C>;
+    case 5: return decode_task<T, 5, C>;
+    case 6: return decode_task<T, 6, C>;
+    case 7: return decode_task<T, 7, C>;
+    case 8: return decode_task<T, 8, C>;
+    default: return nullptr;
+  }
+}
+
+template <typename T>
+TaskFn<T> fast_task(int64_t group, int64_t D) {
+  if (D == 64) return task_for_group<T, 4>(group);
+  if (D == 128) return task_for_group<T, 8>(group);
+  return nullptr;
+}
+#else
+template <typename T>
+using TaskFn = void (*)(const T*, const T*, const T*, const int64_t*, int64_t, int64_t, float, T*, float*);
+template <typename T>
+TaskFn<T> fast_task(int64_t, int64_t) { return nullptr; }
+#endif
+
 template <typename T>
 void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lens, T* out, int64_t B,
             int64_t H, int64_t Hkv, int64_t D, int64_t slots, int64_t M, int64_t block_size, float scale) {
   const int64_t group = H / Hkv, bs = block_size;
+  const TaskFn<T> task = fast_task<T>(group, D);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * D), acc(group * D), scores, total(group);
     for (int64_t i = begin; i < end; ++i) {
@@ -85,23 +201,18 @@ void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int
       const int64_t* table = tables + b * M;
       const T* kh = k + h * slots * D;
       const T* vh = v + h * slots * D;
+      if (task != nullptr) {
+        scores.resize(group * len);
+        const int64_t first = (b * H + h * group) * D;
+        task(q + first, kh, vh, table, len, bs, scale, out + first, scores.data());
+        continue;
+      }
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(q[(b * H + h * group + g) * D + d]) * scale;
       scores.resize(group * len);
       for (int64_t t = 0; t < len; ++t)  // scores[g, t] = q_g . k_t
         dots(qf.data(), kh + (table[t / bs] * bs + t % bs) * D, group, D, scores.data() + t, len);
-      for (int64_t g = 0; g < group; ++g) {  // softmax over t, in place
-        float* sg = scores.data() + g * len;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) top = sg[t] > top ? sg[t] : top;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; ++t) {
-          sg[t] = std::exp(sg[t] - top);
-          sum += sg[t];
-        }
-        total[g] = sum;
-      }
+      for (int64_t g = 0; g < group; ++g) total[g] = softmax_in_place(scores.data() + g * len, len);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; ++t)  // acc[g] = sum_t p[g, t] v_t
         axpys(scores.data() + t, len, vh + (table[t / bs] * bs + t % bs) * D, group, D, acc.data());
