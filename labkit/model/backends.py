@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from labkit.checks import check_choice
+from labkit.model import cpu_attention
 from labkit.model.attention import math_core, sdpa_core
 
 ATTENTION_BACKENDS = ("sdpa", "math", "triton")
@@ -26,12 +27,18 @@ class TorchKernels:
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # one fused op; in fp32 bit-identical to HF's LlamaRMSNorm formula
-        return F.rms_norm(x, (x.shape[-1],), weight if weight.dtype == x.dtype else weight.to(x.dtype), eps)
+        weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+        if cpu_attention.takes_rows(x):  # bf16 rows on a CPU: one C++ pass (labkit.model.cpu_attention)
+            return cpu_attention.cpu_ops().rms_norm(x, weight, eps)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
     @staticmethod
     def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(residual + x), residual + x): a sublayer's output joins the residual stream, then the norm."""
+        if cpu_attention.takes_rows(x) and cpu_attention.takes_rows(residual):
+            weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+            return cpu_attention.cpu_ops().add_rms_norm(x, residual, weight, eps)
         total = residual + x
         return TorchKernels.rms_norm(total, weight, eps), total
 
@@ -45,6 +52,8 @@ class TorchKernels:
 
     @staticmethod
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        if cpu_attention.takes_rows(gate_up):
+            return cpu_attention.cpu_ops().silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 

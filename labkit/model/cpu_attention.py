@@ -1,5 +1,6 @@
-"""Paged decode attention for the CPU that reads the KV cache's blocks in place: a small C++ extension
-(csrc/paged_decode.cpp), built by torch on first use and cached (under TORCH_EXTENSIONS_DIR).
+"""Paged decode attention for the CPU that reads the KV cache's blocks in place, and the decoder's small bfloat16
+ops fused one pass each: a small C++ extension (csrc/), built by torch on first use and cached (under
+TORCH_EXTENSIONS_DIR).
 
 The torch path (`labkit.model.attention`) gathers every decode row's context into a new tensor before two batched
 matmuls: at 48 rows of 300 tokens that gather and the matmuls cost more than the step's linears. The extension
@@ -7,6 +8,11 @@ walks each row's block table instead, one (row, KV head) pair per task, scores, 
 float32, as vLLM's CPU paged attention does. It serves one-token rows over a bfloat16 cache; the float32 path
 stays torch's (its outputs are what the greedy-identity tests compare with HF). Where no C++ compiler or ninja is
 found, `paged_decode_op()` is None and the torch path serves everything.
+
+The row ops (csrc/cpu_ops.cpp: the residual add with the RMSNorm after it, RMSNorm, SiLU-and-multiply, the KV
+write) replace three to seven torch ops each, each of which walks the rows once and, for bfloat16, converts them
+to float32 and back; they round where torch's sequence rounds. `TorchKernels` and `write_kv` use them for
+contiguous bfloat16 rows on a CPU.
 
 The build is cached in a folder named by a hash of the source, the flags, torch, Python and the CPU's
 instruction sets, so checkouts at different paths share one build and a `-march=native` build never runs on
@@ -31,7 +37,8 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger("labkit.model")
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "paged_decode.cpp"  # the attention kernel; cpu_ops.cpp has the small ops and the bindings
 DISABLE_ENV = "LABKIT_CPU_ATTENTION"  # "torch": never build or use the extension
 
 
@@ -51,10 +58,15 @@ def build_directory() -> Path:
     """Where this source, built with these flags for this torch, Python and CPU, lives."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *CFLAGS, *LDFLAGS, torch.__version__, sys.version,
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in _sources()), *CFLAGS, *LDFLAGS, torch.__version__, sys.version,
                                       platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     return root / f"labkit_paged_decode_{key}"
+
+
+def _sources() -> list[Path]:
+    """The extension's files (.cpp and headers), in a fixed order."""
+    return sorted(f for f in CSRC.iterdir() if f.suffix in (".cpp", ".h"))
 
 
 def _import(name: str, path: Path):
@@ -76,26 +88,48 @@ def _build_or_import():
         from torch.utils.cpp_extension import load
 
         (directory / "lock").unlink(missing_ok=True)  # torch's lock, left by a builder that died holding ours
-        source = directory / SOURCE.name  # a path that stays the same for every checkout
-        shutil.copyfile(SOURCE, source)
-        logger.info("building the CPU paged-attention extension in %s (once, about 30 s)", directory)
-        return load(name=name, sources=[str(source)], build_directory=str(directory), extra_cflags=list(CFLAGS),
-                    extra_ldflags=list(LDFLAGS), verbose=False)
+        for f in _sources():  # paths that stay the same for every checkout
+            shutil.copyfile(f, directory / f.name)
+        logger.info("building the CPU kernels extension in %s (once, about 40 s)", directory)
+        return load(name=name, sources=[str(directory / f.name) for f in _sources() if f.suffix == ".cpp"],
+                    build_directory=str(directory), extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                    verbose=False)
 
 
 @functools.cache
-def paged_decode_op():
-    """The extension's `paged_decode(q [B, H, D], k_heads, v_heads [Hkv, slots, D], block_tables [B, M] int64,
-    context_lens [B] int64, block_size, scale) -> [B, H, D]`, or None where it cannot be built."""
+def cpu_ops():
+    """The extension module (`paged_decode`, and the bfloat16 row ops `add_rms_norm`, `rms_norm`, `silu_mul`,
+    `write_kv`), or None where it cannot be built or LABKIT_CPU_ATTENTION=torch."""
     if os.environ.get(DISABLE_ENV, "").lower() == "torch":
         return None
     try:
-        module = _build_or_import()
+        return _build_or_import()
     except Exception as exc:  # no compiler, no ninja, an unsupported platform: the torch path serves
-        logger.warning("the CPU paged-attention extension is not available (%s); attention gathers the cache "
-                       "instead", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        logger.warning("the CPU kernels extension is not available (%s); the torch ops serve instead",
+                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
-    return module.paged_decode
+
+
+def paged_decode_op():
+    """The extension's `paged_decode(q [B, H, D], k_heads, v_heads [Hkv, slots, D], block_tables [B, M] int64,
+    context_lens [B] int64, block_size, scale) -> [B, H, D]`, or None where it cannot be built."""
+    ops = cpu_ops()
+    return None if ops is None else ops.paged_decode
+
+
+def takes_rows(x: torch.Tensor) -> bool:
+    """Whether the extension's row ops take x: contiguous bfloat16 rows on a CPU, outside torch.compile (which
+    traces the torch ops instead), where the extension is built."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous()
+            and not torch.compiler.is_compiling() and cpu_ops() is not None)
+
+
+def writes_kv(k: torch.Tensor, k_cache, slot_mapping: torch.Tensor) -> bool:
+    """Whether the extension's `write_kv` stores these keys (and values): bfloat16 into a heads-major bfloat16
+    cache on a CPU, outside torch.compile."""
+    return (k.dtype == torch.bfloat16 and k.device.type == "cpu" and isinstance(k_cache, torch.Tensor)
+            and k_cache.dtype == torch.bfloat16 and k_cache.transpose(0, 1).is_contiguous()
+            and slot_mapping.dtype == torch.int64 and not torch.compiler.is_compiling() and cpu_ops() is not None)
 
 
 def serves(q: torch.Tensor, k_cache) -> bool:
@@ -105,4 +139,4 @@ def serves(q: torch.Tensor, k_cache) -> bool:
             and paged_decode_op() is not None)
 
 
-__all__ = ["paged_decode_op", "serves", "build_directory", "SOURCE", "DISABLE_ENV"]
+__all__ = ["cpu_ops", "paged_decode_op", "takes_rows", "writes_kv", "serves", "build_directory", "SOURCE", "DISABLE_ENV"]

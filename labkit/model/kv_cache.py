@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from labkit.model import cpu_attention
+
 
 @dataclass(eq=False)
 class Int8KV:
@@ -112,6 +114,10 @@ def write_kv(k_cache: torch.Tensor | Int8KV, v_cache: torch.Tensor | Int8KV, k: 
             codes, scale = quantize_kv(x)
             cache.codes.index_copy_(0, slot_mapping, codes)
             cache.scale.index_copy_(0, slot_mapping, scale)
+        return
+    if cpu_attention.writes_kv(k, k_cache, slot_mapping):
+        # a heads-major bf16 cache on a CPU: one C++ pass writes both (index_copy_ on the transposed view is slow)
+        cpu_attention.cpu_ops().write_kv(k_cache.transpose(0, 1), v_cache.transpose(0, 1), k, v, slot_mapping)
         return
     k_cache.index_copy_(0, slot_mapping, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
     v_cache.index_copy_(0, slot_mapping, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))

@@ -104,16 +104,12 @@ def test_a_builder_that_died_holding_torchs_lock_does_not_block_the_next_build(t
     assert _child({**env, "PATH": ""}, timeout=120) == (True, str(directory))  # no compiler, no ninja: imported
 
 
-def test_checkouts_at_different_paths_share_one_build(tmp_path):
-    """The build folder is named by what is built (source, flags, torch, Python, CPU), not by where the source is."""
-    copy = tmp_path / "elsewhere.cpp"
-    copy.write_text(cpu_attention.SOURCE.read_text())
+def test_checkouts_at_different_paths_share_one_build(tmp_path, monkeypatch):
+    """The build folder is named by what is built (sources, flags, torch, Python, CPU), not by where they are."""
     here = cpu_attention.build_directory()
-    original = cpu_attention.SOURCE
-    try:
-        cpu_attention.SOURCE = copy
-        assert cpu_attention.build_directory() == here
-        copy.write_text(original.read_text() + "\n// changed\n")
-        assert cpu_attention.build_directory() != here  # a changed source is built anew
-    finally:
-        cpu_attention.SOURCE = original
+    copy = tmp_path / "csrc"
+    shutil.copytree(cpu_attention.CSRC, copy)
+    monkeypatch.setattr(cpu_attention, "CSRC", copy)
+    assert cpu_attention.build_directory() == here
+    (copy / "vec.h").write_text((copy / "vec.h").read_text() + "\n// changed\n")
+    assert cpu_attention.build_directory() != here  # a changed file is built anew
