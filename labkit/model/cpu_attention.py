@@ -23,7 +23,6 @@ would make every later process wait forever (torch's own lock file would).
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -58,8 +57,9 @@ def build_directory() -> Path:
     """Where this source, built with these flags for this torch, Python and CPU, lives."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    key = hashlib.sha256("\0".join([*(f.read_text() for f in _sources()), *CFLAGS, *LDFLAGS, torch.__version__, sys.version,
-                                      platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    parts = [*(f.read_text() for f in _sources()), *CFLAGS, *LDFLAGS, torch.__version__, sys.version,
+             platform.machine(), _cpu_flags()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     return root / f"labkit_paged_decode_{key}"
 
@@ -77,6 +77,8 @@ def _import(name: str, path: Path):
 
 
 def _build_or_import():
+    import fcntl  # POSIX; elsewhere the ImportError means the torch ops serve
+
     directory = build_directory()
     name = directory.name
     library = directory / f"{name}.so"
@@ -139,4 +141,5 @@ def serves(q: torch.Tensor, k_cache) -> bool:
             and paged_decode_op() is not None)
 
 
-__all__ = ["cpu_ops", "paged_decode_op", "takes_rows", "writes_kv", "serves", "build_directory", "SOURCE", "DISABLE_ENV"]
+__all__ = ["cpu_ops", "paged_decode_op", "takes_rows", "writes_kv", "serves", "build_directory", "SOURCE",
+           "DISABLE_ENV"]

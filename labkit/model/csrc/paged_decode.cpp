@@ -18,8 +18,6 @@
 
 namespace {
 
-
-
 // q_g . k_t for every query head g of the group, k_t one row of D values; D a multiple of 16 on the fast path
 template <typename T>
 inline void dots(const float* qf, const T* kt, int64_t group, int64_t D, float* out, int64_t stride) {
