@@ -19,6 +19,11 @@ ATTENTION_BACKENDS = ("sdpa", "math", "triton")
 KERNEL_BACKENDS = ("torch", "triton")
 
 
+def _like(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A norm's weight in the activations' dtype (a no-op .to still costs microseconds per call)."""
+    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
+
+
 class TorchKernels:
     """The elementwise kernels in plain torch; the Triton backend (labkit.kernels.backend) has the same methods."""
 
@@ -27,7 +32,7 @@ class TorchKernels:
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # one fused op; in fp32 bit-identical to HF's LlamaRMSNorm formula
-        weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+        weight = _like(weight, x)
         if cpu_attention.takes_rows(x):  # bf16 rows on a CPU: one C++ pass (labkit.model.cpu_attention)
             return cpu_attention.cpu_ops().rms_norm(x, weight, eps)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -37,8 +42,7 @@ class TorchKernels:
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(residual + x), residual + x): a sublayer's output joins the residual stream, then the norm."""
         if cpu_attention.takes_rows(x) and cpu_attention.takes_rows(residual):
-            weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
-            return cpu_attention.cpu_ops().add_rms_norm(x, residual, weight, eps)
+            return cpu_attention.cpu_ops().add_rms_norm(x, residual, _like(weight, x), eps)
         total = residual + x
         return TorchKernels.rms_norm(total, weight, eps), total
 

@@ -36,8 +36,7 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger("labkit.model")
-CSRC = Path(__file__).parent / "csrc"
-SOURCE = CSRC / "paged_decode.cpp"  # the attention kernel; cpu_ops.cpp has the small ops and the bindings
+CSRC = Path(__file__).parent / "csrc"  # paged_decode.cpp the attention kernel, cpu_ops.cpp the row ops and bindings
 DISABLE_ENV = "LABKIT_CPU_ATTENTION"  # "torch": never build or use the extension
 
 
@@ -141,5 +140,5 @@ def serves(q: torch.Tensor, k_cache) -> bool:
             and paged_decode_op() is not None)
 
 
-__all__ = ["cpu_ops", "paged_decode_op", "takes_rows", "writes_kv", "serves", "build_directory", "SOURCE",
+__all__ = ["cpu_ops", "paged_decode_op", "takes_rows", "writes_kv", "serves", "build_directory", "CSRC",
            "DISABLE_ENV"]

@@ -19,19 +19,6 @@ namespace {
 
 using bf16 = c10::BFloat16;
 
-// float -> bfloat16 bits, round to nearest even (NaN stays NaN, overflow goes to infinity)
-inline uint16_t round_bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-inline float bits_to_float(uint16_t b) {
-  uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 void check_rows(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
               name, " must be a contiguous 2-d bfloat16 CPU tensor");

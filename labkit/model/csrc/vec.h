@@ -6,13 +6,22 @@
 #include <cstdint>
 #include <cstring>
 
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+// bfloat16 bits -> float32 (exact), and float32 -> bfloat16 bits rounded to nearest even (NaN stays NaN,
+// overflow goes to infinity)
+inline float bits_to_float(uint16_t b) {
+  uint32_t bits = static_cast<uint32_t>(b) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+inline uint16_t round_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return bits_to_float(x.x); }
 
 // 16 consecutive values as floats, and back
 #if defined(__AVX512F__)
