@@ -5,8 +5,9 @@ chunks, decode rows and (later) rows that verify several draft tokens share one 
 and V go to a cache slot named by `slot_mapping`; attention reads a row's context back through its block
 table (Kwon et al. 2023, "PagedAttention"). The torch path here gathers a row's blocks into a contiguous
 tensor and runs SDPA (or matmul-softmax-matmul); a Triton kernel can read the blocks in place instead, and so does
-a C++ extension for one-token rows over a bfloat16 cache on a CPU (`labkit.model.cpu_attention`). An int8 cache
-(`Int8KV`) is quantized as it is written and dequantized as the torch path gathers it.
+a C++ extension over a bfloat16 cache on a CPU (`labkit.model.cpu_attention`), which takes every token of a step,
+prompt and decode alike, in one call. An int8 cache (`Int8KV`) is quantized as it is written and dequantized as
+the torch path gathers it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class AttentionMetadata:
     # per group, its blocks as one flat index over a heads-major layer's (head, block) pairs: made by the first
     # layer, read by the others (`_gather`)
     flat_blocks: dict = field(default_factory=dict, repr=False)
+    # for the C++ kernel, which takes every token of the step in one call: each token's row of block_tables and
+    # the slots it attends over (position + 1); None when every row has one new token (block_tables and
+    # context_lens say it already)
+    token_rows: torch.Tensor | None = None
+    token_context: torch.Tensor | None = None
 
 
 def build_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -77,6 +83,10 @@ def build_metadata(query_lens: list[int], context_lens: list[int], block_tables:
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
         block_tables=tables, context_lens=context,
         query_start=torch.tensor(starts, dtype=torch.long, device=device), block_size=block_size)
+    if starts[-1] != len(query_lens):
+        meta.token_rows = torch.tensor([b for b, q in enumerate(query_lens) for _ in range(q)], dtype=torch.long,
+                                       device=device)
+        meta.token_context = meta.positions + 1
     groups = []
     b = 0
     while b < len(query_lens):
@@ -174,16 +184,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         visible = torch.arange(keys.shape[2], device=q.device) < meta.context_lens[:, None]  # [B, S]
         out = core(q[:, :, None], keys, values, visible[:, None, None], False, scale)  # [B, H, 1, D]
         return out[:, :, 0]
-    outs = []
     bs = meta.block_size
-    in_place = cpu_attention.serves(q, k_cache)  # one-token rows read the blocks in place (C++)
+    if cpu_attention.serves(q, k_cache):  # every token of the step in one call, reading the blocks in place (C++)
+        rows, context = (None, meta.context_lens) if meta.token_rows is None else (meta.token_rows, meta.token_context)
+        return cpu_attention.paged_decode_op()(q, k_cache.transpose(0, 1), v_cache.transpose(0, 1), meta.block_tables,
+                                               context, bs, scale, rows)
+    outs = []
     for i, g in enumerate(meta.groups):
         G, T = g.rows.stop - g.rows.start, g.query_len
-        if T == 1 and not g.is_fresh and in_place:
-            outs.append(cpu_attention.paged_decode_op()(
-                q[g.tokens], k_cache.transpose(0, 1), v_cache.transpose(0, 1), meta.block_tables[g.rows],
-                meta.context_lens[g.rows], bs, scale))
-            continue
         qg = q[g.tokens].view(G, T, H, D).transpose(1, 2)  # [G, H, T, D]
         if g.is_fresh:  # nothing cached before these tokens: their own k, v are the whole context
             kg = k[g.tokens].view(G, T, *k.shape[1:]).transpose(1, 2)  # [G, Hkv, T, D]

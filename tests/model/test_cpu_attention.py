@@ -1,6 +1,7 @@
-"""The CPU paged-decode extension (labkit.model.cpu_attention): equal to a float64 reference over the same blocks,
-for bfloat16 and float32 caches, grouped heads, contexts that end inside a block, and a head size off the
-vectorized path; and the model's attention uses it for one-token rows over a bfloat16 KVCache."""
+"""The CPU paged-attention extension (labkit.model.cpu_attention): equal to a float64 reference over the same
+blocks, for bfloat16 and float32 caches, grouped heads, contexts that end inside a block, and a head size off the
+vectorized path; the model's attention uses it for every token of a step over a bfloat16 KVCache (decode rows,
+fresh prompts and prompt chunks after cached tokens), and a prompt's outputs do not depend on its chunking."""
 
 import random
 import shutil
@@ -73,6 +74,76 @@ def test_the_model_attention_reads_a_bf16_cache_through_it(monkeypatch):
         values = history[b][1].float().transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
         p = torch.softmax((keys @ q[b].float()[:, :, None])[..., 0] * D**-0.5, dim=-1)
         torch.testing.assert_close(got[b].float(), (p[:, :, None] * values).sum(1), atol=2e-2, rtol=2e-2)
+
+
+def _step(cache, bs, H, Hkv, D, tables, spans, history):
+    """q and the attention output of one step whose row b computes tokens spans[b] = (start, end) of its history,
+    after writing their keys and values as the model does."""
+    query_lens = [end - start for start, end in spans]
+    slots = [tables[b][t // bs] * bs + t % bs for b, (start, end) in enumerate(spans) for t in range(start, end)]
+    k = torch.cat([history[b][0][start:end] for b, (start, end) in enumerate(spans)])
+    v = torch.cat([history[b][1][start:end] for b, (start, end) in enumerate(spans)])
+    write_kv(cache.k[0], cache.v[0], k, v, torch.tensor(slots))
+    meta = build_metadata(query_lens, [end for _, end in spans], tables, slots, bs, "cpu")
+    q = torch.cat([history[b][2][start:end] for b, (start, end) in enumerate(spans)])
+    return q, paged_attention(q, k, v, cache.k[0], cache.v[0], meta, D**-0.5, sdpa_core)
+
+
+def _histories(lengths, Hkv, H, D):
+    gen = torch.Generator().manual_seed(1)
+    return {b: tuple(torch.randn(n, h, D, generator=gen).bfloat16() for h in (Hkv, Hkv, H))
+            for b, n in enumerate(lengths)}
+
+
+def test_prompt_tokens_decode_rows_and_chunks_attend_causally_in_one_call(monkeypatch):
+    """One step with a fresh prompt, a decode row and a prompt chunk after 12 cached tokens: one kernel call, and
+    every token equal to dense attention over the keys up to its own position."""
+    calls = []
+    op = cpu_attention.paged_decode_op()
+    monkeypatch.setattr(cpu_attention, "paged_decode_op", lambda: lambda *a: calls.append(1) or op(*a))
+    bs, H, Hkv, D = 4, 6, 2, 64
+    cache = KVCache(1, 16, bs, Hkv, D, "cpu", torch.bfloat16)
+    tables = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10, 11]]
+    history = _histories([13, 9, 17], Hkv, H, D)
+    for b, n in ((1, 8), (2, 12)):  # what earlier steps cached
+        _step(cache, bs, H, Hkv, D, [tables[b]], [(0, n)], {0: history[b]})
+    calls.clear()
+    spans = [(0, 13), (8, 9), (12, 17)]
+    q, got = _step(cache, bs, H, Hkv, D, tables, spans, history)
+    assert len(calls) == 1, "one call for the whole step"
+    i = 0
+    for b, (start, end) in enumerate(spans):
+        for p in range(start, end):
+            keys = history[b][0][:p + 1].double().transpose(0, 1).repeat_interleave(H // Hkv, dim=0)  # [H, p+1, D]
+            values = history[b][1][:p + 1].double().transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
+            w = torch.softmax((keys @ q[i].double()[:, :, None])[..., 0] * D**-0.5, dim=-1)
+            torch.testing.assert_close(got[i].double(), (w[:, :, None] * values).sum(1), atol=1e-2, rtol=1e-2)
+            i += 1
+
+
+def test_a_prompts_outputs_do_not_depend_on_its_chunking():
+    """Each token reads its own context the same way whatever else the step holds: one 40-token step, or chunks
+    of 24 and 16 (chunked prefill, or a prefix-cache hit), give the same bits."""
+    bs, H, Hkv, D = 16, 9, 3, 64
+    history = _histories([40], Hkv, H, D)
+    whole = _step(KVCache(1, 4, bs, Hkv, D, "cpu", torch.bfloat16), bs, H, Hkv, D, [[0, 1, 2]], [(0, 40)], history)[1]
+    cache = KVCache(1, 4, bs, Hkv, D, "cpu", torch.bfloat16)
+    first = _step(cache, bs, H, Hkv, D, [[0, 1]], [(0, 24)], history)[1]
+    second = _step(cache, bs, H, Hkv, D, [[0, 1, 2]], [(24, 40)], history)[1]
+    assert torch.equal(whole, torch.cat([first, second]))
+
+
+def test_bad_token_rows_and_contexts_are_refused():
+    op = cpu_attention.paged_decode_op()
+    k = torch.zeros(2, 16, 64, dtype=torch.bfloat16)
+    q = torch.zeros(3, 4, 64, dtype=torch.bfloat16)
+    tables = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(RuntimeError, match="token row 2 is not a table row"):
+        op(q, k, k, tables, torch.tensor([1, 2, 3]), 4, 0.125, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="context length 9 does not fit"):
+        op(q, k, k, tables, torch.tensor([1, 9, 3]), 4, 0.125, torch.tensor([0, 1, 1]))
+    with pytest.raises(RuntimeError, match="one block table per query token"):
+        op(q, k, k, tables, torch.tensor([1, 2, 3]), 4, 0.125)
 
 
 _BUILD_IN_A_CHILD = """

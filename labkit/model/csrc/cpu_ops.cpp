@@ -10,10 +10,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <tuple>
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
-                           torch::Tensor context_lens, int64_t block_size, double scale);
+                           torch::Tensor context_lens, int64_t block_size, double scale,
+                           std::optional<torch::Tensor> token_rows);
 
 namespace {
 
@@ -137,7 +139,9 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention over a heads-major cache (CPU)");
+  m.def("paged_decode", &paged_decode, "paged attention of query tokens over a heads-major cache (CPU)", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("block_size"),
+        py::arg("scale"), py::arg("token_rows") = py::none());
   m.def("add_rms_norm", &add_rms_norm, "(rms_norm(x + residual) * weight, x + residual), bfloat16 rows");
   m.def("rms_norm", &rms_norm, "rms_norm(x) * weight, bfloat16 rows");
   m.def("silu_mul", &silu_mul, "silu(gate) * up, bfloat16 rows [gate | up]");

@@ -1,8 +1,11 @@
-// Paged decode attention on the CPU: one new token per row attends over its context, read from the KV cache's
-// blocks in place (no gathered copy). The cache is heads-major, [Hkv, slots, D] (labkit.model.kv_cache.KVCache),
-// so one block of one head is block_size * D contiguous values. Scores, softmax and the weighted sum of values
-// are taken in float32 whatever the storage dtype (float32 or bfloat16). Work is split over (row, KV head) pairs;
-// each pair reads its keys once for all the query heads that share them (grouped-query attention).
+// Paged attention on the CPU: each query token attends over its own context, read from the KV cache's blocks in
+// place (no gathered copy). A decode row is one token over its whole context; a prompt's token at position p is
+// one token over the first p + 1 slots of its sequence (causal attention, token by token), so decode rows, prompt
+// chunks and rows verifying draft tokens all go through one call, and a token's output does not depend on how its
+// prompt was split into steps. The cache is heads-major, [Hkv, slots, D] (labkit.model.kv_cache.KVCache), so one
+// block of one head is block_size * D contiguous values. Scores, softmax and the weighted sum of values are taken
+// in float32 whatever the storage dtype (float32 or bfloat16). Work is split over (token, KV head) pairs; each pair
+// reads its keys once for all the query heads that share them (grouped-query attention).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -13,6 +16,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -167,45 +171,51 @@ TaskFn<T> fast_task(int64_t, int64_t) { return nullptr; }
 #endif
 
 template <typename T>
-void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lens, T* out, int64_t B,
-            int64_t H, int64_t Hkv, int64_t D, int64_t slots, int64_t M, int64_t block_size, float scale) {
-  const int64_t group = H / Hkv, bs = block_size;
+void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lens, const int64_t* rows,
+            T* out, int64_t N, int64_t H, int64_t Hkv, int64_t D, int64_t slots, int64_t M, int64_t block_size,
+            float scale) {
+  const int64_t group = H / Hkv, bs = block_size, tasks = N * Hkv;
   const TaskFn<T> task = fast_task<T>(group, D);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // tasks dealt round-robin, one stride per thread: a prompt's tokens attend over 1, 2, ... keys, and contiguous
+  // ranges would give the last thread the longest ones
+  const int64_t stride = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  at::parallel_for(0, stride, 1, [&](int64_t first, int64_t last) {
     std::vector<float> qf(group * D), acc(group * D), scores, total(group);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv, len = lens[b];
-      const int64_t* table = tables + b * M;
-      const T* kh = k + h * slots * D;
-      const T* vh = v + h * slots * D;
-      if (task != nullptr) {
+    for (int64_t lane = first; lane < last; ++lane)
+      for (int64_t i = lane; i < tasks; i += stride) {
+        const int64_t n = i / Hkv, h = i % Hkv, len = lens[n];
+        const int64_t* table = tables + (rows != nullptr ? rows[n] : n) * M;
+        const T* kh = k + h * slots * D;
+        const T* vh = v + h * slots * D;
         scores.resize(group * len);
-        const int64_t first = (b * H + h * group) * D;
-        task(q + first, kh, vh, table, len, bs, scale, out + first, scores.data());
-        continue;
+        if (task != nullptr) {
+          const int64_t at = (n * H + h * group) * D;
+          task(q + at, kh, vh, table, len, bs, scale, out + at, scores.data());
+          continue;
+        }
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(q[(n * H + h * group + g) * D + d]) * scale;
+        for (int64_t t = 0; t < len; ++t)  // scores[g, t] = q_g . k_t
+          dots(qf.data(), kh + (table[t / bs] * bs + t % bs) * D, group, D, scores.data() + t, len);
+        for (int64_t g = 0; g < group; ++g) total[g] = softmax_in_place(scores.data() + g * len, len);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < len; ++t)  // acc[g] = sum_t p[g, t] v_t
+          axpys(scores.data() + t, len, vh + (table[t / bs] * bs + t % bs) * D, group, D, acc.data());
+        for (int64_t g = 0; g < group; ++g) {
+          const float inv = 1.f / total[g];
+          for (int64_t d = 0; d < D; ++d) out[(n * H + h * group + g) * D + d] = static_cast<T>(acc[g * D + d] * inv);
+        }
       }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(q[(b * H + h * group + g) * D + d]) * scale;
-      scores.resize(group * len);
-      for (int64_t t = 0; t < len; ++t)  // scores[g, t] = q_g . k_t
-        dots(qf.data(), kh + (table[t / bs] * bs + t % bs) * D, group, D, scores.data() + t, len);
-      for (int64_t g = 0; g < group; ++g) total[g] = softmax_in_place(scores.data() + g * len, len);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t)  // acc[g] = sum_t p[g, t] v_t
-        axpys(scores.data() + t, len, vh + (table[t / bs] * bs + t % bs) * D, group, D, acc.data());
-      for (int64_t g = 0; g < group; ++g) {
-        const float inv = 1.f / total[g];
-        for (int64_t d = 0; d < D; ++d) out[(b * H + h * group + g) * D + d] = static_cast<T>(acc[g * D + d] * inv);
-      }
-    }
   });
 }
 
 }  // namespace
 
-// q [B, H, D]; k_cache, v_cache [Hkv, slots, D] contiguous; block_tables [B, M] int64; context_lens [B] int64.
+// q [N, H, D]; k_cache, v_cache [Hkv, slots, D] contiguous; block_tables [B, M] int64; context_lens [N] int64: the
+// slots token n attends over; token_rows [N] int64: the row of block_tables token n reads (none: row n, N == B).
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
-                           torch::Tensor context_lens, int64_t block_size, double scale) {
+                           torch::Tensor context_lens, int64_t block_size, double scale,
+                           std::optional<torch::Tensor> token_rows) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
               "q and the cache must share a dtype");
@@ -215,19 +225,33 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   auto qc = q.contiguous();
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(0), slots = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(2) == D && H % Hkv == 0 && tables.size(0) == B && lens.size(0) == B, "bad shapes");
+  const int64_t N = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(0), slots = k_cache.size(1);
+  const int64_t B = tables.size(0), M = tables.size(1);
+  TORCH_CHECK(k_cache.size(2) == D && H % Hkv == 0 && lens.dim() == 1 && lens.size(0) == N, "bad shapes");
+  torch::Tensor rows;
+  if (token_rows.has_value()) {
+    rows = token_rows->contiguous();
+    TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.dim() == 1 && rows.size(0) == N,
+                "token_rows must be [N] int64");
+    const int64_t* r = rows.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n) TORCH_CHECK(r[n] >= 0 && r[n] < B, "token row ", r[n], " is not a table row");
+  } else {
+    TORCH_CHECK(B == N, "without token_rows, one block table per query token");
+  }
+  const int64_t* l = lens.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(l[n] >= 1 && l[n] <= M * block_size, "context length ", l[n], " does not fit its block table");
+  const int64_t* r = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
   auto out = torch::empty_like(qc);
   const float s = static_cast<float>(scale);
   if (q.scalar_type() == torch::kFloat32) {
     decode<float>(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                  tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, Hkv, D, slots,
-                  tables.size(1), block_size, s);
+                  tables.data_ptr<int64_t>(), l, r, out.data_ptr<float>(), N, H, Hkv, D, slots, M, block_size, s);
   } else {
     TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "paged_decode takes float32 or bfloat16");
     decode<c10::BFloat16>(qc.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
-                          v_cache.data_ptr<c10::BFloat16>(), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
-                          out.data_ptr<c10::BFloat16>(), B, H, Hkv, D, slots, tables.size(1), block_size, s);
+                          v_cache.data_ptr<c10::BFloat16>(), tables.data_ptr<int64_t>(), l, r,
+                          out.data_ptr<c10::BFloat16>(), N, H, Hkv, D, slots, M, block_size, s);
   }
   return out;
 }
