@@ -18,20 +18,23 @@ from labkit.model.llama import Linear, Transformer
 LINEAR_LAYOUTS = ("auto", "nk", "kn")
 GEMMS = ("auto", "packed", "plain")  # how fp32 and bf16 CPU linears run their products (see use_packed_gemm)
 PACKED_DTYPES = (torch.float32, torch.bfloat16)  # the weight dtypes oneDNN prepacks
-# products of more rows than this (long prefill chunks) run MKL's GEMM: beyond it the packed GEMM's lead over
-# MKL shrinks to nothing on some CPUs (data/bench_decode.json, docs/engine.md)
+# fp32 products of more rows than this (long prefill chunks) run MKL's GEMM: beyond it the packed GEMM's lead over
+# MKL shrinks to nothing on some CPUs (data/bench_decode.json, docs/engine.md). bf16 products of any size take the
+# packed weight: torch's bf16 GEMM is oneDNN's too, reordering the weight on every call (2048 rows of SmolLM2's
+# four linears: 16.3 against 17.4 ms on an AVX512-BF16 EPYC).
 PACKED_MAX_ROWS = 1024
 
 
 class PackedLinear(Linear):
-    """A Linear that runs products of packed_min_rows to PACKED_MAX_ROWS rows on its oneDNN-prepacked weight (when
+    """A Linear that runs products of packed_min_rows to packed_max_rows rows on its oneDNN-prepacked weight (when
     it has one: copies and pickles drop the packed tensor, and then it runs as a plain Linear)."""
 
     packed_min_rows: int = 2  # fp32: one row stays on MKL's matrix-vector path; bf16: 1 (use_packed_gemm)
+    packed_max_rows: float = PACKED_MAX_ROWS  # fp32; bf16: no limit (use_packed_gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.packed is not None and x.dim() == 2 and self.packed_min_rows <= x.shape[0] <= PACKED_MAX_ROWS \
+        if self.packed is not None and x.dim() == 2 and self.packed_min_rows <= x.shape[0] <= self.packed_max_rows \
                 and not torch.compiler.is_compiling():
             xw = x if x.dtype == w.dtype else x.to(w.dtype)
             y = torch.ops.mkldnn._linear_pointwise(xw, self.packed, self.bias, "none", [], "")
@@ -59,8 +62,8 @@ def use_kn_layout(model: nn.Module) -> nn.Module:
 
 
 def use_packed_gemm(model: Transformer, rows_hint: int = 64) -> Transformer:
-    """Rewrite: give every fp32 or bf16 CPU Linear a oneDNN-prepacked copy of its weight for products of 2 (bf16:
-    1) to PACKED_MAX_ROWS rows. Apply it after the rewrites that change weights (a tensor-parallel split drops it).
+    """Rewrite: give every fp32 or bf16 CPU Linear a oneDNN-prepacked copy of its weight for products of 2 to
+    PACKED_MAX_ROWS rows (bf16: of any number of rows). Apply it after the rewrites that change weights (a tensor-parallel split drops it).
 
     MKL runs a one-row product as a matrix-vector product that streams the weight at memory speed, but a
     product of a few rows as a GEMM that repacks the weight on every call. oneDNN's prepacked GEMM grows much
@@ -80,7 +83,8 @@ def use_packed_gemm(model: Transformer, rows_hint: int = 64) -> Transformer:
             module.packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if module.kn else w,
                                                                     rows_hint)
             module.__class__ = PackedLinear
-            module.packed_min_rows = 1 if w.dtype == torch.bfloat16 else 2
+            bf16 = w.dtype == torch.bfloat16
+            module.packed_min_rows, module.packed_max_rows = (1, float("inf")) if bf16 else (2, PACKED_MAX_ROWS)
     model.rewrites.append("gemm:packed")
     return model
 

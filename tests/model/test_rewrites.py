@@ -49,7 +49,7 @@ def test_packed_gemm_matches_the_plain_product_and_is_used_only_for_few_rows(lay
 
 
 @pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
-def test_packed_bf16_gemm_runs_every_row_count_up_to_the_limit_and_matches_the_plain_product():
+def test_packed_bf16_gemm_runs_every_row_count_and_matches_the_plain_product(monkeypatch):
     lm = load_model("tiny-llama", dummy=True, device="cpu")
     model = from_hf(lm.model, dtype=torch.bfloat16)
     assert model.act_dtype == torch.bfloat16  # bf16 weights mean bf16 activations: no cast around a linear
@@ -59,13 +59,15 @@ def test_packed_bf16_gemm_runs_every_row_count_up_to_the_limit_and_matches_the_p
     plain = {n: linear(x) for n, x in xs.items()}
     assert apply_rewrites(model).rewrites == ["gemm:packed"]  # bf16 keeps [out, in] and packs by default
     assert linear.packed is not None and linear.packed_min_rows == 1
+    calls = []
+    packed_op = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape[0]) or packed_op(*a))
     for n, x in xs.items():
         out = linear(x)
         assert out.dtype == torch.bfloat16
-        if n > PACKED_MAX_ROWS:
-            assert torch.equal(out, plain[n])
-        else:  # both accumulate in fp32 and round once to bf16; the order of the sums may differ
-            torch.testing.assert_close(out, plain[n], rtol=1.6e-2, atol=1e-2)
+        # both accumulate in fp32 and round once to bf16; the order of the sums may differ
+        torch.testing.assert_close(out, plain[n], rtol=1.6e-2, atol=1e-2)
+    assert calls == list(xs), "every row count, long prefill chunks included, reads the packed weight"
 
 
 @pytest.mark.skipif(not packed_gemm_available(), reason="needs torch with oneDNN on an x86 CPU")
