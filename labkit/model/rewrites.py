@@ -63,7 +63,8 @@ def use_kn_layout(model: nn.Module) -> nn.Module:
 
 def use_packed_gemm(model: Transformer, rows_hint: int = 64) -> Transformer:
     """Rewrite: give every fp32 or bf16 CPU Linear a oneDNN-prepacked copy of its weight for products of 2 to
-    PACKED_MAX_ROWS rows (bf16: of any number of rows). Apply it after the rewrites that change weights (a tensor-parallel split drops it).
+    PACKED_MAX_ROWS rows (bf16: of any number of rows). Apply it after the rewrites that change weights (a
+    tensor-parallel split drops it).
 
     MKL runs a one-row product as a matrix-vector product that streams the weight at memory speed, but a
     product of a few rows as a GEMM that repacks the weight on every call. oneDNN's prepacked GEMM grows much

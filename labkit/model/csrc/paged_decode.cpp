@@ -77,49 +77,138 @@ inline float softmax_in_place(float* s, int64_t n) {
 }
 
 #if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
+// lane j of the result = the sum of the 16 lanes of s[j]: a transposing tree of 45 instructions, where 16
+// horizontal sums would take ~130
+inline __m512 sum16x16(const __m512* s) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * i], s[2 * i + 1]), _mm512_unpackhi_ps(s[2 * i], s[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // chunk c, lane l: chunk c's partial sum of row 4i + l
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+}
+
+// The fast path for a bfloat16 cache on a CPU with AVX512-BF16, a group of G query heads, D = 16 * C (C even).
+// Scores, 16 keys at a time: dpbf16 takes 32 exact bf16 products of the query and a key row, summed in float32,
+// and one transposing tree sums the 16 keys' lanes. Values, two rows at a time: the rows' elements interleaved
+// in pairs and one dpbf16 per 16 outputs adds p_t v_t + p_t+1 v_t+1 with the probabilities rounded to bfloat16
+// (as a bf16 flash-attention kernel's second product does), the sums in float32.
+template <int G, int C>
+void decode_task_dpbf16(const c10::BFloat16* q, const c10::BFloat16* kh, const c10::BFloat16* vh,
+                        const int64_t* table, int64_t len, int64_t bs, float scale, c10::BFloat16* out,
+                        float* scores) {
+  constexpr int64_t D = 16 * C;
+  constexpr int P = C / 2;  // 32-value chunks of a row
+  static const uint16_t zero_row[D] = {};
+  auto row = [&](const c10::BFloat16* base, int64_t t) { return base + (table[t / bs] * bs + t % bs) * D; };
+  __m512bh qb[G][P];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < P; ++c) qb[g][c] = (__m512bh)_mm512_loadu_si512(q + g * D + c * 32);
+  // The rows are scattered over the cache in blocks, so the hardware prefetcher does not see them coming: each
+  // batch asks for the keys PREFETCH_AHEAD batches on, and for its own values, which the second pass reads.
+  constexpr int64_t PREFETCH_AHEAD = 2;
+  auto prefetch = [&](const c10::BFloat16* base, int64_t from, int64_t to) {
+    for (int64_t t = from; t < std::min(to, len); ++t)
+      for (int64_t line = 0; line < D * 2; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row(base, t)) + line, _MM_HINT_T1);
+  };
+  prefetch(kh, 0, 16 * PREFETCH_AHEAD);
+  const c10::BFloat16* rows[16];
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, len - t0));
+    prefetch(kh, t0 + 16 * PREFETCH_AHEAD, t0 + 16 * (PREFETCH_AHEAD + 1));
+    prefetch(vh, t0, t0 + 16);
+    for (int j = 0; j < 16; ++j) rows[j] = j < n ? row(kh, t0 + j) : reinterpret_cast<const c10::BFloat16*>(zero_row);
+    for (int g = 0; g < G; ++g) {
+      __m512 s[16];
+      for (int j = 0; j < 16; ++j) {
+        s[j] = _mm512_setzero_ps();
+        for (int c = 0; c < P; ++c)
+          s[j] = _mm512_dpbf16_ps(s[j], qb[g][c], (__m512bh)_mm512_loadu_si512(rows[j] + c * 32));
+      }
+      _mm512_mask_storeu_ps(scores + g * len + t0, static_cast<__mmask16>((1u << n) - 1),
+                            _mm512_mul_ps(sum16x16(s), _mm512_set1_ps(scale)));
+    }
+  }
+  // probabilities (unnormalised) as bfloat16, each head's row padded to an even length with a zero
+  const int64_t even = (len + 1) & ~int64_t{1};
+  thread_local std::vector<uint16_t> pb;
+  pb.resize(G * even);
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* sg = scores + g * len;
+    inv[g] = 1.f / softmax_in_place(sg, len);
+    uint16_t* pg = pb.data() + g * even;
+    int64_t t = 0;
+    for (; t + 32 <= len; t += 32)
+      _mm512_storeu_si512(pg + t,
+                          (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(sg + t + 16), _mm512_loadu_ps(sg + t)));
+    for (; t < len; ++t) pg[t] = round_bits(sg[t]);
+    if (even != len) pg[len] = 0;
+  }
+  __m512 acc[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; t += 2) {
+    const c10::BFloat16* v0 = row(vh, t);
+    const c10::BFloat16* v1 = t + 1 < len ? row(vh, t + 1) : reinterpret_cast<const c10::BFloat16*>(zero_row);
+    __m512bh p[G];
+    for (int g = 0; g < G; ++g) {
+      int32_t pair;
+      std::memcpy(&pair, pb.data() + g * even + t, sizeof pair);  // (p_t, p_t+1)
+      p[g] = (__m512bh)_mm512_set1_epi32(pair);
+    }
+    for (int c = 0; c < P; ++c) {
+      const __m512i a = _mm512_loadu_si512(v0 + c * 32), b = _mm512_loadu_si512(v1 + c * 32);
+      // 32-bit lane 4L + m: (v_t, v_t+1) at d = 32c + 8L + m (lo) and 32c + 8L + 4 + m (hi)
+      const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      for (int g = 0; g < G; ++g) {
+        acc[g][2 * c] = _mm512_dpbf16_ps(acc[g][2 * c], lo, p[g]);
+        acc[g][2 * c + 1] = _mm512_dpbf16_ps(acc[g][2 * c + 1], hi, p[g]);
+      }
+    }
+  }
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < P; ++c) {  // back to d order
+      const __m512 norm = _mm512_set1_ps(inv[g]);
+      store16(out + g * D + c * 32,
+              _mm512_mul_ps(_mm512_permutex2var_ps(acc[g][2 * c], first, acc[g][2 * c + 1]), norm));
+      store16(out + g * D + c * 32 + 16,
+              _mm512_mul_ps(_mm512_permutex2var_ps(acc[g][2 * c], second, acc[g][2 * c + 1]), norm));
+    }
+}
+#endif
+
 // The fast path for a group of G query heads and D = 16 * C: queries, the running sums and one key or value row
-// live in registers. Scores: with AVX512-BF16, one dpbf16 takes 32 bf16 products of a bfloat16 query and key,
-// accumulated in float32 (the products are exact); the scale is applied to each sum. Values: each row is widened
-// to float32 once and added to the G running sums with one FMA per 16 values.
+// live in registers (bfloat16 with AVX512-BF16 and C even: decode_task_dpbf16).
 template <typename T, int G, int C>
 void decode_task(const T* q, const T* kh, const T* vh, const int64_t* table, int64_t len, int64_t bs, float scale,
                  T* out, float* scores) {
   constexpr int64_t D = 16 * C;
 #if defined(__AVX512BF16__)
-  constexpr bool use_dpbf16 = std::is_same_v<T, c10::BFloat16> && C % 2 == 0;
-#else
-  constexpr bool use_dpbf16 = false;
+  if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
+    decode_task_dpbf16<G, C>(q, kh, vh, table, len, bs, scale, out, scores);
+    return;
+  }
 #endif
-  if constexpr (use_dpbf16) {
-#if defined(__AVX512BF16__)
-    __m512bh qb[G][C / 2];
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < C / 2; ++c)
-        qb[g][c] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(q + g * D + c * 32));
-    for (int64_t t = 0; t < len; ++t) {
-      const T* kt = kh + (table[t / bs] * bs + t % bs) * D;
-      __m512bh kb[C / 2];
-      for (int c = 0; c < C / 2; ++c) kb[c] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(kt + c * 32));
-      for (int g = 0; g < G; ++g) {
-        __m512 s = _mm512_setzero_ps();
-        for (int c = 0; c < C / 2; ++c) s = _mm512_dpbf16_ps(s, qb[g][c], kb[c]);
-        scores[g * len + t] = _mm512_reduce_add_ps(s) * scale;
-      }
-    }
-#endif
-  } else {
-    __m512 qf[G][C];
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < C; ++c) qf[g][c] = _mm512_mul_ps(load16(q + g * D + c * 16), _mm512_set1_ps(scale));
-    for (int64_t t = 0; t < len; ++t) {
-      const T* kt = kh + (table[t / bs] * bs + t % bs) * D;
-      __m512 kf[C];
-      for (int c = 0; c < C; ++c) kf[c] = load16(kt + c * 16);
-      for (int g = 0; g < G; ++g) {
-        __m512 s = _mm512_setzero_ps();
-        for (int c = 0; c < C; ++c) s = _mm512_fmadd_ps(qf[g][c], kf[c], s);
-        scores[g * len + t] = _mm512_reduce_add_ps(s);
-      }
+  __m512 qf[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) qf[g][c] = _mm512_mul_ps(load16(q + g * D + c * 16), _mm512_set1_ps(scale));
+  for (int64_t t = 0; t < len; ++t) {
+    const T* kt = kh + (table[t / bs] * bs + t % bs) * D;
+    __m512 kf[C];
+    for (int c = 0; c < C; ++c) kf[c] = load16(kt + c * 16);
+    for (int g = 0; g < G; ++g) {
+      __m512 s = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) s = _mm512_fmadd_ps(qf[g][c], kf[c], s);
+      scores[g * len + t] = _mm512_reduce_add_ps(s);
     }
   }
   float inv[G];
@@ -187,6 +276,14 @@ void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int
         const int64_t* table = tables + (rows != nullptr ? rows[n] : n) * M;
         const T* kh = k + h * slots * D;
         const T* vh = v + h * slots * D;
+        if (i + stride < tasks) {  // the next task's first keys, on their way while this one runs
+          const int64_t nn = (i + stride) / Hkv;
+          const int64_t* next = tables + (rows != nullptr ? rows[nn] : nn) * M;
+          const char* base = reinterpret_cast<const char*>(k + ((i + stride) % Hkv) * slots * D);
+          for (int64_t t = 0; t < std::min<int64_t>(lens[nn], 32); ++t)
+            for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(T)); line += 64)
+              __builtin_prefetch(base + (next[t / bs] * bs + t % bs) * D * sizeof(T) + line);
+        }
         scores.resize(group * len);
         if (task != nullptr) {
           const int64_t at = (n * H + h * group) * D;
