@@ -132,16 +132,19 @@ def takes_rows(x: torch.Tensor) -> bool:
 def writes_kv(k: torch.Tensor, k_cache, slot_mapping: torch.Tensor) -> bool:
     """Whether the extension's `write_kv` stores these keys (and values): bfloat16 into a heads-major bfloat16
     cache on a CPU, outside torch.compile."""
-    return (k.dtype == torch.bfloat16 and k.device.type == "cpu" and isinstance(k_cache, torch.Tensor)
-            and k_cache.dtype == torch.bfloat16 and k_cache.transpose(0, 1).is_contiguous()
+    return (k.dtype == torch.bfloat16 and k.device.type == "cpu" and _bf16_heads_major(k_cache)
             and slot_mapping.dtype == torch.int64 and not torch.compiler.is_compiling() and cpu_ops() is not None)
 
 
 def serves(q: torch.Tensor, k_cache) -> bool:
     """Whether the extension takes this step's attention: a CPU bfloat16 cache stored heads-major (a KVCache layer)."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and isinstance(k_cache, torch.Tensor)
-            and k_cache.dtype == torch.bfloat16 and k_cache.transpose(0, 1).is_contiguous()
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and _bf16_heads_major(k_cache)
             and paged_decode_op() is not None)
+
+
+def _bf16_heads_major(cache) -> bool:
+    """A KVCache layer the extension reads and writes: a bfloat16 tensor stored [Hkv, slots, D] (an Int8KV is not)."""
+    return isinstance(cache, torch.Tensor) and cache.dtype == torch.bfloat16 and cache.transpose(0, 1).is_contiguous()
 
 
 __all__ = ["cpu_ops", "paged_decode_op", "takes_rows", "writes_kv", "serves", "build_directory", "CSRC",

@@ -22,6 +22,12 @@
 
 namespace {
 
+// row t of a sequence's context in one head's slots: block table[t / bs], offset t % bs
+template <typename T>
+inline const T* slot_row(const T* head, const int64_t* table, int64_t t, int64_t bs, int64_t D) {
+  return head + (table[t / bs] * bs + t % bs) * D;
+}
+
 // q_g . k_t for every query head g of the group, k_t one row of D values; D a multiple of 16 on the fast path
 template <typename T>
 inline void dots(const float* qf, const T* kt, int64_t group, int64_t D, float* out, int64_t stride) {
@@ -105,7 +111,7 @@ void decode_task_dpbf16(const c10::BFloat16* q, const c10::BFloat16* kh, const c
   constexpr int64_t D = 16 * C;
   constexpr int P = C / 2;  // 32-value chunks of a row
   static const uint16_t zero_row[D] = {};
-  auto row = [&](const c10::BFloat16* base, int64_t t) { return base + (table[t / bs] * bs + t % bs) * D; };
+  auto row = [&](const c10::BFloat16* head, int64_t t) { return slot_row(head, table, t, bs, D); };
   __m512bh qb[G][P];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < P; ++c) qb[g][c] = (__m512bh)_mm512_loadu_si512(q + g * D + c * 32);
@@ -202,7 +208,7 @@ void decode_task(const T* q, const T* kh, const T* vh, const int64_t* table, int
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) qf[g][c] = _mm512_mul_ps(load16(q + g * D + c * 16), _mm512_set1_ps(scale));
   for (int64_t t = 0; t < len; ++t) {
-    const T* kt = kh + (table[t / bs] * bs + t % bs) * D;
+    const T* kt = slot_row(kh, table, t, bs, D);
     __m512 kf[C];
     for (int c = 0; c < C; ++c) kf[c] = load16(kt + c * 16);
     for (int g = 0; g < G; ++g) {
@@ -217,7 +223,7 @@ void decode_task(const T* q, const T* kh, const T* vh, const int64_t* table, int
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < len; ++t) {
-    const T* vt = vh + (table[t / bs] * bs + t % bs) * D;
+    const T* vt = slot_row(vh, table, t, bs, D);
     for (int c = 0; c < C; ++c) {
       const __m512 x = load16(vt + c * 16);
       for (int g = 0; g < G; ++g) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t]), x, acc[g][c]);
@@ -279,10 +285,10 @@ void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int
         if (i + stride < tasks) {  // the next task's first keys, on their way while this one runs
           const int64_t nn = (i + stride) / Hkv;
           const int64_t* next = tables + (rows != nullptr ? rows[nn] : nn) * M;
-          const char* base = reinterpret_cast<const char*>(k + ((i + stride) % Hkv) * slots * D);
+          const T* head = k + ((i + stride) % Hkv) * slots * D;
           for (int64_t t = 0; t < std::min<int64_t>(lens[nn], 32); ++t)
             for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(T)); line += 64)
-              __builtin_prefetch(base + (next[t / bs] * bs + t % bs) * D * sizeof(T) + line);
+              __builtin_prefetch(reinterpret_cast<const char*>(slot_row(head, next, t, bs, D)) + line);
         }
         scores.resize(group * len);
         if (task != nullptr) {
@@ -293,11 +299,11 @@ void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int
         for (int64_t g = 0; g < group; ++g)
           for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(q[(n * H + h * group + g) * D + d]) * scale;
         for (int64_t t = 0; t < len; ++t)  // scores[g, t] = q_g . k_t
-          dots(qf.data(), kh + (table[t / bs] * bs + t % bs) * D, group, D, scores.data() + t, len);
+          dots(qf.data(), slot_row(kh, table, t, bs, D), group, D, scores.data() + t, len);
         for (int64_t g = 0; g < group; ++g) total[g] = softmax_in_place(scores.data() + g * len, len);
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t t = 0; t < len; ++t)  // acc[g] = sum_t p[g, t] v_t
-          axpys(scores.data() + t, len, vh + (table[t / bs] * bs + t % bs) * D, group, D, acc.data());
+          axpys(scores.data() + t, len, slot_row(vh, table, t, bs, D), group, D, acc.data());
         for (int64_t g = 0; g < group; ++g) {
           const float inv = 1.f / total[g];
           for (int64_t d = 0; d < D; ++d) out[(n * H + h * group + g) * D + d] = static_cast<T>(acc[g * D + d] * inv);
