@@ -138,12 +138,15 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
   });
 }
 
+// Each op lets go of the GIL while it runs (arguments are converted before, results after): a server's event
+// loop shares the process with the engine's thread, and a layer's attention is a millisecond of pure C++.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using no_gil = py::call_guard<py::gil_scoped_release>;
   m.def("paged_decode", &paged_decode, "paged attention of query tokens over a heads-major cache (CPU)", py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("block_size"),
-        py::arg("scale"), py::arg("token_rows") = py::none());
-  m.def("add_rms_norm", &add_rms_norm, "(rms_norm(x + residual) * weight, x + residual), bfloat16 rows");
-  m.def("rms_norm", &rms_norm, "rms_norm(x) * weight, bfloat16 rows");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up, bfloat16 rows [gate | up]");
-  m.def("write_kv", &write_kv, "store k, v [N, Hkv, D] at their slots of a heads-major cache");
+        py::arg("scale"), py::arg("token_rows") = py::none(), no_gil());
+  m.def("add_rms_norm", &add_rms_norm, "(rms_norm(x + residual) * weight, x + residual), bfloat16 rows", no_gil());
+  m.def("rms_norm", &rms_norm, "rms_norm(x) * weight, bfloat16 rows", no_gil());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up, bfloat16 rows [gate | up]", no_gil());
+  m.def("write_kv", &write_kv, "store k, v [N, Hkv, D] at their slots of a heads-major cache", no_gil());
 }
