@@ -41,10 +41,17 @@ def add_parser(subparsers) -> None:
     g.add_argument("--prefill", action="store_true",
                    help="also the prefill-heavy load (4x longer prompts, one output token) with fp32, bf16 and int8 "
                         "weights: where quantization collides with prefill")
+    add_peer_options(p)
+    add_model_options(p, dummy_help="random weights from a preset (tests; no peers then)")
+    add_run_output_options(p, "full_stack.json", progress=False)
+
+
+def add_peer_options(p, peers_help: str = "labkit: `labkit serve` at its defaults, in a process of its own") -> None:
+    """--peers, each peer's --<name>-python and --<name>-args, --peer-start-timeout (read by `peer_specs`)."""
     g = p.add_argument_group("peers (each from its own python: a venv you made, see README)")
     g.add_argument("--peers", type=comma_list(str), default=("auto",),
                    help=f"comma-separated from {', '.join(SERVERS)}, or auto (every peer whose python is given) or "
-                        "none (default: auto; labkit: `labkit serve` at its defaults, in a process of its own)")
+                        f"none (default: auto; {peers_help})")
     for server, stem in PEER_OPTIONS.items():
         if server in PYTHON_ENVS:
             g.add_argument(f"--{stem}-python", default=None,
@@ -53,8 +60,6 @@ def add_parser(subparsers) -> None:
                        help=f"extra flags for the {server} server, one string: --{stem}-args='--flag value'")
     g.add_argument("--peer-start-timeout", type=positive_float, default=START_TIMEOUT_S, metavar="SECONDS",
                    help="how long a peer may take to answer /v1/models (default: %(default)s)")
-    add_model_options(p, dummy_help="random weights from a preset (tests; no peers then)")
-    add_run_output_options(p, "full_stack.json", progress=False)
 
 
 def peer_specs(args) -> list[dict]:
@@ -108,4 +113,4 @@ def cmd_stack(args) -> int:
     return measure_and_report(args, measure, "full_stack.json", format_table)
 
 
-__all__ = ["add_parser", "cmd_stack", "peer_specs"]
+__all__ = ["add_parser", "add_peer_options", "cmd_stack", "peer_specs"]

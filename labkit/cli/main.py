@@ -35,6 +35,7 @@ BENCH_COMMANDS = {
     "spec": "labkit.cli.bench_spec",
     "quant": "labkit.cli.bench_quant",
     "stack": "labkit.cli.bench_stack",
+    "servers": "labkit.cli.bench_servers",
 }
 
 
