@@ -2,8 +2,9 @@
 in a process of its own, every load run on each back to back in an order that turns over between repeats, with
 fresh prompts per repeat and load: each ratio comes from a matched pair, and the table gives the median ratio
 with its range over the pairs. --peers labkit measures a second `labkit serve` against the first: the noise
-floor of this machine (an A/A run). Loads: issue 19's Poisson sweep (poisson-2, poisson-4, poisson-8: 256 prompt
-tokens, 128 output tokens, 48 requests), burst (64 requests at once, 64 / 64) and one (8 requests, one in flight).
+floor of this machine (an A/A run), or with --labkit-args what a flag changes (an A/B run). Loads: issue 19's
+Poisson sweep (poisson-2, poisson-4, poisson-8: 256 prompt tokens, 128 output tokens, 48 requests), burst (64
+requests at once, 64 / 64) and one (8 requests, one in flight).
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ def add_parser(subparsers) -> None:
     g.add_argument("--num-warmups", type=non_negative_int, default=2,
                    help="untimed requests before each measurement (default: %(default)s)")
     g.add_argument("--seed", type=seed, default=0, help="seeds the prompts and arrivals (default: %(default)s)")
-    add_peer_options(p, "labkit: a second `labkit serve`, an A/A run")
+    add_peer_options(p, "labkit: a second `labkit serve`, an A/A run, or an A/B one with --labkit-args")
+    p.add_argument("--reference-args", default="", metavar="FLAGS",
+                   help="extra flags for the reference `labkit serve` (default: none, its defaults), one string")
     add_model_options(p, dummy_help="random weights from a preset (tests; the peers then can only be labkit)")
     add_run_output_options(p, "bench_servers.json", progress=False)
 
 
 def _names(specs: list[dict]) -> list[str]:
-    """Each server's name in the rows: its kind, with " (A/A)" on a second labkit."""
-    return [s["server"] + (" (A/A)" if i and s["server"] == REFERENCE else "") for i, s in enumerate(specs)]
+    """Each server's name in the rows: its kind, with " (peer)" on a second labkit."""
+    return [s["server"] + (" (peer)" if i and s["server"] == REFERENCE else "") for i, s in enumerate(specs)]
 
 
 def cmd_servers(args) -> int:
@@ -56,7 +59,7 @@ def cmd_servers(args) -> int:
                          f"${PYTHON_ENVS['vllm']}), or --peers labkit for an A/A run")
     for spec in peers:
         peer_python(spec["server"], spec["python"])  # a missing python fails before any server starts
-    flags = ["--model", args.model, *(["--dummy"] if args.dummy else []), *shlex.split(args.labkit_args)]
+    flags = ["--model", args.model, *(["--dummy"] if args.dummy else []), *shlex.split(args.reference_args)]
     specs = [{"server": REFERENCE, "python": None, "flags": flags, "start_timeout_s": args.peer_start_timeout},
              *peers]
 

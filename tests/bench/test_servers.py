@@ -64,24 +64,27 @@ def test_a_pair_with_a_missing_side_gives_no_ratio():
 
 
 @pytest.mark.slow
-def test_an_a_a_run_of_two_labkit_servers_gives_stamped_rows_of_matched_pairs(run_cli, tmp_path):
+def test_an_a_b_run_of_two_labkit_servers_gives_stamped_rows_of_matched_pairs(run_cli, tmp_path):
     out = tmp_path / "servers.json"
     code, stdout, stderr = run_cli("bench", "servers", "--peers", "labkit", "--model", "tiny-smollm2", "--dummy",
                                    "--loads", "burst,one", "--num-prompts", "3", "--repeats", "2", "--num-warmups",
-                                   "0", "--json", "--output", str(out))
+                                   "0", "--labkit-args", "--max-num-seqs 2", "--json", "--output", str(out))
     assert code == 0, stderr
     rows = json.loads(stdout)
     assert json.loads(out.read_text()) == rows and all(r["env"] and r["run_id"] for r in rows)
     measured = [r for r in rows if r["params"]["kind"] == "measurement"]
     assert [(r["params"]["repeat"], r["params"]["load"]["name"], r["params"]["server"]) for r in measured] == [
-        (0, "burst", "labkit"), (0, "burst", "labkit (A/A)"), (0, "one", "labkit"), (0, "one", "labkit (A/A)"),
-        (1, "burst", "labkit (A/A)"), (1, "burst", "labkit"), (1, "one", "labkit (A/A)"), (1, "one", "labkit")]
+        (0, "burst", "labkit"), (0, "burst", "labkit (peer)"), (0, "one", "labkit"), (0, "one", "labkit (peer)"),
+        (1, "burst", "labkit (peer)"), (1, "burst", "labkit"), (1, "one", "labkit (peer)"), (1, "one", "labkit")]
     assert all(r["metrics"]["num_completed"] == 3 and not r["metrics"]["errors"] for r in measured)
     for i in range(0, len(measured), 2):  # a pair: the same prompts, so the same prompt tokens
         a, b = measured[i]["metrics"], measured[i + 1]["metrics"]
         assert a["total_input_tokens"] == b["total_input_tokens"] and a["total_output_tokens"] == b[
             "total_output_tokens"]
     assert all(r["params"]["peer"]["server"] == "labkit" and r["params"]["peer"]["version"] for r in measured)
+    flags = {r["params"]["server"]: r["params"]["peer"]["flags"] for r in measured}  # --labkit-args: the peer's
+    assert flags == {"labkit": ["--model", "tiny-smollm2", "--dummy"],
+                     "labkit (peer)": ["--model", "tiny-smollm2", "--dummy", "--max-num-seqs", "2"]}
     summary = [r for r in rows if r["params"]["kind"] == "summary"]
     assert [(r["params"]["load"]["name"], r["params"]["num_pairs"]) for r in summary] == [("burst", 2), ("one", 2)]
     assert all(r["metrics"]["throughput_x"] > 0 for r in summary) and "x tok/s" in stderr
