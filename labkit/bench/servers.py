@@ -4,12 +4,14 @@ comes from a matched pair.
 On a shared machine the speed of the same server drifts 10-25 % within minutes, and a comparison that measures
 one server's whole sweep and then the other's hands that drift to whichever ran second (two such runs of this
 lab, minutes apart and in opposite orders, read labkit at 1.10-1.26x and at 0.94-0.95x vLLM on the same loads).
-So every server starts once and stays up, idle while another is measured (each costs ~nothing idle); then each
-repeat runs each load on every server back to back, in an order that turns over from one repeat to the next
-(A B, B A, A B, ...). Within a repeat and load the servers get the same prompts and arrival times; every repeat
-and load has prompts of its own (the salt), so no prefix cache answers one measurement from another. Each pair
-gives a ratio of the reference server (the first, `labkit serve`) to the peer; the summary rows hold the median
-of those ratios and their range over the pairs, beside every measurement.
+So every server starts once, serves one untimed burst (a fresh server's first full batch is slower) and stays
+up, idle while another is measured (each costs ~nothing idle); then each repeat runs each load on every server
+back to back, in an order that turns over from one repeat to the next (A B, B A, A B, ...). Within a repeat and
+load the servers get the same prompts and arrival times; every repeat and load has prompts of its own (the salt),
+so no prefix cache answers one measurement from another. Each pair gives a ratio of the reference server (the
+first, `labkit serve`) to the peer; the summary rows hold the median of those ratios and their range over the
+pairs, beside every measurement. An A/A run (the peer a second `labkit serve`) shows how far identical servers'
+pairs spread on the machine at hand.
 
 LOADS are issue 19's: a Poisson sweep (2, 4, 8 requests/s; 256 prompt tokens, 128 output tokens), 64 requests
 at once (64 / 64), and one request in flight (its TPOT: one user's decode speed).
@@ -154,13 +156,18 @@ def run_servers_bench(servers: Mapping[str, str], loads: Sequence[ServerLoad], r
                       num_warmups: int = 2, info: Mapping[str, Mapping] | None = None,
                       log: Callable[[str], object] | None = None, env: dict | None = None) -> list[dict]:
     """Measure every load on every server ({name: base URL}, already answering; the first is the reference),
-    interleaved as `plan` orders it; returns the measurement rows, then the summary rows."""
+    interleaved as `plan` orders it, after one untimed burst on each; returns the measurement rows, then the
+    summary rows."""
     from labkit.device import describe_environment
 
     if len(servers) < 2:
         raise ValueError(f"a comparison needs at least two servers, got {list(servers)}")
     log = log or (lambda message: None)
     env = env or describe_environment("cpu")
+    for name, url in servers.items():  # a fresh server meets its first full batch here, not in a timed pair
+        log(f"bench servers: warming {name} up (an untimed burst)")
+        warm = dataclasses.replace(LOADS["burst"], num_prompts=max(load.num_prompts for load in loads))
+        _bench(url, {"load": warm, "seed": seed, "salt": f"servers-{seed}-warm-up"}, 0)
     rows = []
     steps = plan(list(servers), loads, repeats, seed)
     for i, step in enumerate(steps, 1):

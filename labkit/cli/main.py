@@ -1,5 +1,5 @@
-"""`labkit` command line: baseline, run, results, bench decode|serve|batching|kernels|tp|spec, serve, ping,
-tp, router, spec train.
+"""`labkit` command line: baseline, run, results, bench decode|serve|batching|kernels|tp|spec|quant|stack|servers,
+serve, ping, tp, router, spec train.
 
 Each command module registers its parser with `add_parser(subparsers)` and sets `func(args) -> int`.
 Bad input prints one line `labkit <command>: <message>` on stderr and exits 2, never a traceback.
