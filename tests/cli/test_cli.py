@@ -12,8 +12,8 @@ from labkit import cli
 
 REGISTRY = importlib.import_module("labkit.cli.main")  # the module (`labkit.cli.main` is also the function)
 # every registered command, so that a new one cannot go without --help
-COMMANDS = [[name] for name in REGISTRY.COMMANDS] + [["bench"]] + [["bench", name] for name in REGISTRY.BENCH_COMMANDS] \
-    + [["spec", "train"], ["tp", "generate"], ["tp", "bench"]]
+COMMANDS = [*([name] for name in REGISTRY.COMMANDS), ["bench"], *(["bench", name] for name in REGISTRY.BENCH_COMMANDS),
+            ["spec", "train"], ["tp", "generate"], ["tp", "bench"]]
 
 
 def assert_one_line_error(code, err, *needles, status=2):
