@@ -23,7 +23,6 @@ import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from labkit.bench.stack import SUMMARY_METRICS
@@ -85,8 +84,7 @@ def _bench(base_url: str, step: dict, num_warmups: int) -> dict:
                               output_len=load.output_len, request_rate=load.request_rate,
                               max_concurrency=load.max_concurrency, num_warmups=num_warmups, seed=step["seed"],
                               prompt_salt=step["salt"], timeout_s=3600.0)
-    with ThreadPoolExecutor(1) as pool:  # a thread of its own: a notebook's event loop may be running
-        return pool.submit(benchmark, config).result()
+    return benchmark(config)
 
 
 def load_params(load: ServerLoad) -> dict:
@@ -122,29 +120,25 @@ def summary_rows(rows: Sequence[dict], reference: str, env: dict) -> list[dict]:
 
     measured = {(r["params"]["repeat"], r["params"]["load"]["name"], r["params"]["server"]): r["metrics"]
                 for r in rows if r["params"]["kind"] == "measurement"}
-    loads = list(dict.fromkeys(name for _, name, _ in measured))
+    loads = {r["params"]["load"]["name"]: r["params"]["load"] for r in rows}  # in the order they ran
+    repeats = sorted({repeat for repeat, _, _ in measured})
     peers = [s for s in dict.fromkeys(server for _, _, server in measured) if s != reference]
     out = []
-    for name in loads:
-        load = next(r["params"]["load"] for r in rows if r["params"]["load"]["name"] == name)
+    for name, load in loads.items():
         for peer in peers:
+            pairs_of = [(measured[(r, name, reference)], measured[(r, name, peer)]) for r in repeats
+                        if (r, name, reference) in measured and (r, name, peer) in measured]
             metrics: dict = {}
             for key, (metric, on_top) in RATIOS.items():
-                pairs = []
-                for (repeat, load_name, server), m in measured.items():
-                    if load_name != name or server != reference or (repeat, name, peer) not in measured:
-                        continue
-                    a, b = m.get(metric), measured[(repeat, name, peer)].get(metric)
-                    if a and b:
-                        pairs.append(a / b if on_top else b / a)
+                pairs = [a[metric] / b[metric] if on_top else b[metric] / a[metric] for a, b in pairs_of
+                         if a.get(metric) and b.get(metric)]
                 metrics[key] = statistics.median(pairs) if pairs else None
                 metrics[f"{key}_min"], metrics[f"{key}_max"] = (min(pairs), max(pairs)) if pairs else (None, None)
                 metrics[f"{key}_pairs"] = pairs
-            for server in (reference, peer):
+            for side, server in (("reference", reference), ("peer", peer)):
                 values = [m["output_throughput_tokens_per_s"] for (_, n, s), m in measured.items()
                           if n == name and s == server and m.get("output_throughput_tokens_per_s")]
-                metrics[f"{'reference' if server == reference else 'peer'}_tokens_per_s"] = (
-                    statistics.median(values) if values else None)
+                metrics[f"{side}_tokens_per_s"] = statistics.median(values) if values else None
             params = {"kind": "summary", "load": load, "reference": reference, "server": peer,
                       "num_pairs": len(metrics["throughput_x_pairs"]),
                       "interval": "min and max of the matched pairs' ratios; the value is their median"}

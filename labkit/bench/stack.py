@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from labkit.checks import check_int
@@ -125,15 +124,14 @@ def stage_prompts(load: StackLoad, tag: str, num: int | None = None, input_len: 
 
 def _bench(base_url: str, prompts: Sequence[PromptSpec], concurrency: int | None, num_warmups: int,
            seed: int) -> dict:
-    """`bench serve` of these prompts against a server, on a thread of its own (a notebook's event loop runs)."""
+    """`bench serve` of these prompts against a server."""
     from labkit.serving.loadgen import BenchServeConfig, benchmark
 
     config = BenchServeConfig(base_url=base_url, num_prompts=len(prompts),
                               input_len=max(p.input_words for p in prompts),
                               output_len=max(p.output_len for p in prompts), max_concurrency=concurrency,
                               num_warmups=num_warmups, seed=seed, timeout_s=3600.0)
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(benchmark, config, list(prompts)).result()
+    return benchmark(config, list(prompts))
 
 
 def measure_server(base_url: str, load: StackLoad, tag: str, modes: Sequence[str] = ("load", "batch1"),

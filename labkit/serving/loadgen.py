@@ -429,8 +429,16 @@ async def _prefix_caching(client, base_url: str, headers: dict, card: dict | Non
 
 
 def benchmark(config: BenchServeConfig, prompts: Sequence[PromptSpec] | None = None, tokenizer=None) -> dict:
-    """`run_benchmark` from synchronous code (a notebook cell with a running loop should await it instead)."""
-    return asyncio.run(run_benchmark(config, prompts, tokenizer))
+    """`run_benchmark` from synchronous code; where this thread already runs an event loop (a notebook cell), on a
+    thread of its own, since a second loop cannot run in this one."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop here: the usual case
+        return asyncio.run(run_benchmark(config, prompts, tokenizer))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(benchmark, config, prompts, tokenizer).result()
 
 
 # -- data-parallel replicas ---------------------------------------------------------------------------------
@@ -441,7 +449,6 @@ def measure_replicas(serve_args: Sequence[str], num_replicas: int, bench_config,
     {"one": result, "replicas": result}. The second run draws its prompts with seed + 1 (same lengths, other
     words), so the first replica's prefix cache holds none of them."""
     import dataclasses
-    from concurrent.futures import ThreadPoolExecutor
 
     from labkit.serving.replicas import ReplicaSet
     from labkit.serving.router import Router, RouterConfig
@@ -449,10 +456,8 @@ def measure_replicas(serve_args: Sequence[str], num_replicas: int, bench_config,
     from labkit.serving.server import ServerThread
 
     def bench(urls: list[str], seed: int = bench_config.seed) -> dict:
-        with ServerThread(create_router_app(Router(urls, RouterConfig(policy=policy)))) as front, \
-                ThreadPoolExecutor(1) as pool:  # a thread of its own: a notebook's event loop is already running
-            config = dataclasses.replace(bench_config, base_url=front.url, seed=seed)
-            return pool.submit(benchmark, config).result()
+        with ServerThread(create_router_app(Router(urls, RouterConfig(policy=policy)))) as front:
+            return benchmark(dataclasses.replace(bench_config, base_url=front.url, seed=seed))
 
     with ReplicaSet(num_replicas, serve_args, threads_per_replica=threads_per_replica) as urls:
         one = bench(urls[:1])

@@ -3,6 +3,7 @@ serve` that writes the JSON result and a results row, broken servers (test_clien
 and vLLM's flag names and result keys (the workload is tested in test_workloads.py)."""
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import math
@@ -298,6 +299,15 @@ def broken_server():
 @pytest.fixture(scope="module")
 def embedded_tokenizer():
     return loadgen.load_tokenizer()
+
+
+def test_benchmark_runs_from_a_thread_whose_event_loop_is_running(broken_server):
+    async def cell():  # as a notebook cell calls it: a loop already runs in this thread
+        return loadgen.benchmark(BenchServeConfig(base_url=broken_server.url, model="good", num_prompts=2,
+                                                  num_warmups=0))
+
+    result = asyncio.run(cell())
+    assert result["metrics"]["num_completed"] == 2 and result["metrics"]["total_output_tokens"] == 6
 
 
 def test_bench_serve_counts_with_the_tokenizer_when_the_server_sends_no_usage(broken_server, embedded_tokenizer):
