@@ -12,8 +12,8 @@ chunked or how much of it the prefix cache held. It serves a bfloat16 cache; the
 outputs are what the greedy-identity tests compare with HF). Where no C++ compiler or ninja is found,
 `paged_decode_op()` is None and the torch path serves everything.
 
-The row ops (csrc/cpu_ops.cpp: the residual add with the RMSNorm after it, RMSNorm, SiLU-and-multiply, the KV
-write) replace three to seven torch ops each, each of which walks the rows once and, for bfloat16, converts them
+The row ops (csrc/cpu_ops.cpp: the residual add with the RMSNorm after it, RMSNorm, SiLU-and-multiply, RoPE,
+the KV write) replace three to seven torch ops each, each of which walks the rows once and, for bfloat16, converts them
 to float32 and back; they round where torch's sequence rounds. `TorchKernels` and `write_kv` use them for
 contiguous bfloat16 rows on a CPU.
 
@@ -126,6 +126,15 @@ def takes_rows(x: torch.Tensor) -> bool:
     """Whether the extension's row ops take x: contiguous bfloat16 rows on a CPU, outside torch.compile (which
     traces the torch ops instead), where the extension is built."""
     return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous()
+            and not torch.compiler.is_compiling() and cpu_ops() is not None)
+
+
+def takes_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether the extension's `rope` takes x [N, H, D] (any row and head strides: the fused projection's q and k
+    heads) with cos, sin [N, 1, D]: bfloat16 on a CPU, outside torch.compile, where the extension is built."""
+    return (x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 3
+            and x.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+            and cos.numel() == sin.numel() == x.shape[0] * x.shape[-1]
             and not torch.compiler.is_compiling() and cpu_ops() is not None)
 
 

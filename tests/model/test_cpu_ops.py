@@ -1,4 +1,4 @@
-"""The C++ bfloat16 row ops (labkit/model/csrc/cpu_ops.cpp) against torch's own ops: the KV write exactly, the
+"""The C++ bfloat16 row ops (labkit/model/csrc/cpu_ops.cpp) against torch's own ops: the KV write and RoPE exactly, the
 norms and SiLU-and-multiply rounded where torch rounds (equal in nearly every element, the rest at most two
 bfloat16 steps apart), and the model's kernels use them for bf16 rows on a CPU."""
 
@@ -90,4 +90,23 @@ def test_the_kernels_take_bf16_rows_through_the_extension_and_others_through_tor
     TorchKernels.rms_norm(x.bfloat16(), w.bfloat16(), 1e-5)
     TorchKernels.silu_mul(x.bfloat16())
     TorchKernels.silu_mul(x.bfloat16().t())  # not contiguous rows: torch
-    assert calls == ["add_rms_norm", "rms_norm", "silu_mul"]
+    cos = torch.ones(4, 1, 64)
+    TorchKernels.rope(x.view(4, 1, 64), cos, cos)
+    TorchKernels.rope(x.bfloat16().view(4, 1, 64), cos.bfloat16(), cos.bfloat16())
+    assert calls == ["add_rms_norm", "rms_norm", "silu_mul", "rope"]
+
+
+@pytest.mark.parametrize("N, H, D", [(1, 12, 64), (37, 12, 64), (5, 4, 128), (3, 2, 6)])
+def test_rope_rounds_as_torch_does(ops, N, H, D):
+    torch.manual_seed(N * D)
+    qkv = (3 * torch.randn(N, H + 3, D)).bfloat16()
+    x = qkv[:, :H]  # q and k heads of the fused projection: rows strided past v
+    angles = torch.randn(N, 1, D // 2)
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1).bfloat16()
+    sin = torch.cat((-angles.sin(), angles.sin()), dim=-1).bfloat16()
+    want = x * cos + torch.roll(x, D // 2, dims=-1) * sin
+    got = ops.rope(x, cos, sin)
+    assert got.is_contiguous() and torch.equal(got, want)  # the same three roundings, element by element
+    assert torch.equal(TorchKernels.rope(x, cos, sin), want)
+    assert torch.equal(TorchKernels.rope(x.float(), cos.float(), sin.float()),
+                       x.float() * cos.float() + torch.roll(x.float(), D // 2, dims=-1) * sin.float())
