@@ -12,10 +12,10 @@ chunked or how much of it the prefix cache held. It serves a bfloat16 cache; the
 outputs are what the greedy-identity tests compare with HF). Where no C++ compiler or ninja is found,
 `paged_decode_op()` is None and the torch path serves everything.
 
-The row ops (csrc/cpu_ops.cpp: the residual add with the RMSNorm after it, RMSNorm, SiLU-and-multiply, RoPE,
-the KV write) replace three to seven torch ops each, each of which walks the rows once and, for bfloat16, converts them
-to float32 and back; they round where torch's sequence rounds. `TorchKernels` and `write_kv` use them for
-contiguous bfloat16 rows on a CPU.
+The row ops (csrc/cpu_ops.cpp: the residual add with the RMSNorm after it, RMSNorm, SiLU-and-multiply, RoPE, the
+KV write) replace three to seven torch ops each, each of which walks the rows once and, for bfloat16, converts
+them to float32 and back; they round where torch's sequence rounds. `TorchKernels` and `write_kv` use them for
+bfloat16 rows on a CPU (RoPE reads the fused projection's q and k heads in place).
 
 The build is cached in a folder named by a hash of the source, the flags, torch, Python and the CPU's
 instruction sets, so checkouts at different paths share one build and a `-march=native` build never runs on
