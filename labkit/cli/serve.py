@@ -4,6 +4,7 @@ The server itself is `labkit.serving` (app, worker, HTTP limits, server); this m
 """
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -29,8 +30,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          default_max_tokens=args.default_max_tokens, max_connections=args.max_connections,
                          header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                          keep_alive_timeout_s=args.timeout_keep_alive,
-                         shutdown_grace_s=args.timeout_graceful_shutdown, check_host=args.check_host)
+                         shutdown_grace_s=args.timeout_graceful_shutdown, check_host=args.check_host,
+                         log_iteration_details=args.enable_logging_iteration_details)
     engine_config = engine_config_from_args(args)  # a refused combination fails here, before anything loads
+    if config.log_iteration_details:
+        log_to_stderr(logging.getLogger("labkit.serving.server"))
     if engine_config.parallel.tensor_parallel_size > 1:  # this process becomes rank 0 of N it starts (cli.serve_tp)
         from labkit.cli.serve_tp import serve_tensor_parallel
         return serve_tensor_parallel(args, config, engine_config)
@@ -65,6 +69,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"labkit serve: stopped by {signal.Signals(stops[0]).name}", file=sys.stderr)
         exit_now(0)
     return 0
+
+
+def log_to_stderr(logger: logging.Logger) -> None:
+    """The server's own log lines (INFO and up) on stderr, each prefixed as the start-up lines are."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("labkit serve: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def format_techniques(techniques: dict[str, str]) -> str:
@@ -123,6 +135,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "(DNS rebinding); --no-check-host behind a local proxy that keeps the public Host "
                              "(default: on)")
     add_engine_options(parser)
+    parser.add_argument("--enable-logging-iteration-details", action="store_true",
+                        help="log every engine step to stderr, as vLLM's flag does: context (prompt) requests and "
+                             "tokens, generation requests and tokens, the step's wall time, KV cache usage")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default: %(default)s)")
     return parser

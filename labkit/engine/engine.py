@@ -53,6 +53,7 @@ class _StepRows:
     requests: list[_Request]
     drafts: list  # per sampled request: its Draft (labkit.engine.spec_decode.speculator) or None
     num_padding_tokens: int
+    context: tuple[int, int]  # rows of prompts (no output yet) or recomputes (preempted), and their tokens
 
 
 class Engine:
@@ -87,6 +88,8 @@ class Engine:
         self._prompt_only: list[_Request] = []  # max_new_tokens=0: scored at add_request, answered at the next step
         self._ids = itertools.count()
         self._num_steps, self._last_rows, self._last_tokens, self._last_padding = 0, 0, 0, 0
+        self._last_context = (0, 0)  # rows, tokens
+        self._last_step_s = 0.0
 
     @classmethod
     def load(cls, name: str | None = None, device=None, dtype=None, dummy: bool | None = None,
@@ -173,7 +176,8 @@ class Engine:
             num_tokens_in_cache=sum(s.num_computed_tokens for s in self.scheduler.active_seqs()),
             num_preemptions=self.scheduler.num_preemptions, prefix_hit_rate=self.blocks.prefix_hit_rate,
             num_steps=self._num_steps, last_batch_size=self._last_rows, last_num_tokens=self._last_tokens,
-            last_num_padding_rows=self._last_padding)
+            last_num_padding_rows=self._last_padding, last_num_context_rows=self._last_context[0],
+            last_num_context_tokens=self._last_context[1], last_step_s=self._last_step_s)
 
     # -- the open API ------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
@@ -264,6 +268,7 @@ class Engine:
         """Run one scheduled forward; return an update for every request that got a token or finished."""
         scored = [self._finish_prompt_only(r) for r in self._prompt_only]
         self._prompt_only.clear()
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
             return scored
@@ -277,6 +282,7 @@ class Engine:
         self._record_step(batch, step)
         outputs = [self._append_tokens(*row) for row in zip(step.requests, tokens, logprobs)]
         self.scheduler.cache_blocks([seq for seq in batch.seqs if seq.request_id in drafts])
+        self._last_step_s = time.perf_counter() - started
         return scored + outputs
 
     def _finish_prompt_only(self, request: _Request) -> RequestOutput:
@@ -300,7 +306,9 @@ class Engine:
         padding = sorted(batch.prompt_padding, reverse=True) + [1] * batch.padding_rows  # into scratch slots
         rows += [RowSpan(None, [0] * n, 0, n) for n in padding]
         requests = [self._requests[order[i][0].request_id] for i in sample_rows]
-        return _StepRows(rows, sample_rows, requests, [drafts.get(r.seq.request_id) for r in requests], sum(padding))
+        context = [n for s, n in order if not s.num_output_tokens or s.num_computed_tokens < s.num_tokens - 1]
+        return _StepRows(rows, sample_rows, requests, [drafts.get(r.seq.request_id) for r in requests], sum(padding),
+                         (len(context), sum(context)))
 
     def _run(self, step: _StepRows) -> tuple[list[list[int]], list]:
         """The forward, then each sampled row's new tokens (one sampled token, or what verification keeps) and,
@@ -344,6 +352,7 @@ class Engine:
         self._last_padding = batch.padding_rows
         self._last_rows = len(batch.seqs) + batch.padding_rows
         self._last_tokens = batch.num_tokens + step.num_padding_tokens
+        self._last_context = step.context
 
     def _append_tokens(self, request: _Request, tokens: list[int],
                        logprobs: list[TokenLogprob] | None = None) -> RequestOutput:

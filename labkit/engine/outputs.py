@@ -83,6 +83,12 @@ class EngineStats:
     last_batch_size: int  # rows in the last step, padding rows included
     last_num_tokens: int  # new tokens in the last step, padding included
     last_num_padding_rows: int  # rows of the last step that only computed padding (static batching)
+    # the last step as vLLM's --enable-logging-iteration-details splits it: rows of requests with no output yet
+    # (their prompt or its last chunk) or recomputing after a preemption, and their tokens; the rest are
+    # generation rows, one token each (drafts verified beside it not counted)
+    last_num_context_rows: int = 0
+    last_num_context_tokens: int = 0
+    last_step_s: float = 0.0  # the last step's wall time, scheduling to outputs
 
 
 __all__ = ["Generation", "RequestOutput", "TokenLogprob", "TextDelta", "EngineStats"]

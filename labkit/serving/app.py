@@ -274,7 +274,7 @@ def create_app(engine, config: ServeConfig | None = None, **kwargs) -> FastAPI:
         raise ValueError("labkit serve needs an engine with a tokenizer")
     model_name = config.served_model_name or engine.name
     metrics = ServerMetrics(model_name)
-    worker = EngineWorker(engine, metrics, config.max_queue, config.max_queue_wait_s)
+    worker = EngineWorker(engine, metrics, config.max_queue, config.max_queue_wait_s, config.log_iteration_details)
     metrics.watch_engine(worker.snapshot)
     metrics.publish_engine_config(engine.describe())
     metrics.show_techniques(engine.techniques())

@@ -34,6 +34,7 @@ class ServeConfig:
     keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S  # an idle connection between requests
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S  # on SIGTERM, for requests in flight to finish
     check_host: bool = True  # a request over loopback must name a loopback Host
+    log_iteration_details: bool = False  # a log line per engine step (vLLM's --enable-logging-iteration-details)
 
     def __post_init__(self):
         for name, low in (("max_queue", 0), ("max_body_bytes", 1), ("default_max_tokens", 1),
@@ -47,8 +48,9 @@ class ServeConfig:
                     from None
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "shutdown_grace_s"):
             check_positive(name, getattr(self, name))
-        if not isinstance(self.check_host, bool):
-            raise ValueError(f"check_host must be a boolean, got {self.check_host!r}")
+        for name in ("check_host", "log_iteration_details"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
         if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string or None")
         if self.served_model_name is not None and not (isinstance(self.served_model_name, str)

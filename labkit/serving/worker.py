@@ -75,8 +75,10 @@ class EngineWorker:
     and `step()` runs outside the lock so that requests arrive while it computes.
     """
 
-    def __init__(self, engine, metrics: ServerMetrics, max_queue: int, max_queue_wait_s: float | None = None):
+    def __init__(self, engine, metrics: ServerMetrics, max_queue: int, max_queue_wait_s: float | None = None,
+                 log_iterations: bool = False):
         self.engine, self.metrics = engine, metrics
+        self.log_iterations = log_iterations  # a line per step on the labkit.serving.server logger, at INFO
         self._release_openmp_workers()  # the creator's (an app served from a thread: it loaded the model)
         self.max_queue, self.max_queue_wait_s = max_queue, max_queue_wait_s
         self._is_continuous = engine.config.scheduler.policy == "continuous"
@@ -253,6 +255,8 @@ class EngineWorker:
             self._stats = stats
             if ran:
                 self.metrics.observe_step(stats.last_batch_size)
+                if self.log_iterations:
+                    log_iteration(stats)
             else:  # the scheduler is holding requests back (e.g. a dynamic batch filling up): do not spin
                 self._cond.wait(0.005)
 
@@ -305,6 +309,18 @@ class EngineWorker:
             self._stats = self.engine.stats()
 
 
+def log_iteration(stats: EngineStats) -> None:
+    """One step as vLLM's --enable-logging-iteration-details logs it (same fields, same words), so that the two
+    servers' steps under one load can be set side by side: rows computing prompt tokens and their tokens, the
+    generation rows (padding rows of a static batch left out) and their tokens, the step's wall time."""
+    generation_rows = stats.last_batch_size - stats.last_num_padding_rows - stats.last_num_context_rows
+    logger.info("Iteration(%d): %d context requests, %d context tokens, %d generation requests, %d generation "
+                "tokens, iteration elapsed time: %.2f ms, KV cache usage: %.1f%%", stats.num_steps - 1,
+                stats.last_num_context_rows, stats.last_num_context_tokens, generation_rows,
+                stats.last_num_tokens - stats.last_num_context_tokens, stats.last_step_s * 1000,
+                100 * stats.num_used_blocks / max(stats.num_kv_blocks, 1))
+
+
 def _generation_failed(exc: Exception) -> APIError:
     return APIError(500, f"generation failed: {exc}", type="server_error", code="generation_failed")
 
@@ -319,4 +335,4 @@ async def next_output(job: Job) -> RequestOutput | None:
     return None if item is _END else item
 
 
-__all__ = ["Job", "QueueFull", "EngineWorker", "next_output", "shutting_down"]
+__all__ = ["Job", "QueueFull", "EngineWorker", "log_iteration", "next_output", "shutting_down"]

@@ -109,7 +109,8 @@ def _start(argv: list[str], log) -> tuple[subprocess.Popen, int]:
 def test_serve_model_with_quantization_and_speculation_answers_the_openai_client(tmp_path):
     log = open(tmp_path / "serve.log", "w+")
     proc, port = _start(["tiny-smollm2", "--dummy", "--device", "cpu", "--quantization", "int8",
-                         "--speculative-config", NGRAM, "--max-num-seqs", "4", "--kv-cache-mb", "8"], log)
+                         "--speculative-config", NGRAM, "--max-num-seqs", "4", "--kv-cache-mb", "8",
+                         "--enable-logging-iteration-details"], log)
     try:
         start_up = (tmp_path / "serve.log").read_text()
         assert "quantization int8" in start_up and "speculative ngram(n=1..3, k=4)" in start_up
@@ -133,6 +134,12 @@ def test_serve_model_with_quantization_and_speculation_answers_the_openai_client
         proc.wait(timeout=30)
         log.close()
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()
+    steps = re.findall(r"labkit serve: Iteration\((\d+)\): (\d+) context requests, (\d+) context tokens, (\d+) "
+                       r"generation requests, (\d+) generation tokens, iteration elapsed time: [\d.]+ ms, KV cache "
+                       r"usage: [\d.]+%", (tmp_path / "serve.log").read_text())
+    assert [int(s[0]) for s in steps] == list(range(len(steps))) and len(steps) > 12  # vLLM's line, every step
+    assert steps[0][1:] == ("1", steps[0][2], "0", "0") and int(steps[0][2]) > 1  # the first prompt, alone
+    assert ("0", "0", "1", "1") in [s[1:] for s in steps]  # a decode step (drafts verified are not counted)
 
 
 def test_speculative_config_json_round_trips():

@@ -346,11 +346,25 @@ def test_requests_join_a_running_batch(tiny):
         for out in engine.step():
             got[out.request_id] += out.new_token_ids
             assert out.num_prompt_tokens == (20 if out.request_id == a else 7)
-        if step == 5:
-            assert engine.stats().last_batch_size == 2  # b's prefill rides along with a's decode
+        stats = engine.stats()  # the step as --enable-logging-iteration-details splits it
+        context = {0: (1, 20), 4: (1, 7)}.get(step, (0, 0))  # a's prompt; b's prompt beside a's decode row
+        assert (stats.last_num_context_rows, stats.last_num_context_tokens) == context and stats.last_step_s > 0
+        if step == 4:
+            assert (stats.last_batch_size, stats.last_num_tokens) == (2, 8)  # b's prefill rides along a's decode
     assert not engine.has_unfinished
     assert got[a] == engine.generate([list(range(5, 25))], params)[0].tokens
     assert got[b] == engine.generate([list(range(30, 37))], params)[0].tokens
+
+
+def test_a_chunked_prompts_steps_count_as_context_to_its_last_chunk(tiny):
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer, max_num_batched_tokens=8)
+    engine.add_request(list(range(5, 22)), engine.sampling_params(max_new_tokens=2, ignore_eos=True))
+    split = []
+    while engine.has_unfinished:
+        engine.step()
+        stats = engine.stats()
+        split.append((stats.last_num_context_rows, stats.last_num_context_tokens, stats.last_num_tokens))
+    assert split == [(1, 8, 8), (1, 8, 8), (1, 1, 1), (0, 0, 1)]  # 17 prompt tokens: 8 + 8 + 1, then a decode
 
 
 def test_open_api_errors_are_clear(tiny):
