@@ -255,10 +255,10 @@ class EngineWorker:
             self._stats = stats
             if ran:
                 self.metrics.observe_step(stats.last_batch_size)
-                if self.log_iterations:
-                    log_iteration(stats)
             else:  # the scheduler is holding requests back (e.g. a dynamic batch filling up): do not spin
                 self._cond.wait(0.005)
+        if ran and self.log_iterations:  # outside the lock: a slow stderr must not hold up the event loop
+            log_iteration(stats)
 
     def _deliver(self, out: RequestOutput, started: float, now: float) -> None:
         job = self._jobs.get(out.request_id)
