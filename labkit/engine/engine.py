@@ -88,7 +88,7 @@ class Engine:
         self._prompt_only: list[_Request] = []  # max_new_tokens=0: scored at add_request, answered at the next step
         self._ids = itertools.count()
         self._num_steps, self._last_rows, self._last_tokens, self._last_padding = 0, 0, 0, 0
-        self._last_context = (0, 0)  # rows, tokens
+        self._last_context, self._last_padding_tokens = (0, 0), 0  # (rows, tokens) of prompts; padding tokens
         self._last_step_s = 0.0
 
     @classmethod
@@ -177,7 +177,8 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions, prefix_hit_rate=self.blocks.prefix_hit_rate,
             num_steps=self._num_steps, last_batch_size=self._last_rows, last_num_tokens=self._last_tokens,
             last_num_padding_rows=self._last_padding, last_num_context_rows=self._last_context[0],
-            last_num_context_tokens=self._last_context[1], last_step_s=self._last_step_s)
+            last_num_context_tokens=self._last_context[1], last_step_s=self._last_step_s,
+            last_num_padding_tokens=self._last_padding_tokens)
 
     # -- the open API ------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
@@ -352,7 +353,7 @@ class Engine:
         self._last_padding = batch.padding_rows
         self._last_rows = len(batch.seqs) + batch.padding_rows
         self._last_tokens = batch.num_tokens + step.num_padding_tokens
-        self._last_context = step.context
+        self._last_context, self._last_padding_tokens = step.context, step.num_padding_tokens
 
     def _append_tokens(self, request: _Request, tokens: list[int],
                        logprobs: list[TokenLogprob] | None = None) -> RequestOutput:

@@ -89,6 +89,7 @@ class EngineStats:
     last_num_context_rows: int = 0
     last_num_context_tokens: int = 0
     last_step_s: float = 0.0  # the last step's wall time, scheduling to outputs
+    last_num_padding_tokens: int = 0  # of last_num_tokens: a static batch's padding (shorter prompts, finished rows)
 
 
 __all__ = ["Generation", "RequestOutput", "TokenLogprob", "TextDelta", "EngineStats"]

@@ -312,12 +312,13 @@ class EngineWorker:
 def log_iteration(stats: EngineStats) -> None:
     """One step as vLLM's --enable-logging-iteration-details logs it (same fields, same words), so that the two
     servers' steps under one load can be set side by side: rows computing prompt tokens and their tokens, the
-    generation rows (padding rows of a static batch left out) and their tokens, the step's wall time."""
+    generation rows and their tokens (a static batch's padding left out of both), the step's wall time."""
     generation_rows = stats.last_batch_size - stats.last_num_padding_rows - stats.last_num_context_rows
+    generation_tokens = stats.last_num_tokens - stats.last_num_padding_tokens - stats.last_num_context_tokens
     logger.info("Iteration(%d): %d context requests, %d context tokens, %d generation requests, %d generation "
                 "tokens, iteration elapsed time: %.2f ms, KV cache usage: %.1f%%", stats.num_steps - 1,
-                stats.last_num_context_rows, stats.last_num_context_tokens, generation_rows,
-                stats.last_num_tokens - stats.last_num_context_tokens, stats.last_step_s * 1000,
+                stats.last_num_context_rows, stats.last_num_context_tokens, generation_rows, generation_tokens,
+                stats.last_step_s * 1000,
                 100 * stats.num_used_blocks / max(stats.num_kv_blocks, 1))
 
 

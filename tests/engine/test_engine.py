@@ -367,6 +367,22 @@ def test_a_chunked_prompts_steps_count_as_context_to_its_last_chunk(tiny):
     assert split == [(1, 8, 8), (1, 8, 8), (1, 1, 1), (0, 0, 1)]  # 17 prompt tokens: 8 + 8 + 1, then a decode
 
 
+def test_a_padded_static_batchs_step_log_leaves_its_padding_out(tiny, caplog):
+    from labkit.serving.worker import log_iteration
+
+    engine = Engine.from_hf(tiny.model, tiny.tokenizer, policy="static", max_num_seqs=2)
+    params = engine.sampling_params(max_new_tokens=3, ignore_eos=True)
+    engine.add_request(list(range(5, 15)), params)  # 10 tokens
+    engine.add_request(list(range(5, 11)), params)  # 6, padded to 10
+    engine.step()
+    stats = engine.stats()
+    assert (stats.last_num_context_rows, stats.last_num_context_tokens, stats.last_num_padding_tokens,
+            stats.last_num_tokens) == (2, 16, 4, 20)
+    with caplog.at_level("INFO", logger="labkit.serving.server"):
+        log_iteration(stats)
+    assert "2 context requests, 16 context tokens, 0 generation requests, 0 generation tokens" in caplog.text
+
+
 def test_open_api_errors_are_clear(tiny):
     engine = Engine.from_hf(tiny.model, tiny.tokenizer, num_kv_blocks=4, block_size=4)
     params = engine.sampling_params(max_new_tokens=4)
