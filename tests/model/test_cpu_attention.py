@@ -1,7 +1,8 @@
 """The CPU paged-attention extension (labkit.model.cpu_attention): equal to a float64 reference over the same
 blocks, for bfloat16 and float32 caches, grouped heads, contexts that end inside a block, and a head size off the
 vectorized path; the model's attention uses it for every token of a step over a bfloat16 KVCache (decode rows,
-fresh prompts and prompt chunks after cached tokens), and a prompt's outputs do not depend on its chunking."""
+fresh prompts and prompt chunks after cached tokens), a prompt's outputs do not depend on its chunking, and a
+token in a run of a prompt's tokens gets the bits it gets alone."""
 
 import random
 import shutil
@@ -131,6 +132,26 @@ def test_a_prompts_outputs_do_not_depend_on_its_chunking():
     first = _step(cache, bs, H, Hkv, D, [[0, 1]], [(0, 24)], history)[1]
     second = _step(cache, bs, H, Hkv, D, [[0, 1, 2]], [(24, 40)], history)[1]
     assert torch.equal(whole, torch.cat([first, second]))
+
+
+@pytest.mark.parametrize("H, Hkv, D", [(9, 3, 64), (32, 4, 128), (4, 4, 128)])
+def test_a_token_in_a_run_gets_the_bits_it_gets_alone(H, Hkv, D):
+    """A prompt's consecutive tokens go through the kernel in runs (each tile of 16 keys read and transposed once
+    for up to 16 tokens); each token's output is bit for bit what it is as a row of its own (a decode row)."""
+    op = cpu_attention.paged_decode_op()
+    bs, num_blocks = 16, 12
+    k = torch.randn(Hkv, num_blocks * bs, D).bfloat16()
+    v = torch.randn(Hkv, num_blocks * bs, D).bfloat16()
+    tables = torch.tensor([[5, 2, 9, 0, 7], [1, 3, 4, 6, 8]])
+    # a 37-token prompt (runs of 16, 16 and 5 tokens), then 3 tokens after 50 cached ones (keys ending mid-tile)
+    lens = torch.cat([torch.arange(1, 38), torch.arange(51, 54)])
+    rows = torch.tensor([0] * 37 + [1] * 3)
+    q = torch.randn(len(lens), H, D).bfloat16()
+    in_runs = op(q, k, v, tables, lens, bs, D**-0.5, rows)
+    alone = op(q, k, v, tables[rows], lens, bs, D**-0.5)  # a block table row per token: no runs
+    assert torch.equal(in_runs, alone)
+    want = _reference(q, k, v, tables[rows], lens, bs, D**-0.5)
+    torch.testing.assert_close(in_runs.double(), want, atol=1e-2, rtol=1e-2)
 
 
 def test_bad_token_rows_and_contexts_are_refused():
