@@ -6,7 +6,8 @@ The torch path (`labkit.model.attention`) gathers every decode row's context int
 matmuls: at 48 rows of 300 tokens that gather and the matmuls cost more than the step's linears. The extension
 walks each row's block table instead, one (token, KV head) pair per task, scores, softmax and the weighted sum in
 float32, as vLLM's CPU paged attention does. A prompt's tokens go through it too, each over the slots up to its
-own position (causal attention token by token, after the step's keys are written): at 32 prompts of 64 tokens
+own position (causal attention token by token, after the step's keys are written; consecutive tokens share each
+tile of keys, read and transposed once for up to 16 of them, the same sums bit for bit): at 32 prompts of 64 tokens
 that is 2.5x faster than SDPA's flash kernel, and a token's output no longer depends on how its prompt was
 chunked or how much of it the prefix cache held. It serves a bfloat16 cache; the float32 path stays torch's (its
 outputs are what the greedy-identity tests compare with HF). Where no C++ compiler or ninja is found,

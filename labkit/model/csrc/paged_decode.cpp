@@ -5,7 +5,9 @@
 // prompt was split into steps. The cache is heads-major, [Hkv, slots, D] (labkit.model.kv_cache.KVCache), so one
 // block of one head is block_size * D contiguous values. Scores, softmax and the weighted sum of values are taken
 // in float32 whatever the storage dtype (float32 or bfloat16). Work is split over (token, KV head) pairs; each pair
-// reads its keys once for all the query heads that share them (grouped-query attention).
+// reads its keys once for all the query heads that share them (grouped-query attention). On the bfloat16 fast path
+// a prompt's consecutive tokens go in runs of up to 16, and a (run, KV head) pair reads each tile of keys once for
+// the whole run, with the same sums, bit for bit, as each token alone.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
