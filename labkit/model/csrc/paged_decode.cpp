@@ -90,9 +90,6 @@ using RunFn = void (*)(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat
 
 #if defined(__AVX512F__)
 #if defined(__AVX512BF16__)
-// lane j of the result = the sum of the 16 lanes of s[j]: a transposing tree of 45 instructions, where 16
-// horizontal sums would take ~130. The sums, lane l of s[j] written s_l: y_k = (s_4k + s_4k+2) + (s_4k+1 + s_4k+3),
-// then (y_0 + y_1) + (y_2 + y_3).
 // The rows of a sequence are scattered over the cache in blocks, so the hardware prefetcher does not see them
 // coming: the kernels ask for the keys PREFETCH_AHEAD tiles of 16 on, and for a tile's values as they score it
 // (the values' pass reads them next).
@@ -106,8 +103,13 @@ inline void prefetch_rows(const T* head, const int64_t* table, int64_t bs, int64
 
 // a + b rounded to nearest, as written: a builtin the compiler does not reassociate under -ffast-math (plain
 // _mm512_add_ps is a vector +, which it may regroup), so that two trees of the same sums agree bit for bit
-inline __m512 add_exact(__m512 a, __m512 b) { return _mm512_add_round_ps(a, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline __m512 add_exact(__m512 a, __m512 b) {
+  return _mm512_add_round_ps(a, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 
+// lane j of the result = the sum of the 16 lanes of s[j]: a transposing tree of 45 instructions, where 16
+// horizontal sums would take ~130. The sums, lane l of s[j] written s_l: y_k = (s_4k + s_4k+2) + (s_4k+1 + s_4k+3),
+// then (y_0 + y_1) + (y_2 + y_3).
 inline __m512 sum16x16(const __m512* s) {
   __m512 t[8], u[4];
   for (int i = 0; i < 8; ++i)  // per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3]
@@ -231,7 +233,8 @@ void attend_values(float* scores, int64_t s_stride, int64_t len, const c10::BFlo
 // One token (a decode row): scores 16 keys at a time, key row by key row: per key, dpbf16 takes the 32 exact bf16
 // products of a 32-value chunk of the query and of the key, summed in float32 into 16 lanes (lane l: the pairs
 // 16c + l of the chunks c, in turn), and one transposing tree (sum16x16) sums the 16 keys' lanes; then the values.
-// Kept out of line, written out here: built from shared pieces inlined into the run's code it ran ~20 % slower.
+// Kept out of line and written out in full: assembled from shared pieces inside the run's code, decode rows ran
+// measurably slower.
 template <int G, int C>
 __attribute__((noinline)) void decode_row(const c10::BFloat16* q, const c10::BFloat16* kh, const c10::BFloat16* vh,
                                           const int64_t* table, int64_t len, int64_t bs, float scale,
@@ -289,27 +292,25 @@ void run_task_dpbf16(const c10::BFloat16* q, int64_t q_stride, int64_t R, const 
     return;
   }
   prefetch_rows<D>(kh, table, bs, 0, 16 * PREFETCH_AHEAD, last);
-  {
-    __m512i kt[8 * C];
-    const __m512 sc = _mm512_set1_ps(scale);
-    for (int64_t t0 = 0; t0 < last; t0 += 16) {
-      const int n = static_cast<int>(std::min<int64_t>(16, last - t0));
-      prefetch_rows<D>(kh, table, bs, t0 + 16 * PREFETCH_AHEAD, t0 + 16 * (PREFETCH_AHEAD + 1), last);
-      prefetch_rows<D>(vh, table, bs, t0, t0 + 16, last);
-      for (int c = 0; c < P; ++c) {
-        __m512i r[16];
-        for (int j = 0; j < 16; ++j)
-          r[j] = _mm512_loadu_si512(j < n ? slot_row(kh, table, t0 + j, bs, D) + c * 32
-                                          : reinterpret_cast<const c10::BFloat16*>(zero_row));
-        transpose16(r);
-        for (int i = 0; i < 16; ++i) kt[c * 16 + i] = r[i];
-      }
-      const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-      for (int64_t r = std::max<int64_t>(0, t0 - len0 + 1); r < R; ++r)  // tokens whose keys end earlier skip it
-        for (int g = 0; g < G; ++g)
-          _mm512_mask_storeu_ps(scores.data() + (r * G + g) * stride + t0, mask,
-                                _mm512_mul_ps(tile_row_scores<C>(q + r * q_stride + g * D, kt), sc));
+  __m512i kt[8 * C];
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < last; t0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, last - t0));
+    prefetch_rows<D>(kh, table, bs, t0 + 16 * PREFETCH_AHEAD, t0 + 16 * (PREFETCH_AHEAD + 1), last);
+    prefetch_rows<D>(vh, table, bs, t0, t0 + 16, last);
+    for (int c = 0; c < P; ++c) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j)
+        r[j] = _mm512_loadu_si512(j < n ? slot_row(kh, table, t0 + j, bs, D) + c * 32
+                                        : reinterpret_cast<const c10::BFloat16*>(zero_row));
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) kt[c * 16 + i] = r[i];
     }
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+    for (int64_t r = std::max<int64_t>(0, t0 - len0 + 1); r < R; ++r)  // tokens whose keys end earlier skip it
+      for (int g = 0; g < G; ++g)
+        _mm512_mask_storeu_ps(scores.data() + (r * G + g) * stride + t0, mask,
+                              _mm512_mul_ps(tile_row_scores<C>(q + r * q_stride + g * D, kt), sc));
   }
   for (int64_t r = 0; r < R; ++r)
     attend_values<G, C>(scores.data() + r * G * stride, stride, len0 + r, vh, table, bs, out + r * out_stride);
