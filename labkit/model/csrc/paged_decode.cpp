@@ -84,6 +84,14 @@ inline float softmax_in_place(float* s, int64_t n) {
   return sum;
 }
 
+// A task's first keys (up to 32 rows), asked for while the task before it on the thread runs.
+template <typename T>
+inline void prefetch_first_keys(const T* head, const int64_t* table, int64_t len, int64_t bs, int64_t D) {
+  for (int64_t t = 0; t < std::min<int64_t>(len, 32); ++t)
+    for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(T)); line += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(slot_row(head, table, t, bs, D)) + line);
+}
+
 // a run of tokens of one sequence over one KV head (run_task_dpbf16)
 using RunFn = void (*)(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*, const c10::BFloat16*,
                        const int64_t*, int64_t, int64_t, float, c10::BFloat16*, int64_t, std::vector<float>&);
@@ -233,8 +241,8 @@ void attend_values(float* scores, int64_t s_stride, int64_t len, const c10::BFlo
 // One token (a decode row): scores 16 keys at a time, key row by key row: per key, dpbf16 takes the 32 exact bf16
 // products of a 32-value chunk of the query and of the key, summed in float32 into 16 lanes (lane l: the pairs
 // 16c + l of the chunks c, in turn), and one transposing tree (sum16x16) sums the 16 keys' lanes; then the values.
-// Kept out of line and written out in full: assembled from shared pieces inside the run's code, decode rows ran
-// measurably slower.
+// Kept out of line, with its own prefetch loop: inlined into the run's code, or with prefetch_rows in that loop's
+// place, decode rows ran measurably slower.
 template <int G, int C>
 __attribute__((noinline)) void decode_row(const c10::BFloat16* q, const c10::BFloat16* kh, const c10::BFloat16* vh,
                                           const int64_t* table, int64_t len, int64_t bs, float scale,
@@ -434,11 +442,8 @@ void decode_runs(RunFn run, const c10::BFloat16* q, const c10::BFloat16* k, cons
         const int64_t* table = tables + (rows != nullptr ? rows[n] : n) * M;
         if (i + stride < tasks) {  // the next task's first keys, on their way while this one runs
           const int64_t nn = starts[(i + stride) / Hkv];
-          const int64_t* next = tables + (rows != nullptr ? rows[nn] : nn) * M;
-          const c10::BFloat16* head = k + ((i + stride) % Hkv) * slots * D;
-          for (int64_t t = 0; t < std::min<int64_t>(lens[nn], 32); ++t)
-            for (int64_t line = 0; line < D * 2; line += 64)
-              __builtin_prefetch(reinterpret_cast<const char*>(slot_row(head, next, t, bs, D)) + line);
+          prefetch_first_keys(k + ((i + stride) % Hkv) * slots * D, tables + (rows != nullptr ? rows[nn] : nn) * M,
+                              lens[nn], bs, D);
         }
         const int64_t at = (n * H + h * group) * D;
         run(q + at, H * D, R, k + h * slots * D, v + h * slots * D, table, lens[n], bs, scale, out + at, H * D,
@@ -473,11 +478,8 @@ void decode(const T* q, const T* k, const T* v, const int64_t* tables, const int
         const T* vh = v + h * slots * D;
         if (i + stride < tasks) {  // the next task's first keys, on their way while this one runs
           const int64_t nn = (i + stride) / Hkv;
-          const int64_t* next = tables + (rows != nullptr ? rows[nn] : nn) * M;
-          const T* head = k + ((i + stride) % Hkv) * slots * D;
-          for (int64_t t = 0; t < std::min<int64_t>(lens[nn], 32); ++t)
-            for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(T)); line += 64)
-              __builtin_prefetch(reinterpret_cast<const char*>(slot_row(head, next, t, bs, D)) + line);
+          prefetch_first_keys(k + ((i + stride) % Hkv) * slots * D, tables + (rows != nullptr ? rows[nn] : nn) * M,
+                              lens[nn], bs, D);
         }
         scores.resize(group * len);
         if (task != nullptr) {
