@@ -305,7 +305,10 @@ def _labkit_engine(loaded, variant: Variant, shared: dict, batch_sizes, num_toke
     speculative variant's engine carries its own speculator."""
     key = variant.model_key
     if key not in shared:
-        model = from_hf(loaded.model, dtype=None if variant.quantize else pick_dtype(variant.dtype))
+        if variant.quantize:  # fp32 weights to quantize; activations as `labkit serve` runs them (bf16 where fast)
+            model = from_hf(loaded.model, act_dtype=pick_dtype("auto", loaded.model.device))
+        else:
+            model = from_hf(loaded.model, dtype=pick_dtype(variant.dtype))
         shared[key] = apply_rewrites(model, linear_layout=variant.linear_layout, quantize=variant.quantize,
                                      gemm=variant.gemm)
     model = with_backends(shared[key], attention=variant.attention, kernels=variant.kernels)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from labkit.device import format_environment
+from labkit.device import dtype_name, format_environment
 
 
 def first_difference(tokens: list[list[list[int]]], reference: list[list[list[int]]]) -> int | None:
@@ -62,6 +62,8 @@ def decode_row(name: str, variant, runner, samples: list, *, workload: str, prom
                    "cuda_graphs": variant.cuda_graphs, "kernels": variant.kernels,
                    "attention": variant.attention, "kv_cache_dtype": variant.kv_cache_dtype,
                    "linear_layout": getattr(engine, "linear_layout", None),
+                   # the activations' (and KV cache's) dtype: a quantized variant's is the serving default's
+                   "act_dtype": None if variant.engine != "labkit" else dtype_name(engine.model.act_dtype),
                    "gemm": None if variant.engine != "labkit" else
                    "packed" if "gemm:packed" in engine.model.rewrites else "plain",
                    "workload": workload, "prompt": run["prompt"] if workload == "free" else None,

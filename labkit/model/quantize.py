@@ -5,18 +5,20 @@ Schemes (`QUANT_METHODS`), all applied by `quantize(model, method)` to every lab
 - ``int4-g32`` / ``int4-g64`` / ``int4-g128``: asymmetric 4-bit codes with a scale and a minimum per group of
   32 / 64 / 128 inputs, w ≈ q · scale + minimum (the form of GGUF's Q4_1); torch's `_weight_int4pack_mm_for_cpu`.
   The LM head stays int8, as in llama.cpp's 4-bit files.
-- ``gguf``: the embedded GGUF file's own blocks, read as they are: Q4_1 blocks become the int4 layout above with
-  their codes unchanged (group 32, d → scale, m → minimum), and the Q8_0 LM head keeps its int8 codes, split
-  into two 4-bit halves so the same int4 kernel runs it (see `Q8_0Linear`). No dequantize-requantize round trip.
+- ``gguf``: the embedded GGUF file's own blocks, kept as they are (Q4_1 linears, the Q8_0 LM head: codes and
+  float16 scales unchanged, no dequantize-requantize round trip) and multiplied as llama.cpp multiplies them, by
+  labkit's C++ kernel (`GGUFLinear`, csrc/gguf_linear.cpp): activations quantized to int8 per block of 32, exact
+  integer dot products, each row computed alone whatever the row count.
 
-The CPU kernels take bf16 activations and bf16 scales (their fp32 path is much slower: docs/quantization.md),
-so a scale is rounded to bf16 once at load; codes are exact. The int4 kernel runs every row count; the int8
-kernel is a decode kernel, so an int8 call of 64+ rows (a prefill chunk) casts the weight and runs a dense GEMM
-instead.
+torch's int8 and int4 CPU kernels take bf16 activations and bf16 scales (their fp32 path is much slower:
+docs/quantization.md), so their scales are rounded to bf16 once at load; codes are exact. The int4 kernel runs
+every row count; the int8 kernel is a decode kernel, so an int8 call of 64+ rows (a prefill chunk) casts the
+weight and runs a dense GEMM instead.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -31,6 +33,8 @@ from labkit.model.llama import Linear
 QUANT_METHODS = ("int8", "int4-g32", "int4-g64", "int4-g128", "gguf")
 BNB_METHODS = ("bnb-int8", "bnb-nf4")  # bitsandbytes' LLM.int8() and NF4 linears: CUDA only
 INT4_GROUP_SIZES = (32, 64, 128)
+GGUF_BLOCK = 32  # inputs per GGUF block (Q4_1, Q8_0)
+GGUF_CACHE_FORMAT = "blocks-v2"  # the converted modules' layout, in their cache file's name
 # rows at or above which the int8 linear casts its weight and runs a dense GEMM instead of the packed kernel
 # (the packed int8 kernel falls behind there; the int4 kernel stays ahead of dequantizing: docs/quantization.md)
 DENSE_MIN_ROWS = 64
@@ -240,37 +244,142 @@ class Int4WeightOnlyLinear(_QuantLinear):
         return y if self.padded_out == self.out_features else y[:, : self.out_features]
 
 
-class Q8_0Linear(_QuantLinear):
-    """GGUF Q8_0 (int8 codes, one fp16 scale per block of 32 inputs) on the int4 kernel, codes unchanged.
+class GGUFLinear(_QuantLinear):
+    """GGUF blocks of 32 inputs as the file holds them, multiplied the way llama.cpp multiplies them.
 
-    q + 128 = 16 · hi + lo with hi, lo in 0..15, so d · q = (16 d) · hi - 128 d + d · lo: the weight is two 4-bit
-    matrices side by side along the inputs ([hi | lo], group 32), multiplied by the input repeated twice.
+    Q4_1 (``bits=4``): 4-bit codes q with a scale d and a minimum m per block, w = d · q + m, each block's 16 bytes
+    as in the file (byte j: input j in the low nibble, j + 16 in the high). Q8_0 (``bits=8``): signed 8-bit codes
+    and a scale, w = d · q, kept as u = q + 128 with m = -128 d. d and m stay the file's float16 values.
+
+    The product (csrc/gguf_linear.cpp, `_matmul`) quantizes each block of activations to int8 with its own scale
+    (llama.cpp's q8_1), takes the block's integer dot product exactly (AVX512-VNNI where the CPU has it) and
+    scales it: y = Σ d · dx · Σ(u · xq) + m · dx · Σ xq. Every row goes through the same operations whatever the
+    number of rows, so a token verified beside draft tokens, or prefilled in any chunking, gets the bits it gets
+    alone. Without the C++ extension, `gguf_matmul_ref` computes the same sums in torch.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | bool | None = None, device=None):
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, bias: torch.Tensor | bool | None = None,
+                 device=None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.halves = Int4WeightOnlyLinear(2 * in_features, out_features, 32, device=device)
+        if bits not in (4, 8):
+            raise ValueError(f"GGUF blocks of {bits}-bit codes are not supported: Q4_1 (4) or Q8_0 (8)")
+        if in_features % GGUF_BLOCK:
+            raise ValueError(f"in_features={in_features} is not a multiple of GGUF's block of {GGUF_BLOCK}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        blocks = in_features // GGUF_BLOCK
+        self.register_buffer("packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("d", torch.zeros(out_features, blocks, dtype=torch.float16, device=device))
+        self.register_buffer("m", torch.zeros(out_features, blocks, dtype=torch.float16, device=device))
         self._init_bias(bias, device)
 
     @classmethod
-    def from_blocks(cls, blocks: torch.Tensor, bias=None) -> "Q8_0Linear":
-        q, d = unpack_q8_0(blocks)
-        N, K = q.shape
-        u = q.to(torch.int32) + 128  # 0..255
-        codes = torch.cat((u >> 4, u & 0xF), dim=1)  # [N, 2K]: hi then lo
-        scale = torch.cat((16 * d, d), dim=1)
-        minimum = torch.cat((-128 * d, torch.zeros_like(d)), dim=1)
-        module = cls(K, N, bias, device=blocks.device)
-        module.halves = Int4WeightOnlyLinear.from_codes(codes, scale, minimum, 32)
+    def from_q4_1(cls, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                  bias: torch.Tensor | bool | None = None) -> "GGUFLinear":
+        """From `gguf.unpack_q4_1`'s codes [N, K] in 0..15 and d, m [N, K // 32] (float16 values)."""
+        N, K = codes.shape
+        module = cls(K, N, 4, bias, device=codes.device)
+        c = codes.to(torch.uint8).reshape(N, -1, 2, GGUF_BLOCK // 2)  # [N, G, (first, second) half, 16]
+        module.packed.copy_((c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, -1))
+        module.d.copy_(d.half())
+        module.m.copy_(m.half())
         return module
 
+    @classmethod
+    def from_q8_0(cls, blocks: torch.Tensor, bias: torch.Tensor | bool | None = None) -> "GGUFLinear":
+        """From Q8_0 rows of blocks [N, K // 32 * 34] uint8 as the file holds them."""
+        q, d = unpack_q8_0(blocks)
+        N, K = q.shape
+        module = cls(K, N, 8, bias, device=blocks.device)
+        module.packed.copy_((q.to(torch.int16) + 128).to(torch.uint8))
+        module.d.copy_(d.half())
+        module.m.copy_(-128 * d.half())  # exact: a power of two times a float16
+        return module
+
+    def codes(self) -> torch.Tensor:
+        """The codes [out, in] as the file holds them: 0..15 for Q4_1, -128..127 for Q8_0."""
+        if self.bits == 8:
+            return (self.packed.to(torch.int16) - 128).to(torch.int8)
+        p = self.packed.reshape(self.out_features, -1, GGUF_BLOCK // 2)
+        return torch.cat((p & 0xF, p >> 4), dim=-1).reshape(self.out_features, self.in_features)
+
     def dequantize(self) -> torch.Tensor:
-        w = self.halves.dequantize()
-        return w[:, : self.in_features] + w[:, self.in_features:]
+        u = self.codes().float() + (128 if self.bits == 8 else 0)
+        w = u.reshape(self.out_features, -1, GGUF_BLOCK) * self.d.float()[..., None] + self.m.float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # lean on purpose: at batch 1 a decode step makes ~120 of these calls, each a few microseconds of kernel
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, shape[-1]))
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*shape[:-1], self.out_features)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        return self.halves._matmul(torch.cat((x2, x2), dim=-1))
+        x2 = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+        if torch.compiler.is_compiling():  # the custom op, which the graph keeps whole
+            if gguf_linear_available():
+                return torch.ops.labkit.gguf_linear(x2, self.packed, self.d, self.m, self.bits)
+        elif (kernel := _gguf_kernel()) is not None:  # eager: the extension's function, without the dispatcher
+            return kernel(x2, self.packed, self.d, self.m, self.bits)
+        return gguf_matmul_ref(x2, self.packed, self.d, self.m, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {'Q4_1' if self.bits == 4 else 'Q8_0'}"
+
+
+def gguf_matmul_ref(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                    bits: int) -> torch.Tensor:
+    """`GGUFLinear`'s product in torch: x [M, K] -> [M, N] in x's dtype (the C++ kernel sums in another order)."""
+    M, K = x.shape
+    xb = x.float().reshape(M, -1, GGUF_BLOCK)
+    dx = xb.abs().amax(dim=-1) / 127  # [M, G]
+    xq = torch.round(xb * torch.where(dx > 0, 1 / dx, 0)[..., None])
+    sx = dx * xq.sum(dim=-1)
+    if bits == 8:
+        u = packed.float()
+    else:
+        p = packed.reshape(packed.shape[0], -1, GGUF_BLOCK // 2)
+        u = torch.cat((p & 0xF, p >> 4), dim=-1).float()
+    u = u.reshape(packed.shape[0], -1, GGUF_BLOCK)  # [N, G, 32]
+    sums = torch.einsum("mgk,ngk->mng", xq, u)  # exact: integers below 2^24
+    y = (sums * d.float()[None] * dx[:, None]).sum(-1) + sx @ m.float().t()
+    return y.to(x.dtype)
+
+
+@torch.compiler.assume_constant_result  # torch.compile asks once, at trace time, and keeps the answer
+def gguf_linear_available() -> bool:
+    """Whether the C++ extension (labkit.model.cpu_attention) with `gguf_linear` is built here (and, for
+    torch.compile, registered as the custom op `torch.ops.labkit.gguf_linear`)."""
+    return _gguf_kernel() is not None and _gguf_op_registered()
+
+
+@functools.cache
+def _gguf_kernel():
+    from labkit.model import cpu_attention
+
+    ops = cpu_attention.cpu_ops()
+    return None if ops is None else ops.gguf_linear
+
+
+@functools.cache
+def _gguf_op_registered() -> bool:
+    """`torch.ops.labkit.gguf_linear`: the extension's kernel as a custom op, so torch.compile keeps it whole."""
+
+    @torch.library.custom_op("labkit::gguf_linear", mutates_args=())
+    def gguf_linear(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                    bits: int) -> torch.Tensor:
+        from labkit.model import cpu_attention
+
+        return cpu_attention.cpu_ops().gguf_linear(x, packed, d, m, bits)
+
+    @gguf_linear.register_fake
+    def _(x, packed, d, m, bits):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
+    return True
 
 
 def unpack_int4pack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
@@ -311,7 +420,7 @@ class BnbLinear(nn.Module):
         return self.inner(x.to(self.compute_dtype)).to(x.dtype)
 
 
-QUANT_LINEARS = (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Q8_0Linear, BnbLinear)
+QUANT_LINEARS = (Int8WeightOnlyLinear, Int4WeightOnlyLinear, GGUFLinear, BnbLinear)
 
 
 def _weight_nk(linear: nn.Linear) -> torch.Tensor:
@@ -333,7 +442,8 @@ def quantize(model: nn.Module, method: str = "int8", gguf_path: str | Path | Non
         if device.type != "cuda":
             raise ValueError(f"quantization {method!r} runs bitsandbytes' CUDA kernels; the model is on {device}")
     elif method != "int8" and device.type != "cpu":
-        raise ValueError(f"quantization {method!r} runs on torch's CPU int4 kernel; the model is on {device} "
+        raise ValueError(f"quantization {method!r} runs on a CPU kernel (torch's int4, or labkit's GGUF blocks); the "
+                         f"model is on {device} "
                          "(on a GPU use int8 here, or bitsandbytes)")
     if any(isinstance(m, QUANT_LINEARS) for m in model.modules()):
         raise ValueError("the model is already quantized: quantize a model built from fp32 or bf16 weights")
@@ -371,7 +481,7 @@ def _load_gguf_linears(model: nn.Module, gguf_path: str | Path | None) -> None:
     stat = path.stat()
     args = model.args
     shape = f"{args.num_layers}x{args.dim}x{args.hidden_dim}x{args.vocab_size}"
-    cached = cache_dir() / "gguf-linears" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{shape}.pt"
+    cached = cache_dir() / "gguf-linears" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{shape}-{GGUF_CACHE_FORMAT}.pt"
     if cached.exists():
         state = torch.load(cached, weights_only=True)
         for name, tensors in state.items():
@@ -388,9 +498,8 @@ def _load_gguf_linears(model: nn.Module, gguf_path: str | Path | None) -> None:
 
 def _gguf_module_for(model: nn.Module, name: str) -> nn.Module:
     linear = model.get_submodule(name)
-    if name == "lm_head":
-        return Q8_0Linear(linear.in_features, linear.out_features)
-    return Int4WeightOnlyLinear(linear.in_features, linear.out_features, 32, linear.bias is not None)
+    return GGUFLinear(linear.in_features, linear.out_features, 8 if name == "lm_head" else 4,
+                      linear.bias is not None)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -403,7 +512,7 @@ def _convert_gguf_linears(model: nn.Module, path: Path) -> dict[str, nn.Module]:
     args = model.args
     D, H, Hkv, hd = args.dim, args.num_heads, args.num_kv_heads, args.head_dim
 
-    def q4_1(linear: nn.Module, parts: list[tuple[str, int, int | None]]) -> Int4WeightOnlyLinear:
+    def q4_1(linear: nn.Module, parts: list[tuple[str, int, int | None]]) -> GGUFLinear:
         """One (fused) linear from GGUF tensors (name, rows, heads to un-permute) stacked along the outputs."""
         rows = []
         for name, n, heads in parts:
@@ -414,7 +523,7 @@ def _convert_gguf_linears(model: nn.Module, path: Path) -> dict[str, nn.Module]:
                 raise ValueError(f"GGUF tensor {name} is {t.tensor_type.name}; the gguf scheme reads Q4_1 linears")
             rows.append(gguf_rows(t, (n, linear.in_features), heads))
         codes, d, m = unpack_q4_1(torch.cat(rows))
-        return Int4WeightOnlyLinear.from_codes(codes, d, m, 32, linear.bias)
+        return GGUFLinear.from_q4_1(codes, d, m, linear.bias)
 
     converted = {}
     for i, layer in enumerate(model.layers):
@@ -429,7 +538,7 @@ def _convert_gguf_linears(model: nn.Module, path: Path) -> dict[str, nn.Module]:
     head = tensors.get("output.weight") or tensors["token_embd.weight"]  # tied models store the embedding only
     if head.tensor_type.name != "Q8_0":
         raise ValueError(f"GGUF tensor {head.name} is {head.tensor_type.name}; the gguf scheme reads a Q8_0 head")
-    converted["lm_head"] = Q8_0Linear.from_blocks(gguf_rows(head, (args.vocab_size, D)))
+    converted["lm_head"] = GGUFLinear.from_q8_0(gguf_rows(head, (args.vocab_size, D)))
     for name, module in converted.items():
         _set_submodule(model, name, module)
     return converted
@@ -477,8 +586,9 @@ def _empty_like_saved(linear: Linear, prefix: str, state: dict, group_size: int 
     bias = linear.bias is not None
     if f"{prefix}.weight_int8" in state:
         return Int8WeightOnlyLinear(linear.in_features, linear.out_features, bias)
-    if f"{prefix}.halves.weight_int4pack" in state:
-        return Q8_0Linear(linear.in_features, linear.out_features, bias)
+    if f"{prefix}.packed" in state:
+        bits = 8 * state[f"{prefix}.packed"].shape[1] // linear.in_features
+        return GGUFLinear(linear.in_features, linear.out_features, bits, bias)
     if f"{prefix}.weight_int4pack" in state and group_size:
         return Int4WeightOnlyLinear(linear.in_features, linear.out_features, group_size, bias)
     raise ValueError(f"the saved model has no quantized weight for {prefix}")

@@ -9,8 +9,8 @@ from labkit.model import quantize as quant
 from labkit.engine.engine import Engine
 from labkit.model.llama import from_hf
 from labkit.model.loader import embedded_gguf_path
-from labkit.model.quantize import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, Q8_0Linear, dequantize_int4_ref,
-                          quantize_int4_ref, quantize_int8_ref)
+from labkit.model.quantize import (GGUFLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, dequantize_int4_ref,
+                                   quantize_int4_ref, quantize_int8_ref)
 
 # the CPU kernels take bf16 activations and scales: their results carry bf16-sized errors
 BF16_TOL = dict(atol=0.05, rtol=0.02)
@@ -74,14 +74,56 @@ def _q8_0_blocks(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks.reshape(rows, -1), (q.float() * d.float()[..., None]).reshape(rows, cols)
 
 
-def test_q8_0_linear_keeps_the_codes_and_multiplies_by_them():
+def _q4_1_parts(rows: int, cols: int):
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (rows, cols), generator=g).to(torch.uint8)
+    d = (torch.rand(rows, cols // 32, generator=g) * 0.01).half().float()
+    m = (-torch.rand(rows, cols // 32, generator=g) * 0.05).half().float()
+    return codes, d, m
+
+
+def test_gguf_linears_keep_the_files_codes_and_scales():
     blocks, w = _q8_0_blocks(64, 96)
     torch.testing.assert_close(quant.dequantize_q8_0(blocks), w, atol=0, rtol=0)
-    lin = Q8_0Linear.from_blocks(blocks)
-    # hi/lo halves rebuild every code; only the scales are rounded to bf16
-    torch.testing.assert_close(lin.dequantize(), w, atol=1e-6, rtol=2**-8)
-    x = torch.randn(2, 96)
-    torch.testing.assert_close(lin(x), x @ w.t(), **BF16_TOL)
+    head = GGUFLinear.from_q8_0(blocks)
+    assert torch.equal(head.dequantize(), w)  # codes and float16 scales exactly as the file holds them
+    codes, d, m = _q4_1_parts(40, 96)
+    lin = GGUFLinear.from_q4_1(codes, d, m)
+    assert torch.equal(lin.codes(), codes)
+    assert torch.equal(lin.dequantize(), dequantize_int4_ref(codes, d, m))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_kernel_matches_its_torch_reference_and_gives_each_row_its_own_bits(bits, dtype):
+    """The C++ kernel (csrc/gguf_linear.cpp) against `gguf_matmul_ref` (the same integer sums, in torch), and
+    every row of a many-row call bit-identical to that row alone (what makes speculation and chunked prefill
+    lossless). 18 blocks: a ragged last chunk of 16; 7 outputs: a ragged last tile of 4; 9 rows: tiles of 2 and 1."""
+    if not quant.gguf_linear_available():
+        pytest.skip("the CPU kernels extension is not built here")
+    rows, cols = 7, 576
+    if bits == 8:
+        blocks, w = _q8_0_blocks(rows, cols)
+        lin = GGUFLinear.from_q8_0(blocks)
+    else:
+        codes, d, m = _q4_1_parts(rows, cols)
+        lin = GGUFLinear.from_q4_1(codes, d, m)
+        w = lin.dequantize()
+    x = (torch.randn(9, cols, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 4, cols)).to(dtype)
+    y = lin(x)
+    assert y.dtype == dtype
+    ref = quant.gguf_matmul_ref(x.float(), lin.packed, lin.d, lin.m, bits)
+    # the same sums in another order, rounded to the output dtype; where an activation lands within an ulp of a
+    # rounding midpoint (bf16 inputs have few bits, so some do) its int8 code may differ by one: one code of one
+    # block, d * dx * (largest code), bounds that
+    one_code = lin.d.float().abs().max() * (255 if bits == 8 else 15) * x.float().abs().max() / 127
+    close = torch.isclose(y.float(), ref, atol=1e-4, rtol=1e-5 if dtype == torch.float32 else 2**-8)
+    assert close.float().mean() > 0.9 and ((y.float() - ref).abs() <= one_code).all()
+    # int8 activations per block of 32, as llama.cpp: close to the dense product, not equal
+    dense = x.float() @ w.t()
+    assert ((y.float() - dense).norm() / dense.norm()) < 0.02
+    assert torch.equal(torch.cat([lin(x[i:i + 1]) for i in range(9)]), y)
+    assert torch.equal(torch.compile(lin, fullgraph=True)(x), y)  # the custom op, whole inside a graph
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +156,9 @@ def test_gguf_scheme_loads_the_files_codes_unchanged(embedded, gguf_model, gguf_
     for mine, ref in [(layer.attn.wqkv, fp32.layers[3].attn.wqkv), (layer.mlp.w_gate_up, fp32.layers[3].mlp.w_gate_up),
                       (gguf_model.lm_head, fp32.lm_head)]:
         w = ref.weight.t() if ref.kn else ref.weight
-        # q and k rows come back from llama.cpp's RoPE permutation (a wrong row order would be ~100 % off);
-        # the only change is the scale and zero rounded to bf16 for the kernel
-        assert ((mine.dequantize() - w).norm() / w.norm()) < 2**-8
+        # q and k rows come back from llama.cpp's RoPE permutation (a wrong row order would be ~100 % off):
+        # the file's blocks, dequantized, are exactly what transformers dequantized
+        assert torch.equal(mine.dequantize(), w)
     assert gguf_model.rewrites[-1] == "quant:gguf"
 
 
@@ -124,12 +166,34 @@ def test_quantized_engines_keep_the_embedded_model_close(embedded, gguf_model):
     fp32 = Engine.from_hf(embedded.model, embedded.tokenizer)
     ids = fp32.encode("The three primary colors are red, yellow and")
     ref = fp32.prompt_logits(ids)
+    # gguf's weights are the fp32 model's exactly; what moves its logits is the int8 activations (llama.cpp's q8_1)
     for scheme, engine, min_cos in [("int8", Engine.from_hf(embedded.model, embedded.tokenizer, quantize="int8"), 0.98),
-                                    ("gguf", Engine(gguf_model, embedded.tokenizer), 0.999)]:
+                                    ("gguf", Engine(gguf_model, embedded.tokenizer), 0.995)]:
         assert engine.describe()["quantize"] == scheme
         logits = engine.prompt_logits(ids)
         assert torch.nn.functional.cosine_similarity(ref, logits, dim=-1).min() > min_cos, scheme
         assert (ref.argmax(-1) == logits.argmax(-1)).float().mean() > 0.8, scheme
+
+
+def test_gguf_with_prompt_lookup_is_token_identical_on_the_real_model(embedded):
+    """The real model's near-ties, where a last-bit difference between a row alone and a row beside draft tokens
+    flips a greedy token: gguf linears with n-gram speculation, two requests batched, bf16 activations (the serving
+    default on an AVX512-BF16 CPU; the C++ attention), emit exactly what the same gguf model emits without it."""
+    from labkit.engine.config import SpeculativeConfig
+    from labkit.model.sampling import SamplingParams
+
+    text = ("Summarise: The river rose after three days of rain. The river rose over the old bridge, and the old "
+            "bridge closed. The town moved its market to the hill while the river rose. Summary: The river rose")
+    prompts = [embedded.tokenizer.encode(t) for t in (text, "Once upon a time, in a small village,")]
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True, detokenize=False)
+    kwargs = dict(dtype="bf16", quantize="gguf", enable_prefix_caching=False)
+    plain = Engine.from_hf(embedded.model, embedded.tokenizer, **kwargs)
+    spec = Engine.from_hf(embedded.model, embedded.tokenizer, speculative=SpeculativeConfig(8, prompt_lookup_max=4),
+                          **kwargs)
+    want = [g.tokens for g in plain.generate(prompts, params)]
+    got = [g.tokens for g in spec.generate(prompts, params)]
+    assert spec.speculator.stats.num_accepted_tokens > 10  # drafts were verified in batches, and kept
+    assert got == want
 
 
 @pytest.mark.parametrize("method", [m for m in quant.QUANT_METHODS if m != "gguf"])

@@ -16,6 +16,7 @@
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
                            torch::Tensor context_lens, int64_t block_size, double scale,
                            std::optional<torch::Tensor> token_rows);
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d, torch::Tensor m, int64_t bits);
 
 namespace {
 
@@ -183,5 +184,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "rms_norm(x) * weight, bfloat16 rows", no_gil());
   m.def("silu_mul", &silu_mul, "silu(gate) * up, bfloat16 rows [gate | up]", no_gil());
   m.def("rope", &rope, "rotate-half RoPE of x [N, H, D] with cos, sin [N, 1, D], bfloat16", no_gil());
+  m.def("gguf_linear", &gguf_linear, "x [M, K] times GGUF Q4_1 (bits 4) or Q8_0 (bits 8) blocks [N, K] (CPU)",
+        py::arg("x"), py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("bits"), no_gil());
   m.def("write_kv", &write_kv, "store k, v [N, Hkv, D] at their slots of a heads-major cache", no_gil());
 }
