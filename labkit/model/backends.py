@@ -35,6 +35,8 @@ class TorchKernels:
         weight = _like(weight, x)
         if cpu_attention.takes_rows(x):  # bf16 rows on a CPU: one C++ pass (labkit.model.cpu_attention)
             return cpu_attention.cpu_ops().rms_norm(x, weight, eps)
+        if cpu_attention.compiles_rows(x):  # the same pass inside a compiled step
+            return torch.ops.labkit.rms_norm(x, weight, eps)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
     @staticmethod
@@ -43,6 +45,8 @@ class TorchKernels:
         """(rms_norm(residual + x), residual + x): a sublayer's output joins the residual stream, then the norm."""
         if cpu_attention.takes_rows(x) and cpu_attention.takes_rows(residual):
             return cpu_attention.cpu_ops().add_rms_norm(x, residual, _like(weight, x), eps)
+        if cpu_attention.compiles_rows(x) and cpu_attention.compiles_rows(residual):
+            return torch.ops.labkit.add_rms_norm(x, residual, _like(weight, x), eps)
         total = residual + x
         return TorchKernels.rms_norm(total, weight, eps), total
 
@@ -55,12 +59,16 @@ class TorchKernels:
         """
         if cpu_attention.takes_rope(x, cos, sin):
             return cpu_attention.cpu_ops().rope(x, cos, sin)
+        if cpu_attention.compiles_rope(x, cos, sin):
+            return torch.ops.labkit.rope(x, cos, sin)
         return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
     @staticmethod
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         if cpu_attention.takes_rows(gate_up):
             return cpu_attention.cpu_ops().silu_mul(gate_up)
+        if cpu_attention.compiles_rows(gate_up):
+            return torch.ops.labkit.silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -16,7 +16,13 @@ outputs are what the greedy-identity tests compare with HF). Where no C++ compil
 The row ops (csrc/cpu_ops.cpp: the residual add with the RMSNorm after it, RMSNorm, SiLU-and-multiply, RoPE, the
 KV write) replace three to seven torch ops each, each of which walks the rows once and, for bfloat16, converts
 them to float32 and back; they round where torch's sequence rounds. `TorchKernels` and `write_kv` use them for
-bfloat16 rows on a CPU (RoPE reads the fused projection's q and k heads in place).
+bfloat16 rows on a CPU (RoPE reads the fused projection's q and k heads in place). `csrc/gguf_linear.cpp` is the
+GGUF-block linear (`labkit.model.quantize.GGUFLinear`).
+
+Eager steps call the kernels through the module's Python bindings (a microsecond each); a compiled decode step
+calls the same kernels as operators registered in C++ (`torch.ops.labkit.*`), the KV write and the attention as one
+operator that mutates the cache, so a compiled step and an eager one (a prefill, a step verifying draft tokens)
+compute every row alike, bit for bit, and speculation over a compiled step stays token-identical.
 
 The build is cached in a folder named by a hash of the source, the flags, torch, Python and the CPU's
 instruction sets, so checkouts at different paths share one build and a `-march=native` build never runs on
@@ -126,17 +132,23 @@ def paged_decode_op():
 def takes_rows(x: torch.Tensor) -> bool:
     """Whether the extension's row ops take x: contiguous bfloat16 rows on a CPU, outside torch.compile (which
     traces the torch ops instead), where the extension is built."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous()
-            and not torch.compiler.is_compiling() and cpu_ops() is not None)
+    return _bf16_rows(x) and not torch.compiler.is_compiling() and cpu_ops() is not None
 
 
 def takes_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether the extension's `rope` takes x [N, H, D] (any row and head strides: the fused projection's q and k
     heads) with cos, sin [N, 1, D]: bfloat16 on a CPU, outside torch.compile, where the extension is built."""
+    return _rope_inputs(x, cos, sin) and not torch.compiler.is_compiling() and cpu_ops() is not None
+
+
+def _bf16_rows(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous()
+
+
+def _rope_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     return (x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 3
             and x.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
-            and cos.numel() == sin.numel() == x.shape[0] * x.shape[-1]
-            and not torch.compiler.is_compiling() and cpu_ops() is not None)
+            and cos.numel() == sin.numel() == x.shape[0] * x.shape[-1])
 
 
 def writes_kv(k: torch.Tensor, k_cache, slot_mapping: torch.Tensor) -> bool:
@@ -157,5 +169,50 @@ def _bf16_heads_major(cache) -> bool:
     return isinstance(cache, torch.Tensor) and cache.dtype == torch.bfloat16 and cache.transpose(0, 1).is_contiguous()
 
 
-__all__ = ["cpu_ops", "paged_decode_op", "takes_rows", "writes_kv", "serves", "build_directory", "CSRC",
-           "DISABLE_ENV"]
+# ---- the same kernels inside torch.compile -------------------------------------------------------------------
+# A compiled decode step (EngineConfig.compile) calls each kernel whole, as the operator `torch.ops.labkit.<name>`
+# (registered in C++): the step runs the eager step's kernels, bit for bit, without its Python. The attention
+# operator writes the step's keys and values and attends in one call, declared as mutating the cache (vLLM's
+# pattern): a graph that wrote the cache with one op and read it with another would hand the reader a functional
+# copy in another layout.
+
+@torch.compiler.assume_constant_result  # torch.compile asks once, at trace time, and keeps the answer
+def compiled_ops() -> bool:
+    """Whether the extension is built, with its kernels as operators `torch.ops.labkit.*` that torch.compile
+    can trace (their output shapes registered)."""
+    return cpu_ops() is not None and _register_ops()
+
+
+def compiles_rows(x: torch.Tensor) -> bool:
+    """Inside torch.compile, whether x's row op is the extension's operator (`takes_rows`' rows, traced)."""
+    return torch.compiler.is_compiling() and _bf16_rows(x) and compiled_ops()
+
+
+def compiles_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Inside torch.compile, whether RoPE of x is the extension's operator (`takes_rope`' inputs, traced)."""
+    return torch.compiler.is_compiling() and _rope_inputs(x, cos, sin) and compiled_ops()
+
+
+def compiles_attention(q: torch.Tensor, k_cache) -> bool:
+    """Inside torch.compile, whether a static decode step writes its keys and attends with the extension's
+    `write_and_attend` operator (a heads-major bf16 cache on a CPU, as `serves` asks)."""
+    return (torch.compiler.is_compiling() and q.device.type == "cpu" and q.dtype == torch.bfloat16
+            and _bf16_heads_major(k_cache) and compiled_ops())
+
+
+@functools.cache
+def _register_ops() -> bool:
+    """The output shapes of the extension's operators (registered in C++, csrc/cpu_ops.cpp), for tracing."""
+    fake = torch.library.register_fake
+    fake("labkit::gguf_linear")(lambda x, codes, d, m, bits: x.new_empty(x.shape[0], codes.shape[0]))
+    fake("labkit::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
+    fake("labkit::add_rms_norm")(lambda x, residual, weight, eps: (torch.empty_like(x), torch.empty_like(x)))
+    fake("labkit::silu_mul")(lambda gate_up: gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2))
+    fake("labkit::rope")(lambda x, cos, sin: x.new_empty(x.shape))
+    fake("labkit::write_and_attend")(lambda q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+                                     block_size, scale: q.new_empty(q.shape))
+    return True
+
+
+__all__ = ["cpu_ops", "paged_decode_op", "takes_rows", "writes_kv", "serves", "compiled_ops", "compiles_rows",
+           "compiles_rope", "compiles_attention", "build_directory", "CSRC", "DISABLE_ENV"]

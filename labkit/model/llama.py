@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.model import cpu_attention
 from labkit.model.attention import AttentionMetadata, paged_attention
 from labkit.model.backends import attention_backend, check_backends, kernel_backend
 from labkit.model.kv_cache import KVCache, write_kv
@@ -142,8 +143,12 @@ class Attention(nn.Module):
         qk = kernels.rope(qkv[:, : H + Hkv], cos, sin)  # [N, H+Hkv, D]
         q, k = qk.split([H, Hkv], dim=1)
         v = qkv[:, H + Hkv:]
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, core)  # [N, H, D]
+        if meta.groups is None and cpu_attention.compiles_attention(q, k_cache):  # a compiled static CPU step
+            out = torch.ops.labkit.write_and_attend(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.block_tables,
+                                                    meta.context_lens, meta.block_size, self.scale)
+        else:
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, core)  # [N, H, D]
         return self.wo(out.reshape(N, H * self.head_dim))
 
 

@@ -349,11 +349,12 @@ def gguf_matmul_ref(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: t
     return y.to(x.dtype)
 
 
-@torch.compiler.assume_constant_result  # torch.compile asks once, at trace time, and keeps the answer
 def gguf_linear_available() -> bool:
     """Whether the C++ extension (labkit.model.cpu_attention) with `gguf_linear` is built here (and, for
-    torch.compile, registered as the custom op `torch.ops.labkit.gguf_linear`)."""
-    return _gguf_kernel() is not None and _gguf_op_registered()
+    torch.compile, registered as the operator `torch.ops.labkit.gguf_linear`)."""
+    from labkit.model import cpu_attention
+
+    return cpu_attention.compiled_ops()
 
 
 @functools.cache
@@ -362,24 +363,6 @@ def _gguf_kernel():
 
     ops = cpu_attention.cpu_ops()
     return None if ops is None else ops.gguf_linear
-
-
-@functools.cache
-def _gguf_op_registered() -> bool:
-    """`torch.ops.labkit.gguf_linear`: the extension's kernel as a custom op, so torch.compile keeps it whole."""
-
-    @torch.library.custom_op("labkit::gguf_linear", mutates_args=())
-    def gguf_linear(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
-                    bits: int) -> torch.Tensor:
-        from labkit.model import cpu_attention
-
-        return cpu_attention.cpu_ops().gguf_linear(x, packed, d, m, bits)
-
-    @gguf_linear.register_fake
-    def _(x, packed, d, m, bits):
-        return x.new_empty(x.shape[0], packed.shape[0])
-
-    return True
 
 
 def unpack_int4pack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:

@@ -175,24 +175,34 @@ def test_quantized_engines_keep_the_embedded_model_close(embedded, gguf_model):
         assert (ref.argmax(-1) == logits.argmax(-1)).float().mean() > 0.8, scheme
 
 
-def test_gguf_with_prompt_lookup_is_token_identical_on_the_real_model(embedded):
+@pytest.mark.parametrize("compile", [False, True])
+def test_gguf_with_prompt_lookup_is_token_identical_on_the_real_model(embedded, compile, monkeypatch):
     """The real model's near-ties, where a last-bit difference between a row alone and a row beside draft tokens
     flips a greedy token: gguf linears with n-gram speculation, two requests batched, bf16 activations (the serving
-    default on an AVX512-BF16 CPU; the C++ attention), emit exactly what the same gguf model emits without it."""
+    default on an AVX512-BF16 CPU; the C++ attention), emit exactly what the same gguf model emits without it,
+    eagerly. Compiled: the decode steps without drafts run compiled (the kernels as operators inside the graph),
+    the others eagerly, and the tokens are still the eager plain model's."""
     from labkit.engine.config import SpeculativeConfig
     from labkit.model.sampling import SamplingParams
+    from labkit.speculative.bench import WORKLOADS, encode
 
-    text = ("Summarise: The river rose after three days of rain. The river rose over the old bridge, and the old "
-            "bridge closed. The town moved its market to the hill while the river rose. Summary: The river rose")
-    prompts = [embedded.tokenizer.encode(t) for t in (text, "Once upon a time, in a small village,")]
+    # a chat prompt and a copy task: a compiled step attending with another kernel than the eager steps flips
+    # their tokens early (measured: at batch 1, tokens 2 and 5)
+    prompts = [encode(embedded.tokenizer, WORKLOADS[w][0]) for w in ("chat", "copy")]
     params = SamplingParams(max_new_tokens=48, ignore_eos=True, detokenize=False)
     kwargs = dict(dtype="bf16", quantize="gguf", enable_prefix_caching=False)
     plain = Engine.from_hf(embedded.model, embedded.tokenizer, **kwargs)
     spec = Engine.from_hf(embedded.model, embedded.tokenizer, speculative=SpeculativeConfig(8, prompt_lookup_max=4),
-                          **kwargs)
+                          compile=compile, **kwargs)
+    static = []
+    if compile:
+        assert spec.warmup() > 0  # the compiled decode step, traced before the requests
+        forward_static = spec.runner.forward_static
+        monkeypatch.setattr(spec.runner, "forward_static", lambda spans: static.append(1) or forward_static(spans))
     want = [g.tokens for g in plain.generate(prompts, params)]
     got = [g.tokens for g in spec.generate(prompts, params)]
     assert spec.speculator.stats.num_accepted_tokens > 10  # drafts were verified in batches, and kept
+    assert bool(static) == compile  # compiled: some steps (those without drafts) ran the compiled step
     assert got == want
 
 

@@ -173,6 +173,37 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
   });
 }
 
+// The step's keys and values written to their slots, then its decode rows' attention over the cache [slots, Hkv, D]
+// (heads-major views): one op, so a compiled step that writes the cache and reads it is one declared mutation
+torch::Tensor write_and_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
+                               torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
+                               torch::Tensor context_lens, int64_t block_size, double scale) {
+  auto k_heads = k_cache.transpose(0, 1), v_heads = v_cache.transpose(0, 1);
+  write_kv(k_heads, v_heads, k, v, slot_mapping);
+  return paged_decode(q, k_heads, v_heads, block_tables, context_lens, block_size, scale, std::nullopt);
+}
+
+// The same kernels as torch operators, for torch.compile: a compiled step calls them through the dispatcher with no
+// Python in between (their shapes for tracing are registered in labkit.model.cpu_attention)
+TORCH_LIBRARY(labkit, m) {
+  m.def("gguf_linear(Tensor x, Tensor codes, Tensor d, Tensor m, int bits) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("write_and_attend(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(labkit, CPU, m) {
+  m.impl("gguf_linear", &gguf_linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rope", &rope);
+  m.impl("write_and_attend", &write_and_attend);
+}
+
 // Each op lets go of the GIL while it runs (arguments are converted before, results after): a server's event
 // loop shares the process with the engine's thread, and a layer's attention is a millisecond of pure C++.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
