@@ -34,7 +34,7 @@ QUANT_METHODS = ("int8", "int4-g32", "int4-g64", "int4-g128", "gguf")
 BNB_METHODS = ("bnb-int8", "bnb-nf4")  # bitsandbytes' LLM.int8() and NF4 linears: CUDA only
 INT4_GROUP_SIZES = (32, 64, 128)
 GGUF_BLOCK = 32  # inputs per GGUF block (Q4_1, Q8_0)
-GGUF_CACHE_FORMAT = "blocks-v2"  # the converted modules' layout, in their cache file's name
+GGUF_CACHE_FORMAT = "blocks-v3"  # the converted modules' layout, in their cache file's name
 # rows at or above which the int8 linear casts its weight and runs a dense GEMM instead of the packed kernel
 # (the packed int8 kernel falls behind there; the int4 kernel stays ahead of dequantizing: docs/quantization.md)
 DENSE_MIN_ROWS = 64
@@ -247,8 +247,8 @@ class Int4WeightOnlyLinear(_QuantLinear):
 class GGUFLinear(_QuantLinear):
     """GGUF blocks of 32 inputs as the file holds them, multiplied the way llama.cpp multiplies them.
 
-    Q4_1 (``bits=4``): 4-bit codes q with a scale d and a minimum m per block, w = d · q + m, each block's 16 bytes
-    as in the file (byte j: input j in the low nibble, j + 16 in the high). Q8_0 (``bits=8``): signed 8-bit codes
+    Q4_1 (``bits=4``): 4-bit codes q with a scale d and a minimum m per block, w = d · q + m, the codes two to a byte
+    in the order the kernel unpacks them (`pack_q4`). Q8_0 (``bits=8``): signed 8-bit codes
     and a scale, w = d · q, kept as u = q + 128 with m = -128 d. d and m stay the file's float16 values.
 
     The product (csrc/gguf_linear.cpp, `_matmul`) quantizes each block of activations to int8 with its own scale
@@ -279,8 +279,7 @@ class GGUFLinear(_QuantLinear):
         """From `gguf.unpack_q4_1`'s codes [N, K] in 0..15 and d, m [N, K // 32] (float16 values)."""
         N, K = codes.shape
         module = cls(K, N, 4, bias, device=codes.device)
-        c = codes.to(torch.uint8).reshape(N, -1, 2, GGUF_BLOCK // 2)  # [N, G, (first, second) half, 16]
-        module.packed.copy_((c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, -1))
+        module.packed.copy_(pack_q4(codes.to(torch.uint8)))
         module.d.copy_(d.half())
         module.m.copy_(m.half())
         return module
@@ -300,8 +299,7 @@ class GGUFLinear(_QuantLinear):
         """The codes [out, in] as the file holds them: 0..15 for Q4_1, -128..127 for Q8_0."""
         if self.bits == 8:
             return (self.packed.to(torch.int16) - 128).to(torch.int8)
-        p = self.packed.reshape(self.out_features, -1, GGUF_BLOCK // 2)
-        return torch.cat((p & 0xF, p >> 4), dim=-1).reshape(self.out_features, self.in_features)
+        return unpack_q4(self.packed)
 
     def dequantize(self) -> torch.Tensor:
         u = self.codes().float() + (128 if self.bits == 8 else 0)
@@ -330,6 +328,29 @@ class GGUFLinear(_QuantLinear):
         return f"{super().extra_repr()}, {'Q4_1' if self.bits == 4 else 'Q8_0'}"
 
 
+def pack_q4(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [N, K] (0..15) -> [N, K // 2] bytes as `GGUFLinear` keeps them: each run of four blocks (128
+    inputs) as 64 bytes, byte j holding input j in its low nibble and input 64 + j in its high one (one load, a mask
+    and a shift give the kernel two vectors of 64 codes in input order); the last G % 4 blocks as GGUF's 16 bytes
+    (byte j: inputs j and j + 16)."""
+    N, K = codes.shape
+    full = K // 128 * 128
+    quads = codes[:, :full].reshape(N, -1, 2, 64)
+    tail = codes[:, full:].reshape(N, -1, 2, GGUF_BLOCK // 2)
+    return torch.cat(((quads[:, :, 0] | (quads[:, :, 1] << 4)).reshape(N, -1),
+                      (tail[:, :, 0] | (tail[:, :, 1] << 4)).reshape(N, -1)), dim=1)
+
+
+def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_q4`'s bytes [N, K // 2] -> codes [N, K]."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    full = K // 128 * 128
+    quads = packed[:, : full // 2].reshape(N, -1, 64)
+    tail = packed[:, full // 2:].reshape(N, -1, GGUF_BLOCK // 2)
+    return torch.cat((torch.cat((quads & 0xF, quads >> 4), dim=-1).reshape(N, -1),
+                      torch.cat((tail & 0xF, tail >> 4), dim=-1).reshape(N, -1)), dim=1)
+
+
 def gguf_matmul_ref(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
                     bits: int) -> torch.Tensor:
     """`GGUFLinear`'s product in torch: x [M, K] -> [M, N] in x's dtype (the C++ kernel sums in another order)."""
@@ -338,12 +359,7 @@ def gguf_matmul_ref(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: t
     dx = xb.abs().amax(dim=-1) / 127  # [M, G]
     xq = torch.round(xb * torch.where(dx > 0, 1 / dx, 0)[..., None])
     sx = dx * xq.sum(dim=-1)
-    if bits == 8:
-        u = packed.float()
-    else:
-        p = packed.reshape(packed.shape[0], -1, GGUF_BLOCK // 2)
-        u = torch.cat((p & 0xF, p >> 4), dim=-1).float()
-    u = u.reshape(packed.shape[0], -1, GGUF_BLOCK)  # [N, G, 32]
+    u = (packed if bits == 8 else unpack_q4(packed)).float().reshape(packed.shape[0], -1, GGUF_BLOCK)  # [N, G, 32]
     sums = torch.einsum("mgk,ngk->mng", xq, u)  # exact: integers below 2^24
     y = (sums * d.float()[None] * dx[:, None]).sum(-1) + sx @ m.float().t()
     return y.to(x.dtype)

@@ -1,4 +1,5 @@
 import copy
+import shutil
 
 import numpy as np
 import pytest
@@ -173,6 +174,37 @@ def test_quantized_engines_keep_the_embedded_model_close(embedded, gguf_model):
         logits = engine.prompt_logits(ids)
         assert torch.nn.functional.cosine_similarity(ref, logits, dim=-1).min() > min_cos, scheme
         assert (ref.argmax(-1) == logits.argmax(-1)).float().mean() > 0.8, scheme
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_gguf_kernel_without_vnni_computes_the_same_sums(tmp_path):
+    """The plain-loop path of csrc/gguf_linear.cpp (CPUs without AVX512-VNNI: AVX2 only, or AVX-512 without it),
+    built here for x86-64-v3 (AVX2, which every x86 machine of the lab has), against the torch reference: 4-bit codes in full runs of four blocks and a tail
+    (18 blocks), 8-bit codes, and a width of three blocks only."""
+    from torch.utils.cpp_extension import load
+
+    from labkit.model.cpu_attention import CSRC
+
+    for name in ("gguf_linear.cpp", "vec.h"):
+        shutil.copyfile(CSRC / name, tmp_path / name)
+    (tmp_path / "bind.cpp").write_text(
+        "#include <torch/extension.h>\n"
+        "torch::Tensor gguf_linear(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t);\n"
+        "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"gguf_linear\", &gguf_linear); }\n")
+    ext = load(name="labkit_gguf_plain", sources=[str(tmp_path / "gguf_linear.cpp"), str(tmp_path / "bind.cpp")],
+               build_directory=str(tmp_path), extra_cflags=["-O3", "-march=x86-64-v3", "-fopenmp", "-ffast-math"],
+               extra_ldflags=["-fopenmp"])
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(4))
+    codes, d, m = _q4_1_parts(6, 576)
+    blocks, _ = _q8_0_blocks(6, 576)
+    for lin in (GGUFLinear.from_q4_1(codes, d, m), GGUFLinear.from_q8_0(blocks),
+                GGUFLinear.from_q4_1(codes[:, :96], d[:, :3], m[:, :3])):
+        xs = x[:, : lin.in_features]
+        y = ext.gguf_linear(xs, lin.packed, lin.d, lin.m, lin.bits)
+        torch.testing.assert_close(y, quant.gguf_matmul_ref(xs, lin.packed, lin.d, lin.m, lin.bits), atol=1e-4,
+                                   rtol=1e-5)
+        assert torch.equal(torch.cat([ext.gguf_linear(xs[i:i + 1], lin.packed, lin.d, lin.m, lin.bits)
+                                      for i in range(5)]), y)
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -45,8 +45,21 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, floa
   });
 }
 
+// 4-bit codes are laid out for the unpacking: each run of four blocks (128 inputs) is 64 bytes, byte j holding
+// input j in its low nibble and input 64 + j in its high one, so one load, a mask and a shift give two vectors of 64
+// codes in input order; the last G % 4 blocks keep GGUF's own 16 bytes (byte j: inputs j and j + 16).
+inline int32_t code4(const uint8_t* row, int64_t G, int64_t g, int64_t k) {  // block g's input k (0..31)
+  if (g < G / 4 * 4) {
+    const uint8_t b = row[(g / 4) * 64 + (g % 2) * 32 + k];
+    return (g % 4 < 2 ? b : b >> 4) & 0x0F;
+  }
+  const uint8_t b = row[g * (BLOCK / 2) + k % 16];
+  return (k < 16 ? b : b >> 4) & 0x0F;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
-// codes of blocks g and g + 1 (one only when `two` is false) as 64 unsigned bytes in input order
+// codes of blocks g and g + 1 (one only when `two` is false) as 64 unsigned bytes in input order, from GGUF's
+// layout (8-bit codes, and the last G % 4 blocks of 4-bit codes)
 template <int BITS>
 inline __m512i block_pair(const uint8_t* codes, int64_t g, bool two) {
   if constexpr (BITS == 8) {
@@ -82,7 +95,30 @@ void tile_dots(const uint8_t* codes, int64_t row_bytes, const uint16_t* d, const
         acc[i][r] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(live, sx + r * G + g0), acc[i][r]);
       }
     }
-    for (int64_t p = 0; p < n; p += 2) {
+    int64_t p = 0;
+    if constexpr (BITS == 4) {
+      for (; p + 4 <= n; p += 4) {  // four blocks from one 64-byte load
+        const __m512i low = _mm512_set1_epi8(0x0F);
+        const __m512i pick0 = _mm512_add_epi32(pair_base, _mm512_set1_epi32(static_cast<int>(p)));
+        const __m512i pick1 = _mm512_add_epi32(pick0, _mm512_set1_epi32(2));
+        __m512i x0[R], x1[R];
+        for (int r = 0; r < R; ++r) {
+          x0[r] = _mm512_loadu_si512(xq + r * K + (g0 + p) * BLOCK);
+          x1[r] = _mm512_loadu_si512(xq + r * K + (g0 + p + 2) * BLOCK);
+        }
+        for (int i = 0; i < NR; ++i) {
+          const __m512i v = _mm512_loadu_si512(codes + i * row_bytes + (g0 + p) * (BLOCK / 2));
+          const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+          for (int r = 0; r < R; ++r) {
+            const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, x0[r]);
+            const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, x1[r]);
+            acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_permutexvar_ps(pick0, scale[i][r]), acc[i][r]);
+            acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_permutexvar_ps(pick1, scale[i][r]), acc[i][r]);
+          }
+        }
+      }
+    }
+    for (; p < n; p += 2) {
       const bool two = p + 1 < n;
       const __m512i pick = _mm512_add_epi32(pair_base, _mm512_set1_epi32(static_cast<int>(p)));
       __m512i x[R];
@@ -116,9 +152,7 @@ void tile_dots(const uint8_t* codes, int64_t row_bytes, const uint16_t* d, const
         if constexpr (BITS == 8) {
           for (int64_t k = 0; k < BLOCK; ++k) sum += static_cast<int32_t>(c[g * BLOCK + k]) * xb[k];
         } else {
-          const uint8_t* u = c + g * (BLOCK / 2);
-          for (int64_t k = 0; k < BLOCK / 2; ++k)
-            sum += static_cast<int32_t>(u[k] & 0x0F) * xb[k] + static_cast<int32_t>(u[k] >> 4) * xb[k + 16];
+          for (int64_t k = 0; k < BLOCK; ++k) sum += code4(c, G, g, k) * xb[k];
         }
         acc += half_to_float(d[i * G + g]) * dx[r * G + g] * static_cast<float>(sum) +
                half_to_float(m[i * G + g]) * sx[r * G + g];
