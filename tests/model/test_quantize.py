@@ -179,8 +179,8 @@ def test_quantized_engines_keep_the_embedded_model_close(embedded, gguf_model):
 @pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
 def test_gguf_kernel_without_vnni_computes_the_same_sums(tmp_path):
     """The plain-loop path of csrc/gguf_linear.cpp (CPUs without AVX512-VNNI: AVX2 only, or AVX-512 without it),
-    built here for x86-64-v3 (AVX2, which every x86 machine of the lab has), against the torch reference: 4-bit codes in full runs of four blocks and a tail
-    (18 blocks), 8-bit codes, and a width of three blocks only."""
+    built here for x86-64-v3 (AVX2, which every x86 machine of the lab has), against the torch reference: 4-bit
+    codes in full runs of four blocks and a tail (18 blocks), 8-bit codes, and a width of three blocks only."""
     from torch.utils.cpp_extension import load
 
     from labkit.model.cpu_attention import CSRC
