@@ -163,6 +163,14 @@ def test_gguf_scheme_loads_the_files_codes_unchanged(embedded, gguf_model, gguf_
     assert gguf_model.rewrites[-1] == "quant:gguf"
 
 
+def test_a_saved_gguf_model_loads_back_the_same_blocks(embedded, gguf_model, tmp_path):
+    ids = embedded.tokenizer.encode("The three primary colors are red, yellow and")
+    again = quant.load_quantized(quant.save_quantized(gguf_model, tmp_path / "gguf.pt"))
+    assert isinstance(again.lm_head, GGUFLinear) and again.lm_head.bits == 8 and again.layers[0].mlp.w_down.bits == 4
+    assert torch.equal(Engine(again, embedded.tokenizer).prompt_logits(ids),
+                       Engine(gguf_model, embedded.tokenizer).prompt_logits(ids))
+
+
 def test_quantized_engines_keep_the_embedded_model_close(embedded, gguf_model):
     fp32 = Engine.from_hf(embedded.model, embedded.tokenizer)
     ids = fp32.encode("The three primary colors are red, yellow and")
