@@ -317,7 +317,7 @@ class GGUFLinear(_QuantLinear):
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         x2 = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
-        if torch.compiler.is_compiling():  # the custom op, which the graph keeps whole
+        if torch.compiler.is_compiling():  # the extension's operator, which the graph keeps whole
             if gguf_linear_available():
                 return torch.ops.labkit.gguf_linear(x2, self.packed, self.d, self.m, self.bits)
         elif (kernel := _gguf_kernel()) is not None:  # eager: the extension's function, without the dispatcher
