@@ -73,6 +73,18 @@ inline __m512i block_pair(const uint8_t* codes, int64_t g, bool two) {
   }
 }
 
+// the 16 lanes' sum in one fixed tree: the adds carry a rounding mode, so -ffast-math cannot regroup them (it may
+// regroup the plain adds of _mm512_reduce_add_ps differently in different tiles, and a row's bits would then
+// depend on the tile it lands in)
+inline float reduce_exact(__m512 v) {
+  constexpr int NEAREST = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  v = _mm512_add_round_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E), NEAREST);  // 256-bit halves
+  v = _mm512_add_round_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1), NEAREST);  // 128-bit lanes
+  v = _mm512_add_round_ps(v, _mm512_permute_ps(v, 0x4E), NEAREST);  // pairs
+  v = _mm512_add_round_ps(v, _mm512_permute_ps(v, 0xB1), NEAREST);  // neighbours
+  return _mm512_cvtss_f32(v);
+}
+
 // y[i * R + r] = weight row i (of NR, `row_bytes` of codes apart, d and m G apart) against activation row r (of R):
 // NR * R independent sums, so the dot products of several rows overlap in the pipeline
 template <int BITS, int NR, int R>
@@ -134,7 +146,7 @@ void tile_dots(const uint8_t* codes, int64_t row_bytes, const uint16_t* d, const
     }
   }
   for (int i = 0; i < NR; ++i)
-    for (int r = 0; r < R; ++r) y[i * R + r] = _mm512_reduce_add_ps(acc[i][r]);
+    for (int r = 0; r < R; ++r) y[i * R + r] = reduce_exact(acc[i][r]);
 }
 #else
 // the same products without AVX512-VNNI: each block's integer sum, then its two float terms
