@@ -130,14 +130,15 @@ def paged_decode_op():
 
 
 def takes_rows(x: torch.Tensor) -> bool:
-    """Whether the extension's row ops take x: contiguous bfloat16 rows on a CPU, outside torch.compile (which
-    traces the torch ops instead), where the extension is built."""
+    """Whether the extension's row ops take x: contiguous bfloat16 rows on a CPU, where the extension is built,
+    outside torch.compile (inside it `compiles_rows` hands the same rows to the same kernel, as an operator)."""
     return _bf16_rows(x) and not torch.compiler.is_compiling() and cpu_ops() is not None
 
 
 def takes_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether the extension's `rope` takes x [N, H, D] (any row and head strides: the fused projection's q and k
-    heads) with cos, sin [N, 1, D]: bfloat16 on a CPU, outside torch.compile, where the extension is built."""
+    heads) with cos, sin [N, 1, D]: bfloat16 on a CPU, where the extension is built, outside torch.compile (inside
+    it: `compiles_rope`)."""
     return _rope_inputs(x, cos, sin) and not torch.compiler.is_compiling() and cpu_ops() is not None
 
 
@@ -153,7 +154,7 @@ def _rope_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
 
 def writes_kv(k: torch.Tensor, k_cache, slot_mapping: torch.Tensor) -> bool:
     """Whether the extension's `write_kv` stores these keys (and values): bfloat16 into a heads-major bfloat16
-    cache on a CPU, outside torch.compile."""
+    cache on a CPU, outside torch.compile (a compiled decode step writes them in `write_and_attend`)."""
     return (k.dtype == torch.bfloat16 and k.device.type == "cpu" and _bf16_heads_major(k_cache)
             and slot_mapping.dtype == torch.int64 and not torch.compiler.is_compiling() and cpu_ops() is not None)
 
