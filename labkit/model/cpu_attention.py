@@ -17,7 +17,7 @@ The row ops (csrc/cpu_ops.cpp: the residual add with the RMSNorm after it, RMSNo
 KV write) replace three to seven torch ops each, each of which walks the rows once and, for bfloat16, converts
 them to float32 and back; they round where torch's sequence rounds. `TorchKernels` and `write_kv` use them for
 bfloat16 rows on a CPU (RoPE reads the fused projection's q and k heads in place). `csrc/gguf_linear.cpp` is the
-GGUF-block linear (`labkit.model.quantize.GGUFLinear`).
+GGUF-block linear (`labkit.model.gguf_linear.GGUFLinear`).
 
 Eager steps call the kernels through the module's Python bindings (a microsecond each); a compiled decode step
 calls the same kernels as operators registered in C++ (`torch.ops.labkit.*`), the KV write and the attention as one

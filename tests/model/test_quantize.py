@@ -10,8 +10,10 @@ from labkit.model import quantize as quant
 from labkit.engine.engine import Engine
 from labkit.model.llama import from_hf
 from labkit.model.loader import embedded_gguf_path
-from labkit.model.quantize import (GGUFLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, dequantize_int4_ref,
-                                   quantize_int4_ref, quantize_int8_ref)
+from labkit.model import gguf_linear
+from labkit.model.gguf_linear import GGUFLinear
+from labkit.model.quantize import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, dequantize_int4_ref, quantize_int4_ref,
+                                   quantize_int8_ref)
 
 # the CPU kernels take bf16 activations and scales: their results carry bf16-sized errors
 BF16_TOL = dict(atol=0.05, rtol=0.02)
@@ -100,7 +102,7 @@ def test_gguf_kernel_matches_its_torch_reference_and_gives_each_row_its_own_bits
     """The C++ kernel (csrc/gguf_linear.cpp) against `gguf_matmul_ref` (the same integer sums, in torch), and
     every row of a many-row call bit-identical to that row alone (what makes speculation and chunked prefill
     lossless). 18 blocks: a ragged last chunk of 16; 7 outputs: a ragged last tile of 4; 9 rows: tiles of 2 and 1."""
-    if not quant.gguf_linear_available():
+    if not gguf_linear.gguf_linear_available():
         pytest.skip("the CPU kernels extension is not built here")
     rows, cols = 7, 576
     if bits == 8:
@@ -113,7 +115,7 @@ def test_gguf_kernel_matches_its_torch_reference_and_gives_each_row_its_own_bits
     x = (torch.randn(9, cols, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 4, cols)).to(dtype)
     y = lin(x)
     assert y.dtype == dtype
-    ref = quant.gguf_matmul_ref(x.float(), lin.packed, lin.d, lin.m, bits)
+    ref = gguf_linear.gguf_matmul_ref(x.float(), lin.packed, lin.d, lin.m, bits)
     # the same sums in another order, rounded to the output dtype; where an activation lands within an ulp of a
     # rounding midpoint (bf16 inputs have few bits, so some do) its int8 code may differ by one: one code of one
     # block, d * dx * (largest code), bounds that
@@ -209,7 +211,7 @@ def test_gguf_kernel_without_vnni_computes_the_same_sums(tmp_path):
                 GGUFLinear.from_q4_1(codes[:, :96], d[:, :3], m[:, :3])):
         xs = x[:, : lin.in_features]
         y = ext.gguf_linear(xs, lin.packed, lin.d, lin.m, lin.bits)
-        torch.testing.assert_close(y, quant.gguf_matmul_ref(xs, lin.packed, lin.d, lin.m, lin.bits), atol=1e-4,
+        torch.testing.assert_close(y, gguf_linear.gguf_matmul_ref(xs, lin.packed, lin.d, lin.m, lin.bits), atol=1e-4,
                                    rtol=1e-5)
         assert torch.equal(torch.cat([ext.gguf_linear(xs[i:i + 1], lin.packed, lin.d, lin.m, lin.bits)
                                       for i in range(5)]), y)
